@@ -1,0 +1,122 @@
+"""Building blocks shared by every model part: parameters with logical axes, linear maps, RMSNorm, embeddings.
+
+Each weight is declared once, here or in a module, through `param(...)`: its shape, dtype, initialiser and logical
+axes ("embed", "heads", "kv_heads", "head_dim", "mlp", "experts", "vocab", ...). Sharding (sharding.py), the
+abstract tree and the checkpoint targets all read those axes from the nnx.Param metadata `logical_axes`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(
+    rngs: nnx.Rngs,
+    shape: Sequence[int],
+    axes: Axes,
+    dtype: jnp.dtype,
+    init: str = "normal",
+    scale: float | None = None,
+) -> nnx.Param:
+    """Declare a weight. `init`: "normal" (std `scale`, default fan-in^-0.5), "ones" or "zeros"."""
+    shape = tuple(int(s) for s in shape)
+    if len(axes) != len(shape):
+        raise ValueError(f"param of shape {shape} given {len(axes)} logical axes {axes}")
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        std = scale if scale is not None else 1.0 / math.sqrt(max(shape[0], 1))
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x @ W with multi-dimensional in/out features, bias-free (Gemma 4 has no biases).
+
+    kernel: in_shape + out_shape, e.g. q_proj (D,) -> (N, H): kernel (D, N, H). The HF weight (out_flat, in_flat)
+    maps to it by a transpose and a reshape (checkpoint.py).
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        in_axes: Axes,
+        out_axes: Axes,
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(out_shape)
+        fan_in = math.prod(self.in_shape)
+        self.kernel = param(rngs, self.in_shape + self.out_shape, tuple(in_axes) + tuple(out_axes), dtype,
+                            scale=fan_in**-0.5)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        letters = "abcdefgh"
+        ins, outs = letters[:n_in], letters[n_in : n_in + n_out]
+        return jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x, self.kernel[...].astype(x.dtype))
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+    """Gemma 4 RMSNorm: float32 statistics, multiplied by the weight (not 1 + weight), cast back to x's dtype."""
+    x32 = x.astype(jnp.float32)
+    # pow(., -0.5) rather than rsqrt, as HF does, so both sides round alike.
+    normed = x32 * jnp.power(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps, -0.5)
+    if weight is not None:
+        normed = normed * weight.astype(jnp.float32)
+    return normed.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, with a learned scale (`with_scale`) or without (v_norm, router norm)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype, rngs: nnx.Rngs, with_scale: bool = True,
+                 axis_name: str = "norm"):
+        self.eps = eps
+        self.with_scale = with_scale
+        self.weight = param(rngs, (dim,), (axis_name,), dtype, init="ones") if with_scale else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...] if self.with_scale else None, self.eps)
+
+
+class Embed(nnx.Module):
+    """Token table (V, D) whose lookups are multiplied by `scale` rounded to the table's dtype (as HF does)."""
+
+    def __init__(self, vocab: int, dim: int, scale: float, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 axes: Axes = ("vocab", "embed")):
+        self.scale = scale
+        self.embedding = param(rngs, (vocab, dim), axes, dtype, scale=1.0)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = self.embedding[...]
+        return jnp.take(table, ids, axis=0) * jnp.asarray(self.scale, table.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied LM head: (..., D) -> (..., V)."""
+        return jnp.einsum("...D,VD->...V", x, self.embedding[...].astype(x.dtype))
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu_tanh": gelu_tanh, "gelu": lambda x: jax.nn.gelu(x, False)}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_activation {name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
