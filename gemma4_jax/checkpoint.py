@@ -136,7 +136,9 @@ class CheckpointFiles:
             for key in sf.tensors:
                 self.where[key] = sf
         if weight_map is not None:
-            absent = sorted(k for k, fname in weight_map.items() if k not in self.files[os.path.join(path, fname)].tensors)
+            absent = sorted(
+                k for k, fname in weight_map.items() if k not in self.files[os.path.join(path, fname)].tensors
+            )
             if absent:
                 raise CheckpointError(f"index lists tensors missing from their shard files: {absent[:10]}")
 
@@ -288,7 +290,7 @@ def load_state(
     targets = dict(iter_targets(abstract_state))
     loaded: dict[str, jax.Array] = {}
     unexpected, skipped, bad_shapes = [], {}, []
-    plan = []
+    plan, planned = [], set()
     for key in files.keys():
         mapped = map_key(key)
         if mapped is None or mapped[0] not in targets:
@@ -299,7 +301,7 @@ def load_state(
                 unexpected.append(key)
             continue
         target_path, rule = mapped
-        if target_path in [p for p, _, _ in plan]:
+        if target_path in planned:
             raise CheckpointError(f"{path}: tensor {key!r} maps to {target_path}, which another tensor already fills")
         var = targets[target_path]
         want = rule.hf_shape(tuple(var.shape))
@@ -308,7 +310,8 @@ def load_state(
             bad_shapes.append(f"{key}: checkpoint shape {tuple(got)}, config implies {tuple(want)}")
             continue
         plan.append((target_path, key, rule))
-    missing = sorted(set(targets) - {p for p, _, _ in plan})
+        planned.add(target_path)
+    missing = sorted(set(targets) - planned)
     problems = []
     if bad_shapes:
         problems.append("wrong shapes:\n  " + "\n  ".join(bad_shapes))

@@ -26,6 +26,7 @@ _TEXT_ARCHITECTURES = ("Gemma4ForCausalLM", "Gemma4TextModel")
 _MULTIMODAL_ARCHITECTURES = ("Gemma4ForConditionalGeneration", "Gemma4Model")
 # Per-layer override keys we know how to apply (HF's heterogeneous config may carry others we cannot honour).
 _PER_LAYER_KEYS = ("head_dim", "num_key_value_heads", "intermediate_size")
+SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu")
 
 
 class ConfigError(ValueError):
@@ -287,7 +288,9 @@ def text_config_from_dict(d: dict[str, Any], where: str = "config") -> TextConfi
         spec_head_dim = int(o.get("head_dim", head_dim))
         spec_kv = int(o.get("num_key_value_heads", n_kv))
         if n_heads % spec_kv:
-            raise ConfigError(f"{where}: layer {i}: num_attention_heads={n_heads} is not a multiple of kv heads {spec_kv}")
+            raise ConfigError(
+                f"{where}: layer {i}: num_attention_heads={n_heads} is not a multiple of kv heads {spec_kv}"
+            )
         if spec_head_dim % 2:
             raise ConfigError(f"{where}: layer {i}: head_dim={spec_head_dim} must be even for rotary embeddings")
         width = int(o.get("intermediate_size", intermediate))
@@ -315,6 +318,12 @@ def text_config_from_dict(d: dict[str, Any], where: str = "config") -> TextConfi
                     f"{where}: layer {spec.index} reuses layer {src.index}'s K/V but their head_dim/kv heads differ"
                 )
 
+    activation = str(d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh")
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(
+            f"{where}: hidden_activation {activation!r} is not supported; expected {SUPPORTED_ACTIVATIONS}"
+        )
+
     eos = d.get("eos_token_id", 1)
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
     ple = int(d.get("hidden_size_per_layer_input") or 0)
@@ -333,7 +342,7 @@ def text_config_from_dict(d: dict[str, Any], where: str = "config") -> TextConfi
         sliding_window=sliding_window,
         final_logit_softcapping=float(softcap) if softcap else None,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-        hidden_activation=str(d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"),
+        hidden_activation=activation,
         max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
         hidden_size_per_layer_input=ple,
         vocab_size_per_layer_input=int(d.get("vocab_size_per_layer_input") or vocab),

@@ -19,7 +19,7 @@ from flax import nnx
 
 from gemma4_jax.attention import Attention, attention_mask, reference_attention
 from gemma4_jax.config import LayerSpec, TextConfig
-from gemma4_jax.layers import Embed, Linear, RMSNorm, activation, param, rms_norm
+from gemma4_jax.layers import Embed, Linear, RMSNorm, activation, param
 from gemma4_jax.mlp import MLP
 from gemma4_jax.moe import MoEBlock
 

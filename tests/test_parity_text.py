@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from hf_reference import hf_logits, make_text_checkpoint, rel_err, rewrite_config
 
 import gemma4_jax
+from hf_reference import hf_logits, make_text_checkpoint, rel_err, rewrite_config
 
 TOL = 5e-4
 VOCAB = 384

@@ -1,0 +1,385 @@
+"""Batched, per-request token sampling for the serving engine.
+
+Every row of a decode batch is a different request with its own parameters. The user-facing `SamplingParams`
+(vLLM names and defaults) are turned into a `SamplingBatch` of per-row arrays, so one compiled `sample` serves
+any mix of parameters: changing a temperature or a seed never recompiles. The batch size is a padded bucket; the
+padding rows are greedy and their tokens are ignored by the caller.
+
+Processing order (as vLLM): penalties -> temperature -> top-k -> top-p -> min-p -> Gumbel-max sampling. Greedy rows
+take the exact argmax of the penalised logits. Returned logprobs are those of the raw model logits (vLLM's default
+`raw_logprobs`), not of the processed distribution.
+
+Randomness is per request: a request owns a PRNG key (`request_key`, from its seed or from a host RNG) and step `i`
+of its generation uses `fold_in(key, i)`. A seeded request therefore yields the same tokens whatever its batch
+mates, its row index or the bucket size.
+
+Token history for the penalties lives outside the model as two (B, V) arrays per batch: `output_counts` (how many
+times each token was generated) and `prompt_mask` (which tokens the prompt holds); `update_counts` advances the
+first inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+MAX_LOGPROBS = 20
+# vLLM's threshold: below it a temperature is treated as greedy, which also keeps `logits / temperature` finite.
+GREEDY_TEMPERATURE_EPS = 1e-5
+# Raw key data layout is tied to the PRNG implementation; pinning it keeps `rng_keys` (B, 2) uint32 whatever
+# `jax_default_prng_impl` says.
+_PRNG_IMPL = "threefry2x32"
+_UINT32_MASK = 0xFFFFFFFF
+# Keys of unseeded requests; seeded from OS entropy, so two servers never share a stream.
+_HOST_RNG = np.random.default_rng()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Declarations
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling parameters, with vLLM's names and defaults.
+
+    `temperature == 0` (in fact any value below `GREEDY_TEMPERATURE_EPS`) is greedy. `top_k` 0 or -1 is off.
+    `logprobs` is how many top logprobs to return per generated token (0: only the sampled token's). `stop` is
+    normalised to a tuple of strings and `stop_token_ids` to a tuple of ints, so instances stay hashable. Invalid
+    values raise `ValueError` naming the field and the value.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    n: int = 1
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, list | tuple):
+            stop = tuple(stop)
+        object.__setattr__(self, "stop", stop)
+        stop_token_ids = self.stop_token_ids
+        if stop_token_ids is None:
+            stop_token_ids = ()
+        elif isinstance(stop_token_ids, list | tuple):
+            stop_token_ids = tuple(stop_token_ids)
+        object.__setattr__(self, "stop_token_ids", stop_token_ids)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` ("<field> must be ..., got <value>") on the first invalid field."""
+        _check_real("temperature", self.temperature, lambda t: t >= 0, "a finite number >= 0")
+        _check_real("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]")
+        _check_int("top_k", self.top_k, "an int >= -1 (0 or -1: off)", minimum=-1)
+        _check_real("min_p", self.min_p, lambda p: 0 <= p <= 1, "in [0, 1]")
+        _check_real("repetition_penalty", self.repetition_penalty, lambda p: p > 0, "a finite number > 0")
+        _check_real("presence_penalty", self.presence_penalty, lambda p: -2 <= p <= 2, "in [-2, 2]")
+        _check_real("frequency_penalty", self.frequency_penalty, lambda p: -2 <= p <= 2, "in [-2, 2]")
+        _check_int("max_tokens", self.max_tokens, "an int >= 1", minimum=1)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, f"None or an int in [0, {MAX_LOGPROBS}]", 0, MAX_LOGPROBS)
+        _check_int("n", self.n, "an int >= 1", minimum=1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, "None or an int")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be None, a non-empty str or a list of non-empty str, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be None or a list of ints >= 0, got {self.stop_token_ids!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, expected: str, minimum: int | None = None, maximum: int | None = None) -> None:
+    if not _is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _check_real(name: str, value, in_range: Callable[[float], bool], expected: str) -> None:
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not in_range(value)
+    ):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+@struct.dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of one padded decode batch: the dynamic half of the sampler's jit boundary.
+
+    All fields are (B,) except `rng_keys`, which is (B, 2) uint32 raw threefry key data (`request_key`).
+    `top_k` 0 means off; padding rows are greedy with neutral penalties.
+    """
+
+    temperature: jax.Array  # (B,) float32
+    top_p: jax.Array  # (B,) float32
+    top_k: jax.Array  # (B,) int32
+    min_p: jax.Array  # (B,) float32
+    repetition_penalty: jax.Array  # (B,) float32
+    presence_penalty: jax.Array  # (B,) float32
+    frequency_penalty: jax.Array  # (B,) float32
+    rng_keys: jax.Array  # (B, 2) uint32
+
+    @classmethod
+    def from_params(
+        cls, params_list: Sequence[SamplingParams], keys: Sequence[np.ndarray] | np.ndarray, batch_size: int
+    ) -> SamplingBatch:
+        """Stack per-request params and keys ((R, 2) uint32, one per request) into a batch padded to `batch_size`.
+
+        Returns host (numpy) arrays: they travel to the device with the rest of the step's inputs in one transfer.
+        """
+        num_requests = len(params_list)
+        if num_requests > batch_size:
+            raise ValueError(f"{num_requests} requests do not fit in a batch of {batch_size}")
+        keys = np.asarray(keys, dtype=np.uint32).reshape(-1, 2) if num_requests else np.zeros((0, 2), np.uint32)
+        if keys.shape[0] != num_requests:
+            raise ValueError(f"got {keys.shape[0]} rng keys for {num_requests} requests")
+
+        def column(values, neutral, dtype):
+            out = np.full((batch_size,), neutral, dtype)
+            out[:num_requests] = values
+            return out
+
+        rng_keys = np.zeros((batch_size, 2), np.uint32)
+        rng_keys[:num_requests] = keys
+        return cls(
+            temperature=column([p.temperature for p in params_list], 0.0, np.float32),
+            top_p=column([p.top_p for p in params_list], 1.0, np.float32),
+            top_k=column([max(p.top_k, 0) for p in params_list], 0, np.int32),
+            min_p=column([p.min_p for p in params_list], 0.0, np.float32),
+            repetition_penalty=column([p.repetition_penalty for p in params_list], 1.0, np.float32),
+            presence_penalty=column([p.presence_penalty for p in params_list], 0.0, np.float32),
+            frequency_penalty=column([p.frequency_penalty for p in params_list], 0.0, np.float32),
+            rng_keys=rng_keys,
+        )
+
+
+class SampleResult(NamedTuple):
+    """Output of `sample` for a batch of B rows, returning `num_logprobs` top logprobs per row."""
+
+    tokens: jax.Array  # (B,) int32
+    logprobs: jax.Array  # (B,) float32, log_softmax(raw logits)[token]
+    top_logprobs: jax.Array  # (B, num_logprobs) float32, descending
+    top_ids: jax.Array  # (B, num_logprobs) int32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Keys and token history
+# --------------------------------------------------------------------------------------------------------------
+
+
+def request_key(seed: int | None) -> np.ndarray:
+    """Raw key data (2,) uint32 of a request's PRNG key.
+
+    With a seed: the data of `jax.random.key(seed)` as JAX computes it with 64-bit seeds ([seed >> 32, seed & mask]).
+    It is computed on the host (no device round trip per request) and equals JAX's for 0 <= seed < 2**32; wider or
+    negative seeds keep all 64 bits where JAX without x64 would truncate them to 32 and make them collide.
+    Without a seed: 64 fresh bits from a host RNG.
+    """
+    if seed is None:
+        return _HOST_RNG.integers(0, 2**32, size=(2,), dtype=np.uint32)
+    seed = int(seed) % 2**64
+    return np.array([(seed >> 32) & _UINT32_MASK, seed & _UINT32_MASK], dtype=np.uint32)
+
+
+def counts_from_tokens(tokens: jax.Array, lengths: jax.Array, vocab_size: int) -> jax.Array:
+    """Per-row token counts (B, V) int32 of `tokens` (B, L) int, of which only the first `lengths` (B,) count."""
+    batch, max_len = tokens.shape
+    valid = jnp.arange(max_len)[None, :] < jnp.asarray(lengths)[:, None]  # (B, L)
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, max_len))
+    # Padding positions may hold any id; clip so the scatter stays in range, they add 0 anyway.
+    ids = jnp.clip(jnp.asarray(tokens), 0, vocab_size - 1)
+    return jnp.zeros((batch, vocab_size), jnp.int32).at[rows, ids].add(valid.astype(jnp.int32))
+
+
+def prompt_mask_from_tokens(tokens: jax.Array, lengths: jax.Array, vocab_size: int) -> jax.Array:
+    """(B, V) bool: which tokens occur in the first `lengths` (B,) entries of each row of `tokens` (B, L)."""
+    return counts_from_tokens(tokens, lengths, vocab_size) > 0
+
+
+def update_counts(output_counts: jax.Array, new_tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Add one generated token per row. output_counts: (B, V) int32; new_tokens: (B,) int; valid: (B,) bool or None.
+
+    Rows with `valid == False` (padding, finished requests) are left unchanged. Jittable; donate `output_counts`.
+    """
+    increment = jnp.ones(new_tokens.shape, jnp.int32) if valid is None else valid.astype(jnp.int32)
+    rows = jnp.arange(output_counts.shape[0])
+    return output_counts.at[rows, new_tokens].add(increment)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logits processing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def apply_penalties(
+    logits: jax.Array,
+    output_counts: jax.Array | None,
+    prompt_mask: jax.Array | None,
+    repetition_penalty: jax.Array,
+    presence_penalty: jax.Array,
+    frequency_penalty: jax.Array,
+) -> jax.Array:
+    """Repetition, frequency and presence penalties (vLLM semantics) -> (B, V) float32.
+
+    logits: (B, V); output_counts: (B, V) int32 or None (no output yet); prompt_mask: (B, V) bool or None;
+    penalties: (B,). Repetition divides positive / multiplies negative logits of tokens seen in prompt or output;
+    frequency subtracts count * penalty and presence subtracts the penalty once, for output tokens only.
+    """
+    logits = logits.astype(jnp.float32)
+    if output_counts is None and prompt_mask is None:
+        return logits
+    seen = jnp.zeros(logits.shape, bool)
+    if prompt_mask is not None:
+        seen |= prompt_mask
+    if output_counts is not None:
+        seen |= output_counts > 0
+    rep = repetition_penalty.astype(jnp.float32)[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    if output_counts is not None:
+        counts = output_counts.astype(jnp.float32)
+        logits -= frequency_penalty.astype(jnp.float32)[:, None] * counts
+        logits -= presence_penalty.astype(jnp.float32)[:, None] * (counts > 0)
+    return logits
+
+
+def truncation_threshold(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Per-row logit threshold (B,) implementing top-k, then top-p, then min-p; tokens below it are dropped.
+
+    logits: (B, V) float32, already temperature-scaled; top_k (B,) int (<= 0 or >= V: off); top_p (B,) in (0, 1];
+    min_p (B,) in [0, 1]. Top-p keeps the smallest prefix of the top-k-renormalised, descending distribution whose
+    mass reaches `top_p`. Thresholds rather than index masks: tokens tied with the last kept one are kept too, and
+    one sort per step serves both top-k and top-p. The argmax always survives.
+    """
+    vocab = logits.shape[-1]
+    top_k = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k).astype(jnp.int32)
+    top_p = top_p.astype(jnp.float32)
+
+    def sorted_cut(logits):
+        sorted_desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)  # (B, V)
+        positions = jnp.arange(vocab, dtype=jnp.int32)[None, :]
+        kth = jnp.take_along_axis(sorted_desc, top_k[:, None] - 1, axis=-1)[:, 0]
+        in_top_k = jnp.where(positions < top_k[:, None], sorted_desc, -jnp.inf)
+        probs = jax.nn.softmax(in_top_k, axis=-1)
+        # Mass strictly before each position; keeping every position whose preceding mass is < top_p is exactly
+        # the smallest nucleus. A float cumsum of non-negative terms is non-decreasing, so counting is safe.
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        num_kept = jnp.clip(jnp.sum(mass_before < top_p[:, None], axis=-1), 1, top_k)
+        nucleus = jnp.take_along_axis(in_top_k, num_kept[:, None] - 1, axis=-1)[:, 0]
+        # top_p == 1 must keep everything, even where the float cumsum saturates before the tail.
+        nucleus = jnp.where(top_p >= 1.0, -jnp.inf, nucleus)
+        return jnp.maximum(kth, nucleus)
+
+    # The sort dominates the sampler's cost; skip it when no row asks for top-k or top-p (the default parameters).
+    needs_sort = jnp.any((top_k < vocab) | (top_p < 1.0))
+    cut = jax.lax.cond(needs_sort, sorted_cut, lambda x: jnp.full(x.shape[:1], -jnp.inf, jnp.float32), logits)
+    # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p): independent of normalisation and of the
+    # top-k/top-p cut (which never removes the max). log(0) = -inf switches it off.
+    min_p_cut = jnp.max(logits, axis=-1) + jnp.log(min_p.astype(jnp.float32))
+    return jnp.maximum(cut, min_p_cut)
+
+
+def truncate_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Logits (B, V) float32 with the tokens dropped by top-k / top-p / min-p set to -inf.
+
+    Arguments as `truncation_threshold`.
+    """
+    threshold = truncation_threshold(logits, top_k, top_p, min_p)
+    return jnp.where(logits >= threshold[:, None], logits, -jnp.inf)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sample(
+    logits: jax.Array,
+    batch: SamplingBatch,
+    steps: jax.Array,
+    output_counts: jax.Array | None = None,
+    prompt_mask: jax.Array | None = None,
+    num_logprobs: int = 0,
+) -> SampleResult:
+    """Sample one token per row. Pure and jittable with `num_logprobs` static.
+
+    logits: (B, V) raw model logits (any float dtype; processed in float32); batch: per-row parameters;
+    steps: (B,) int32, tokens each request has generated so far (folded into its key);
+    output_counts: (B, V) int32 or None; prompt_mask: (B, V) bool or None (None skips that part of the penalties);
+    num_logprobs: 0..20, the max `logprobs` over the batch.
+    Returns SampleResult(tokens (B,), logprobs (B,), top_logprobs (B, num_logprobs), top_ids (B, num_logprobs)).
+    """
+    if not 0 <= num_logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"num_logprobs must be in [0, {MAX_LOGPROBS}], got {num_logprobs}")
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+
+    with jax.named_scope("penalties"):
+        penalised = apply_penalties(
+            logits,
+            output_counts,
+            prompt_mask,
+            batch.repetition_penalty,
+            batch.presence_penalty,
+            batch.frequency_penalty,
+        )
+    greedy_tokens = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
+    is_greedy = batch.temperature < GREEDY_TEMPERATURE_EPS
+
+    def random_tokens():
+        temperature = jnp.where(is_greedy, 1.0, batch.temperature.astype(jnp.float32))
+        scaled = penalised / temperature[:, None]
+        # Greedy rows' truncation parameters are irrelevant; neutralise them so they cannot trigger the sort.
+        top_k = jnp.where(is_greedy, 0, batch.top_k)
+        top_p = jnp.where(is_greedy, 1.0, batch.top_p)
+        with jax.named_scope("truncation"):
+            scaled = truncate_logits(scaled, top_k, top_p, batch.min_p)
+        with jax.named_scope("gumbel_max"):
+            keys = jax.random.wrap_key_data(batch.rng_keys, impl=_PRNG_IMPL)
+            step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+            # Noise depends only on the row's key and step, never on its batch mates or its row index.
+            gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(step_keys)
+            sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        return jnp.where(is_greedy, greedy_tokens, sampled)
+
+    tokens = jax.lax.cond(jnp.all(is_greedy), lambda: greedy_tokens, random_tokens)
+
+    with jax.named_scope("logprobs"):
+        raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+        token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+        if num_logprobs > 0:
+            top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
+        else:
+            top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
+            top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
+    return SampleResult(tokens, token_logprobs, top_logprobs, top_ids.astype(jnp.int32))
