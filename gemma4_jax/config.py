@@ -112,12 +112,20 @@ class TextConfig:
         return self.num_hidden_layers - self.num_kv_shared_layers
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """K/V bytes one token costs in layers that own a cache (KV-shared layers own none)."""
-        total = 0
-        for spec in self.layers:
-            if not spec.is_kv_shared:
-                total += (1 if spec.k_eq_v else 2) * spec.num_kv_heads * spec.head_dim * dtype_bytes
-        return total
+        """K/V bytes per token of context: full-attention layers that own a cache (both K and V are kept, also
+        with keys-as-values, where V is the unrotated v-normed key). Sliding layers are bounded by the window and
+        KV-shared layers own nothing."""
+        return sum(
+            2 * s.num_kv_heads * s.head_dim * dtype_bytes for s in self.layers if not s.is_kv_shared and not s.is_sliding
+        )
+
+    def window_bytes_per_sequence(self, dtype_bytes: int = 2) -> int:
+        """K/V bytes one sequence holds in the sliding-window rings (at most `sliding_window` tokens each)."""
+        return sum(
+            2 * self.sliding_window * s.num_kv_heads * s.head_dim * dtype_bytes
+            for s in self.layers
+            if not s.is_kv_shared and s.is_sliding
+        )
 
 
 @dataclasses.dataclass(frozen=True)

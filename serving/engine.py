@@ -1,0 +1,448 @@
+"""The serving engine: requests in, tokens out, with continuous batching over paged KV pools.
+
+Each `step()`:
+1. decode: every running request whose prompt is fully cached gets one token. A request that needs a new page
+   when none is free preempts the most recently arrived running request (its pages are freed and it is resumed
+   later by recomputing its prompt + generated tokens, which reproduces the same tokens);
+2. prefill: waiting requests, first come first served, get chunks of their prompt within the step's token budget
+   (`max_num_batched_tokens`) and the free pages and sequence slots;
+3. the jitted step runs once for the prefill chunks and once for the decode batch (each padded to buckets), and
+   the sampled tokens are appended, detokenized and checked against the stop conditions.
+
+Compile events (new bucket shapes) are counted with their times in `stats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma4_jax.model import Model
+from gemma4_jax.serving import kv_cache
+from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, bucket, pages_needed
+from gemma4_jax.serving.runner import model_step, reset_slot_counts
+from gemma4_jax.serving.sampling import SamplingBatch, SamplingParams, request_key
+from gemma4_jax.serving.tokenizer import IncrementalDetokenizer, StopChecker
+
+log = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("xla",)  # Pallas GPU kernels register here when they land (DESIGN.md decision 4)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+
+
+@dataclasses.dataclass(eq=False)  # identity: requests are compared and hashed as objects
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    key: np.ndarray
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    slot: int = -1
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the pools
+    text: str = ""
+    finish_reason: str | None = None
+    detok: IncrementalDetokenizer | None = None
+    stopper: StopChecker | None = None
+    stop_ids: frozenset[int] = frozenset()
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    arrival_time: float = 0.0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def in_decode(self) -> bool:
+        """Prompt (and any recomputed outputs) cached except the last generated token."""
+        return self.status is Status.RUNNING and bool(self.output_ids) and self.num_computed == len(self.all_ids) - 1
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # default: min(max_position_embeddings, 8192)
+    page_size: int = 16
+    num_pages: int | None = None  # default: enough for max_num_seqs full-length sequences, capped by kv_memory_gb
+    kv_memory_gb: float = 4.0
+    max_num_batched_tokens: int = 512  # token budget per step (decode tokens + prefill chunks)
+    attention_backend: str = "auto"
+    prefill_backend: str | None = None
+    decode_backend: str | None = None
+
+    def resolve_backends(self) -> tuple[str, str]:
+        chosen = []
+        for phase, value in (("prefill", self.prefill_backend), ("decode", self.decode_backend)):
+            value = value or self.attention_backend
+            if value == "auto":
+                value = "xla"
+            if value not in ATTENTION_BACKENDS:
+                raise ValueError(f"{phase} attention backend {value!r} is not supported on "
+                                 f"{jax.default_backend()}; supported: {['auto', *ATTENTION_BACKENDS]}")
+            chosen.append(value)
+        return chosen[0], chosen[1]
+
+
+class Engine:
+    """Continuous-batching generator over a loaded `Model`. Not thread-safe: one thread drives `step()`."""
+
+    def __init__(self, model: Model, tokenizer=None, config: EngineConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        self.backends = config.resolve_backends()
+        cfg = model.config.text
+        self.text_config = cfg
+        if config.max_num_seqs < 1 or config.page_size < 1 or config.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs, page_size and max_num_batched_tokens must be positive")
+        self.max_model_len = int(config.max_model_len or min(cfg.max_position_embeddings, 8192))
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        itemsize = jnp.dtype(model.dtype).itemsize
+        per_token = max(cfg.kv_bytes_per_token(itemsize), 1)
+        pages_per_seq = pages_needed(self.max_model_len, config.page_size)
+        if config.num_pages is None:
+            budget = int(config.kv_memory_gb * 2**30 / (per_token * config.page_size))
+            num_pages = min(config.max_num_seqs * pages_per_seq, max(budget, pages_per_seq)) + 1
+        else:
+            num_pages = config.num_pages
+        if num_pages - 1 < 1:
+            raise ValueError("num_pages must leave at least one page besides the trash page")
+        self.layout = CacheLayout.for_config(cfg, config.page_size, num_pages, config.max_num_seqs)
+        self.cache = kv_cache.allocate(cfg, self.layout, model.dtype)
+        self.counts: dict[str, jax.Array] | None = None  # penalty state, allocated on first use
+        self.allocator = PageAllocator(num_pages)
+        self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self._ids = itertools.count()
+        self._shapes_seen: set[tuple] = set()
+        self.stats = {"compiles": 0, "compile_time_s": 0.0, "steps": 0, "preemptions": 0,
+                      "prompt_tokens": 0, "generated_tokens": 0}
+        self.kv_bytes_per_token = cfg.kv_bytes_per_token(itemsize)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Requests
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or load one")
+            text, ids = prompt, list(self.tokenizer.encode(prompt))
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.text_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens plus max_tokens={params.max_tokens} exceeds "
+                             f"max_model_len={self.max_model_len}")
+        if pages_needed(len(ids) + params.max_tokens, self.layout.page_size) > self.layout.num_pages - 1:
+            raise ValueError(f"a request of {len(ids) + params.max_tokens} tokens can never fit in the KV pool "
+                             f"({self.layout.num_pages - 1} pages of {self.layout.page_size})")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        req = Request(rid, text, ids, params, next(self._arrivals), request_key(params.seed),
+                      arrival_time=time.perf_counter())
+        if self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
+        if params.stop:
+            if self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer to detokenize the output")
+            req.stopper = StopChecker(params.stop)
+        req.stop_ids = frozenset(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            eos = set(self.text_config.eos_token_ids)
+            if self.tokenizer is not None:
+                eos |= set(self.tokenizer.stop_token_ids)
+            req.stop_ids |= eos
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None or req.status is Status.FINISHED:
+            return
+        self._finish(req, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def num_used_pages(self) -> int:
+        return self.allocator.num_used
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Scheduling
+
+    def _release(self, req: Request) -> None:
+        self.allocator.free(req.pages)
+        req.pages = []
+        if req.slot >= 0:
+            self.free_slots.append(req.slot)
+            req.slot = -1
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self._release(victim)
+        victim.status = Status.WAITING
+        victim.num_computed = 0
+        victim.num_preemptions += 1
+        self.stats["preemptions"] += 1
+        self.waiting.appendleft(victim)
+
+    def _ensure_pages(self, req: Request, num_tokens: int) -> bool:
+        need = pages_needed(num_tokens, self.layout.page_size) - len(req.pages)
+        if need <= 0:
+            return True
+        pages = self.allocator.allocate(need)
+        if pages is None:
+            return False
+        req.pages.extend(pages)
+        return True
+
+    def _schedule_decode(self) -> list[Request]:
+        batch = []
+        for req in sorted((r for r in self.running if r.in_decode), key=lambda r: r.arrival):
+            while req.status is Status.RUNNING and not self._ensure_pages(req, req.num_computed + 1):
+                victims = [r for r in self.running if r is not req and r not in batch]
+                victim = max(victims, key=lambda r: r.arrival) if victims else req
+                self._preempt(victim)
+            if req.status is Status.RUNNING:
+                batch.append(req)
+        return batch
+
+    def _schedule_prefill(self, budget: int) -> list[tuple[Request, int]]:
+        chunks: list[tuple[Request, int]] = []
+        candidates = [r for r in self.running if not r.in_decode and r.num_computed < len(r.all_ids)]
+        candidates.sort(key=lambda r: r.arrival)
+        for req in list(self.waiting):
+            candidates.append(req)
+        for req in candidates:
+            if budget <= 0:
+                break
+            if req.status is Status.WAITING:
+                if not self.free_slots or len(chunks) >= self.config.max_num_seqs:
+                    break  # FIFO: later arrivals do not overtake
+            remaining = len(req.all_ids) - req.num_computed
+            size = min(remaining, budget)
+            if not self._ensure_pages(req, req.num_computed + size):
+                free_tokens = (len(req.pages) + self.allocator.num_free) * self.layout.page_size - req.num_computed
+                size = min(size, free_tokens)
+                if size <= 0 or not self._ensure_pages(req, req.num_computed + size):
+                    break
+            if req.status is Status.WAITING:
+                self.waiting.remove(req)
+                req.status = Status.RUNNING
+                req.slot = self.free_slots.pop()
+                self.running.append(req)
+                self._init_counts(req)
+            chunks.append((req, size))
+            budget -= size
+        return chunks
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Running
+
+    def _init_counts(self, req: Request) -> None:
+        uses = req.params.repetition_penalty != 1.0 or req.params.presence_penalty or req.params.frequency_penalty
+        if self.counts is None and not uses:
+            return
+        if self.counts is None:
+            s, v = self.layout.max_seqs + 1, self.text_config.vocab_size
+            self.counts = {"output": jnp.zeros((s, v), jnp.int32), "prompt": jnp.zeros((s, v), bool)}
+            for other in self.running:
+                if other is not req:
+                    self._reset_counts(other)
+        self._reset_counts(req)
+
+    def _reset_counts(self, req: Request) -> None:
+        p = np.zeros(bucket(len(req.prompt_ids), 16), np.int32)
+        p[: len(req.prompt_ids)] = req.prompt_ids
+        o = np.zeros(bucket(len(req.output_ids), 16), np.int32)
+        o[: len(req.output_ids)] = req.output_ids
+        self.counts = reset_slot_counts(self.counts, req.slot, p, len(req.prompt_ids), o, len(req.output_ids))
+
+    def _run(self, rows: list[tuple[Request, list[int], int]], num_tokens: int):
+        """rows: (request, new token ids, start position). Returns host arrays of the SampleResult."""
+        b = bucket(len(rows), 1, self.config.max_num_seqs)
+        t = bucket(num_tokens, 1 if num_tokens == 1 else 16)
+        max_pages = max(pages_needed(start + len(ids), self.layout.page_size) for _, ids, start in rows)
+        p = bucket(max_pages, 4)
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.full((b, t), -1, np.int32)
+        context = np.zeros((b,), np.int32)
+        slots = np.full((b,), self.layout.max_seqs, np.int32)
+        table = np.zeros((b, p), np.int32)
+        last = np.zeros((b,), np.int32)
+        steps = np.zeros((b,), np.int32)
+        keep = np.zeros((b,), bool)
+        for i, (req, ids, start) in enumerate(rows):
+            tokens[i, : len(ids)] = ids
+            positions[i, : len(ids)] = np.arange(start, start + len(ids))
+            context[i] = start
+            slots[i] = req.slot
+            table[i, : len(req.pages)] = req.pages
+            last[i] = len(ids) - 1
+            steps[i] = len(req.output_ids)
+            keep[i] = start + len(ids) == len(req.all_ids)
+        params = [req.params for req, _, _ in rows]
+        sampling = SamplingBatch.from_params(params, [req.key for req, _, _ in rows], b)
+        num_logprobs = max((p_.logprobs or 0) for p_ in params)
+        num_logprobs = 0 if num_logprobs == 0 else bucket(num_logprobs, 1, 20)
+        batch = StepBatch(tokens=tokens, positions=positions, context_lens=context, slots=slots,
+                          page_table=table, last_index=last)
+        shape_key = (b, t, p, num_logprobs, self.counts is not None)
+        new_shape = shape_key not in self._shapes_seen
+        t0 = time.perf_counter()
+        result, self.cache, self.counts = model_step(
+            self.model.graphdef, self.model.state, self.cache, self.counts, batch, sampling, steps, keep,
+            layout=self.layout, num_logprobs=num_logprobs)
+        result = jax.device_get(result)
+        if new_shape:
+            self._shapes_seen.add(shape_key)
+            self.stats["compiles"] += 1
+            self.stats["compile_time_s"] += time.perf_counter() - t0
+        return result
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling iteration. Returns outputs of requests that produced tokens or finished."""
+        decode = self._schedule_decode()
+        prefill = self._schedule_prefill(self.config.max_num_batched_tokens - len(decode))
+        touched: list[Request] = []
+        if prefill:
+            rows = [(req, req.all_ids[req.num_computed: req.num_computed + n], req.num_computed)
+                    for req, n in prefill]
+            result = self._run(rows, max(n for _, n in prefill))
+            for i, (req, n) in enumerate(prefill):
+                req.num_computed += n
+                self.stats["prompt_tokens"] += n
+                if req.num_computed == len(req.all_ids):
+                    self._append(req, result, i)
+                touched.append(req)
+        if decode:
+            rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
+            result = self._run(rows, 1)
+            for i, req in enumerate(decode):
+                req.num_computed += 1
+                self._append(req, result, i)
+                touched.append(req)
+        self.stats["steps"] += 1
+        return [self.output(r) for r in dict.fromkeys(touched)]
+
+    def _append(self, req: Request, result, row: int) -> None:
+        if req.status is Status.FINISHED:
+            return
+        token = int(result.tokens[row])
+        req.output_ids.append(token)
+        self.stats["generated_tokens"] += 1
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        if req.params.logprobs is not None:
+            n = req.params.logprobs
+            top = [(int(i), float(v)) for i, v in zip(result.top_ids[row][:n], result.top_logprobs[row][:n])]
+            req.logprobs.append(TokenLogprob(token, float(result.logprobs[row]), top))
+        if token in req.stop_ids:
+            self._end(req, "stop")
+            return
+        if req.detok is not None and self._emit(req, req.detok.add(token)):
+            return
+        if len(req.output_ids) >= req.params.max_tokens or len(req.all_ids) >= self.max_model_len:
+            self._end(req, "length")
+
+    def _emit(self, req: Request, delta: str) -> bool:
+        """Append detokenized text, holding back what may start a stop string. True when a stop string ended it."""
+        if req.stopper is None:
+            req.text += delta
+            return False
+        req.text += req.stopper.process(delta)
+        if req.stopper.stopped:
+            self._finish(req, "stop")
+        return req.stopper.stopped
+
+    def _end(self, req: Request, reason: str) -> None:
+        """Generation ended without a stop string so far: release held text (which may still complete one)."""
+        if req.detok is not None and self._emit(req, req.detok.flush()):
+            return
+        if req.stopper is not None:
+            req.text += req.stopper.flush()
+        self._finish(req, reason)
+
+    def output(self, req: Request) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=list(req.prompt_ids),
+            token_ids=list(req.output_ids),
+            text=req.text,
+            finish_reason=req.finish_reason,
+            logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+            finished=req.status is Status.FINISHED,
+        )
+
+    def run_until_done(self, progress=None) -> None:
+        while self.has_unfinished():
+            outs = self.step()
+            if progress is not None:
+                progress(outs)

@@ -1,0 +1,171 @@
+"""KV pools outside the model (DESIGN.md decision 3), and the KV store a jitted step hands to the decoder.
+
+- Full-attention layers that own K/V: one paged pool per layer, k/v (num_pages, page_size, K, H). A sequence's
+  page table maps its logical pages to physical ones; page 0 is a trash page that padding tokens write to.
+- Sliding layers that own K/V: a ring of `sliding_window` slots per sequence slot, k/v (max_seqs + 1, W, K, H); the
+  token at position p lives in ring slot p % W, so a sequence never holds more than W tokens there. Row max_seqs is
+  a trash row.
+- KV-shared layers: nothing; they read their source layer's K/V inside the step.
+
+Both K and V are stored also for keys-as-values layers: there V = v_norm(raw key) and K = rope(k_norm(raw key)),
+so they differ. Memory per token is set by the full-attention layers alone (the windows are bounded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from gemma4_jax.config import TextConfig
+
+TRASH_PAGE = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """Static facts of the pools (hashable: part of the jitted step's static arguments)."""
+
+    page_size: int
+    num_pages: int  # including the trash page
+    max_seqs: int  # sequence slots (ring rows); row max_seqs is trash
+    window: int  # ring length of sliding layers
+    full_layers: tuple[int, ...]  # layers with a paged pool
+    sliding_layers: tuple[int, ...]  # layers with a ring
+
+    @staticmethod
+    def for_config(cfg: TextConfig, page_size: int, num_pages: int, max_seqs: int) -> CacheLayout:
+        owners = [s for s in cfg.layers if not s.is_kv_shared]
+        return CacheLayout(
+            page_size=page_size,
+            num_pages=num_pages,
+            max_seqs=max_seqs,
+            window=cfg.sliding_window,
+            full_layers=tuple(s.index for s in owners if not s.is_sliding),
+            sliding_layers=tuple(s.index for s in owners if s.is_sliding),
+        )
+
+
+def allocate(cfg: TextConfig, layout: CacheLayout, dtype, sharding=None) -> dict[str, jax.Array]:
+    """Zeroed pools: {"k{l}", "v{l}"} for every layer that owns K/V."""
+    cache = {}
+    for spec in cfg.layers:
+        if spec.is_kv_shared:
+            continue
+        if spec.is_sliding:
+            shape = (layout.max_seqs + 1, layout.window, spec.num_kv_heads, spec.head_dim)
+        else:
+            shape = (layout.num_pages, layout.page_size, spec.num_kv_heads, spec.head_dim)
+        for kind in ("k", "v"):
+            cache[f"{kind}{spec.index}"] = jnp.zeros(shape, dtype, device=sharding)
+    return cache
+
+
+@struct.dataclass
+class StepBatch:
+    """Device inputs of one step over B rows of T tokens (padded). Shapes in comments.
+
+    A row is one sequence: its new tokens occupy positions [context_lens[b], context_lens[b] + T) where valid.
+    """
+
+    tokens: jax.Array  # (B, T) int32
+    positions: jax.Array  # (B, T) int32, -1 on padding tokens
+    context_lens: jax.Array  # (B,) int32: tokens already in the cache before this step
+    slots: jax.Array  # (B,) int32: ring row of each sequence (max_seqs for padding rows)
+    page_table: jax.Array  # (B, P) int32: physical page of each logical page (TRASH_PAGE when unused)
+    last_index: jax.Array  # (B,) int32: index in T of the token whose logits are wanted
+
+
+class PagedKVStore:
+    """The decoder's KV store during a step: attends over cache + new tokens, then writes the new tokens.
+
+    Mutates `self.cache` (a dict of traced arrays) functionally; the step returns it.
+    """
+
+    def __init__(self, cache: dict[str, jax.Array], batch: StepBatch, layout: CacheLayout):
+        self.cache = dict(cache)
+        self.batch = batch
+        self.layout = layout
+
+    def _paged(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
+        b = self.batch
+        page = self.layout.page_size
+        kc, vc = self.cache[f"k{layer}"], self.cache[f"v{layer}"]
+        num_p = b.page_table.shape[1]
+        # Gather this batch's context: (B, P * page, K, H); logical index == position.
+        old_k = kc[b.page_table].reshape(b.tokens.shape[0], num_p * page, *kc.shape[2:])
+        old_v = vc[b.page_table].reshape(old_k.shape)
+        idx = jnp.arange(num_p * page, dtype=jnp.int32)[None, :]
+        old_pos = jnp.where(idx < b.context_lens[:, None], idx, -1)
+        # Write the new tokens; padding goes to the trash page.
+        valid = positions >= 0
+        safe = jnp.maximum(positions, 0)
+        phys = jnp.take_along_axis(b.page_table, jnp.minimum(safe // page, num_p - 1), axis=1)
+        phys = jnp.where(valid, phys, TRASH_PAGE)
+        off = safe % page
+        self.cache[f"k{layer}"] = kc.at[phys, off].set(k.astype(kc.dtype))
+        self.cache[f"v{layer}"] = vc.at[phys, off].set(v.astype(vc.dtype))
+        return (jnp.concatenate([old_k.astype(k.dtype), k], 1), jnp.concatenate([old_v.astype(v.dtype), v], 1),
+                jnp.concatenate([old_pos, positions], 1))
+
+    def _ring(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
+        b = self.batch
+        w = self.layout.window
+        kc, vc = self.cache[f"k{layer}"], self.cache[f"v{layer}"]
+        old_k, old_v = kc[b.slots], vc[b.slots]  # (B, W, K, H)
+        # Ring slot j holds the latest position p < context_len with p % W == j.
+        j = jnp.arange(w, dtype=jnp.int32)[None, :]
+        last = b.context_lens[:, None] - 1
+        old_pos = last - jnp.mod(last - j, w)
+        old_pos = jnp.where((old_pos >= 0) & (b.context_lens[:, None] > 0), old_pos, -1)
+        # Only the last W tokens of the chunk survive in the ring: earlier ones would collide with them.
+        end = b.context_lens[:, None] + jnp.sum(positions >= 0, axis=1, keepdims=True)
+        keep = (positions >= 0) & (positions >= end - w)
+        rows = jnp.where(keep, b.slots[:, None], self.layout.max_seqs)
+        cols = jnp.where(keep, positions % w, 0)
+        self.cache[f"k{layer}"] = kc.at[rows, cols].set(k.astype(kc.dtype))
+        self.cache[f"v{layer}"] = vc.at[rows, cols].set(v.astype(vc.dtype))
+        return (jnp.concatenate([old_k.astype(k.dtype), k], 1), jnp.concatenate([old_v.astype(v.dtype), v], 1),
+                jnp.concatenate([old_pos, positions], 1))
+
+    def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
+        if layer in self.layout.sliding_layers:
+            return self._ring(layer, k, v, positions)
+        return self._paged(layer, k, v, positions)
+
+
+class PageAllocator:
+    """Host-side free list of physical pages (page 0 is the trash page and never handed out)."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, 0, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - 1 - len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        if n > len(self._free):
+            return None
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+def pages_needed(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
+    """Smallest power of two >= n (and >= minimum), capped at maximum."""
+    b = max(minimum, 1 << max(0, int(np.ceil(np.log2(max(n, 1))))))
+    return min(b, maximum) if maximum is not None else b
