@@ -1,0 +1,158 @@
+"""The `gemma4-jax` command: generate (batch jobs), bench (offline throughput/latency).
+
+`gemma4-jax generate` with no `--model` runs an embedded tiny model (random weights, byte-level tokenizer), so a
+fresh install runs end to end with no download; its output is noise and it says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+DEFAULT_PROMPT = "Hello, Gemma!"
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--logprobs", type=int, default=None)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny demo model)")
+    g.add_argument("--dtype", default=None, help="bfloat16 | float32 (default bfloat16; float32 for the demo model)")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--attention-backend", default="auto")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from gemma4_jax.serving.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
+        max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, logprobs=args.logprobs,
+    )
+
+
+def demo_model():
+    """The embedded default: the `tiny` preset with random weights and the byte-level tokenizer."""
+    import gemma4_jax
+    from gemma4_jax.serving.tokenizer import byte_level_tokenizer
+
+    return gemma4_jax.from_config("tiny", dtype="float32", seed=0), byte_level_tokenizer()
+
+
+def build_llm(args: argparse.Namespace):
+    import gemma4_jax
+
+    options = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                   max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend)
+    if args.model is None:
+        model, tokenizer = demo_model()
+        print("note: no --model given: running the embedded tiny demo model (random weights, byte-level "
+              "tokenizer); its output is meaningless text.", file=sys.stderr)
+        return gemma4_jax.LLM(model, tokenizer=tokenizer, **options)
+    return gemma4_jax.LLM(args.model, dtype=args.dtype or "bfloat16", **options)
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    jobs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{n}: not valid JSON ({e})") from None
+            if isinstance(item, str):
+                item = {"prompt": item}
+            if not isinstance(item, dict) or not ({"prompt", "messages"} & set(item)):
+                raise SystemExit(f"error: {path}:{n}: expected a string or an object with 'prompt' or 'messages'")
+            jobs.append(item)
+    return jobs
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    if args.input:
+        jobs = _read_jsonl(args.input)
+    else:
+        jobs = [{"prompt": p} for p in (args.prompt or [DEFAULT_PROMPT])]
+    llm = build_llm(args)
+    chats = [j for j in jobs if "messages" in j or args.chat]
+    plain = [j for j in jobs if not ("messages" in j or args.chat)]
+    results: dict[int, Any] = {}
+    if plain:
+        outs = llm.generate([j["prompt"] for j in plain], params, use_tqdm=not args.quiet)
+        for j, o in zip(plain, outs):
+            results[id(j)] = o
+    if chats:
+        convs = [j.get("messages") or [{"role": "user", "content": j["prompt"]}] for j in chats]
+        outs = llm.chat(convs, params, use_tqdm=not args.quiet)
+        for j, o in zip(chats, outs):
+            results[id(j)] = o
+    sink = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for j in jobs:
+            o = results[id(j)]
+            if args.output or args.input:
+                record = {**j, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            else:
+                sink.write(f"--- prompt: {j.get('prompt')!r}\n{o.text}\n[{len(o.token_ids)} tokens, "
+                           f"finish_reason={o.finish_reason}]\n")
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    stats = llm.engine.stats
+    print(f"done: {len(jobs)} request(s), {stats['generated_tokens']} generated tokens, {stats['compiles']} "
+          f"compilations ({stats['compile_time_s']:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gemma4-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for prompts (a batch job with --input/--output)")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--input", help="JSONL of prompts: strings or objects with 'prompt' or 'messages'")
+    gen.add_argument("--output", help="write JSONL results here (default: stdout)")
+    gen.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _engine_args(gen)
+    _sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    try:
+        from gemma4_jax import bench
+
+        bench.add_parser(sub, _engine_args)
+    except ImportError:
+        pass
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

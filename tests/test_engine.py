@@ -1,0 +1,213 @@
+"""The serving engine against HF transformers and against itself.
+
+- greedy generation equals HF `generate` token for token (mixed prompt lengths in one call, prompts longer than
+  the sliding window, outputs running past it, chunked prefill, KV sharing, keys-as-values, MoE);
+- prefill-then-decode equals a full-sequence forward; chunked prefill equals unchunked; a preempted and resumed
+  request gives the same tokens; seeded sampling is reproducible and independent of batch mates;
+- stop conditions, chat template with exactly one BOS, backend choice, abort, bad requests, no recompiles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hf_reference import make_text_checkpoint
+
+import gemma4_jax
+from gemma4_jax import SamplingParams
+from gemma4_jax.serving.tokenizer import save_byte_level_tokenizer
+
+VOCAB = 512  # the byte-level demo tokenizer's vocabulary
+ENGINE = dict(page_size=4, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=128)
+
+VARIANTS = {
+    "ple_kvshare_window": dict(hidden_size_per_layer_input=16, num_kv_shared_layers=2, final_logit_softcapping=30.0,
+                               sliding_window=8, use_double_wide_mlp=True),
+    "k_eq_v_untied": dict(attention_k_eq_v=True, num_key_value_heads=2, num_global_key_value_heads=1,
+                          tie_word_embeddings=False, sliding_window=8),
+    "moe": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=24, sliding_window=8),
+}
+
+
+@pytest.fixture(scope="module")
+def ckpts(ckpt_root):
+    made = {}
+    for i, (name, overrides) in enumerate(VARIANTS.items()):
+        path = str(ckpt_root / f"engine_{name}")
+        hf = make_text_checkpoint(path, seed=20 + i, vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, **overrides)
+        save_byte_level_tokenizer(path)
+        made[name] = (path, hf)
+    return made
+
+
+@pytest.fixture(scope="module")
+def llm(ckpts):
+    return gemma4_jax.LLM(ckpts["ple_kvshare_window"][0], dtype="float32", **ENGINE)
+
+
+def _prompts(lengths, seed=0):
+    rs = np.random.RandomState(seed)
+    return [[2] + list(rs.randint(16, VOCAB, size=n - 1)) for n in lengths]
+
+
+def _hf_greedy(hf, prompt, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_matches_hf_generate(ckpts, variant):
+    path, hf = ckpts[variant]
+    engine = gemma4_jax.LLM(path, dtype="float32", **ENGINE)
+    prompts = _prompts([5, 13, 30, 41])  # window 8, chunk budget 16: long prompts are chunked and outrun the window
+    outs = engine.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.finish_reason == "length"
+        assert out.token_ids == _hf_greedy(hf, prompt, 24), f"prompt of {len(prompt)} tokens diverged from HF"
+
+
+def test_prefill_then_decode_equals_full_forward(llm, ckpts):
+    prompts = _prompts([9, 27])
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3),
+                        use_tqdm=False)
+    model = gemma4_jax.from_pretrained(ckpts["ple_kvshare_window"][0], dtype="float32")
+    for prompt, out in zip(prompts, outs):
+        seq = prompt + out.token_ids
+        logits = np.asarray(model.logits([seq]))[0].astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+            row = logp[len(prompt) - 1 + i]
+            assert tok == int(np.argmax(row))
+            assert lp.logprob == pytest.approx(row[tok], abs=2e-4)
+            assert [t for t, _ in lp.top] == list(np.argsort(-row)[:3])
+
+
+def test_chunked_prefill_equals_unchunked(ckpts):
+    path = ckpts["ple_kvshare_window"][0]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=0)
+    prompts = _prompts([37, 22], seed=3)
+    a = gemma4_jax.LLM(path, dtype="float32", **{**ENGINE, "max_num_batched_tokens": 5}).generate(
+        prompts, params, use_tqdm=False)
+    b = gemma4_jax.LLM(path, dtype="float32", **{**ENGINE, "max_num_batched_tokens": 256}).generate(
+        prompts, params, use_tqdm=False)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        np.testing.assert_allclose([t.logprob for t in x.logprobs], [t.logprob for t in y.logprobs], atol=1e-4)
+
+
+def test_preempted_requests_resume_identically(ckpts):
+    path = ckpts["ple_kvshare_window"][0]
+    prompts = _prompts([10, 12, 9, 11], seed=4)
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True)] * 2
+    roomy = gemma4_jax.LLM(path, dtype="float32", **ENGINE).generate(prompts, params, use_tqdm=False)
+    tight = gemma4_jax.LLM(path, dtype="float32", **{**ENGINE, "num_pages": 17})  # 16 usable pages of 4 tokens
+    outs = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.engine.stats["preemptions"] > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    assert tight.engine.num_used_pages == 0
+
+
+def test_seeded_sampling_reproducible_and_independent_of_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    prompt = _prompts([11], seed=5)[0]
+    alone = llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+    mates = _prompts([4, 19, 7], seed=6)
+    mixed = llm.generate(mates[:2] + [prompt] + mates[2:],
+                         [SamplingParams(temperature=0.7, max_tokens=9), SamplingParams(temperature=0.0, max_tokens=30),
+                          params, SamplingParams(temperature=1.2, top_k=5, max_tokens=16)], use_tqdm=False)[2].token_ids
+    assert alone == mixed
+    other = llm.generate([prompt], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=16, ignore_eos=True),
+                         use_tqdm=False)[0].token_ids
+    assert other != alone
+
+
+def test_stop_conditions(llm):
+    prompt = _prompts([8], seed=7)[0]
+    free = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+                        use_tqdm=False)[0]
+    # A stop token id ends generation and is kept as the last token (as vLLM does).
+    stop_at = free.token_ids[5]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[stop_at]),
+                       use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
+    # A stop string is cut from the text.
+    text = free.text
+    if len(text) >= 4:
+        needle = text[2:4]
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20, stop=[needle], ignore_eos=True),
+                           use_tqdm=False)[0]
+        assert out.finish_reason == "stop" and out.text == text[: text.index(needle)]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 3
+
+
+def test_chat_has_exactly_one_bos(llm):
+    outs = llm.chat([[{"role": "user", "content": "Hi there"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "¿Qué tal? 你好"}]],
+                    SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    for out in outs:
+        assert out.prompt_token_ids[0] == 2 and out.prompt_token_ids.count(2) == 1
+    text_out = llm.generate(["<bos>Hello"], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)[0]
+    assert text_out.prompt_token_ids.count(2) == 1
+
+
+def test_backend_choice(ckpts):
+    path = ckpts["ple_kvshare_window"][0]
+    with pytest.raises(ValueError, match=r"decode attention backend 'pallas' is not supported.*'xla'"):
+        gemma4_jax.LLM(path, dtype="float32", decode_backend="pallas")
+    llm = gemma4_jax.LLM(path, dtype="float32", prefill_backend="xla", decode_backend="auto")
+    assert llm.engine.backends == ("xla", "xla")
+
+
+def test_abort_frees_pages(llm):
+    engine = llm.engine
+    ids = [engine.add_request(p, SamplingParams(max_tokens=50, ignore_eos=True)) for p in _prompts([20, 30, 6])]
+    for _ in range(4):
+        engine.step()
+    assert engine.num_used_pages > 0
+    for rid in ids:
+        engine.abort(rid)
+        engine.requests.pop(rid)
+    assert engine.num_used_pages == 0 and not engine.has_unfinished()
+    assert len(engine.free_slots) == engine.config.max_num_seqs
+
+
+def test_bad_requests(llm):
+    with pytest.raises(ValueError, match=r"prompt of 120 tokens plus max_tokens=16 exceeds max_model_len=128"):
+        llm.generate([[2] * 120], SamplingParams(max_tokens=16), use_tqdm=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[2, 999]], SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert not llm.engine.has_unfinished()
+
+
+def test_no_recompiles_in_steady_state(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm.generate(_prompts([12, 12]), params, use_tqdm=False)
+    before = llm.engine.stats["compiles"]
+    llm.generate(_prompts([12, 12], seed=9), params, use_tqdm=False)
+    assert llm.engine.stats["compiles"] == before
+
+
+def test_n_copies_and_penalties(llm):
+    prompt = _prompts([6], seed=8)[0]
+    outs = llm.generate([prompt], SamplingParams(temperature=1.0, n=3, seed=3, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)
+    assert len(outs) == 3 and len({tuple(o.token_ids) for o in outs}) > 1
+    plain = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+                         use_tqdm=False)[0].token_ids
+    penalised = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                                                      frequency_penalty=2.0, repetition_penalty=1.5),
+                             use_tqdm=False)[0].token_ids
+    assert len(set(penalised)) >= len(set(plain))
+    assert penalised != plain or len(set(plain)) == len(plain)
