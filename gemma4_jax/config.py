@@ -115,9 +115,8 @@ class TextConfig:
         """K/V bytes per token of context: full-attention layers that own a cache (both K and V are kept, also
         with keys-as-values, where V is the unrotated v-normed key). Sliding layers are bounded by the window and
         KV-shared layers own nothing."""
-        return sum(
-            2 * s.num_kv_heads * s.head_dim * dtype_bytes for s in self.layers if not s.is_kv_shared and not s.is_sliding
-        )
+        owners = [s for s in self.layers if not s.is_kv_shared and not s.is_sliding]
+        return sum(2 * s.num_kv_heads * s.head_dim * dtype_bytes for s in owners)
 
     def window_bytes_per_sequence(self, dtype_bytes: int = 2) -> int:
         """K/V bytes one sequence holds in the sliding-window rings (at most `sliding_window` tokens each)."""

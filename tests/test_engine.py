@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_reference import make_text_checkpoint
 
 import gemma4_jax
 from gemma4_jax import SamplingParams
 from gemma4_jax.serving.tokenizer import save_byte_level_tokenizer
+from hf_reference import make_text_checkpoint
 
 VOCAB = 512  # the byte-level demo tokenizer's vocabulary
 ENGINE = dict(page_size=4, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=128)
