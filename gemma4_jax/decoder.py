@@ -41,6 +41,12 @@ class SequenceKV:
         return k, v, positions
 
 
+def _select_tokens(index: jax.Array, *arrays):
+    """Take token index[b] of every row of each (B, T, ...) array (None passes through) -> (B, 1, ...)."""
+    rows = jnp.arange(index.shape[0])
+    return tuple(None if a is None else a[rows, index][:, None] for a in arrays)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, spec: LayerSpec, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, eps = cfg.hidden_size, cfg.rms_norm_eps
@@ -135,13 +141,25 @@ class Gemma4Text(nnx.Module):
         ple = self.per_layer_inputs(input_ids, x) if self.cfg.has_ple else None
         return x, ple
 
-    def decode_layers(self, x, positions, ple, kv_store=None, layers: range | None = None, shared_kv=None):
-        """Run decoder layers (all, or a contiguous range: a pipeline stage) over x (B, T, D)."""
+    def decode_layers(self, x, positions, ple, kv_store=None, layers: range | None = None, shared_kv=None,
+                      keep_index: jax.Array | None = None):
+        """Run decoder layers (all, or a contiguous range: a pipeline stage) over x (B, T, D).
+
+        keep_index: (B,) position in T of the one token per row whose output is wanted (the engine's last token).
+        Given, the result is (B, 1, D), and the KV-shared layers (always the last ones: they write no K/V) run on
+        that token alone, as HF's generate does; in an E2B-style model they are a third of the prefill compute.
+        """
         kv_store = SequenceKV() if kv_store is None else kv_store
         shared_kv = {} if shared_kv is None else shared_kv
+        sliced = False
         for i in layers if layers is not None else range(len(self.layers)):
+            if keep_index is not None and not sliced and self.layers[i].spec.is_kv_shared:
+                x, positions, ple = _select_tokens(keep_index, x, positions, ple)
+                sliced = True
             with jax.named_scope(f"layer_{i}"):
                 x = self.layers[i](x, positions, None if ple is None else ple[:, :, i, :], kv_store, shared_kv)
+        if keep_index is not None and not sliced:
+            x = _select_tokens(keep_index, x)[0]
         return x
 
     def head(self, x: jax.Array) -> jax.Array:

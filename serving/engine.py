@@ -29,7 +29,7 @@ import numpy as np
 from gemma4_jax.model import Model
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, bucket, pages_needed
-from gemma4_jax.serving.runner import model_step, reset_slot_counts
+from gemma4_jax.serving.runner import decode_steps, model_step, reset_slot_counts
 from gemma4_jax.serving.sampling import SamplingBatch, SamplingParams, request_key
 from gemma4_jax.serving.tokenizer import IncrementalDetokenizer, StopChecker
 
@@ -104,6 +104,7 @@ class EngineConfig:
     num_pages: int | None = None  # default: enough for max_num_seqs full-length sequences, capped by kv_memory_gb
     kv_memory_gb: float = 4.0
     max_num_batched_tokens: int = 512  # token budget per step (decode tokens + prefill chunks)
+    num_scheduler_steps: int = 1  # decode steps per host round-trip when no prefill is pending (vLLM's name)
     attention_backend: str = "auto"
     prefill_backend: str | None = None
     decode_backend: str | None = None
@@ -131,8 +132,8 @@ class Engine:
         self.backends = config.resolve_backends()
         cfg = model.config.text
         self.text_config = cfg
-        if config.max_num_seqs < 1 or config.page_size < 1 or config.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs, page_size and max_num_batched_tokens must be positive")
+        if min(config.max_num_seqs, config.page_size, config.max_num_batched_tokens, config.num_scheduler_steps) < 1:
+            raise ValueError("max_num_seqs, page_size, max_num_batched_tokens and num_scheduler_steps must be positive")
         self.max_model_len = int(config.max_model_len or min(cfg.max_position_embeddings, 8192))
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
@@ -324,11 +325,11 @@ class Engine:
         o[: len(req.output_ids)] = req.output_ids
         self.counts = reset_slot_counts(self.counts, req.slot, p, len(req.prompt_ids), o, len(req.output_ids))
 
-    def _run(self, rows: list[tuple[Request, list[int], int]], num_tokens: int):
-        """rows: (request, new token ids, start position). Returns host arrays of the SampleResult."""
+    def _build(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0):
+        """Pad rows (request, new token ids, start position) into a StepBatch and its sampling inputs."""
         b = bucket(len(rows), 1, self.config.max_num_seqs)
         t = bucket(num_tokens, 1 if num_tokens == 1 else 16)
-        max_pages = max(pages_needed(start + len(ids), self.layout.page_size) for _, ids, start in rows)
+        max_pages = max(pages_needed(start + len(ids) + lookahead, self.layout.page_size) for _, ids, start in rows)
         p = bucket(max_pages, 4)
         tokens = np.zeros((b, t), np.int32)
         positions = np.full((b, t), -1, np.int32)
@@ -353,18 +354,42 @@ class Engine:
         num_logprobs = 0 if num_logprobs == 0 else bucket(num_logprobs, 1, 20)
         batch = StepBatch(tokens=tokens, positions=positions, context_lens=context, slots=slots,
                           page_table=table, last_index=last)
-        shape_key = (b, t, p, num_logprobs, self.counts is not None)
-        new_shape = shape_key not in self._shapes_seen
+        return batch, sampling, steps, keep, num_logprobs, (b, t, p, num_logprobs, self.counts is not None)
+
+    def _timed(self, shape_key: tuple, fn, *args, **kwargs):
+        """Call a jitted step; a shape seen for the first time counts as a compile event with its time."""
         t0 = time.perf_counter()
-        result, self.cache, self.counts = model_step(
-            self.model.graphdef, self.model.state, self.cache, self.counts, batch, sampling, steps, keep,
-            layout=self.layout, num_logprobs=num_logprobs)
+        result, self.cache, self.counts = fn(self.model.graphdef, self.model.state, self.cache, self.counts, *args,
+                                             layout=self.layout, **kwargs)
         result = jax.device_get(result)
-        if new_shape:
+        if shape_key not in self._shapes_seen:
             self._shapes_seen.add(shape_key)
             self.stats["compiles"] += 1
             self.stats["compile_time_s"] += time.perf_counter() - t0
         return result
+
+    def _run(self, rows: list[tuple[Request, list[int], int]], num_tokens: int):
+        """One step over rows (request, new token ids, start position). Returns the SampleResult on the host."""
+        batch, sampling, steps, keep, num_logprobs, key = self._build(rows, num_tokens)
+        return self._timed(("step", *key), model_step, batch, sampling, steps, keep, num_logprobs=num_logprobs)
+
+    def _run_multi(self, decode: list[Request], num_steps: int):
+        rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
+        batch, sampling, steps, _, num_logprobs, key = self._build(rows, 1, lookahead=num_steps - 1)
+        return self._timed(("multi", num_steps, *key), decode_steps, batch, sampling, steps,
+                           num_logprobs=num_logprobs, num_steps=num_steps)
+
+    def _multi_step_size(self, decode: list[Request]) -> int:
+        """Decode steps to run in one call: >1 only when nothing else waits and every row has pages for them."""
+        k = self.config.num_scheduler_steps
+        if k <= 1 or self.waiting or any(not r.in_decode for r in self.running):
+            return 1
+        if any(r.params.max_tokens - len(r.output_ids) < k for r in decode):
+            return 1  # finishing rows: single steps waste nothing
+        for req in decode:
+            if not self._ensure_pages(req, req.num_computed + k):
+                return 1
+        return k
 
     def step(self) -> list[RequestOutput]:
         """One scheduling iteration. Returns outputs of requests that produced tokens or finished."""
@@ -381,7 +406,16 @@ class Engine:
                 if req.num_computed == len(req.all_ids):
                     self._append(req, result, i)
                 touched.append(req)
-        if decode:
+        if decode and not prefill and (k := self._multi_step_size(decode)) > 1:
+            results = self._run_multi(decode, k)
+            for j in range(k):
+                step_result = jax.tree.map(lambda x, j=j: x[j], results)
+                for i, req in enumerate(decode):
+                    if req.status is Status.RUNNING:
+                        req.num_computed += 1
+                        self._append(req, step_result, i)
+            touched.extend(decode)
+        elif decode:
             rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
             result = self._run(rows, 1)
             for i, req in enumerate(decode):

@@ -2,9 +2,9 @@
 
 - Full-attention layers that own K/V: one paged pool per layer, k/v (num_pages, page_size, K, H). A sequence's
   page table maps its logical pages to physical ones; page 0 is a trash page that padding tokens write to.
-- Sliding layers that own K/V: a ring of `sliding_window` slots per sequence slot, k/v (max_seqs + 1, W, K, H); the
-  token at position p lives in ring slot p % W, so a sequence never holds more than W tokens there. Row max_seqs is
-  a trash row.
+- Sliding layers that own K/V: a ring of R = `sliding_window` (+ optional spare) slots per sequence slot, k/v
+  (max_seqs + 1, R, K, H); the token at position p lives in ring slot p % R, so a sequence never holds more than R
+  tokens there. The attention mask, not the ring, enforces the window. Row max_seqs is a trash row.
 - KV-shared layers: nothing; they read their source layer's K/V inside the step.
 
 Both K and V are stored also for keys-as-values layers: there V = v_norm(raw key) and K = rope(k_norm(raw key)),
@@ -32,18 +32,21 @@ class CacheLayout:
     page_size: int
     num_pages: int  # including the trash page
     max_seqs: int  # sequence slots (ring rows); row max_seqs is trash
-    window: int  # ring length of sliding layers
+    ring_len: int  # ring slots per sequence in sliding layers: the window plus spare slots (see for_config)
     full_layers: tuple[int, ...]  # layers with a paged pool
     sliding_layers: tuple[int, ...]  # layers with a ring
 
     @staticmethod
-    def for_config(cfg: TextConfig, page_size: int, num_pages: int, max_seqs: int) -> CacheLayout:
+    def for_config(cfg: TextConfig, page_size: int, num_pages: int, max_seqs: int,
+                   spare_ring_slots: int = 0) -> CacheLayout:
+        """spare_ring_slots: extra ring slots beyond the window, so that tokens written and then rolled back (the
+        rejected drafts of a speculative verify step) never overwrite keys still inside the window."""
         owners = [s for s in cfg.layers if not s.is_kv_shared]
         return CacheLayout(
             page_size=page_size,
             num_pages=num_pages,
             max_seqs=max_seqs,
-            window=cfg.sliding_window,
+            ring_len=cfg.sliding_window + spare_ring_slots,
             full_layers=tuple(s.index for s in owners if not s.is_sliding),
             sliding_layers=tuple(s.index for s in owners if s.is_sliding),
         )
@@ -56,7 +59,7 @@ def allocate(cfg: TextConfig, layout: CacheLayout, dtype, sharding=None) -> dict
         if spec.is_kv_shared:
             continue
         if spec.is_sliding:
-            shape = (layout.max_seqs + 1, layout.window, spec.num_kv_heads, spec.head_dim)
+            shape = (layout.max_seqs + 1, layout.ring_len, spec.num_kv_heads, spec.head_dim)
         else:
             shape = (layout.num_pages, layout.page_size, spec.num_kv_heads, spec.head_dim)
         for kind in ("k", "v"):
@@ -113,7 +116,7 @@ class PagedKVStore:
 
     def _ring(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
         b = self.batch
-        w = self.layout.window
+        w = self.layout.ring_len
         kc, vc = self.cache[f"k{layer}"], self.cache[f"v{layer}"]
         old_k, old_v = kc[b.slots], vc[b.slots]  # (B, W, K, H)
         # Ring slot j holds the latest position p < context_len with p % W == j.

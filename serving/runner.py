@@ -17,6 +17,22 @@ from gemma4_jax.serving.kv_cache import CacheLayout, PagedKVStore, StepBatch
 from gemma4_jax.serving.sampling import SampleResult, SamplingBatch, sample
 
 
+def _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, layout, num_logprobs):
+    model = nnx.merge(graphdef, state)
+    store = PagedKVStore(cache, batch, layout)
+    x, ple = model.embed(batch.tokens)
+    h = model.decode_layers(x, batch.positions, ple, kv_store=store, keep_index=batch.last_index)
+    logits = model.head(h[:, 0])  # (B, V): only each row's last token reaches the KV-shared layers and the head
+    output_counts = prompt_mask = None
+    if counts is not None:
+        output_counts, prompt_mask = counts["output"][batch.slots], counts["prompt"][batch.slots]
+    result = sample(logits, sampling, steps, output_counts, prompt_mask, num_logprobs=num_logprobs)
+    if counts is not None:
+        counts = dict(counts)
+        counts["output"] = counts["output"].at[batch.slots, result.tokens].add(sample_rows.astype(jnp.int32))
+    return result, store.cache, counts
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "layout", "num_logprobs"),
@@ -41,20 +57,36 @@ def model_step(
     sampled token is kept (a prefill chunk that does not end its prompt samples nothing useful).
     counts: None, or {"output": (S+1, V) int32, "prompt": (S+1, V) bool} per sequence slot, for penalties.
     """
-    model = nnx.merge(graphdef, state)
-    store = PagedKVStore(cache, batch, layout)
-    x, ple = model.embed(batch.tokens)
-    h = model.decode_layers(x, batch.positions, ple, kv_store=store)
-    rows = jnp.arange(h.shape[0])
-    logits = model.head(h[rows, batch.last_index])  # (B, V): only the wanted position reaches the LM head
-    output_counts = prompt_mask = None
-    if counts is not None:
-        output_counts, prompt_mask = counts["output"][batch.slots], counts["prompt"][batch.slots]
-    result = sample(logits, sampling, steps, output_counts, prompt_mask, num_logprobs=num_logprobs)
-    if counts is not None:
-        counts = dict(counts)
-        counts["output"] = counts["output"].at[batch.slots, result.tokens].add(sample_rows.astype(jnp.int32))
-    return result, store.cache, counts
+    return _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, layout, num_logprobs)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "layout", "num_logprobs", "num_steps"),
+    donate_argnames=("cache", "counts"),
+)
+def decode_steps(graphdef, state, cache, counts, batch: StepBatch, sampling: SamplingBatch, steps: jax.Array,
+                 *, layout: CacheLayout, num_logprobs: int, num_steps: int):
+    """`num_steps` decode steps in one call (one host round-trip): each step feeds back the token it sampled.
+
+    batch: a decode batch (T = 1) whose page tables already cover num_steps more tokens. Returns the SampleResult
+    fields stacked as (num_steps, B, ...); the host discards tokens after a row's stop condition.
+    """
+    live = batch.positions[:, 0] >= 0
+
+    def body(carry, _):
+        cache, counts, batch, steps = carry
+        result, cache, counts = _step(graphdef, state, cache, counts, batch, sampling, steps, live, layout,
+                                      num_logprobs)
+        batch = batch.replace(
+            tokens=result.tokens[:, None].astype(jnp.int32),
+            positions=jnp.where(live[:, None], batch.positions + 1, -1),
+            context_lens=jnp.where(live, batch.context_lens + 1, 0),
+        )
+        return (cache, counts, batch, steps + 1), result
+
+    (cache, counts, _, _), results = jax.lax.scan(body, (cache, counts, batch, steps), None, length=num_steps)
+    return results, cache, counts
 
 
 @functools.partial(jax.jit, donate_argnames=("counts",))

@@ -211,3 +211,21 @@ def test_n_copies_and_penalties(llm):
                              use_tqdm=False)[0].token_ids
     assert len(set(penalised)) >= len(set(plain))
     assert penalised != plain or len(set(plain)) == len(plain)
+
+
+def test_multi_step_decode_equals_single_step(ckpts):
+    """Several decode steps per host round-trip give the same tokens, stops and text as one step at a time."""
+    path, hf = ckpts["ple_kvshare_window"]
+    prompts = _prompts([7, 19, 12], seed=11)
+    params = [SamplingParams(temperature=0.0, max_tokens=21, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=4, max_tokens=17, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=30)]
+    single_llm = gemma4_jax.LLM(path, dtype="float32", **ENGINE)
+    single = single_llm.generate(prompts, params, use_tqdm=False)
+    multi_llm = gemma4_jax.LLM(path, dtype="float32", **ENGINE, num_scheduler_steps=4)
+    multi = multi_llm.generate(prompts, params, use_tqdm=False)
+    assert multi_llm.engine.stats["steps"] < single_llm.engine.stats["steps"]
+    for a, b in zip(single, multi):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+    assert multi[0].token_ids == _hf_greedy(hf, prompts[0], 21)
+    assert multi_llm.engine.num_used_pages == 0
