@@ -98,41 +98,50 @@ class PagedKVStore:
         page = self.layout.page_size
         kc, vc = self.cache[f"k{layer}"], self.cache[f"v{layer}"]
         num_p = b.page_table.shape[1]
-        # Gather this batch's context: (B, P * page, K, H); logical index == position.
-        old_k = kc[b.page_table].reshape(b.tokens.shape[0], num_p * page, *kc.shape[2:])
-        old_v = vc[b.page_table].reshape(old_k.shape)
-        idx = jnp.arange(num_p * page, dtype=jnp.int32)[None, :]
-        old_pos = jnp.where(idx < b.context_lens[:, None], idx, -1)
-        # Write the new tokens; padding goes to the trash page.
+        # Write the new tokens first (padding goes to the trash page), then read the whole context back: pages
+        # never evict, so this is exact and spares a copy of the context per layer.
         valid = positions >= 0
         safe = jnp.maximum(positions, 0)
         phys = jnp.take_along_axis(b.page_table, jnp.minimum(safe // page, num_p - 1), axis=1)
         phys = jnp.where(valid, phys, TRASH_PAGE)
         off = safe % page
-        self.cache[f"k{layer}"] = kc.at[phys, off].set(k.astype(kc.dtype))
-        self.cache[f"v{layer}"] = vc.at[phys, off].set(v.astype(vc.dtype))
-        return (jnp.concatenate([old_k.astype(k.dtype), k], 1), jnp.concatenate([old_v.astype(v.dtype), v], 1),
-                jnp.concatenate([old_pos, positions], 1))
+        kc = kc.at[phys, off].set(k.astype(kc.dtype))
+        vc = vc.at[phys, off].set(v.astype(vc.dtype))
+        self.cache[f"k{layer}"], self.cache[f"v{layer}"] = kc, vc
+        # (B, P * page, K, H); logical index == position.
+        all_k = kc[b.page_table].reshape(b.tokens.shape[0], num_p * page, *kc.shape[2:])
+        all_v = vc[b.page_table].reshape(all_k.shape)
+        idx = jnp.arange(num_p * page, dtype=jnp.int32)[None, :]
+        end = b.context_lens[:, None] + jnp.sum(valid, axis=1, keepdims=True)
+        return all_k.astype(k.dtype), all_v.astype(v.dtype), jnp.where(idx < end, idx, -1)
 
     def _ring(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
         b = self.batch
         w = self.layout.ring_len
         kc, vc = self.cache[f"k{layer}"], self.cache[f"v{layer}"]
-        old_k, old_v = kc[b.slots], vc[b.slots]  # (B, W, K, H)
-        # Ring slot j holds the latest position p < context_len with p % W == j.
         j = jnp.arange(w, dtype=jnp.int32)[None, :]
-        last = b.context_lens[:, None] - 1
-        old_pos = last - jnp.mod(last - j, w)
-        old_pos = jnp.where((old_pos >= 0) & (b.context_lens[:, None] > 0), old_pos, -1)
-        # Only the last W tokens of the chunk survive in the ring: earlier ones would collide with them.
-        end = b.context_lens[:, None] + jnp.sum(positions >= 0, axis=1, keepdims=True)
-        keep = (positions >= 0) & (positions >= end - w)
+        valid = positions >= 0
+        end = b.context_lens[:, None] + jnp.sum(valid, axis=1, keepdims=True)
+        # Only the last R tokens of the chunk survive in the ring: earlier ones would collide with them.
+        keep = valid & (positions >= end - w)
         rows = jnp.where(keep, b.slots[:, None], self.layout.max_seqs)
         cols = jnp.where(keep, positions % w, 0)
-        self.cache[f"k{layer}"] = kc.at[rows, cols].set(k.astype(kc.dtype))
-        self.cache[f"v{layer}"] = vc.at[rows, cols].set(v.astype(vc.dtype))
+        new_kc = kc.at[rows, cols].set(k.astype(kc.dtype))
+        new_vc = vc.at[rows, cols].set(v.astype(vc.dtype))
+        self.cache[f"k{layer}"], self.cache[f"v{layer}"] = new_kc, new_vc
+
+        def ring_positions(length):  # ring slot j holds the latest position p < length with p % R == j
+            last = length - 1
+            pos = last - jnp.mod(last - j, w)
+            return jnp.where((pos >= 0) & (length > 0), pos, -1)
+
+        if k.shape[1] == 1:
+            # Decode: writing first evicts only a key outside every window, so read the updated ring alone.
+            return new_kc[b.slots].astype(k.dtype), new_vc[b.slots].astype(v.dtype), ring_positions(end)
+        # A chunk may evict keys its own earlier tokens still need: attend over the old ring plus the chunk.
+        old_k, old_v = kc[b.slots], vc[b.slots]  # (B, R, K, H)
         return (jnp.concatenate([old_k.astype(k.dtype), k], 1), jnp.concatenate([old_v.astype(v.dtype), v], 1),
-                jnp.concatenate([old_pos, positions], 1))
+                jnp.concatenate([ring_positions(b.context_lens[:, None]), positions], 1))
 
     def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
         if layer in self.layout.sliding_layers:
