@@ -1,4 +1,4 @@
-"""The `gemma4-jax` command: generate (batch jobs), bench (offline throughput/latency).
+"""The `gemma4-jax` command: generate (batch jobs), serve (OpenAI-compatible HTTP), bench (offline throughput/latency).
 
 `gemma4-jax generate` with no `--model` runs an embedded tiny model (random weights, byte-level tokenizer), so a
 fresh install runs end to end with no download; its output is noise and it says so.
@@ -128,6 +128,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gemma4_jax.serving.server import serve_cli
+
+    return serve_cli(args, build_llm)
+
+
+def _serve_parser(sub) -> None:
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
+    _engine_args(srv)
+    g = srv.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $GEMMA4_JAX_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="the model id clients send (default: the dir name)")
+    g.add_argument("--max-queue", type=int, default=256, help="unfinished requests beyond --max-num-seqs before 429")
+    g.add_argument("--max-queued-tokens", type=int, default=None,
+                   help="cap on prompt + max_tokens summed over unfinished requests (429 beyond)")
+    g.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="413 beyond this request body size")
+    g.add_argument("--max-n", type=int, default=16, help="largest n (choices per request)")
+    g.add_argument("--cors-origin", action="append", default=None, help="allowed CORS origin (repeatable; off)")
+    g.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    g.add_argument("--log-level", default="info")
+    srv.set_defaults(func=cmd_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gemma4-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(gen)
     _sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+    _serve_parser(sub)
     try:
         from gemma4_jax import bench
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma4_jax.model import Model
+from gemma4_jax.sharding import replicated
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, bucket, pages_needed
 from gemma4_jax.serving.runner import decode_steps, model_step, reset_slot_counts
@@ -149,7 +150,9 @@ class Engine:
         if num_pages - 1 < 1:
             raise ValueError("num_pages must leave at least one page besides the trash page")
         self.layout = CacheLayout.for_config(cfg, config.page_size, num_pages, config.max_num_seqs)
-        self.cache = kv_cache.allocate(cfg, self.layout, model.dtype)
+        # Placed on the model's mesh from the start: a cache with another sharding than the step returns would
+        # compile every step shape twice.
+        self.cache = kv_cache.allocate(cfg, self.layout, model.dtype, sharding=replicated(model.mesh))
         self.counts: dict[str, jax.Array] | None = None  # penalty state, allocated on first use
         self.allocator = PageAllocator(num_pages)
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
@@ -312,7 +315,9 @@ class Engine:
             return
         if self.counts is None:
             s, v = self.layout.max_seqs + 1, self.text_config.vocab_size
-            self.counts = {"output": jnp.zeros((s, v), jnp.int32), "prompt": jnp.zeros((s, v), bool)}
+            mesh = replicated(self.model.mesh)
+            self.counts = {"output": jnp.zeros((s, v), jnp.int32, device=mesh),
+                           "prompt": jnp.zeros((s, v), bool, device=mesh)}
             for other in self.running:
                 if other is not req:
                     self._reset_counts(other)

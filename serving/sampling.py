@@ -92,19 +92,20 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise `ValueError` ("<field> must be ..., got <value>") on the first invalid field."""
-        _check_real("temperature", self.temperature, lambda t: t >= 0, "a finite number >= 0")
+        # Upper bounds keep every value representable in the float32/int32 arrays of the jitted sampler.
+        _check_real("temperature", self.temperature, lambda t: 0 <= t <= 1e4, "a number in [0, 1e4]")
         _check_real("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]")
-        _check_int("top_k", self.top_k, "an int >= -1 (0 or -1: off)", minimum=-1)
+        _check_int("top_k", self.top_k, "an int in [-1, 2**31 - 1] (0 or -1: off)", minimum=-1, maximum=2**31 - 1)
         _check_real("min_p", self.min_p, lambda p: 0 <= p <= 1, "in [0, 1]")
-        _check_real("repetition_penalty", self.repetition_penalty, lambda p: p > 0, "a finite number > 0")
+        _check_real("repetition_penalty", self.repetition_penalty, lambda p: 0 < p <= 1e4, "a number in (0, 1e4]")
         _check_real("presence_penalty", self.presence_penalty, lambda p: -2 <= p <= 2, "in [-2, 2]")
         _check_real("frequency_penalty", self.frequency_penalty, lambda p: -2 <= p <= 2, "in [-2, 2]")
-        _check_int("max_tokens", self.max_tokens, "an int >= 1", minimum=1)
+        _check_int("max_tokens", self.max_tokens, "an int in [1, 2**31 - 1]", minimum=1, maximum=2**31 - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, f"None or an int in [0, {MAX_LOGPROBS}]", 0, MAX_LOGPROBS)
         _check_int("n", self.n, "an int >= 1", minimum=1)
         if self.seed is not None:
-            _check_int("seed", self.seed, "None or an int")
+            _check_int("seed", self.seed, "None or an int in [-2**63, 2**64)", minimum=-(2**63), maximum=2**64 - 1)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be None, a non-empty str or a list of non-empty str, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):

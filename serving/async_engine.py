@@ -1,0 +1,357 @@
+"""The engine beside an asyncio event loop: one thread owns the `Engine`, the loop talks to it through commands.
+
+`Engine` is not thread-safe, so exactly one thread (started here) calls `add_request`, `step` and `abort`. The
+event loop sends commands through a thread-safe queue, drained between steps (so an abort frees its KV pages
+before the next step runs), and receives outputs through `loop.call_soon_threadsafe`, one batch per step.
+
+A `RequestGroup` is what one HTTP request waits on: its n (or prompts x n) engine requests, added atomically
+(all or none). Outputs are cumulative, so a slow reader only ever sees the latest one per request; nothing
+queues up behind a client that reads slowly.
+
+Admission is bounded here, on the loop thread: at most `max_active` unfinished requests and (optionally)
+`max_active_tokens` prompt + max_tokens tokens; beyond that `add` raises `QueueFull` (HTTP 429).
+An exception from `Engine.step` fails every in-flight request with `EngineError` (HTTP 500, or an error event in
+a stream), aborts them to free their pages, and the thread keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+
+from gemma4_jax.serving.engine import Engine, RequestOutput, Status
+from gemma4_jax.serving.metrics import ServerMetrics
+from gemma4_jax.serving.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 0.5  # how long the idle engine thread blocks on the command queue before looking at `_stopping`
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request (a server fault, not the client's)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread is not running (still loading, shutting down, or dead)."""
+
+
+class QueueFull(RuntimeError):
+    """Admission refused: too many unfinished requests or tokens."""
+
+
+class RequestGroup:
+    """The outputs of the engine requests behind one HTTP request, delivered on the event loop."""
+
+    def __init__(self, request_ids: Sequence[str], prompt_lens: Sequence[int]):
+        self.request_ids = list(request_ids)
+        self.prompt_lens = list(prompt_lens)
+        self.final: dict[int, RequestOutput] = {}
+        self._latest: dict[int, RequestOutput] = {}
+        self._error: BaseException | None = None
+        self._event = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return len(self.final) == len(self.request_ids)
+
+    def _put(self, index: int, out: RequestOutput) -> None:
+        self._latest[index] = out
+        self._event.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Yield (index, latest cumulative output) until every request finished; raise `EngineError` on a fault."""
+        while not self.finished:
+            await self._event.wait()
+            self._event.clear()
+            updates, self._latest = self._latest, {}
+            for index, out in sorted(updates.items()):
+                if out.finished:
+                    self.final[index] = out
+                yield index, out
+            if self._error is not None:
+                raise self._error
+
+    async def result(self) -> list[RequestOutput]:
+        async for _ in self:
+            pass
+        return [self.final[i] for i in range(len(self.request_ids))]
+
+
+@dataclasses.dataclass
+class _Tracked:
+    """Engine-thread bookkeeping of one request (for delivery and latency metrics)."""
+
+    group: RequestGroup
+    index: int
+    arrival: float  # time.monotonic() when the HTTP request arrived
+    scheduled: bool = False
+    num_tokens: int = 0
+    last_token_time: float = 0.0
+
+
+class AsyncEngine:
+    """Runs `engine` in a dedicated thread; `add` / `abort` are called from the event loop."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: ServerMetrics | None = None,
+        max_active: int = 1024,
+        max_active_tokens: int | None = None,
+    ):
+        self.engine = engine
+        self.metrics = metrics or ServerMetrics()
+        self.max_active = max_active
+        self.max_active_tokens = max_active_tokens
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._active: dict[str, int] = {}  # loop thread only: unfinished request id -> its token reservation
+        self._active_tokens = 0
+        self.metrics.kv_pages_total.set(engine.num_free_pages + engine.num_used_pages)
+
+    # -- lifecycle (event loop thread) ------------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._main, name="gemma4-jax-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort whatever is still in flight and join the engine thread (blocking: call it off the loop)."""
+        if self._thread is None:
+            return
+        self._commands.put(("stop",))
+        self._thread.join(timeout)
+
+    def abort_all(self) -> None:
+        """Abort every in-flight request; each ends with finish_reason "abort" (the end of a drain)."""
+        self._commands.put(("abort_all",))
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    # -- requests (event loop thread) -------------------------------------------------------------------------------
+
+    async def add(self, requests: Sequence[tuple[str, list[int], SamplingParams]], arrival: float) -> RequestGroup:
+        """Add (request id, prompt ids, params) requests atomically; returns their group.
+
+        Raises QueueFull (over the admission bounds), EngineStopped, or ValueError (the engine refused one; none
+        of them is added then).
+        """
+        if not self.alive or self._loop is None:
+            raise EngineStopped("the engine is not running")
+        tokens = sum(len(ids) + params.max_tokens for _, ids, params in requests)
+        if self.num_active + len(requests) > self.max_active:
+            raise QueueFull(f"the server has {self.num_active} unfinished requests (limit {self.max_active})")
+        if self.max_active_tokens is not None and self._active_tokens + tokens > self.max_active_tokens:
+            raise QueueFull(
+                f"the server has {self._active_tokens} tokens reserved by unfinished requests; "
+                f"{tokens} more would pass the limit of {self.max_active_tokens}"
+            )
+        group = RequestGroup([rid for rid, _, _ in requests], [len(ids) for _, ids, _ in requests])
+        for _, ids, params in requests:
+            self._active_tokens += len(ids) + params.max_tokens
+        for rid, ids, params in requests:
+            self._active[rid] = len(ids) + params.max_tokens
+        done = self._loop.create_future()
+        self._commands.put(("add", list(requests), group, arrival, done))
+        try:
+            await done
+        except BaseException:
+            # Refused, or the client went away while waiting: the abort (queued after the add) undoes the add.
+            self.abort(group)
+            raise
+        return group
+
+    def abort(self, group: RequestGroup) -> None:
+        """Abort the group's unfinished requests (no-op for finished ones); their pages are freed before the next
+        engine step. Safe to call more than once, and from `finally` blocks of cancelled tasks."""
+        rids = [rid for rid in group.request_ids if rid in self._active]
+        for rid in rids:
+            self._release(rid)
+        if rids:
+            self._commands.put(("abort", rids))
+
+    def _release(self, rid: str) -> None:
+        self._active_tokens -= self._active.pop(rid, 0)
+
+    def _deliver(self, batch: list[tuple[RequestGroup, int, RequestOutput]]) -> None:
+        for group, index, out in batch:
+            if out.finished:
+                self._release(out.request_id)
+            group._put(index, out)
+
+    def _fail(self, groups: list[RequestGroup], error: BaseException) -> None:
+        for group in groups:
+            for rid in group.request_ids:
+                self._release(rid)
+            group._fail(error)
+
+    # -- the engine thread ------------------------------------------------------------------------------------------
+
+    def _call_loop(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _main(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain(block=not self.engine.has_unfinished())
+                if not self._stopping and self.engine.has_unfinished():
+                    self._step()
+                self._update_gauges()
+        except BaseException as e:  # a bug in this loop: fail everyone rather than hang them
+            log.exception("engine thread died")
+            self._fail_all(EngineError(f"the engine thread died: {e!r}"))
+            raise
+        finally:
+            self._stopping = True
+
+    def _drain(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=_IDLE_POLL_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, requests, group, arrival, done = command
+            added = []
+            try:
+                for rid, ids, params in requests:
+                    self.engine.add_request(ids, params, request_id=rid)
+                    added.append(rid)
+            except Exception as e:
+                for rid in added:
+                    self.engine.abort(rid)
+                    self.engine.requests.pop(rid, None)
+                self._call_loop(_resolve, done, e)
+                return
+            for index, (rid, ids, _) in enumerate(requests):
+                self._tracked[rid] = _Tracked(group, index, arrival)
+                self.metrics.prompt_tokens.inc(len(ids))
+            self._call_loop(_resolve, done, None)
+        elif kind == "abort":
+            for rid in command[1]:
+                if self._tracked.pop(rid, None) is not None:
+                    self.metrics.request_success.labels("abort").inc()
+                self.engine.abort(rid)
+                self.engine.requests.pop(rid, None)
+        elif kind in ("stop", "abort_all"):
+            self._stopping = self._stopping or kind == "stop"
+            batch = []
+            for rid, tracked in list(self._tracked.items()):
+                self.engine.abort(rid)
+                self.metrics.request_success.labels("abort").inc()
+                req = self.engine.requests.pop(rid, None)
+                if req is not None:  # delivered as finished with finish_reason "abort"
+                    batch.append((tracked.group, tracked.index, self.engine.output(req)))
+            self._tracked.clear()
+            if batch:
+                self._call_loop(self._deliver, batch)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; failing the in-flight requests and carrying on")
+            self.metrics.engine_errors.inc()
+            self._fail_all(EngineError(f"the engine failed while running this request: {type(e).__name__}: {e}"))
+            return
+        now = time.monotonic()
+        batch = []
+        for out in outputs:
+            tracked = self._tracked.get(out.request_id)
+            if tracked is None:
+                continue
+            self._observe(tracked, out, now)
+            batch.append((tracked.group, tracked.index, out))
+            if out.finished:
+                del self._tracked[out.request_id]
+                self.engine.requests.pop(out.request_id, None)
+        for rid, tracked in self._tracked.items():
+            if not tracked.scheduled:
+                req = self.engine.requests.get(rid)
+                if req is not None and req.status is not Status.WAITING:
+                    tracked.scheduled = True
+                    self.metrics.queue_time.observe(now - tracked.arrival)
+        if batch:
+            self._call_loop(self._deliver, batch)
+
+    def _observe(self, tracked: _Tracked, out: RequestOutput, now: float) -> None:
+        m = self.metrics
+        new = len(out.token_ids) - tracked.num_tokens
+        if new > 0:
+            if not tracked.scheduled:
+                tracked.scheduled = True
+                m.queue_time.observe(now - tracked.arrival)
+            if tracked.num_tokens == 0:
+                m.ttft.observe(now - tracked.arrival)
+            else:  # several tokens in one output (multi-step decode) share the gap
+                gap = (now - tracked.last_token_time) / new
+                for _ in range(new):
+                    m.itl.observe(gap)
+            m.generation_tokens.inc(new)
+            tracked.num_tokens = len(out.token_ids)
+            tracked.last_token_time = now
+        if out.finished:
+            m.e2e.observe(now - tracked.arrival)
+            m.request_success.labels(out.finish_reason or "unknown").inc()
+
+    def _fail_all(self, error: BaseException) -> None:
+        groups = {}
+        for rid, tracked in list(self._tracked.items()):
+            groups[id(tracked.group)] = tracked.group
+            try:
+                self.engine.abort(rid)
+            except Exception:
+                log.exception("abort of %s failed", rid)
+            self.engine.requests.pop(rid, None)
+        self._tracked.clear()
+        if groups:
+            self._call_loop(self._fail, list(groups.values()), error)
+
+    def _update_gauges(self) -> None:
+        m, e = self.metrics, self.engine
+        m.requests_running.set(len(e.running))
+        m.requests_waiting.set(len(e.waiting))
+        used, total = e.num_used_pages, e.num_used_pages + e.num_free_pages
+        m.kv_pages_used.set(used)
+        m.kv_usage.set(used / total if total else 0.0)
+        m.compiles.set(e.stats.get("compiles", 0))
+
+
+def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

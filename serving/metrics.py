@@ -1,0 +1,90 @@
+"""Prometheus metrics of the HTTP server (names after vLLM's, prefixed `gemma4_jax_`).
+
+Each server owns its registry, so several servers in one process (tests) never collide. Gauges are set by the
+engine thread after every step; latencies are observed there too, at the moment outputs leave the engine.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Seconds. Wide at both ends: a tiny CPU model answers in milliseconds, a cold compile takes tens of seconds.
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    320.0,
+)
+_TOKEN_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "gemma4_jax_"
+        self.requests_running = Gauge(p + "num_requests_running", "Requests in the running batch.", registry=r)
+        self.requests_waiting = Gauge(p + "num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
+        self.kv_pages_used = Gauge(p + "kv_pages_used", "KV cache pages in use.", registry=r)
+        self.kv_pages_total = Gauge(p + "kv_pages_total", "Usable KV cache pages.", registry=r)
+        self.kv_usage = Gauge(p + "kv_cache_usage_ratio", "Fraction of KV cache pages in use.", registry=r)
+        self.compiles = Gauge(p + "compilations", "Jit compilations (new bucket shapes) so far.", registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens admitted.", registry=r)
+        self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated.", registry=r)
+        self.request_success = Counter(
+            p + "request_success", "Finished requests by finish reason.", ["finished_reason"], registry=r
+        )
+        self.requests_rejected = Counter(
+            p + "requests_rejected", "Requests refused before admission, by reason.", ["reason"], registry=r
+        )
+        self.engine_errors = Counter(p + "engine_errors", "Engine steps that raised.", registry=r)
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "Arrival to first generated token.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds",
+            "Time between consecutive generated tokens.",
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            p + "e2e_request_latency_seconds", "Arrival to the last token.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_time = Histogram(
+            p + "request_queue_time_seconds", "Arrival to first scheduled.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
