@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma4_jax.model import Model
-from gemma4_jax.sharding import replicated
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, bucket, pages_needed
 from gemma4_jax.serving.runner import decode_steps, model_step, reset_slot_counts
 from gemma4_jax.serving.sampling import SamplingBatch, SamplingParams, request_key
 from gemma4_jax.serving.tokenizer import IncrementalDetokenizer, StopChecker
+from gemma4_jax.sharding import replicated
 
 log = logging.getLogger(__name__)
 
