@@ -101,6 +101,7 @@ class _XlaCompiles:
     """Counts XLA backend compiles (JAX's monitoring event), independent of the engine's own shape bookkeeping."""
 
     count = 0
+    seconds = 0.0
     _registered = False
 
     @classmethod
@@ -112,6 +113,7 @@ class _XlaCompiles:
         def listener(event: str, duration: float, **_: Any) -> None:
             if event == "/jax/core/compile/backend_compile_duration":
                 cls.count += 1
+                cls.seconds += duration
 
         jax.monitoring.register_event_duration_secs_listener(listener)
         cls._registered = True
@@ -152,14 +154,32 @@ def _device_memory() -> dict[str, int] | None:
     return {k: int(stats[k]) for k in keys if k in stats}
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _load_average() -> float | None:
+    """1-minute load average: other processes on a shared machine make every figure noisier."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, np.float64), q)) if len(values) else float("nan")
 
 
 def _commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -178,8 +198,9 @@ def drive(engine, prompts: Sequence[Sequence[int]], output_len: int) -> dict[str
     from gemma4_jax.serving.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    compiles0, xla0 = engine.stats["compiles"], _XlaCompiles.count
+    compiles0, xla0, xla_s0 = engine.stats["compiles"], _XlaCompiles.count, _XlaCompiles.seconds
     compile_s0 = engine.stats["compile_time_s"]
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     ids = [engine.add_request(list(p), params) for p in prompts]
     first: dict[str, float] = {}
@@ -188,17 +209,19 @@ def drive(engine, prompts: Sequence[Sequence[int]], output_len: int) -> dict[str
     mixed_steps: list[float] = []
     decode_steps: list[float] = []
     decode_rows: list[int] = []
+    decode_iterations = 0  # single-token decode iterations: a multi-step engine call runs several
     while engine.has_unfinished():
-        has_prefill = bool(engine.waiting) or any(not r.in_decode for r in engine.running)
         rows = sum(r.in_decode for r in engine.running)
+        prompt_tokens, generated = engine.stats["prompt_tokens"], engine.stats["generated_tokens"]
         s0 = time.perf_counter()
         outs = engine.step()
         now = time.perf_counter()
-        if has_prefill:
+        if engine.stats["prompt_tokens"] > prompt_tokens:  # the step ran a prefill chunk
             mixed_steps.append(now - s0)
         else:
             decode_steps.append(now - s0)
             decode_rows.append(rows)
+            decode_iterations += max(1, round((engine.stats["generated_tokens"] - generated) / max(rows, 1)))
         for out in outs:
             if out.token_ids and out.request_id not in first:
                 first[out.request_id] = now
@@ -206,6 +229,7 @@ def drive(engine, prompts: Sequence[Sequence[int]], output_len: int) -> dict[str
                 finish[out.request_id] = now
                 tokens[out.request_id] = list(out.token_ids)
     wall = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
     for rid in ids:
         engine.requests.pop(rid, None)
     missing = [rid for rid in ids if rid not in finish]
@@ -216,6 +240,7 @@ def drive(engine, prompts: Sequence[Sequence[int]], output_len: int) -> dict[str
     tpot = [(finish[rid] - first[rid]) / (n - 1) for rid, n in zip(ids, n_out, strict=True) if n > 1]
     return {
         "wall_s": wall,
+        "cpu_s": cpu,
         "prompt_tokens": sum(len(p) for p in prompts),
         "output_tokens": sum(n_out),
         "tokens": [tokens[rid] for rid in ids],
@@ -224,15 +249,22 @@ def drive(engine, prompts: Sequence[Sequence[int]], output_len: int) -> dict[str
         "mixed_step_s": mixed_steps,
         "decode_step_s": decode_steps,
         "decode_rows": decode_rows,
+        "decode_iterations": decode_iterations,
         "compiles": engine.stats["compiles"] - compiles0,
         "compile_time_s": engine.stats["compile_time_s"] - compile_s0,
         "xla_compiles": _XlaCompiles.count - xla0,
+        "xla_compile_time_s": _XlaCompiles.seconds - xla_s0,
     }
 
 
-def bench_ours(model, concurrency: int, warmup_prompts: Sequence[Sequence[int]],
-               timed_prompts: Sequence[Sequence[int]], output_len: int, engine_options: dict[str, Any]
-               ) -> tuple[dict[str, Any], list[list[int]]]:
+def bench_ours(
+    model,
+    concurrency: int,
+    warmup_prompts: Sequence[Sequence[int]],
+    timed_prompts: Sequence[Sequence[int]],
+    output_len: int,
+    engine_options: dict[str, Any],
+) -> tuple[dict[str, Any], list[list[int]]]:
     """Warm-up (compiles) then a timed run of the same shapes on a fresh engine of `concurrency` sequences."""
     from gemma4_jax.llm import LLM
 
@@ -244,8 +276,12 @@ def bench_ours(model, concurrency: int, warmup_prompts: Sequence[Sequence[int]],
     if any(first_timed_compiles):
         # A shape the warm-up saw was compiled again (e.g. an argument's sharding changed after the first step):
         # the steady-state figures come from one more run of the same prompts, the recompile stays on record.
-        print(f"[bench] the timed run at concurrency {concurrency} compiled (engine {first_timed_compiles[0]}, "
-              f"XLA {first_timed_compiles[1]}); timing it again", file=sys.stderr, flush=True)
+        print(
+            f"[bench] the timed run at concurrency {concurrency} compiled (engine {first_timed_compiles[0]}, "
+            f"XLA {first_timed_compiles[1]}); timing it again",
+            file=sys.stderr,
+            flush=True,
+        )
         timed = drive(llm.engine, timed_prompts, output_len)
     decode = timed["decode_step_s"]
     result = {
@@ -253,6 +289,7 @@ def bench_ours(model, concurrency: int, warmup_prompts: Sequence[Sequence[int]],
         "num_prompts": len(timed_prompts),
         "warmup_wall_s": warm["wall_s"],
         "compile_time_s": warm["compile_time_s"],
+        "xla_compile_time_s": warm["xla_compile_time_s"],
         "compiles_warmup": warm["compiles"],
         "xla_compiles_warmup": warm["xla_compiles"],
         "compiles_timed": timed["compiles"],
@@ -272,8 +309,12 @@ def bench_ours(model, concurrency: int, warmup_prompts: Sequence[Sequence[int]],
         "mixed_step_time_s": float(np.sum(timed["mixed_step_s"])),
         "decode_steps": len(decode),
         "decode_step_time_s": float(np.sum(decode)),
-        "decode_step_mean_s": float(np.mean(decode)) if decode else float("nan"),
+        "decode_iterations": timed["decode_iterations"],
+        # Time of one single-token decode iteration over the batch (a multi-step engine call counts k of them).
+        "decode_step_mean_s": float(np.sum(decode)) / timed["decode_iterations"] if decode else float("nan"),
         "decode_rows_mean": float(np.mean(timed["decode_rows"])) if decode else 0.0,
+        "cpu_utilization": timed["cpu_s"] / timed["wall_s"],
+        "load_avg_1m": _load_average(),
         "peak_rss_mb": _peak_rss_mb(),
         "device_memory": _device_memory(),
     }
@@ -307,8 +348,9 @@ def load_hf_model(path: str):
     return model
 
 
-def bench_hf(model, prompts: Sequence[Sequence[int]], batch_size: int, output_len: int
-             ) -> tuple[dict[str, Any], list[list[int]]]:
+def bench_hf(
+    model, prompts: Sequence[Sequence[int]], batch_size: int, output_len: int
+) -> tuple[dict[str, Any], list[list[int]]]:
     """HF `generate` (greedy, exactly output_len new tokens) over `prompts` in batches of `batch_size`."""
     import torch
 
@@ -317,17 +359,25 @@ def bench_hf(model, prompts: Sequence[Sequence[int]], batch_size: int, output_le
 
     def generate(batch: torch.Tensor, new_tokens: int) -> torch.Tensor:
         with torch.inference_mode():
-            out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-        return out[:, batch.shape[1]:]
+            out = model.generate(
+                input_ids=batch,
+                attention_mask=torch.ones_like(batch),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        return out[:, batch.shape[1] :]
 
     generate(ids[:batch_size], 2)  # first-call overheads (allocator, lazy init) stay out of the timing
     _reset_peak_rss()
     tokens: list[list[int]] = []
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
-        tokens.extend(generate(ids[start: start + batch_size], output_len).tolist())
+        tokens.extend(generate(ids[start : start + batch_size], output_len).tolist())
     wall = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
     n_out = sum(len(t) for t in tokens)
     return {
         "batch_size": batch_size,
@@ -337,6 +387,8 @@ def bench_hf(model, prompts: Sequence[Sequence[int]], batch_size: int, output_le
         "output_tok_s": n_out / wall,
         "total_tok_s": (n_out + ids.numel()) / wall,
         "torch_threads": torch.get_num_threads(),
+        "cpu_utilization": cpu / wall,
+        "load_avg_1m": _load_average(),
         "peak_rss_mb": _peak_rss_mb(),
     }, tokens
 
@@ -367,29 +419,62 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def add_parser(subparsers: argparse._SubParsersAction,
-               engine_args_fn: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+def add_parser(
+    subparsers: argparse._SubParsersAction, engine_args_fn: Callable[[argparse.ArgumentParser], None]
+) -> argparse.ArgumentParser:
     """Register `bench` on the `gemma4-jax` command (cli.py calls this)."""
-    p = subparsers.add_parser("bench", help="offline throughput/latency benchmark (optionally vs HF transformers)",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "bench",
+        help="offline throughput/latency benchmark (optionally vs HF transformers)",
+        description=__doc__.splitlines()[0],
+    )
     engine_args_fn(p)
     g = p.add_argument_group("benchmark")
-    g.add_argument("--preset", default=None,
-                   help=f"random weights of a preset: {sorted(BENCH_PRESETS)} or a config preset (default "
-                        "bench-100m when --model is not given)")
+    g.add_argument(
+        "--preset",
+        default=None,
+        help=f"random weights of a preset: {sorted(BENCH_PRESETS)} or a config preset (default "
+        "bench-100m when --model is not given)",
+    )
     g.add_argument("--num-prompts", type=int, default=64)
     g.add_argument("--input-len", type=int, default=128)
     g.add_argument("--output-len", type=int, default=64)
-    g.add_argument("--concurrency", type=_int_list, default=None,
-                   help="comma-separated concurrencies to run (default: --max-num-seqs)")
+    g.add_argument(
+        "--concurrency",
+        type=_int_list,
+        default=None,
+        help="comma-separated concurrencies to run (default: --max-num-seqs)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
-    g.add_argument("--hf-baseline", action="store_true",
-                   help="also time HF transformers generate on the same (HF-made random) checkpoint")
-    g.add_argument("--hf-batch-sizes", "--hf-batch-size", dest="hf_batch_sizes", type=_int_list, default=[8],
-                   help="HF baseline batch size(s), e.g. 1,8 (default 8)")
-    g.add_argument("--hf-num-prompts", type=int, default=None,
-                   help="prompts for the HF baseline (default: --num-prompts; fewer keeps batch 1 short)")
+    g.add_argument(
+        "--hf-baseline",
+        action="store_true",
+        help="also time HF transformers generate on the same (HF-made random) checkpoint",
+    )
+    g.add_argument(
+        "--hf-batch-sizes",
+        "--hf-batch-size",
+        dest="hf_batch_sizes",
+        type=_int_list,
+        default=[8],
+        help="HF baseline batch size(s), e.g. 1,8 (default 8)",
+    )
+    g.add_argument(
+        "--hf-num-prompts",
+        type=int,
+        default=None,
+        help="prompts for the HF baseline (default: --num-prompts; fewer keeps batch 1 short)",
+    )
     g.add_argument("--json", default=None, help="write the results to this JSON file")
+    try:
+        g.add_argument(
+            "--num-scheduler-steps",
+            type=int,
+            default=None,
+            help="decode steps per engine call when no prefill is pending (default: the engine's)",
+        )
+    except argparse.ArgumentError:
+        pass  # the shared engine options already provide it
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -407,25 +492,69 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _timed_compiles(r: dict[str, Any]) -> str:
+    text = f"{r['compiles_timed']}/{r['xla_compiles_timed']}"
+    if r["compiles_first_timed"] or r["xla_compiles_first_timed"]:
+        text += f" *{r['compiles_first_timed']}/{r['xla_compiles_first_timed']}"
+    return text
+
+
+# (header, value) columns of the printed tables; the JSON holds every field.
+_OUR_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+    ("concurrency", lambda r: r["concurrency"]),
+    ("compile_s", lambda r: r["compile_time_s"]),
+    ("xla_compile_s", lambda r: r["xla_compile_time_s"]),
+    ("warmup_s", lambda r: r["warmup_wall_s"]),
+    ("timed_compiles", _timed_compiles),
+    ("out_tok/s", lambda r: r["output_tok_s"]),
+    ("total_tok/s", lambda r: r["total_tok_s"]),
+    ("ttft_mean_ms", lambda r: 1e3 * r["ttft_mean_s"]),
+    ("ttft_p50_ms", lambda r: 1e3 * r["ttft_p50_s"]),
+    ("ttft_p99_ms", lambda r: 1e3 * r["ttft_p99_s"]),
+    ("tpot_ms", lambda r: 1e3 * r["tpot_mean_s"]),
+    ("decode_step_ms", lambda r: 1e3 * r["decode_step_mean_s"]),
+    ("cpu_util", lambda r: r["cpu_utilization"]),
+    ("load_1m", lambda r: r["load_avg_1m"]),
+    ("peak_rss_MiB", lambda r: r["peak_rss_mb"]),
+]
+_HF_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+    ("hf_batch", lambda r: r["batch_size"]),
+    ("out_tok/s", lambda r: r["output_tok_s"]),
+    ("total_tok/s", lambda r: r["total_tok_s"]),
+    ("wall_s", lambda r: r["wall_s"]),
+    ("torch_threads", lambda r: r["torch_threads"]),
+    ("cpu_util", lambda r: r["cpu_utilization"]),
+    ("load_1m", lambda r: r["load_avg_1m"]),
+    ("peak_rss_MiB", lambda r: r["peak_rss_mb"]),
+]
+
+
+def _columns_table(columns: list[tuple[str, Callable[[dict[str, Any]], Any]]], rows: list[dict[str, Any]]) -> str:
+    return _table([h for h, _ in columns], [[value(r) for _, value in columns] for r in rows])
+
+
 def report(results: dict[str, Any]) -> str:
     """Human-readable tables of a `run_bench` result."""
     c = results["config"]
-    out = [f"model {c['model']}  ({c['num_params'] / 1e6:.1f}M params, {c['dtype']})  {c['num_prompts']} prompts x "
-           f"{c['input_len']} tokens -> {c['output_len']} new tokens  [{c['machine']}]", ""]
-    out.append(_table(
-        ["concurrency", "compile_s", "warmup_s", "timed_compiles", "out_tok/s", "total_tok/s", "ttft_mean_ms",
-         "ttft_p50_ms", "ttft_p99_ms", "tpot_ms", "decode_step_ms", "peak_rss_MiB"],
-        [[r["concurrency"], r["compile_time_s"], r["warmup_wall_s"], f"{r['compiles_timed']}/{r['xla_compiles_timed']}",
-          r["output_tok_s"], r["total_tok_s"], 1e3 * r["ttft_mean_s"], 1e3 * r["ttft_p50_s"], 1e3 * r["ttft_p99_s"],
-          1e3 * r["tpot_mean_s"], 1e3 * r["decode_step_mean_s"], r["peak_rss_mb"]] for r in results["ours"]]))
-    out.append("(timed_compiles: engine shape compiles / XLA backend compiles during the timed run; both must be 0)")
+    out = [
+        f"model {c['model']}  ({c['num_params'] / 1e6:.1f}M params, {c['dtype']})  {c['num_prompts']} prompts x "
+        f"{c['input_len']} tokens -> {c['output_len']} new tokens  [{c['machine']}]",
+        "",
+        _columns_table(_OUR_COLUMNS, results["ours"]),
+        "(compile_s: the engine's first-call time of each new step shape in the warm-up; xla_compile_s: XLA "
+        "backend compile time in the warm-up. timed_compiles: engine shape compiles / XLA compiles during the "
+        "timed run, both must be 0; '*': the first timed run compiled and was timed again. cpu_util: process CPU "
+        "seconds per wall second; load_1m: the machine's load average, other jobs make figures noisy)",
+    ]
     if results.get("hf"):
-        out += ["", _table(["hf_batch", "out_tok/s", "total_tok/s", "wall_s", "torch_threads", "peak_rss_MiB"],
-                           [[r["batch_size"], r["output_tok_s"], r["total_tok_s"], r["wall_s"], r["torch_threads"],
-                             r["peak_rss_mb"]] for r in results["hf"]])]
+        out += ["", _columns_table(_HF_COLUMNS, results["hf"])]
         out += ["", _table(["ours/hf (output tok/s)", "ratio"], sorted(results["ratios"].items()))]
-        if results.get("greedy_agreement") is not None:
-            out.append(f"greedy agreement with HF (tokens up to first divergence): {results['greedy_agreement']:.3f}")
+    agreement = {**results.get("greedy_agreement", {}), **results.get("self_agreement", {})}
+    if agreement:
+        out.append(
+            "greedy agreement (fraction of tokens before the first divergence): "
+            + ", ".join(f"{k}: {v:.3f}" for k, v in agreement.items())
+        )
     if results["ours"] and results["ours"][0].get("device_memory"):
         out.append(f"device memory: {results['ours'][0]['device_memory']}")
     return "\n".join(out)
@@ -462,8 +591,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             hf_path = None
         cfg = model.config.text
         max_model_len = args.max_model_len or args.input_len + args.output_len
-        engine_options = dict(max_model_len=max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                              attention_backend=args.attention_backend)
+        engine_options = dict(
+            max_model_len=max_model_len,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            attention_backend=args.attention_backend,
+        )
+        if getattr(args, "num_scheduler_steps", None) is not None:
+            engine_options["num_scheduler_steps"] = args.num_scheduler_steps
         warmup = random_prompts(args.num_prompts, args.input_len, cfg.vocab_size, args.seed + 1)
         timed = random_prompts(args.num_prompts, args.input_len, cfg.vocab_size, args.seed)
         results: dict[str, Any] = {
@@ -476,10 +610,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "output_len": args.output_len,
                 "concurrency": concurrencies,
                 "max_num_batched_tokens": args.max_num_batched_tokens,
+                "engine_options": {k: v for k, v in engine_options.items() if k != "max_model_len"},
                 "max_model_len": max_model_len,
                 "seed": args.seed,
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
-                           f"({jax.default_backend()})",
+                f"({jax.default_backend()})",
                 "commit": _commit(),
                 "date": time.strftime("%Y-%m-%d"),
             },
@@ -498,21 +633,46 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             gc.collect()
             hf = load_hf_model(hf_path)
             n_hf = min(args.hf_num_prompts or args.num_prompts, args.num_prompts)
-            results["config"]["hf"] = {"transformers": transformers.__version__, "torch": torch.__version__,
-                                       "num_prompts": n_hf, "attn_implementation": hf.config._attn_implementation}
+            results["config"]["hf"] = {
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+                "num_prompts": n_hf,
+                "attn_implementation": hf.config._attn_implementation,
+            }
             results["hf"] = []
-            hf_tokens = None
+            hf_tokens = {}
             for b in args.hf_batch_sizes:
                 print(f"[bench] HF transformers generate: batch {b}", file=sys.stderr, flush=True)
-                r, hf_tokens = bench_hf(hf, timed[:n_hf], b, args.output_len)
+                r, hf_tokens[b] = bench_hf(hf, timed[:n_hf], b, args.output_len)
                 results["hf"].append(r)
-            results["ratios"] = {f"ours@{o['concurrency']} / hf@{h['batch_size']}": o["output_tok_s"] / h["output_tok_s"]
-                                 for o in results["ours"] for h in results["hf"]}
-            results["greedy_agreement"] = _agreement(our_tokens[concurrencies[0]], hf_tokens)
+            results["ratios"] = {
+                f"ours@{o['concurrency']} / hf@{h['batch_size']}": o["output_tok_s"] / h["output_tok_s"]
+                for o in results["ours"]
+                for h in results["hf"]
+            }
+            # Same checkpoint, float32, greedy: the sequences should agree but for rare near-ties.
+            results["greedy_agreement"] = {
+                f"ours@{c} vs hf@{b}": _agreement(our_tokens[c], hf_tokens[b]) for c in our_tokens for b in hf_tokens
+            }
+        results["self_agreement"] = {
+            f"ours@{c} vs ours@{concurrencies[0]}": _agreement(our_tokens[c], our_tokens[concurrencies[0]])
+            for c in concurrencies[1:]
+        }
     finally:
         if tmp is not None:
             tmp.cleanup()
     return results
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf (e.g. TPOT with one output token) become null: strict JSON readers reject them."""
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -520,9 +680,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(report(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(_json_safe(results), f, indent=2, allow_nan=False)
     bad = [r["concurrency"] for r in results["ours"] if r["compiles_timed"] or r["xla_compiles_timed"]]
     if bad:
-        print(f"warning: the timed run recompiled at concurrency {bad}: steady-state figures include compile time",
-              file=sys.stderr)
+        print(
+            f"warning: the timed run recompiled at concurrency {bad}: steady-state figures include compile time",
+            file=sys.stderr,
+        )
     return 0
