@@ -304,7 +304,9 @@ class Engine:
                 self._init_counts(req)
             chunks.append((req, size))
             budget -= size
-        return chunks
+        # Rows are padded to a power of two: 5 chunks would compute 8 rows. Defer the excess to the next step
+        # (the deferred requests keep their slot and pages) rather than compute padding rows.
+        return chunks[: 1 << (len(chunks).bit_length() - 1)] if chunks else chunks
 
     # ------------------------------------------------------------------------------------------------------------
     # Running
