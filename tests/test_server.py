@@ -632,6 +632,33 @@ def test_fuzzed_fields_never_5xx(server, http):
     assert server.llm.engine.num_used_pages == 0
 
 
+def test_bench_serve_against_live_server(server):
+    """The serving benchmark drives the live server and reports complete, plausible figures."""
+    import asyncio
+    import math
+
+    from gemma4_jax.serving.bench_serve import format_report, run
+
+    result = asyncio.run(
+        run(
+            server.url,
+            MODEL,
+            num_prompts=6,
+            input_len=8,
+            output_len=4,
+            vocab_size=512,
+            request_rate=math.inf,
+            max_concurrency=3,
+            api_key=API_KEY,
+        )
+    )
+    assert result["completed"] == 6 and result["failed"] == 0, result["errors"]
+    assert result["output_throughput"] > 0
+    assert 0 < result["ttft"]["median_ms"] < 60_000 and result["tpot"]["mean_ms"] > 0
+    assert "TTFT" in format_report(result)
+    _wait_idle(server)
+
+
 def test_sigterm_drains_then_stops(server, http):
     """Last: SIGTERM stops admission at once, lets a short request finish, ends a long one with an error event and
     [DONE] before the grace period is over, and leaves no KV page behind."""
@@ -666,19 +693,3 @@ def test_sigterm_drains_then_stops(server, http):
     server.thread.join(10)
     assert not server.thread.is_alive() and time.monotonic() - t0 < grace + 2
     assert engine.num_used_pages == 0 and not engine.has_unfinished()
-
-
-def test_bench_serve_against_live_server(server):
-    """The serving benchmark drives the live server and reports complete, plausible figures."""
-    import asyncio
-    import math
-
-    from gemma4_jax.serving.bench_serve import format_report, run
-
-    result = asyncio.run(run(server.url, MODEL, num_prompts=6, input_len=8, output_len=4, vocab_size=512,
-                             request_rate=math.inf, max_concurrency=3, api_key=API_KEY))
-    assert result["completed"] == 6 and result["failed"] == 0, result["errors"]
-    assert result["output_throughput"] > 0
-    assert 0 < result["ttft"]["median_ms"] < 60_000 and result["tpot"]["mean_ms"] > 0
-    assert "TTFT" in format_report(result)
-    _wait_idle(server)
