@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import os
 import signal
 import socket
 import threading
@@ -543,13 +545,23 @@ def test_concurrent_streaming_clients(server):
         ) as client:
             return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(64))), 60)
 
-    results = asyncio.run(burst())
-    assert len(results) == 64 and all(tokens == 6 for _, tokens, _ in results)
-    # greedy: the same prompt gives the same text whatever batch it ran in
-    for i in range(8, 64):
-        assert results[i][0] == results[i % 8][0]
-    _wait_idle(server)
-    assert server.llm.engine.num_used_pages == 0 and not server.llm.engine.requests
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:  # the server runs in this process (a thread)
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    rss = []
+    for _ in range(3):
+        results = asyncio.run(burst())
+        assert len(results) == 64 and all(tokens == 6 for _, tokens, _ in results)
+        # greedy: the same prompt gives the same text whatever batch it ran in
+        for i in range(8, 64):
+            assert results[i][0] == results[i % 8][0]
+        _wait_idle(server)
+        assert server.llm.engine.num_used_pages == 0 and not server.llm.engine.requests
+        gc.collect()
+        rss.append(rss_mib())
+    # Memory flat: after the first (warm-up) burst, two more bursts of 64 clients retain nothing per request.
+    assert rss[-1] - rss[0] < 48, f"resident memory grew across bursts: {rss} MiB"
     metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     for name in (
         "gemma4_jax_time_to_first_token_seconds_count",
