@@ -429,6 +429,16 @@ def _chat_logprobs(state: ServerState, lps: Sequence[TokenLogprob]) -> dict[str,
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+async def _collect(raw: Request, group: RequestGroup, engine: AsyncEngine):
+    """A non-streaming request's outputs, or None when the client went away; the group is always released."""
+    try:
+        return await _result_or_disconnect(raw, group)
+    except EngineError as e:
+        raise _fault(e) from None
+    finally:
+        engine.abort(group)
+
+
 def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], Any] | None = None) -> FastAPI:
     """The FastAPI app serving `llm` (a `gemma4_jax.LLM`), or the one `load()` returns (run in a thread at start-up,
     so /health answers 503 while the model loads)."""
@@ -587,12 +597,7 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
                 state, group, meta, echoes, body.logprobs is not None, include_usage, prompt_tokens
             )
             return _EventStream(_sse_stream(chunks), lambda: engine.abort(group))
-        try:
-            outs = await _result_or_disconnect(raw, group)
-        except EngineError as e:
-            raise _fault(e) from None
-        finally:
-            engine.abort(group)
+        outs = await _collect(raw, group, engine)
         if outs is None:
             return Response(status_code=499)  # nobody is listening
         choices = []
@@ -661,14 +666,9 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _chat_chunks(state, group, meta, body.logprobs, include_usage, len(ids))
             return _EventStream(_sse_stream(chunks), lambda: engine.abort(group))
-        try:
-            outs = await _result_or_disconnect(raw, group)
-        except EngineError as e:
-            raise _fault(e) from None
-        finally:
-            engine.abort(group)
+        outs = await _collect(raw, group, engine)
         if outs is None:
-            return Response(status_code=499)
+            return Response(status_code=499)  # nobody is listening
         choices = []
         for i, out in enumerate(outs):
             _check_finished(out)
