@@ -140,7 +140,8 @@ class Engine:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
         itemsize = jnp.dtype(model.dtype).itemsize
-        per_token = max(cfg.kv_bytes_per_token(itemsize), 1)
+        self.kv_bytes_per_token = cfg.kv_bytes_per_token(itemsize)
+        per_token = max(self.kv_bytes_per_token, 1)
         pages_per_seq = pages_needed(self.max_model_len, config.page_size)
         if config.num_pages is None:
             budget = int(config.kv_memory_gb * 2**30 / (per_token * config.page_size))
@@ -164,7 +165,6 @@ class Engine:
         self._shapes_seen: set[tuple] = set()
         self.stats = {"compiles": 0, "compile_time_s": 0.0, "steps": 0, "preemptions": 0,
                       "prompt_tokens": 0, "generated_tokens": 0}
-        self.kv_bytes_per_token = cfg.kv_bytes_per_token(itemsize)
 
     # ------------------------------------------------------------------------------------------------------------
     # Requests
@@ -279,10 +279,9 @@ class Engine:
 
     def _schedule_prefill(self, budget: int) -> list[tuple[Request, int]]:
         chunks: list[tuple[Request, int]] = []
-        candidates = [r for r in self.running if not r.in_decode and r.num_computed < len(r.all_ids)]
-        candidates.sort(key=lambda r: r.arrival)
-        for req in list(self.waiting):
-            candidates.append(req)
+        # Partially prefilled running requests first (oldest first), then the queue in arrival order.
+        partial = [r for r in self.running if not r.in_decode and r.num_computed < len(r.all_ids)]
+        candidates = sorted(partial, key=lambda r: r.arrival) + list(self.waiting)
         for req in candidates:
             if budget <= 0:
                 break
@@ -393,9 +392,12 @@ class Engine:
             return 1
         if any(r.params.max_tokens - len(r.output_ids) < k for r in decode):
             return 1  # finishing rows: single steps waste nothing
+        page = self.layout.page_size
+        missing = sum(max(0, pages_needed(r.num_computed + k, page) - len(r.pages)) for r in decode)
+        if missing > self.allocator.num_free:
+            return 1  # check first: a failed attempt would leave some rows with pages they do not use yet
         for req in decode:
-            if not self._ensure_pages(req, req.num_computed + k):
-                return 1
+            self._ensure_pages(req, req.num_computed + k)
         return k
 
     def step(self) -> list[RequestOutput]:
