@@ -1,0 +1,420 @@
+"""NVFP4 grouped matmul: the MoE expert projection with the experts kept packed (4 bits per weight) in memory.
+
+Layout (ModelOpt NVFP4, as stored in e.g. nvidia/Gemma-4-26B-A4B-NVFP4, one expert per group):
+  w            uint8          [G, N, K//2]   two E2M1 codes per byte; input 2j is the LOW nibble of byte j
+  block_scale  float8_e4m3fn  [G, N, K//16]  one scale per 16 consecutive inputs of an output row
+  row_scale    float32        [G, N]         the per-tensor `weight_scale_2`, broadcast per output row so that a
+                                             fused gate/up expert can carry one scale per half
+  weight[g, n, k] = e2m1(w) * float32(block_scale[g, n, k // 16]) * row_scale[g, n]
+
+Entry points: `fp4_grouped_matmul` dispatches between the Pallas kernel (GPU, via the Triton lowering; or any
+backend in interpret mode) and `fp4_grouped_matmul_reference`, a pure-jnp version that dequantizes to float32 and
+uses `jax.lax.ragged_dot`. `fp4_grouped_matmul_pallas` is the kernel with its tile sizes exposed. The tiling and
+the tile -> group map are described in docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# The 16 values of an E2M1 code (1 sign, 2 exponent, 1 mantissa bit; no inf/nan): 0..7 positive, 8..15 negative.
+E2M1_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32
+)
+E2M1_VALUES.setflags(write=False)
+
+NVFP4_BLOCK = 16  # inputs per block scale
+_X_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+BACKENDS = ("auto", "pallas", "reference")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dequantization (pure jnp; also what the reference matmul uses)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def unpack_e2m1(packed: jax.Array) -> jax.Array:
+    """uint8 [..., K//2] -> float32 [..., K]; element 2j is the low nibble of byte j, 2j+1 the high nibble."""
+    packed = jnp.asarray(packed)
+    if packed.dtype != jnp.uint8:
+        raise ValueError(f"unpack_e2m1 expects packed uint8 E2M1 codes, got dtype {packed.dtype}")
+    if packed.ndim == 0:
+        raise ValueError("unpack_e2m1 expects an array with a last (packed) axis, got a scalar")
+    codes = jnp.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+    return jnp.asarray(E2M1_VALUES)[codes.astype(jnp.int32)]
+
+
+def dequantize_nvfp4(w: jax.Array, block_scale: jax.Array, row_scale: jax.Array) -> jax.Array:
+    """NVFP4 -> float32 weights.
+
+    w: uint8 [..., N, K//2]; block_scale: float8_e4m3fn [..., N, K//16]; row_scale: float32 [..., N] (anything that
+    broadcasts to w.shape[:-1], e.g. a per-tensor scalar). Returns float32 [..., N, K] =
+    e2m1 * float32(block_scale) * row_scale, all products in float32 (the scaled weights are not exact in bf16).
+    """
+    w, block_scale, row_scale = jnp.asarray(w), jnp.asarray(block_scale), jnp.asarray(row_scale)
+    if w.dtype != jnp.uint8 or w.ndim < 2:
+        raise ValueError(f"NVFP4 weight must be uint8 [..., N, K//2], got {w.dtype} {w.shape}")
+    if block_scale.dtype != jnp.float8_e4m3fn:
+        raise ValueError(f"NVFP4 block_scale must be float8_e4m3fn, got {block_scale.dtype}")
+    k = 2 * w.shape[-1]
+    if k % NVFP4_BLOCK:
+        raise ValueError(f"NVFP4 weight {w.shape} has K={k} inputs, not a multiple of the block size {NVFP4_BLOCK}")
+    expected_scale = (*w.shape[:-1], k // NVFP4_BLOCK)
+    if block_scale.shape != expected_scale:
+        raise ValueError(
+            f"NVFP4 block_scale shape {block_scale.shape} does not match weight {w.shape}: "
+            f"expected {expected_scale} (one scale per {NVFP4_BLOCK} inputs)"
+        )
+    if row_scale.dtype != jnp.float32:
+        raise ValueError(f"NVFP4 row_scale must be float32, got {row_scale.dtype}")
+    try:
+        row_scale = jnp.broadcast_to(row_scale, w.shape[:-1])
+    except ValueError:
+        raise ValueError(f"NVFP4 row_scale shape {row_scale.shape} does not broadcast to {w.shape[:-1]}") from None
+    values = unpack_e2m1(w).reshape(*w.shape[:-1], k // NVFP4_BLOCK, NVFP4_BLOCK)
+    scaled = values * block_scale.astype(jnp.float32)[..., None] * row_scale[..., None, None]
+    return scaled.reshape(*w.shape[:-1], k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Operand checks and the shared group bookkeeping
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_operands(x, w, block_scale, row_scale, group_sizes) -> tuple[int, int, int, int]:
+    """Validates shapes/dtypes of a grouped NVFP4 matmul; returns (M, K, G, N)."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, K], got shape {x.shape}")
+    if x.dtype not in _X_DTYPES:
+        raise ValueError(f"x dtype must be bfloat16, float16 or float32, got {x.dtype}")
+    m, k = x.shape
+    if k % NVFP4_BLOCK:
+        raise ValueError(
+            f"K={k} (x shape {x.shape}) must be a multiple of {NVFP4_BLOCK}: NVFP4 scales blocks of "
+            f"{NVFP4_BLOCK} inputs"
+        )
+    if w.dtype != jnp.uint8 or w.ndim != 3:
+        raise ValueError(f"w must be packed uint8 [G, N, K//2], got {w.dtype} shape {w.shape}")
+    g, n, half_k = w.shape
+    if 2 * half_k != k:
+        raise ValueError(f"w shape {w.shape} holds K={2 * half_k} inputs but x shape {x.shape} has K={k}")
+    if block_scale.dtype != jnp.float8_e4m3fn:
+        raise ValueError(f"block_scale must be float8_e4m3fn, got {block_scale.dtype}")
+    if block_scale.shape != (g, n, k // NVFP4_BLOCK):
+        raise ValueError(
+            f"block_scale shape {block_scale.shape} must be [G, N, K//16] = {(g, n, k // NVFP4_BLOCK)} "
+            f"for w shape {w.shape}"
+        )
+    if row_scale.dtype != jnp.float32 or row_scale.shape != (g, n):
+        raise ValueError(f"row_scale must be float32 [G, N] = {(g, n)}, got {row_scale.dtype} shape {row_scale.shape}")
+    if group_sizes.ndim != 1 or group_sizes.shape[0] != g or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(
+            f"group_sizes must be an integer [G] = [{g}] array, got {group_sizes.dtype} shape {group_sizes.shape}"
+        )
+    return m, k, g, n
+
+
+def _group_bounds(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """Row range [start, end) of each group, clipped to the M rows that exist (so a bad sum can't write past M)."""
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    return starts, ends
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def _reference(x, w, block_scale, row_scale, group_sizes, out_dtype):
+    m = x.shape[0]
+    starts, ends = _group_bounds(group_sizes, m)
+    weights = dequantize_nvfp4(w, block_scale, row_scale)  # [G, N, K] float32
+    out = jax.lax.ragged_dot(
+        x.astype(jnp.float32),
+        jnp.swapaxes(weights, 1, 2),  # [G, K, N]
+        ends - starts,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
+    # ragged_dot leaves rows past sum(group_sizes) unspecified; the contract says zeros.
+    out = jnp.where((jnp.arange(m) < ends[-1])[:, None], out, 0.0)
+    return out.astype(out_dtype)
+
+
+def fp4_grouped_matmul_reference(
+    x, w, block_scale, row_scale, group_sizes, *, out_dtype=None, backend="reference", interpret=False
+):
+    """Pure-jnp grouped NVFP4 matmul (same signature as `fp4_grouped_matmul`; backend/interpret are ignored).
+
+    Dequantizes every expert to float32 and runs `jax.lax.ragged_dot` in float32 at HIGHEST precision.
+    x: [M, K]; w: uint8 [G, N, K//2]; block_scale: float8_e4m3fn [G, N, K//16]; row_scale: float32 [G, N];
+    group_sizes: int [G]. Returns [M, N] in out_dtype (default x.dtype).
+    """
+    del backend, interpret
+    x, w, block_scale, row_scale, group_sizes = map(jnp.asarray, (x, w, block_scale, row_scale, group_sizes))
+    m, _, g, n = _check_operands(x, w, block_scale, row_scale, group_sizes)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if m == 0 or n == 0 or g == 0:
+        return jnp.zeros((m, n), out_dtype)
+    return _reference(x, w, block_scale, row_scale, group_sizes, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pallas kernel
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _decode_e2m1(codes: jax.Array) -> jax.Array:
+    """int32 E2M1 codes -> float32, from the bits (no table gather, which Triton has no cheap form of)."""
+    exponent = (codes >> 1) & 3
+    mantissa = codes & 1
+    normal = jax.lax.bitcast_convert_type(((exponent + 126) << 23) | (mantissa << 22), jnp.float32)
+    magnitude = jnp.where(exponent == 0, mantissa.astype(jnp.float32) * 0.5, normal)
+    return jnp.where((codes & 8) != 0, -magnitude, magnitude)
+
+
+def _decode_e4m3(bits: jax.Array) -> jax.Array:
+    """int32 float8_e4m3fn bit patterns -> float32. Done arithmetically so that the kernel needs no fp8 support
+    (Triton's fp8 converts exist only on recent GPUs)."""
+    exponent = (bits >> 3) & 15
+    mantissa = bits & 7
+    normal = jax.lax.bitcast_convert_type(((exponent + 120) << 23) | (mantissa << 20), jnp.float32)
+    magnitude = jnp.where(exponent == 0, mantissa.astype(jnp.float32) * (2.0**-9), normal)
+    magnitude = jnp.where((bits & 0x7F) == 0x7F, jnp.nan, magnitude)  # e4m3fn has NaN and no inf
+    return jnp.where((bits & 0x80) != 0, -magnitude, magnitude)
+
+
+def _kernel(
+    # tile -> group map, int32 [num_row_tiles] each (computed outside by _tile_map)
+    tile_group_ref,
+    tile_row_start_ref,
+    tile_row_count_ref,
+    # inputs
+    x_ref,  # [M, K] bf16/f16/f32, rows sorted by group
+    w_ref,  # uint8 [G, N, K//2]
+    scale_bits_ref,  # uint8 [G, N, K//16], the float8_e4m3fn block scales bit-cast
+    row_scale_ref,  # float32 [G, N]
+    zeros_ref,  # [M, N] zeros, aliased to out_ref: rows no tile covers stay zero
+    # output
+    out_ref,  # [M, N]
+    *,
+    k_size: int,
+    n_size: int,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    precision,
+):
+    del zeros_ref  # same buffer as out_ref
+    tile, n_tile = pl.program_id(0), pl.program_id(1)
+    group = tile_group_ref[tile]
+    row_start = tile_row_start_ref[tile]
+    row_count = tile_row_count_ref[tile]
+
+    # Tiles past the last group's rows (the grid is sized for the worst case) do nothing, not even weight loads.
+    @pl.when(row_count > 0)
+    def _compute():
+        row_ok = jnp.arange(block_m) < row_count  # [TM]
+        n_start = pl.multiple_of(n_tile * block_n, block_n)
+        col_ok = n_start + jnp.arange(block_n) < n_size  # [TN]
+        rows = pl.ds(row_start, block_m)
+        cols = pl.ds(n_start, block_n)
+
+        def k_step(k_tile, acc):
+            k_start = pl.multiple_of(k_tile * block_k, block_k)
+            # K is a multiple of 16, so the tail of the last K tile is whole bytes and whole scale blocks: the
+            # three masks below agree, and masked weights/scales load as 0 (a zero contribution, never NaN).
+            k_ok = k_start + jnp.arange(block_k) < k_size  # [TK]
+            byte_ok = k_start // 2 + jnp.arange(block_k // 2) < k_size // 2  # [TK/2]
+            scale_ok = k_start // NVFP4_BLOCK + jnp.arange(block_k // NVFP4_BLOCK) < k_size // NVFP4_BLOCK
+            x = plgpu.load(x_ref.at[rows, pl.ds(k_start, block_k)], mask=row_ok[:, None] & k_ok[None, :], other=0)
+            packed = plgpu.load(
+                w_ref.at[group, cols, pl.ds(k_start // 2, block_k // 2)],
+                mask=col_ok[:, None] & byte_ok[None, :],
+                other=0,
+            )  # uint8 [TN, TK/2]
+            scale_bits = plgpu.load(
+                scale_bits_ref.at[group, cols, pl.ds(k_start // NVFP4_BLOCK, block_k // NVFP4_BLOCK)],
+                mask=col_ok[:, None] & scale_ok[None, :],
+                other=0,
+            )  # uint8 [TN, TK/16]
+            packed = packed.astype(jnp.int32)
+            # Low nibble first: stacking on a new last axis and flattening is Triton's join + reshape.
+            codes = jnp.stack([packed & 0x0F, packed >> 4], axis=-1)  # [TN, TK/2, 2]
+            codes = codes.reshape(block_n, block_k // NVFP4_BLOCK, NVFP4_BLOCK)
+            scales = _decode_e4m3(scale_bits.astype(jnp.int32))  # [TN, TK/16]
+            # e2m1 * e4m3 has at most 6 significant bits and lies in [2^-10, 2688]: exact in bf16/f16, so the
+            # tensor-core dot sees exact weights; the per-row float32 scale is applied to the float32 accumulator.
+            weights = (_decode_e2m1(codes) * scales[:, :, None]).reshape(block_n, block_k).astype(x.dtype)
+            return acc + jax.lax.dot_general(
+                x, weights, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+            )
+
+        acc = jax.lax.fori_loop(0, pl.cdiv(k_size, block_k), k_step, jnp.zeros((block_m, block_n), jnp.float32))
+        row_scale = plgpu.load(row_scale_ref.at[group, cols], mask=col_ok, other=0.0)  # [TN]
+        out = (acc * row_scale[None, :]).astype(out_ref.dtype)
+        plgpu.store(out_ref.at[rows, cols], out, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def max_row_tiles(m: int, num_groups: int, block_m: int) -> int:
+    """Static, tight upper bound on the row tiles of M rows split into G groups, each group starting a new tile.
+    With G' non-empty groups, sum_g ceil(s_g / TM) <= floor((M - G') / TM) + G', which grows with G' and so peaks
+    at G' = min(G, M) (reached when every group is one row into its last tile)."""
+    busy_groups = min(num_groups, m)
+    return max((m - busy_groups) // block_m + busy_groups, 1)
+
+
+def _tile_map(group_sizes: jax.Array, m: int, block_m: int, num_tiles: int):
+    """Row tile t -> (group, first row, valid rows). Each group's rows are cut into tiles of block_m starting at the
+    group's first row (as megablox does with its padded group offsets), so no tile spans two groups and tiles write
+    disjoint rows. Tiles past the last one get 0 valid rows. Returns three int32 [num_tiles] arrays."""
+    starts, ends = _group_bounds(group_sizes, m)
+    tiles_per_group = (ends - starts + block_m - 1) // block_m
+    tile_ends = jnp.cumsum(tiles_per_group)  # exclusive end tile of each group
+    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    group = jnp.searchsorted(tile_ends, tile, side="right").astype(jnp.int32)  # empty groups own no tile
+    in_use = group < group_sizes.shape[0]
+    group = jnp.minimum(group, group_sizes.shape[0] - 1)
+    row_start = starts[group] + (tile - (tile_ends[group] - tiles_per_group[group])) * block_m
+    row_count = jnp.where(in_use, jnp.clip(ends[group] - row_start, 0, block_m), 0)
+    return group, jnp.where(in_use, row_start, 0), row_count
+
+
+def _is_pow2(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def default_tiles(m: int, k: int, n: int, num_groups: int) -> tuple[int, int, int]:
+    """(block_m, block_n, block_k) heuristics: rows per tile near the average group size (decode has a few rows per
+    expert), 64-wide N and K tiles; all powers of two and >= 16 as Triton's dot requires."""
+    block_m = min(64, max(16, 1 << max(0, math.ceil(math.log2(max(1, pl.cdiv(m, max(1, num_groups))))))))
+    block_n = min(64, max(16, 1 << math.ceil(math.log2(max(1, n)))))
+    block_k = min(64, max(32, 1 << math.ceil(math.log2(max(1, k)))))
+    return block_m, block_n, block_k
+
+
+@functools.partial(
+    jax.jit, static_argnames=("out_dtype", "block_m", "block_n", "block_k", "interpret", "num_warps", "num_stages")
+)
+def _pallas(
+    x, w, block_scale, row_scale, group_sizes, *, out_dtype, block_m, block_n, block_k, interpret, num_warps, num_stages
+):
+    m, k = x.shape
+    g, n, _ = w.shape
+    num_tiles = max_row_tiles(m, g, block_m)
+    tile_group, tile_row_start, tile_row_count = _tile_map(group_sizes, m, block_m, num_tiles)
+    kernel = functools.partial(
+        _kernel,
+        k_size=k,
+        n_size=n,
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_k,
+        # float32 activations: a true float32 dot (Triton would otherwise use tf32); bf16/f16: native tensor cores.
+        precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
+    )
+    operands = (
+        tile_group,
+        tile_row_start,
+        tile_row_count,
+        x,
+        w,
+        jax.lax.bitcast_convert_type(block_scale, jnp.uint8),
+        row_scale,
+        jnp.zeros((m, n), out_dtype),
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(num_tiles, pl.cdiv(n, block_n)),
+        input_output_aliases={len(operands) - 1: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="fp4_grouped_matmul",
+    )(*operands)
+
+
+def fp4_grouped_matmul_pallas(
+    x,
+    w,
+    block_scale,
+    row_scale,
+    group_sizes,
+    *,
+    out_dtype=None,
+    block_m=None,
+    block_n=None,
+    block_k=None,
+    interpret=False,
+    num_warps=4,
+    num_stages=3,
+):
+    """The Pallas kernel (Triton lowering on GPU; interpret=True runs it anywhere), tile sizes exposed.
+
+    Shapes as `fp4_grouped_matmul`. block_m, block_n: powers of two >= 16; block_k: a power of two >= 32 (so that a
+    K tile holds whole bytes and whole 16-input scale blocks). Unset tiles come from `default_tiles`.
+    """
+    x, w, block_scale, row_scale, group_sizes = map(jnp.asarray, (x, w, block_scale, row_scale, group_sizes))
+    m, k, g, n = _check_operands(x, w, block_scale, row_scale, group_sizes)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if m == 0 or n == 0 or g == 0:
+        return jnp.zeros((m, n), out_dtype)
+    default_m, default_n, default_k = default_tiles(m, k, n, g)
+    block_m, block_n, block_k = block_m or default_m, block_n or default_n, block_k or default_k
+    for name, value, minimum in (("block_m", block_m, 16), ("block_n", block_n, 16), ("block_k", block_k, 32)):
+        if not _is_pow2(value) or value < minimum:
+            raise ValueError(f"{name}={value} must be a power of two >= {minimum} (Triton block shapes)")
+    return _pallas(
+        x,
+        w,
+        block_scale,
+        row_scale,
+        group_sizes.astype(jnp.int32),
+        out_dtype=out_dtype,
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_k,
+        interpret=bool(interpret),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fp4_grouped_matmul(x, w, block_scale, row_scale, group_sizes, *, out_dtype=None, backend="auto", interpret=False):
+    """Grouped matmul against NVFP4 experts: for each row r of group g, out[r] = x[r] @ dequantize_nvfp4(w[g],
+    block_scale[g], row_scale[g])^T, with the weights dequantized in float32 and a float32 accumulator.
+
+    x: [M, K] (bf16, f16 or f32), rows sorted by group; w: uint8 [G, N, K//2] (ModelOpt layout [out, in/2]);
+    block_scale: float8_e4m3fn [G, N, K//16]; row_scale: float32 [G, N]; group_sizes: int32 [G] with sum <= M
+    (rows past the sum come out zero; a larger sum is clipped to M). Returns [M, N] in out_dtype (default x.dtype).
+
+    backend: "auto" = the Pallas kernel on GPU (or anywhere when interpret=True), the reference elsewhere;
+    "pallas" = the kernel (needs a GPU unless interpret=True); "reference" = `fp4_grouped_matmul_reference`.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_gpu = jax.default_backend() == "gpu"
+    if backend == "pallas" and not (on_gpu or interpret):
+        raise ValueError(
+            f"backend='pallas' needs a GPU (the default backend is {jax.default_backend()!r}); pass "
+            "interpret=True to run the kernel in interpret mode, or use backend='reference'"
+        )
+    if backend == "reference" or (backend == "auto" and not (on_gpu or interpret)):
+        return fp4_grouped_matmul_reference(x, w, block_scale, row_scale, group_sizes, out_dtype=out_dtype)
+    return fp4_grouped_matmul_pallas(
+        x, w, block_scale, row_scale, group_sizes, out_dtype=out_dtype, interpret=interpret
+    )
