@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemma4_jax import quant
+
 Axes = tuple[str | None, ...]
 
 
@@ -67,6 +69,34 @@ class Linear(nnx.Module):
         letters = "abcdefgh"
         ins, outs = letters[:n_in], letters[n_in : n_in + n_out]
         return jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x, self.kernel[...].astype(x.dtype))
+
+
+class QuantLinear(nnx.Module):
+    """A Linear whose weight stays packed (quant.py formats), in the checkpoint's (out, in) layout.
+
+    fmt "nvfp4": w uint8 (*lead, N, K // 2), block_scale float8_e4m3fn (*lead, N, K // 16), row_scale f32 (*lead, N);
+    fmt "fp8": w float8_e4m3fn (*lead, N, K), row_scale f32 (*lead, N). N = prod(out_shape), K = prod(in_shape).
+    `lead` = (E,) for stacked experts (called through `quant.grouped_matmul`, not `__call__`). The logical axes of
+    the flattened N and K are those of the first out / in axis (contiguous blocks of heads stay whole heads).
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], in_axes: Axes, out_axes: Axes, fmt: str,
+                 lead: Sequence[int] = (), lead_axes: Axes = ()):
+        self.in_shape, self.out_shape, self.fmt = tuple(in_shape), tuple(out_shape), fmt
+        n, k = math.prod(self.out_shape), math.prod(self.in_shape)
+        axes = tuple(lead_axes) + (out_axes[0], in_axes[0])
+        for name, (shape, dtype) in quant.packed_shapes(fmt, tuple(lead), n, k).items():
+            setattr(self, name, nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes[: len(shape)]))
+        if fmt != quant.NVFP4:
+            self.block_scale = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        lead = x.shape[: x.ndim - n_in]
+        flat = x.reshape(-1, math.prod(self.in_shape))
+        scale = None if self.block_scale is None else self.block_scale[...]
+        y = quant.matmul(self.fmt, flat, self.w[...], scale, self.row_scale[...])
+        return y.reshape(*lead, *self.out_shape)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:

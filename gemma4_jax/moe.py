@@ -4,6 +4,10 @@ Route (RMSNorm without scale, times `scale` and hidden^-0.5, projection, softmax
 renormalise, times `per_expert_scale`), then dispatch by sorting the (token, choice) pairs by expert and running
 two grouped matmuls (`jax.lax.ragged_dot`): every token reaches exactly its top-k experts, none is dropped and no
 expert computes tokens it was not chosen for.
+
+Experts come unquantized (`Experts`, bf16/f32 stacks) or packed (`QuantExperts`, NVFP4 or FP8 as in quant.py). Packed
+experts run either the XLA path (one layer's weights unpacked inside the jitted step, then `ragged_dot`) or the FP4
+Pallas kernel, which reads the packed weights directly (`moe_backend`, chosen once at load time).
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemma4_jax import quant
 from gemma4_jax.config import TextConfig
-from gemma4_jax.layers import Linear, RMSNorm, activation, param, rms_norm
+from gemma4_jax.layers import Linear, QuantLinear, RMSNorm, activation, param, rms_norm
 
 
 class Router(nnx.Module):
@@ -37,29 +42,67 @@ class Router(nnx.Module):
         return weights, ids.astype(jnp.int32)
 
 
+def _dispatch(ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Sort the (token, choice) pairs by expert. ids: (M, k) ->
+    order (M*k,) (sorted position -> flat pair), token_of (M*k,), group_sizes (E,) int32, group_ids (M*k,)."""
+    k = ids.shape[1]
+    flat_ids = ids.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)
+    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
+    return order, order // k, group_sizes, flat_ids[order]
+
+
 class Experts(nnx.Module):
-    """Stacked expert weights. gate_up: (E, D, 2I) (gate first, up second), down: (E, I, D)."""
+    """Stacked expert weights. gate_up: (E, D, 2I) (gate first, up second), down: (E, I, D).
+
+    `backend` ("xla") is set at load time (quant.resolve_moe_backend); unquantized experts have only the XLA path.
+    """
 
     def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.act = activation(cfg.hidden_activation)
+        self.backend = "xla"
         self.gate_up_proj = param(rngs, (e, d, 2 * i), ("experts", "embed", "mlp"), dtype, scale=d**-0.5)
         self.down_proj = param(rngs, (e, i, d), ("experts", "mlp", "embed"), dtype, scale=i**-0.5)
 
     def __call__(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
         """x: (M, D), weights/ids: (M, k) -> (M, D)."""
-        m, k = ids.shape
-        num_experts = self.gate_up_proj.shape[0]
-        flat_ids = ids.reshape(-1)  # (M*k,)
-        order = jnp.argsort(flat_ids, stable=True)
-        token_of = order // k  # which token each sorted row came from
+        order, token_of, group_sizes, _ = _dispatch(ids, self.gate_up_proj.shape[0])
         rows = jnp.take(x, token_of, axis=0)  # (M*k, D), grouped by expert
-        group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
         gate_up = jax.lax.ragged_dot(rows, self.gate_up_proj[...].astype(x.dtype), group_sizes)
         gate, up = jnp.split(gate_up, 2, axis=-1)
         out = jax.lax.ragged_dot(self.act(gate) * up, self.down_proj[...].astype(x.dtype), group_sizes)
         out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
-        return jax.ops.segment_sum(out, token_of, num_segments=m)
+        return jax.ops.segment_sum(out, token_of, num_segments=x.shape[0])
+
+
+class QuantExperts(nnx.Module):
+    """Packed expert weights (quant.py formats) in the checkpoint's (out, in) layout, per expert:
+    gate_up: N = 2I (gate rows, then up rows), K = D; down: N = D, K = I. Each a QuantLinear with lead (E,), e.g.
+    NVFP4 gate_up.w uint8 (E, 2I, D // 2), gate_up.block_scale e4m3 (E, 2I, D // 16), gate_up.row_scale f32 (E, 2I).
+    """
+
+    def __init__(self, cfg: TextConfig, fmt: str, backend: str = "xla"):
+        e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.act = activation(cfg.hidden_activation)
+        self.fmt = fmt
+        self.backend = backend
+        self.gate_up = QuantLinear((d,), (2 * i,), ("embed",), ("mlp",), fmt, lead=(e,), lead_axes=("experts",))
+        self.down = QuantLinear((i,), (d,), ("mlp",), ("embed",), fmt, lead=(e,), lead_axes=("experts",))
+
+    def _project(self, proj: QuantLinear, rows, group_sizes, group_ids):
+        scale = None if proj.block_scale is None else proj.block_scale[...]
+        return quant.grouped_matmul(self.fmt, rows, proj.w[...], scale, proj.row_scale[...], group_sizes, group_ids,
+                                    self.backend)
+
+    def __call__(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
+        """x: (M, D), weights/ids: (M, k) -> (M, D)."""
+        order, token_of, group_sizes, group_ids = _dispatch(ids, self.gate_up.w.shape[0])
+        rows = jnp.take(x, token_of, axis=0)
+        gate, up = jnp.split(self._project(self.gate_up, rows, group_sizes, group_ids), 2, axis=-1)
+        out = self._project(self.down, self.act(gate) * up, group_sizes, group_ids)
+        out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
+        return jax.ops.segment_sum(out, token_of, num_segments=x.shape[0])
 
 
 class MoEBlock(nnx.Module):
@@ -71,10 +114,15 @@ class MoEBlock(nnx.Module):
         self.pre_feedforward_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.post_feedforward_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
 
-    def __call__(self, residual: jax.Array) -> jax.Array:
-        """residual: (B, T, D) -> MoE branch output (B, T, D), post-normed."""
+    def __call__(self, residual: jax.Array, routed: list | None = None) -> jax.Array:
+        """residual: (B, T, D) -> MoE branch output (B, T, D), post-normed.
+
+        routed: when a list is given, the router's top-k expert ids (B, T, k) int32 are appended to it (the
+        "return routed experts" output; collected at trace time, so it costs nothing when not asked for)."""
         with jax.named_scope("moe"):
             flat = residual.reshape(-1, residual.shape[-1])
             weights, ids = self.router(flat)
+            if routed is not None:
+                routed.append(ids.reshape(*residual.shape[:-1], ids.shape[-1]))
             out = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids)
             return self.post_feedforward_layernorm_2(out.reshape(residual.shape))

@@ -1,0 +1,265 @@
+"""Quantized weights: NVFP4 and FP8 formats, their checkpoint configs, and the MoE backend choice.
+
+Formats (weights stay packed in device memory; activations are never quantized: weight-only everywhere):
+- "nvfp4": w uint8 (..., N, K // 2), two E2M1 values per byte, element 2j in the low nibble; block_scale
+  float8_e4m3fn (..., N, K // 16), one per block of 16 along the input; row_scale float32 (..., N). ModelOpt's
+  per-tensor `weight_scale_2` (and compressed-tensors' `1 / weight_global_scale`) becomes a per-row scale, so the
+  gate and up halves of one fused expert projection keep their own scales. About 0.56 byte per weight.
+- "fp8": w float8_e4m3fn (..., N, K), row_scale float32 (..., N) (per-channel, or a per-tensor scale broadcast).
+
+Dequantized weight = values(w) * block_scale * row_scale. The product of an E2M1 value and an E4M3 scale has at
+most 3 significant bits (and an E4M3 value alone 4), so `weight_values` is exact in bfloat16 as well as float32;
+the row scale is applied to the matmul output in float32. Rounding the fully scaled weight to bfloat16 would not
+be exact, which is why the two steps stay apart.
+
+Checkpoint configs: ModelOpt (`hf_quant_config.json` or `quantization_config` with `quant_method: modelopt`) and
+compressed-tensors (`quant_method: compressed-tensors`, formats `float-quantized` and `nvfp4-pack-quantized`). Which
+modules are quantized is decided per module from the tensors present (checkpoint.py); the config is read to check
+that the tensors agree with it (algorithm, excluded modules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from gemma4_jax.kernels.fp4_grouped_matmul import NVFP4_BLOCK, dequantize_nvfp4, fp4_grouped_matmul
+
+NVFP4 = "nvfp4"
+FP8 = "fp8"
+FORMATS = (NVFP4, FP8)
+
+MOE_BACKENDS = ("auto", "xla", "fp4_pallas")
+
+
+class QuantizationError(ValueError):
+    """A quantization config or request (e.g. a MoE backend) that cannot work with this checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Storage
+
+
+def packed_shapes(fmt: str, lead: tuple[int, ...], n: int, k: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Arrays of one packed (N, K) weight (with leading dims, e.g. (E,)): name -> (shape, dtype)."""
+    if fmt == NVFP4:
+        if k % NVFP4_BLOCK:
+            raise QuantizationError(f"NVFP4 needs in-features divisible by {NVFP4_BLOCK}, got {k}")
+        return {
+            "w": (lead + (n, k // 2), jnp.uint8),
+            "block_scale": (lead + (n, k // NVFP4_BLOCK), jnp.float8_e4m3fn),
+            "row_scale": (lead + (n,), jnp.float32),
+        }
+    if fmt == FP8:
+        return {"w": (lead + (n, k), jnp.float8_e4m3fn), "row_scale": (lead + (n,), jnp.float32)}
+    raise QuantizationError(f"unknown quantized format {fmt!r}; expected one of {FORMATS}")
+
+
+def weight_values(fmt: str, w: jax.Array, block_scale: jax.Array | None, dtype) -> jax.Array:
+    """The weight without its row scale, (..., N, K) in `dtype` (exact in bfloat16, see module docstring)."""
+    if fmt == FP8:
+        return w.astype(dtype)
+    return dequantize_nvfp4(w, block_scale, jnp.float32(1.0)).astype(dtype)
+
+
+def dequantize(fmt: str, w: jax.Array, block_scale: jax.Array | None, row_scale: jax.Array) -> jax.Array:
+    """Any packed weight -> float32 (..., N, K)."""
+    if fmt == NVFP4:
+        return dequantize_nvfp4(w, block_scale, row_scale)
+    return w.astype(jnp.float32) * row_scale[..., None]
+
+
+def matmul(fmt: str, x: jax.Array, w: jax.Array, block_scale: jax.Array | None, row_scale: jax.Array) -> jax.Array:
+    """x (M, K) @ packed weight (N, K)^T -> (M, N) in x.dtype; float32 accumulation, row scale applied in float32."""
+    values = weight_values(fmt, w, block_scale, x.dtype)
+    y = jnp.einsum("MK,NK->MN", x, values, preferred_element_type=jnp.float32)
+    return (y * row_scale).astype(x.dtype)
+
+
+def grouped_matmul(fmt: str, rows: jax.Array, w: jax.Array, block_scale: jax.Array | None, row_scale: jax.Array,
+                   group_sizes: jax.Array, group_ids: jax.Array, backend: str = "xla") -> jax.Array:
+    """Per-expert matmul of rows sorted by expert. rows (M, K); w (E, N, K // 2 or K); group_sizes (E,) int32;
+    group_ids (M,) the expert of each row (sorted) -> (M, N) in rows.dtype.
+
+    backend "xla": `jax.lax.ragged_dot` over one layer's weights unpacked inside the jitted step (the block-scaled
+    values, exact in the activation dtype), the row scale applied per row in float32 afterwards. "fp4_pallas": the
+    Pallas kernel, which reads the packed weights and dequantizes inside (interpret mode off GPU).
+    """
+    if backend == "fp4_pallas":
+        return fp4_grouped_matmul(rows, w, block_scale, row_scale, group_sizes, out_dtype=rows.dtype,
+                                  backend="pallas", interpret=jax.default_backend() != "gpu")
+    values = jnp.swapaxes(weight_values(fmt, w, block_scale, rows.dtype), 1, 2)  # (E, K, N)
+    y = jax.lax.ragged_dot(rows, values, group_sizes, preferred_element_type=jnp.float32)
+    return (y * row_scale[group_ids]).astype(rows.dtype)
+
+
+def nbytes(shapes: dict[str, tuple[tuple[int, ...], Any]]) -> int:
+    return sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in shapes.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint configs
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """What a checkpoint says about its quantization. `formats`: the packed formats it may contain."""
+
+    method: str  # "modelopt" | "compressed-tensors"
+    formats: tuple[str, ...]
+    excluded: tuple[str, ...]  # module patterns left unquantized, as written (glob, or "re:" regex)
+    source: str  # the file the config came from
+
+    def is_excluded(self, module: str) -> bool:
+        for pattern in self.excluded:
+            if pattern.startswith("re:"):
+                if re.match(pattern[3:], module):
+                    return True
+            elif module == pattern or fnmatch.fnmatchcase(module, pattern):
+                return True
+        return False
+
+
+_MODELOPT_ALGOS = {"NVFP4": NVFP4, "W4A16_NVFP4": NVFP4, "FP8": FP8, "FP8_PC_PT": FP8,
+                   "FP8_PER_CHANNEL_PER_TOKEN": FP8}
+_CT_FORMATS = {"float-quantized": FP8, "nvfp4-pack-quantized": NVFP4}
+
+
+def _modelopt(algo: Any, excluded: Any, source: str) -> QuantConfig:
+    if algo not in _MODELOPT_ALGOS:
+        raise QuantizationError(f"{source}: ModelOpt quant_algo {algo!r} is not supported; supported: "
+                                f"{sorted(_MODELOPT_ALGOS)}")
+    return QuantConfig("modelopt", (_MODELOPT_ALGOS[algo],), tuple(excluded or ()), source)
+
+
+def _compressed_tensors(q: dict[str, Any], source: str) -> QuantConfig:
+    groups = q.get("config_groups") or {}
+    formats = {g.get("format") or q.get("format") for g in groups.values()} or {q.get("format")}
+    bad = sorted(str(f) for f in formats if f not in _CT_FORMATS)
+    if bad:
+        raise QuantizationError(f"{source}: compressed-tensors format(s) {bad} are not supported; supported: "
+                                f"{sorted(_CT_FORMATS)}")
+    for name, group in groups.items():
+        weights = group.get("weights") or {}
+        if weights.get("type", "float") != "float":
+            raise QuantizationError(f"{source}: config group {name!r} quantizes weights to {weights.get('type')}; "
+                                    "only float (FP8 / NVFP4) weights are supported")
+        if weights.get("strategy") == "block":
+            raise QuantizationError(f"{source}: config group {name!r} uses block-wise FP8 weight scales; only "
+                                    "per-channel and per-tensor FP8 scales are supported")
+        if weights.get("dynamic"):
+            raise QuantizationError(f"{source}: config group {name!r} has dynamic weight quantization")
+    return QuantConfig("compressed-tensors", tuple(sorted(_CT_FORMATS[f] for f in formats)),
+                       tuple(q.get("ignore") or ()), source)
+
+
+def read_quant_config(path: str) -> QuantConfig | None:
+    """The quantization config of a checkpoint directory (hf_quant_config.json first, then config.json)."""
+    hf_quant = os.path.join(path, "hf_quant_config.json")
+    if os.path.exists(hf_quant):
+        with open(hf_quant) as f:
+            d = json.load(f)
+        q = d.get("quantization", d)
+        return _modelopt(q.get("quant_algo"), q.get("exclude_modules"), hf_quant)
+    config = os.path.join(path, "config.json")
+    if not os.path.exists(config):
+        return None
+    with open(config) as f:
+        d = json.load(f)
+    q = d.get("quantization_config") or (d.get("text_config") or {}).get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method == "modelopt":
+        return _modelopt(q.get("quant_algo"), q.get("exclude_modules", q.get("ignore")), config)
+    if method == "compressed-tensors":
+        return _compressed_tensors(q, config)
+    raise QuantizationError(f"{config}: quantization_config quant_method {method!r} is not supported; supported: "
+                            "'modelopt' (NVFP4, FP8) and 'compressed-tensors' (float-quantized FP8, NVFP4)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a checkpoint quantizes, and the MoE backend
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPlan:
+    """Per module: which linears (parameter paths of Linear modules) and which layers' experts are packed."""
+
+    linears: tuple[tuple[str, str], ...] = ()  # (module path, format)
+    experts: tuple[tuple[int, str], ...] = ()  # (layer index, format)
+    config: QuantConfig | None = None
+
+    def linear_format(self, path: str) -> str | None:
+        return dict(self.linears).get(path)
+
+    def expert_format(self, layer: int) -> str | None:
+        return dict(self.experts).get(layer)
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(self.linears or self.experts)
+
+    @classmethod
+    def experts_only(cls, num_layers: int, fmt: str = NVFP4) -> QuantPlan:
+        """Every layer's experts packed, nothing else (the layout of an experts-only NVFP4 checkpoint)."""
+        return cls(experts=tuple((i, fmt) for i in range(num_layers)))
+
+
+def resolve_moe_backend(requested: str, has_moe: bool, expert_formats: set[str | None],
+                        platform: str | None = None) -> str:
+    """The MoE backend to run: "xla" (grouped XLA matmul) or "fp4_pallas" (the FP4 Pallas kernel).
+
+    expert_formats: the formats of the model's experts (None = unquantized). "auto" picks the kernel on GPU for
+    NVFP4 experts and the XLA path otherwise; an explicit choice the model cannot use raises QuantizationError.
+    """
+    if requested not in MOE_BACKENDS:
+        raise QuantizationError(f"moe_backend {requested!r} is unknown; valid: {list(MOE_BACKENDS)}")
+    nvfp4 = has_moe and expert_formats == {NVFP4}
+    if requested == "fp4_pallas":
+        if not has_moe:
+            raise QuantizationError("moe_backend 'fp4_pallas' needs a model with MoE experts; this model has none. "
+                                    "Valid for it: ['auto', 'xla']")
+        if not nvfp4:
+            kinds = sorted("bf16/float (unquantized)" if f is None else f for f in expert_formats)
+            raise QuantizationError(f"moe_backend 'fp4_pallas' needs NVFP4 experts; this checkpoint's experts are "
+                                    f"{', '.join(kinds)}. Valid for it: ['auto', 'xla']")
+        return "fp4_pallas"
+    if requested == "auto" and nvfp4 and (platform or jax.default_backend()) == "gpu":
+        return "fp4_pallas"
+    return "xla"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host-side conversions used by the checkpoint loader
+
+
+def host_scalar(t: np.ndarray, key: str) -> float:
+    """A per-tensor scale (shape () or (1,)) as a positive finite float."""
+    value = float(np.asarray(t, np.float32).reshape(()))
+    if not np.isfinite(value) or value <= 0:
+        raise QuantizationError(f"tensor {key!r}: scale {value} must be positive and finite")
+    return value
+
+
+def host_rows(t: np.ndarray, n: int, key: str, reciprocal: bool = False) -> np.ndarray:
+    """A per-tensor or per-row scale (shape (), (1,), (n,) or (n, 1)) -> float32 (n,)."""
+    values = np.asarray(t, np.float32).reshape(-1)
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise QuantizationError(f"tensor {key!r}: scales must be positive and finite")
+    if reciprocal:
+        values = (np.float32(1.0) / values).astype(np.float32)
+    return np.broadcast_to(values, (n,)).astype(np.float32)
+
+
+def host_float8(t: np.ndarray) -> np.ndarray:
+    return np.asarray(t).view(ml_dtypes.float8_e4m3fn)
