@@ -52,18 +52,22 @@ class CacheLayout:
         )
 
 
-def allocate(cfg: TextConfig, layout: CacheLayout, dtype, sharding=None) -> dict[str, jax.Array]:
-    """Zeroed pools: {"k{l}", "v{l}"} for every layer that owns K/V."""
+def allocate(cfg: TextConfig, layout: CacheLayout, dtype, sharding=None, layers=None) -> dict[str, jax.Array]:
+    """Zeroed pools: {"k{l}", "v{l}"} for every layer that owns K/V (among `layers`, default all: a pipeline stage
+    allocates its own). sharding: one Sharding for all pools, or a function pool shape -> Sharding (per layer
+    kind: a pool is sharded by KV head only where the tensor axis divides its head count)."""
     cache = {}
+    wanted = set(range(cfg.num_hidden_layers) if layers is None else layers)
     for spec in cfg.layers:
-        if spec.is_kv_shared:
+        if spec.is_kv_shared or spec.index not in wanted:
             continue
         if spec.is_sliding:
             shape = (layout.max_seqs + 1, layout.ring_len, spec.num_kv_heads, spec.head_dim)
         else:
             shape = (layout.num_pages, layout.page_size, spec.num_kv_heads, spec.head_dim)
+        where = sharding(shape) if callable(sharding) else sharding
         for kind in ("k", "v"):
-            cache[f"{kind}{spec.index}"] = jnp.zeros(shape, dtype, device=sharding)
+            cache[f"{kind}{spec.index}"] = jnp.zeros(shape, dtype, device=where)
     return cache
 
 
