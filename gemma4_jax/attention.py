@@ -51,11 +51,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
-def attention_mask(q_pos: jax.Array, kv_pos: jax.Array, sliding_window: int | None) -> jax.Array:
-    """Causal (+ window) mask (B, T, S) from positions. Keys with a negative position are padding / empty slots."""
+def attention_mask(q_pos: jax.Array, kv_pos: jax.Array, sliding_window: int | None,
+                   blocks: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Causal (+ window) mask (B, T, S) from positions. Keys with a negative position are padding / empty slots.
+
+    blocks: optional (query blocks (B, T), key blocks (B, S)) ids, -1 = none: a query also sees the later keys of
+    its own block (bidirectional vision soft tokens); the window still bounds how far back it sees.
+    """
     q = q_pos[:, :, None]
     k = kv_pos[:, None, :]
-    mask = (k <= q) & (k >= 0)
+    mask = k <= q
+    if blocks is not None:
+        q_block, kv_block = blocks[0][:, :, None], blocks[1][:, None, :]
+        mask |= (q_block == kv_block) & (q_block >= 0)
+    mask &= k >= 0
     if sliding_window is not None:
         mask &= k > q - sliding_window
     return mask

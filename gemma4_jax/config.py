@@ -144,6 +144,12 @@ class ModelConfig:
     eoi_token_id: int = 258882
     boa_token_id: int = 256000
     eoa_token_id: int = 258883
+    # The parsed vision tower (vision.VisionConfig) or None; bidirectional attention among the soft tokens of one
+    # image/frame on sliding layers (text_config.use_bidirectional_attention == "vision").
+    vision: Any = None
+    vision_bidirectional: bool = False
+    # The parsed audio tower (audio.AudioConfig) or None.
+    audio: Any = None
 
     @property
     def is_multimodal(self) -> bool:
@@ -366,6 +372,22 @@ def text_config_from_dict(d: dict[str, Any], where: str = "config") -> TextConfi
     )
 
 
+def _vision_config(d: dict[str, Any] | None, where: str) -> Any:
+    if d is None:
+        return None
+    from gemma4_jax.vision import vision_config_from_dict  # the tower module imports this one
+
+    return vision_config_from_dict(d, where)
+
+
+def _audio_config(d: dict[str, Any] | None, where: str) -> Any:
+    if d is None:
+        return None
+    from gemma4_jax.audio import audio_config_from_dict  # the tower module imports this one
+
+    return audio_config_from_dict(d, where)
+
+
 def config_from_dict(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """Parse a whole HF config.json dict (text-only or multimodal) into a ModelConfig."""
     if not isinstance(d, dict):
@@ -403,6 +425,9 @@ def config_from_dict(d: dict[str, Any], where: str = "config.json") -> ModelConf
             eoi_token_id=int(d.get("eoi_token_id", 258882)),
             boa_token_id=int(d.get("boa_token_id", 256000)),
             eoa_token_id=int(d.get("eoa_token_index", d.get("eoa_token_id", 258883))),
+            vision=_vision_config(d.get("vision_config"), f"{where} vision_config"),
+            vision_bidirectional=text.get("use_bidirectional_attention") == "vision",
+            audio=_audio_config(d.get("audio_config"), f"{where} audio_config"),
         )
     return ModelConfig(
         text=text_config_from_dict(d, where=where),

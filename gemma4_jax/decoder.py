@@ -47,6 +47,26 @@ def _select_tokens(index: jax.Array, *arrays):
     return tuple(None if a is None else a[rows, index][:, None] for a in arrays)
 
 
+def _blocks_by_position(blocks: jax.Array, positions: jax.Array):
+    """Key block ids of a chunk whose tokens (positions (B, T), -1 padding at the end) have block ids `blocks`
+    (B, T): a function kv_positions (B, S) -> (B, S), the block of the chunk token at that position, -1 for keys
+    outside the chunk (the cache). Works for any store layout (paged, ring + chunk): only positions are compared."""
+    start = positions[:, :1]
+    t = positions.shape[1]
+
+    def key_blocks(kv_pos: jax.Array) -> jax.Array:
+        index = kv_pos - start
+        inside = (kv_pos >= 0) & (start >= 0) & (index >= 0) & (index < t)
+        return jnp.where(inside, jnp.take_along_axis(blocks, jnp.clip(index, 0, t - 1), axis=1), -1)
+
+    return key_blocks
+
+
+def stack_routed(routed: list) -> jax.Array:
+    """The ids collected by decode_layers(routed=...): per MoE layer (B, T, k) -> (B, T, L_moe, k) int32."""
+    return jnp.stack(routed, axis=2)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, spec: LayerSpec, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, eps = cfg.hidden_size, cfg.rms_norm_eps
@@ -75,8 +95,13 @@ class DecoderLayer(nnx.Module):
         per_layer_input: jax.Array | None,
         kv_store: Any,
         shared_kv: dict[int, tuple[jax.Array, jax.Array, jax.Array]],
+        vision_blocks: tuple[jax.Array, jax.Array] | None = None,
+        routed: list | None = None,
     ) -> jax.Array:
-        """x: (B, T, D); positions: (B, T); per_layer_input: (B, T, P) or None. Fills shared_kv[self] when stored."""
+        """x: (B, T, D); positions: (B, T); per_layer_input: (B, T, P) or None. Fills shared_kv[self] when stored.
+
+        vision_blocks: (query (B, T), key (B, S)) vision block ids (-1: text) for bidirectional attention inside an
+        image on sliding layers; full-attention layers stay causal (as HF)."""
         spec = self.spec
         residual = x
         h = self.input_layernorm(x)
@@ -89,7 +114,10 @@ class DecoderLayer(nnx.Module):
                 k_all, v_all, kv_pos = kv_store.update(spec.index, k, v, positions)
                 if spec.kv_sharing == "store":
                     shared_kv[spec.index] = (k_all, v_all, kv_pos)
-            mask = attention_mask(positions, kv_pos, spec.sliding_window)
+            blocks = vision_blocks if spec.is_sliding else None
+            if blocks is not None and callable(blocks[1]):  # engine chunk: key blocks found by key position
+                blocks = (blocks[0], blocks[1](kv_pos))
+            mask = attention_mask(positions, kv_pos, spec.sliding_window, blocks)
             attn = reference_attention(q, k_all, v_all, mask, scale=1.0)
             h = self.self_attn.output(attn)
         x = residual + self.post_attention_layernorm(h)
@@ -97,7 +125,7 @@ class DecoderLayer(nnx.Module):
         residual = x
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.moe is not None:
-            h = self.post_feedforward_layernorm_1(h) + self.moe(residual)
+            h = self.post_feedforward_layernorm_1(h) + self.moe(residual, routed)
         x = residual + self.post_feedforward_layernorm(h)
 
         if per_layer_input is not None:
@@ -142,22 +170,39 @@ class Gemma4Text(nnx.Module):
         return x, ple
 
     def decode_layers(self, x, positions, ple, kv_store=None, layers: range | None = None, shared_kv=None,
-                      keep_index: jax.Array | None = None):
+                      keep_index: jax.Array | None = None, vision_blocks: jax.Array | None = None,
+                      routed: list | None = None):
         """Run decoder layers (all, or a contiguous range: a pipeline stage) over x (B, T, D).
 
         keep_index: (B,) position in T of the one token per row whose output is wanted (the engine's last token).
         Given, the result is (B, 1, D), and the KV-shared layers (always the last ones: they write no K/V) run on
         that token alone, as HF's generate does; in an E2B-style model they are a third of the prefill compute.
+        vision_blocks: (B, T) vision block ids (-1: text) of the tokens in x. With a kv_store (an engine prefill
+        chunk) every block must lie inside the chunk: keys are matched to blocks by position, so cached keys from
+        earlier chunks are never in a block (the engine schedules each image's run inside one chunk).
+        routed: a list to which each MoE layer appends its router's top-k expert ids, (B, T, k) int32, or (B, 1, k)
+        with keep_index (the kept token's). `stack_routed` turns it into (B, T, L_moe, k).
         """
         kv_store = SequenceKV() if kv_store is None else kv_store
         shared_kv = {} if shared_kv is None else shared_kv
+        blocks = None
+        if vision_blocks is not None:
+            blocks = (vision_blocks, vision_blocks if kv_store is None else _blocks_by_position(vision_blocks,
+                                                                                                 positions))
         sliced = False
         for i in layers if layers is not None else range(len(self.layers)):
             if keep_index is not None and not sliced and self.layers[i].spec.is_kv_shared:
                 x, positions, ple = _select_tokens(keep_index, x, positions, ple)
+                if vision_blocks is not None:  # the keys stay the whole sequence, the query is one token
+                    blocks = (_select_tokens(keep_index, vision_blocks)[0], blocks[1])
                 sliced = True
+            layer_routed = [] if routed is not None else None
             with jax.named_scope(f"layer_{i}"):
-                x = self.layers[i](x, positions, None if ple is None else ple[:, :, i, :], kv_store, shared_kv)
+                x = self.layers[i](x, positions, None if ple is None else ple[:, :, i, :], kv_store, shared_kv,
+                                   blocks, layer_routed)
+            if layer_routed:
+                ids = layer_routed[0]
+                routed.append(_select_tokens(keep_index, ids)[0] if keep_index is not None and not sliced else ids)
         if keep_index is not None and not sliced:
             x = _select_tokens(keep_index, x)[0]
         return x
@@ -172,10 +217,12 @@ class Gemma4Text(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return logits
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, kv_store=None) -> jax.Array:
-        """Full forward. input_ids, positions: (B, T) (positions < 0: padding) -> logits (B, T, V) float32."""
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, kv_store=None,
+                 routed: list | None = None) -> jax.Array:
+        """Full forward. input_ids, positions: (B, T) (positions < 0: padding) -> logits (B, T, V) float32.
+        routed: see decode_layers."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         x, ple = self.embed(input_ids)
-        x = self.decode_layers(x, positions, ple, kv_store)
+        x = self.decode_layers(x, positions, ple, kv_store, routed=routed)
         return self.head(x)

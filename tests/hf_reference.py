@@ -104,3 +104,136 @@ def rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref|."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+BASE_AUDIO = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    hidden_act="silu",
+    subsampling_conv_channels=[16, 8],  # 16 mel bins: ceil(16 / 4) == 16 // 4, as HF's projection size assumes
+    conv_kernel_size=5,
+    residual_weight=0.7,  # not HF's 0.5, so a hard-coded weight shows
+    attention_chunk_size=4,
+    attention_context_left=5,
+    attention_context_right=2,
+    attention_logit_cap=3.0,  # small enough that the tanh cap changes the logits
+    use_clipped_linears=True,
+    rms_norm_eps=1e-2,  # not 1e-6, so a norm built with the wrong eps shows
+    gradient_clipping=2.0,  # bites on the residual stream and after the light convolution
+    output_proj_dims=48,
+)
+# Multimodal token ids inside the tiny text vocab (BASE_TEXT vocab_size=384).
+TINY_MM_TOKENS = dict(image_token_id=370, video_token_id=371, audio_token_id=372, boi_token_id=373,
+                      eoi_token_id=374, boa_token_id=375, eoa_token_index=376)
+
+
+def make_audio_checkpoint(path: str, seed: int = 0, audio_overrides: dict | None = None, **text_overrides):
+    """Save a random Gemma4ForConditionalGeneration with an audio tower (no vision) to `path`.
+
+    Every parameter is randomised as in randomize_; the clipped linears get finite random bounds (inputs and
+    outputs clamped to about +-1..3, so clipping happens) and the derived, non-persistent buffers (the relative
+    position timescales, the attention soft-cap, which HF takes from the config) are restored.
+    """
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
+
+    torch.manual_seed(seed)
+    tc = Gemma4TextConfig(**text_config(**text_overrides))
+    audio = {**BASE_AUDIO, **(audio_overrides or {})}
+    cfg = Gemma4Config(text_config=tc.to_dict(), vision_config=None, audio_config=audio,
+                       tie_word_embeddings=tc.tie_word_embeddings, **TINY_MM_TOKENS)
+    model = Gemma4ForConditionalGeneration(cfg).float().eval()
+    model.config._attn_implementation = "eager"
+    derived = {n: b.clone() for n, b in model.named_buffers() if n.endswith(("inv_timescales", "softcap"))}
+    randomize_(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in derived:
+                b.copy_(derived[name])
+            elif name.endswith(("input_min", "output_min")):
+                b.fill_(-(1.0 + 2.0 * torch.rand((), generator=g).item()))
+            elif name.endswith(("input_max", "output_max")):
+                b.fill_(1.0 + 2.0 * torch.rand((), generator=g).item())
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def hf_audio_embed(model, input_features: np.ndarray, input_features_mask: np.ndarray):
+    """HF audio tower + embedder: (soft tokens (B, T', D_text), valid (B, T') bool) as numpy."""
+    import torch
+
+    with torch.no_grad():
+        out = model.model.get_audio_features(torch.as_tensor(np.asarray(input_features, np.float32)),
+                                             torch.as_tensor(np.asarray(input_features_mask, bool)), return_dict=True)
+    return out.pooler_output.float().numpy(), out.attention_mask.numpy()
+
+
+# Multimodal: a tiny vision tower (patch 4, pooling 3: an image of 12x12 pixels per soft token) and placeholder ids
+# inside the tiny vocabulary, so that the text part is the same small model as above.
+BASE_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    patch_size=4,
+    pooling_kernel_size=3,
+    position_embedding_size=256,  # a thin strip image is up to 162 patches wide
+    use_clipped_linears=True,
+    standardize=True,
+    rope_parameters={"rope_type": "axial", "rope_theta": 100.0},
+)
+
+
+def make_multimodal_checkpoint(path: str, seed: int = 0, vision_overrides: dict | None = None,
+                               audio_config: dict | None = None, **text_overrides):
+    """Save a random Gemma4ForConditionalGeneration with a vision tower (and optionally an audio tower, e.g.
+    `audio_config=BASE_AUDIO`) to `path`; placeholder ids are TINY_MM_TOKENS.
+
+    Every parameter and buffer is randomised as in `randomize_`; the clipped-linear bounds get finite values
+    (about +-2, so that some activations are clipped) instead of +-inf or a narrow band around 1; the audio
+    tower's derived buffers (timescales, soft-cap: config values, not weights) are restored.
+    """
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Gemma4Config(text_config=text_config(**text_overrides), vision_config={**BASE_VISION,
+                       **(vision_overrides or {})}, audio_config=audio_config, **TINY_MM_TOKENS)
+    model = Gemma4ForConditionalGeneration(cfg).float().eval()
+    model.config._attn_implementation = "eager"
+    for sub in (model.config.text_config, model.config.vision_config, model.config.audio_config):
+        if sub is not None:
+            sub._attn_implementation = "eager"
+    derived = {n: b.clone() for n, b in model.named_buffers() if n.endswith(("inv_timescales", "softcap"))}
+    randomize_(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            leaf = name.rsplit(".", 1)[-1]
+            if name in derived:
+                buf.copy_(derived[name])
+            elif leaf in ("input_min", "output_min"):
+                buf.fill_(-(1.5 + torch.rand((), generator=g).item()))
+            elif leaf in ("input_max", "output_max"):
+                buf.fill_(1.5 + torch.rand((), generator=g).item())
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def hf_multimodal_logits(model, input_ids: np.ndarray, **inputs) -> np.ndarray:
+    """Logits of a Gemma4ForConditionalGeneration; `inputs` are numpy arrays under the processor's names."""
+    import torch
+
+    tensors = {}
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        arr = np.asarray(value)
+        tensors[name] = torch.as_tensor(arr, dtype=torch.float32 if arr.dtype.kind == "f" else torch.long)
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long), use_cache=False, **tensors)
+    return out.logits.float().numpy()
