@@ -9,7 +9,11 @@ A `RequestGroup` is what one HTTP request waits on: its n (or prompts x n) engin
 queues up behind a client that reads slowly.
 
 Admission is bounded here, on the loop thread: at most `max_active` unfinished requests and (optionally)
-`max_active_tokens` prompt + max_tokens tokens; beyond that `add` raises `QueueFull` (HTTP 429).
+`max_active_tokens` prompt + max_tokens tokens; beyond that `add` raises `QueueFull` (HTTP 429). A request that
+alone needs more than `max_active_tokens` can never be admitted and raises `ValueError` (HTTP 400).
+
+Prompt logprobs (`echo` with `logprobs` on /v1/completions) are one full-sequence forward of the prompt, run on the
+engine thread between steps (`prompt_logprobs`): the paged step computes logits only for each row's last token.
 An exception from `Engine.step` fails every in-flight request with `EngineError` (HTTP 500, or an error event in
 a stream), aborts them to free their pages, and the thread keeps serving.
 """
@@ -18,15 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from gemma4_jax.serving.engine import Engine, RequestOutput, Status
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma4_jax.serving.engine import Engine, RequestOutput, Status, TokenLogprob
 from gemma4_jax.serving.metrics import ServerMetrics
-from gemma4_jax.serving.sampling import SamplingParams
+from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +168,11 @@ class AsyncEngine:
         if not self.alive or self._loop is None:
             raise EngineStopped("the engine is not running")
         tokens = sum(len(ids) + params.max_tokens for _, ids, params in requests)
+        if self.max_active_tokens is not None and tokens > self.max_active_tokens:
+            raise ValueError(
+                f"the request needs {tokens} tokens (prompts + max_tokens, times n), over this server's token "
+                f"budget of {self.max_active_tokens}; lower max_tokens or n, or shorten the prompt"
+            )
         if self.num_active + len(requests) > self.max_active:
             raise QueueFull(f"the server has {self.num_active} unfinished requests (limit {self.max_active})")
         if self.max_active_tokens is not None and self._active_tokens + tokens > self.max_active_tokens:
@@ -180,6 +194,15 @@ class AsyncEngine:
             self.abort(group)
             raise
         return group
+
+    async def prompt_logprobs(self, ids: Sequence[int], k: int) -> list[TokenLogprob]:
+        """Logprobs of each prompt token given the ones before it, with the top `k`; the first token has none
+        (`logprob` and `top` None). Raises EngineStopped, or EngineError when the forward fails."""
+        if not self.alive or self._loop is None:
+            raise EngineStopped("the engine is not running")
+        done = self._loop.create_future()
+        self._commands.put(("score", list(ids), k, done))
+        return await done
 
     def abort(self, group: RequestGroup) -> None:
         """Abort the group's unfinished requests (no-op for finished ones); their pages are freed before the next
@@ -258,6 +281,16 @@ class AsyncEngine:
                 self._tracked[rid] = _Tracked(group, index, arrival)
                 self.metrics.prompt_tokens.inc(len(ids))
             self._call_loop(_resolve, done, None)
+        elif kind == "score":
+            _, ids, k, done = command
+            try:
+                result = score_prompt(self.engine.model, ids, k)
+            except Exception as e:
+                log.exception("prompt logprobs failed")
+                self.metrics.engine_errors.inc()
+                self._call_loop(_resolve, done, EngineError(f"computing the prompt logprobs failed: {e!r}"))
+            else:
+                self._call_loop(_resolve_value, done, result)
         elif kind == "abort":
             for rid in command[1]:
                 if self._tracked.pop(rid, None) is not None:
@@ -355,3 +388,41 @@ def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+def _resolve_value(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _score(logits: jax.Array, ids: jax.Array, *, k: int):
+    """logits (T, V) float32, ids (T,) -> for t < T: the logprob of ids[t + 1] under position t's logits (T,), and
+    the top k logprobs (T, k) with their ids."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, jnp.roll(ids, -1)[:, None], axis=-1)[:, 0]
+    top_values, top_ids = jax.lax.top_k(logprobs, k)
+    return chosen, top_values, top_ids
+
+
+def score_prompt(model, ids: Sequence[int], k: int) -> list[TokenLogprob]:
+    """Prompt logprobs (vLLM's semantics: the first token has None) with the top `k` per token, from one
+    `Model.logits` forward over the prompt (its (T, V) float32 logits are materialised once).
+
+    The prompt is padded to a power of two (at least 16; padding positions are -1, attended by nothing) so that
+    prompt lengths share compiled shapes.
+    """
+    length = len(ids)
+    padded = max(16, 1 << (length - 1).bit_length())
+    tokens = np.zeros((1, padded), np.int32)
+    tokens[0, :length] = ids
+    positions = np.full((1, padded), -1, np.int32)
+    positions[0, :length] = np.arange(length)
+    logits = model.logits(tokens, positions)[0]
+    # Always the most alternatives anyone may ask for, sliced here: one compiled shape per prompt bucket.
+    chosen, top_values, top_ids = jax.device_get(_score(logits, jnp.asarray(tokens[0]), k=MAX_LOGPROBS))
+    out = [TokenLogprob(int(ids[0]), None, None)]
+    for t in range(1, length):
+        top = [(int(i), float(v)) for i, v in zip(top_ids[t - 1, :k], top_values[t - 1, :k])]
+        out.append(TokenLogprob(int(ids[t]), float(chosen[t - 1]), top))
+    return out

@@ -1,16 +1,25 @@
 """The OpenAI wire format of the HTTP server: request schemas (pydantic), the error envelope, response helpers.
 
-Schemas check types only; value ranges are checked once, by `SamplingParams` (which names the field), so the
-server and the offline `LLM` refuse the same requests with the same messages. Unknown fields are ignored, as
-OpenAI clients expect (they send new fields before servers know them).
+Schemas check types and shapes; value ranges are checked once, by `SamplingParams` (which names the field), so the
+server and the offline `LLM` refuse the same requests with the same messages. The ranges are still advertised in
+the OpenAPI schema (with the running server's limits, `advertise_limits`), so that it describes valid requests.
+Unknown fields are ignored, as OpenAI clients expect (they send new fields before servers know them).
+
+Also here: Gemma 4's tool-call syntax (`ToolCallParser`), which turns model output into OpenAI `tool_calls`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from typing import Any, Literal
+import re
+import uuid
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+
+from gemma4_jax.serving.sampling import MAX_LOGPROBS
 
 # A logprob of -inf (a token the sampler could never pick) is not valid JSON; vLLM clamps it the same way.
 MIN_LOGPROB = -9999.0
@@ -60,9 +69,119 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 # --------------------------------------------------------------------------------------------------------------
 
 
+# JSON-schema pieces that describe a valid request exactly enough for clients and fuzzers (positive generation) to
+# produce accepted bodies. They are advertised in the OpenAPI schema; where a value range is involved, enforcing it
+# stays with `SamplingParams` (one message per field for the server and the offline LLM). Limits that depend on the
+# running server (n, max_tokens, vocabulary, stop sequences, the model name) are filled in by `advertise_limits`.
+
+# OpenAI's rule for function names (also what Gemma 4's `call:NAME{` needs: no '{' or whitespace in a name).
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+
+_TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+}
+_CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}
+_TOOL_CALL = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "pattern": FUNCTION_NAME_PATTERN},
+                "arguments": {"type": "string", "description": "a JSON object, as a string"},
+            },
+            "required": ["name", "arguments"],
+        },
+    },
+    "required": ["id", "type", "function"],
+}
+MESSAGE_SCHEMA = {
+    "anyOf": [
+        {
+            "type": "object",
+            "properties": {"role": {"enum": ["system", "developer", "user"]}, "content": _CONTENT},
+            "required": ["role", "content"],
+        },
+        {
+            "type": "object",
+            "properties": {
+                "role": {"const": "assistant"},
+                "content": _CONTENT,
+                "tool_calls": {"type": "array", "items": _TOOL_CALL},
+            },
+            "required": ["role", "content"],
+        },
+        {
+            "type": "object",
+            "properties": {
+                "role": {"const": "assistant"},
+                "content": {"type": "null"},
+                "tool_calls": {"type": "array", "items": _TOOL_CALL, "minItems": 1},
+            },
+            "required": ["role", "content", "tool_calls"],
+        },
+        {
+            "type": "object",
+            "properties": {"role": {"const": "tool"}, "content": _CONTENT, "tool_call_id": {"type": "string"}},
+            "required": ["role", "content", "tool_call_id"],
+        },
+    ]
+}
+# Messages are validated by `validate_messages` and the chat template (which may know roles OpenAI does not), so
+# the schema describes them without pydantic enforcing this shape.
+Messages = Annotated[list[dict[str, Any]], WithJsonSchema({"type": "array", "items": MESSAGE_SCHEMA, "minItems": 1})]
+
+
+def _advertised(default: Any = None, **schema: Any) -> Any:
+    """A field whose JSON schema carries `schema` (ranges, lengths) that the server checks after parsing."""
+    return Field(default, json_schema_extra=schema)
+
+
+def _template_kwargs() -> Any:
+    return _advertised(
+        properties={"enable_thinking": {"type": "boolean"}},
+        additionalProperties=False,
+        description="extra chat-template variables",
+    )
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")  # kept for the chat template (e.g. Gemma 4's `response`)
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments")
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"] = Field("text", description="only plain text is supported")
 
 
 class _GenerationRequest(BaseModel):
@@ -71,20 +190,21 @@ class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    n: int = 1
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    n: int = _advertised(1, minimum=1)
+    max_tokens: int | None = _advertised(minimum=1)
+    temperature: float | None = _advertised(minimum=0, maximum=1e4)
+    top_p: float | None = _advertised(exclusiveMinimum=0, maximum=1)
+    top_k: int | None = _advertised(minimum=-1, maximum=2**31 - 1)
+    min_p: float | None = _advertised(minimum=0, maximum=1)
+    # Accepted: [-2**63, 2**64); advertised: what a double holds exactly, so generators do not round past a bound.
+    seed: int | None = _advertised(minimum=-(2**53), maximum=2**53)
+    stop: str | list[str] | None = Field(None, description="up to the server's limit of non-empty strings")
+    stop_token_ids: list[int] | None = _advertised(items={"type": "integer", "minimum": 0})
     ignore_eos: bool = False
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = _advertised(minimum=-2, maximum=2)
+    frequency_penalty: float | None = _advertised(minimum=-2, maximum=2)
+    repetition_penalty: float | None = _advertised(exclusiveMinimum=0, maximum=1e4)
+    logit_bias: dict[str, float] | None = _advertised(maxProperties=0, description="not supported: empty or null")
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -95,37 +215,120 @@ class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a string, a list of strings, a list of token ids, or a list of token-id lists"
     )
-    logprobs: int | None = Field(None, description="top logprobs per generated token (0..20)")
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    logprobs: int | None = _advertised(minimum=0, maximum=MAX_LOGPROBS, description="top logprobs per token")
+    echo: bool = Field(False, description="prepend the prompt (with `logprobs`: its logprobs too, the first null)")
+    suffix: str | None = _advertised(maxLength=0, description="not supported: empty or null")
+    best_of: int | None = _advertised(type="null", description="accepted only when equal to n")
 
 
 class ChatCompletionRequest(_GenerationRequest):
-    messages: list[dict[str, Any]]
-    max_completion_tokens: int | None = None
+    # top_logprobs only together with logprobs=true (OpenAI's rule)
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"top_logprobs": {"type": "null"}}},
+                {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+            ]
+        },
+    )
+
+    messages: Messages
+    max_completion_tokens: int | None = _advertised(minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = _advertised(minimum=0, maximum=MAX_LOGPROBS, description="needs logprobs=true")
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = _template_kwargs()
 
 
-class TokenizeRequest(BaseModel):
+def _exactly_one(data: Any) -> Any:
+    if isinstance(data, dict) and "prompt" in data and "messages" in data:
+        raise ValueError("give exactly one of 'prompt' and 'messages'")
+    return data
+
+
+class TokenizeCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
+    prompt: str
     add_special_tokens: bool = True
+
+    check = model_validator(mode="before")(classmethod(lambda cls, data: _exactly_one(data)))
+
+
+class TokenizeChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: Messages
     add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = _template_kwargs()
+
+    check = model_validator(mode="before")(classmethod(lambda cls, data: _exactly_one(data)))
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    tokens: list[int]
+    tokens: list[int] = _advertised(..., items={"type": "integer", "minimum": 0})
+
+
+def advertise_limits(
+    schemas: dict[str, Any],
+    *,
+    model_name: str,
+    max_n: int,
+    max_prompts: int,
+    max_stop: int,
+    max_stop_chars: int,
+    max_model_len: int | None = None,
+    vocab_size: int | None = None,
+) -> None:
+    """Write the running server's limits into the OpenAPI `components.schemas` (in place)."""
+    stop_string = {"type": "string", "minLength": 1, "maxLength": max_stop_chars}
+    token = {"type": "integer", "minimum": 0, **({"maximum": vocab_size - 1} if vocab_size else {})}
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = schemas[name]["properties"]
+        props["model"] = {"anyOf": [{"enum": [model_name]}, {"type": "null"}], "title": "Model"}
+        props["n"].update(minimum=1, maximum=max_n)
+        props["stop"] = {
+            "anyOf": [
+                stop_string,
+                {"type": "array", "items": stop_string, "maxItems": max_stop},
+                {"type": "null"},
+            ],
+            "title": "Stop",
+        }
+        if vocab_size:
+            props["stop_token_ids"]["items"] = token
+        if max_model_len:
+            for field in ("max_tokens", "max_completion_tokens"):
+                if field in props:
+                    props[field]["maximum"] = max_model_len - 1
+    props = schemas["CompletionRequest"]["properties"]
+    ids = {"type": "array", "items": token, "minItems": 1}
+    if max_model_len:
+        ids["maxItems"] = max_model_len - 1
+    props["prompt"] = {
+        "anyOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": max_prompts},
+            ids,
+            {"type": "array", "items": ids, "minItems": 1, "maxItems": max_prompts},
+        ],
+        "title": "Prompt",
+        "description": props["prompt"].get("description", ""),
+    }
+    for name in ("TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest"):
+        schemas[name]["properties"]["model"] = {"anyOf": [{"enum": [model_name]}, {"type": "null"}], "title": "Model"}
+    if vocab_size:
+        schemas["DetokenizeRequest"]["properties"]["tokens"]["items"] = token
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,18 +350,237 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(loc) -> list[str]:
+    """A pydantic error location without "body" and the union-member tags pydantic inserts ("str",
+    "literal['none','auto']", "NamedToolChoice", "TokenizeChatRequest"): the field path a client sent."""
+    return [
+        str(p)
+        for p in loc
+        if p != "body"
+        and not (isinstance(p, str) and (p in _TYPE_NAMES or p[:1].isupper() or any(c in p for c in "[]'(")))
+    ]
+
+
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     """A pydantic/FastAPI error list -> (one readable message, the offending field as a dotted path)."""
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = _field_path(first.get("loc", ()))
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     parts = []
     for err in errors[:3]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        where = ".".join(_field_path(err.get("loc", ()))) or "body"
         parts.append(f"{where}: {err.get('msg')}")
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return "invalid request: " + "; ".join(parts) + more, param
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gemma 4 tool calls
+# --------------------------------------------------------------------------------------------------------------
+# The syntax is Gemma 4's, as transformers 5.23 parses it (`transformers/cli/serving/utils.py`,
+# `_RESPONSE_TEMPLATE_FALLBACKS["gemma4"]`: open `<|tool_call>call:(?P<name>\w+)`, close `<tool_call|>`, JSON content
+# with unquoted keys and `<|"|>` as the string delimiter; a model turn that made calls ends with `<|tool_response>`)
+# and as the checkpoint's chat template writes calls into the history (`format_argument`: strings wrapped in
+# `<|"|>`, true/false, `{key:value,...}` with bare keys, `[a,b]`, numbers bare):
+#
+#     <|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3,metric:true}<tool_call|>
+#
+# The markers are special tokens of the Gemma 4 tokenizer: the server parses text decoded with them kept.
+
+TOOL_CALL_START = "<|tool_call>"
+TOOL_CALL_END = "<tool_call|>"
+TOOL_RESPONSE_START = "<|tool_response>"
+STRING_DELIM = '<|"|>'
+
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+_BARE_KEY = re.compile(r"[^\s:{}\[\],<>\"]+")
+_CALL_NAME = re.compile(r"call:([A-Za-z0-9_.\-]{1,64})\{")
+_LITERALS = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
+
+
+class ToolCallSyntaxError(ValueError):
+    """Text between the tool-call markers that is not `call:NAME{...}` in Gemma 4's argument syntax."""
+
+
+def _parse_value(text: str, i: int) -> tuple[Any, int]:
+    """One Gemma 4 argument value starting at text[i] (after blanks) -> (value, index after it)."""
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if text.startswith(STRING_DELIM, i):
+        end = text.find(STRING_DELIM, i + len(STRING_DELIM))
+        if end < 0:
+            raise ToolCallSyntaxError(f"unterminated {STRING_DELIM} string at {i}")
+        return text[i + len(STRING_DELIM) : end], end + len(STRING_DELIM)
+    if i >= len(text):
+        raise ToolCallSyntaxError("a value is missing at the end")
+    char = text[i]
+    if char == '"':  # a JSON string (models sometimes fall back to them)
+        try:
+            return json.JSONDecoder().raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise ToolCallSyntaxError(f"bad JSON string at {i}: {e.msg}") from None
+    if char == "{":
+        return _parse_object(text, i)
+    if char == "[":
+        items, i = [], i + 1
+        while True:
+            while i < len(text) and text[i].isspace():
+                i += 1
+            if text.startswith("]", i):
+                return items, i + 1
+            if items:
+                if not text.startswith(",", i):
+                    raise ToolCallSyntaxError(f"expected ',' or ']' at {i}")
+                i += 1
+            value, i = _parse_value(text, i)
+            items.append(value)
+    number = _NUMBER.match(text, i)
+    if number:
+        literal = number.group()
+        return (float(literal) if any(c in literal for c in ".eE") else int(literal)), number.end()
+    word = _BARE_KEY.match(text, i)
+    if word and word.group() in _LITERALS:
+        return _LITERALS[word.group()], word.end()
+    raise ToolCallSyntaxError(f"unexpected {text[i : i + 10]!r} at {i}")
+
+
+def _parse_object(text: str, i: int) -> tuple[dict[str, Any], int]:
+    """`{key:value,...}` starting at text[i] == '{' (keys bare or `<|"|>`-quoted) -> (dict, index after '}')."""
+    out: dict[str, Any] = {}
+    i += 1
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if text.startswith("}", i):
+            return out, i + 1
+        if out:
+            if not text.startswith(",", i):
+                raise ToolCallSyntaxError(f"expected ',' or '}}' at {i}")
+            i += 1
+            while i < len(text) and text[i].isspace():
+                i += 1
+        if text.startswith(STRING_DELIM, i) or text.startswith('"', i):
+            key, i = _parse_value(text, i)
+        else:
+            match = _BARE_KEY.match(text, i)
+            if not match:
+                raise ToolCallSyntaxError(f"expected a key at {i}")
+            key, i = match.group(), match.end()
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if not text.startswith(":", i):
+            raise ToolCallSyntaxError(f"expected ':' after key {key!r}")
+        out[str(key)], i = _parse_value(text, i + 1)
+
+
+def parse_tool_call(body: str) -> tuple[str, dict[str, Any]]:
+    """The text between `<|tool_call>` and `<tool_call|>` -> (function name, arguments)."""
+    match = _CALL_NAME.match(body.strip())
+    if not match:
+        raise ToolCallSyntaxError(f"a tool call must look like call:NAME{{...}}, got {body[:40]!r}")
+    text = body.strip()
+    arguments, end = _parse_object(text, match.end() - 1)
+    if text[end:].strip():
+        raise ToolCallSyntaxError(f"text after the arguments: {text[end : end + 20]!r}")
+    return match.group(1), arguments
+
+
+def format_tool_arguments(arguments: Any) -> str:
+    """Arguments as the chat template writes them into a model turn (the inverse of `parse_tool_call`)."""
+    if isinstance(arguments, str):
+        return STRING_DELIM + arguments + STRING_DELIM
+    if isinstance(arguments, bool):
+        return "true" if arguments else "false"
+    if arguments is None:
+        return "null"
+    if isinstance(arguments, dict):
+        return "{" + ",".join(f"{k}:{format_tool_arguments(v)}" for k, v in sorted(arguments.items())) + "}"
+    if isinstance(arguments, list | tuple):
+        return "[" + ",".join(format_tool_arguments(v) for v in arguments) + "]"
+    return str(arguments)
+
+
+@dataclasses.dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+    id: str = dataclasses.field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def to_openai(self, index: int | None = None) -> dict[str, Any]:
+        out = {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)},
+        }
+        return out if index is None else {"index": index, **out}
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker` (it may still become one)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+class ToolCallParser:
+    """Splits a growing model output into content and Gemma 4 tool calls, for streaming and at the end.
+
+    Feed it the cumulative text (decoded with special tokens kept); each `feed` returns the new content and the
+    tool calls completed since the last one. Text that may be the start of a call is held back until known. A call
+    that does not parse stays in the content as text (the client sees what the model wrote, never an error), and
+    so does an unfinished call at the end. Anything after `<|tool_response>` (where the model hands over to the
+    tool) is dropped.
+    """
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix  # text forced into the model turn before generation (tool_choice required / named)
+        self._done = 0  # characters of prefix + text consumed
+        self._ended = False
+        self.calls: list[ToolCall] = []
+        self.content = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        if self._ended:
+            return "", []
+        full = self.prefix + text
+        stop = full.find(TOOL_RESPONSE_START, self._done)
+        if stop >= 0:
+            full, final, self._ended = full[:stop], True, True
+        content, calls = [], []
+        while True:
+            rest = full[self._done :]
+            start = rest.find(TOOL_CALL_START)
+            if start < 0:
+                keep = 0 if final else max(_partial_suffix(rest, m) for m in (TOOL_CALL_START, TOOL_RESPONSE_START))
+                content.append(rest[: len(rest) - keep])
+                self._done += len(rest) - keep
+                break
+            end = rest.find(TOOL_CALL_END, start + len(TOOL_CALL_START))
+            if end < 0:
+                if final:  # cut off inside a call: show what was written
+                    content.append(rest)
+                    self._done += len(rest)
+                else:
+                    content.append(rest[:start])
+                    self._done += start
+                break
+            content.append(rest[:start])
+            try:
+                calls.append(ToolCall(*parse_tool_call(rest[start + len(TOOL_CALL_START) : end])))
+            except ToolCallSyntaxError:
+                content.append(rest[start : end + len(TOOL_CALL_END)])
+            self._done += end + len(TOOL_CALL_END)
+        if final:
+            self._ended = True
+        delta = "".join(content)
+        self.content += delta
+        self.calls += calls
+        return delta, calls

@@ -414,6 +414,14 @@ def test_queue_full_429(server, client, http):
     _wait_idle(server)
 
 
+def test_cors_off_by_default(server, http):
+    """No --cors-origin: no Access-Control-Allow-Origin on answers or preflights, whatever the Origin."""
+    origin = {"Origin": "http://app.example"}
+    assert "access-control-allow-origin" not in http.get("/v1/models", headers=origin).headers
+    preflight = http.options("/v1/completions", headers={**origin, "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code >= 400 and "access-control-allow-origin" not in preflight.headers
+
+
 def test_not_ready_503(server, http):
     server.state.draining = True
     try:
