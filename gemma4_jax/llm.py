@@ -9,6 +9,7 @@ from typing import Any
 
 from gemma4_jax.model import Model, from_pretrained
 from gemma4_jax.serving.engine import Engine, EngineConfig, RequestOutput
+from gemma4_jax.serving.mm_inputs import has_media_parts
 from gemma4_jax.serving.sampling import SamplingParams
 from gemma4_jax.serving.tokenizer import Tokenizer
 
@@ -20,12 +21,15 @@ class LLM:
 
     path: a checkpoint directory, or an already loaded `Model` (then pass `tokenizer` too for text prompts).
     Engine options (max_num_seqs, max_model_len, page_size, num_pages, kv_memory_gb, max_num_batched_tokens,
-    attention_backend, prefill_backend, decode_backend) are keyword arguments.
+    attention_backend, prefill_backend, decode_backend) are keyword arguments. moe_backend ("auto", "xla",
+    "fp4_pallas") picks the MoE expert matmul of a loaded checkpoint (gemma4_jax.from_pretrained).
+    pp / tp / dp: pipeline stages, tensor(-expert) and data parallel degrees; `pipeline_microbatches` (engine
+    option, default pp) is how many decode micro-batches flow through the stages at once (docs/sharding.md).
     """
 
     def __init__(self, path: str | os.PathLike | Model, dtype: Any = "bfloat16", pp: int = 1, tp: int = 1,
                  draft_model: str | None = None, num_speculative_tokens: int = 0, tokenizer: Tokenizer | None = None,
-                 **engine_options: Any):
+                 moe_backend: str = "auto", dp: int = 1, **engine_options: Any):
         unknown = sorted(set(engine_options) - _ENGINE_FIELDS)
         if unknown:
             raise TypeError(f"unknown LLM option(s) {unknown}; engine options are {sorted(_ENGINE_FIELDS)}")
@@ -35,7 +39,7 @@ class LLM:
         if isinstance(path, Model):
             self.model = path
         else:
-            self.model = from_pretrained(path, dtype=dtype, pp=pp, tp=tp)
+            self.model = from_pretrained(path, dtype=dtype, pp=pp, tp=tp, dp=dp, moe_backend=moe_backend)
             if tokenizer is None and os.path.exists(os.path.join(os.fspath(path), "tokenizer.json")):
                 tokenizer = Tokenizer.from_dir(os.fspath(path))
         self.tokenizer = tokenizer
@@ -44,8 +48,14 @@ class LLM:
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token ids). With `n` > 1 a prompt yields n outputs, in order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Generate for every prompt (text, or token ids). With `n` > 1 a prompt yields n outputs, in order.
+
+        A prompt with media is a dict (vLLM's form): {"prompt": text with one `<|image|>` / `<|audio|>` /
+        `<|video|>` per item, or token ids, "multi_modal_data": {"image": [...], "audio": [...], "video": [...]}}.
+        Images: paths, encoded bytes, PIL images or uint8 arrays; audio: WAV paths or bytes, float arrays at 16 kHz
+        or (array, rate); video: frames (a list of images or an (F, H, W, 3) array). Bad media raise MediaError.
+        """
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -54,13 +64,15 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        # Media are decoded and checked before any request is queued (copies of a prompt share its soft tokens).
+        inputs = [self._media_prompt(prompt) if isinstance(prompt, dict) else (prompt, None) for prompt in prompts]
         ids = []
         try:
-            for prompt, p in zip(prompts, params, strict=True):
+            for (prompt, media), p in zip(inputs, params, strict=True):
                 for i in range(p.n):
                     # Copies of one prompt need different seeds, or they would sample the same tokens.
                     copy = dataclasses.replace(p, n=1, seed=None if p.seed is None else p.seed + i)
-                    ids.append(self.engine.add_request(prompt, copy))
+                    ids.append(self.engine.add_request(prompt, copy, media=media))
         except Exception:
             for rid in ids:
                 self.engine.abort(rid)
@@ -70,14 +82,52 @@ class LLM:
     def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
              add_generation_prompt: bool = True, **template_kwargs: Any) -> list[RequestOutput]:
-        """Apply the checkpoint's chat template to each conversation, then generate."""
+        """Apply the checkpoint's chat template to each conversation, then generate.
+
+        Content parts may carry media (OpenAI / HF style): {"type": "image", "image": path|bytes|PIL|array},
+        {"type": "image_url", "image_url": {"url": "data:..."}}, {"type": "audio", "audio": WAV path|bytes|16 kHz
+        array}, {"type": "input_audio", "input_audio": {"data": base64 WAV, "format": "wav"}}, {"type": "video",
+        "video": frames}. The template renders each as its placeholder token, which is then expanded.
+        """
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template (tokenizer.json in the checkpoint)")
         if messages and isinstance(messages[0], dict):
             messages = [messages]
-        prompts = [self.tokenizer.encode_chat(list(conv), add_generation_prompt=add_generation_prompt,
-                                              **template_kwargs) for conv in messages]
+        prompts = []
+        for conv in messages:
+            if has_media_parts(list(conv)):
+                ids, media = self.media_processor.process_chat(list(conv), add_generation_prompt=add_generation_prompt,
+                                                               **template_kwargs)
+                prompts.append({"prompt_token_ids": ids, "media": media})
+            else:
+                prompts.append(self.tokenizer.encode_chat(list(conv), add_generation_prompt=add_generation_prompt,
+                                                          **template_kwargs))
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    @property
+    def media_processor(self):
+        """The request-side processor for images / video / audio (serving.mm_inputs.MediaProcessor)."""
+        if getattr(self, "_media_processor", None) is None:
+            from gemma4_jax.serving.mm_inputs import MediaProcessor
+
+            self._media_processor = MediaProcessor(self.model, self.tokenizer, self.model.path)
+        return self._media_processor
+
+    def _media_prompt(self, prompt: dict):
+        """A dict prompt -> (prompt ids, MediaInputs or None)."""
+        if "prompt_token_ids" in prompt and "media" in prompt:  # already processed (chat)
+            return prompt["prompt_token_ids"], prompt["media"]
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"})
+        if unknown:
+            raise ValueError(f"prompt dict: unknown key(s) {unknown}; use 'prompt' (or 'prompt_token_ids') and "
+                             "'multi_modal_data'")
+        text = prompt.get("prompt", prompt.get("prompt_token_ids"))
+        if text is None:
+            raise ValueError("prompt dict needs a 'prompt' (text or token ids)")
+        data = prompt.get("multi_modal_data")
+        if not data:
+            return text, None
+        return self.media_processor.process(text, data)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         bar = None

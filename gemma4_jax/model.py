@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma4_jax import checkpoint, sharding
+from gemma4_jax import checkpoint, multimodal, pipeline, quant, sharding
 from gemma4_jax.config import ModelConfig, load_config, preset
-from gemma4_jax.decoder import Gemma4Text
+from gemma4_jax.decoder import Gemma4Text, stack_routed
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -39,17 +39,31 @@ def _forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, pos
     return model(input_ids, positions)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_routed(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
+                    positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    model = nnx.merge(graphdef, state)
+    routed: list = []
+    logits = model(input_ids, positions, routed=routed)
+    return logits, stack_routed(routed)
+
+
 class Model:
     """A Gemma 4 model ready to run: config, mesh, graphdef and (sharded) state."""
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, mesh: jax.sharding.Mesh,
-                 dtype: jnp.dtype, path: str | None = None):
+                 dtype: jnp.dtype, path: str | None = None, pipeline: pipeline.Pipeline | None = None):
         self.config = config
         self.graphdef = graphdef
         self.state = state
         self.mesh = mesh
         self.dtype = dtype
         self.path = path
+        self.pipeline = pipeline  # the stages when pp > 1 (pipeline.py); `state` still holds every parameter
+
+    @property
+    def num_stages(self) -> int:
+        return 1 if self.pipeline is None else self.pipeline.num_stages
 
     @property
     def module(self) -> Gemma4Text:
@@ -58,16 +72,28 @@ class Model:
     def num_params(self) -> int:
         return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(self.state))
 
-    def logits(self, input_ids: Any, positions: Any = None, **multimodal: Any) -> jax.Array:
+    def logits(self, input_ids: Any, positions: Any = None, *, return_routed_experts: bool = False,
+               **media: Any) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Full-sequence forward. input_ids: int (B, T) (or (T,)) -> float32 logits (B, T, V).
 
+        return_routed_experts (MoE models): also return the router's top-k expert ids per token and MoE layer,
+        int32 (B, T, L_moe, k), in the router's order (highest weight first) -> (logits, ids).
+
         positions: optional (B, T) int; a negative position marks a padding token that no other token attends to.
+        media (numpy arrays, the HF processor's names): pixel_values (N, P, 3*patch**2) + image_position_ids
+        (N, P, 2); pixel_values_videos (F, P, 3*patch**2) + video_position_ids (F, P, 2) [+ num_frames_per_video];
+        input_features (A, T', mel) + input_features_mask (A, T'); mm_token_type_ids (B, T) (bidirectional
+        attention inside images where the config asks for it). See multimodal.py.
         """
-        if multimodal:
+        media = {k: v for k, v in media.items() if v is not None}
+        if media and not multimodal.has_towers(self.config):
             raise TypeError(
-                f"{sorted(multimodal)}: this model was loaded as text-only; multimodal inputs need the towers "
+                f"{sorted(media)}: this model was loaded as text-only; multimodal inputs need the towers "
                 "(a Gemma4ForConditionalGeneration checkpoint loaded with its vision/audio config)"
             )
+        if return_routed_experts and not self.config.text.enable_moe_block:
+            raise ValueError("return_routed_experts needs a mixture-of-experts model (config num_experts / "
+                             "enable_moe_block); this model is dense and has no router")
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
@@ -80,51 +106,111 @@ class Model:
             pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
         else:
             pos = np.asarray(positions, dtype=np.int32).reshape(ids.shape)
+        if self.pipeline is not None:
+            if multimodal.has_towers(self.config):  # towers on stage 0, soft tokens spliced in there
+                return multimodal.logits(self, ids, pos, return_routed_experts=return_routed_experts, **media)
+            return self.pipeline.forward(ids.astype(np.int32), pos, return_routed_experts)
         with jax.set_mesh(self.mesh):
-            return _forward(self.graphdef, self.state, jnp.asarray(ids, jnp.int32), jnp.asarray(pos))
+            if multimodal.has_towers(self.config):
+                return multimodal.logits(self, ids, pos, return_routed_experts=return_routed_experts, **media)
+            # Rows split over the data axis (when dp divides B): each data replica computes its own rows.
+            ids_in = jax.device_put(ids.astype(np.int32), sharding.batch_sharding(ids.shape, self.mesh))
+            pos_in = jax.device_put(pos, sharding.batch_sharding(pos.shape, self.mesh))
+            if return_routed_experts:
+                return _forward_routed(self.graphdef, self.state, ids_in, pos_in)
+            return _forward(self.graphdef, self.state, ids_in, pos_in)
 
 
-def _abstract(cfg: ModelConfig, dtype: jnp.dtype) -> tuple[nnx.GraphDef, nnx.State]:
-    abstract = nnx.eval_shape(lambda: Gemma4Text(cfg.text, dtype=dtype, rngs=nnx.Rngs(0)))
+def _abstract(cfg: ModelConfig, dtype: jnp.dtype, quant_plan: quant.QuantPlan | None = None,
+              moe_backend: str = "xla") -> tuple[nnx.GraphDef, nnx.State]:
+    plan = quant_plan or quant.QuantPlan()
+    abstract = nnx.eval_shape(
+        lambda: checkpoint.apply_quant_plan(multimodal.build_module(cfg, dtype, nnx.Rngs(0)), plan, moe_backend))
     return nnx.split(abstract)
 
 
 def _sharding_of(mesh):
+    """Where a parameter lives: its pipeline stage's sub-mesh (metadata set by `_place`), sharded by its logical
+    axes inside the stage. Loading puts each tensor straight there (only that stage's devices get it)."""
+    meshes = sharding.stage_meshes(mesh)
+
     def of(var: nnx.Variable) -> jax.sharding.Sharding:
-        return sharding.named_sharding(var.get_metadata().get("logical_axes"), var.shape, mesh)
+        meta = var.get_metadata()
+        return sharding.named_sharding(meta.get("logical_axes"), var.shape, meshes[meta.get("pipeline_stage", 0)])
 
     return of
 
 
-def abstract_model(config: ModelConfig | str, dtype: Any = "bfloat16") -> tuple[nnx.GraphDef, nnx.State]:
-    """Shapes and dtypes of every parameter, with no memory (jax.eval_shape). `config` may be a preset name."""
+def _place(cfg: ModelConfig, abstract_state: nnx.State, pp: int, tp: int, dp: int) -> jax.sharding.Mesh:
+    """Check the layout against the config, build the mesh and tag every parameter with its pipeline stage."""
+    sharding.validate(cfg.text, pp=pp, tp=tp, dp=dp)
+    mesh = sharding.make_mesh(pp=pp, tp=tp, dp=dp)
+    if pp > 1:
+        stages = sharding.stage_layers(cfg.text.num_hidden_layers, pp)
+        for path, var in nnx.to_flat_state(abstract_state):
+            var.set_metadata(pipeline_stage=sharding.param_stage(path, stages))
+    return mesh
+
+
+def _make_model(cfg, graphdef, abstract_state, state, mesh, dt, path=None) -> Model:
+    stages = None
+    if mesh.shape["pp"] > 1:
+        stages = pipeline.Pipeline(cfg.text, graphdef, abstract_state, state, mesh)
+    return Model(cfg, graphdef, state, mesh, dt, path=path, pipeline=stages)
+
+
+def abstract_model(config: ModelConfig | str, dtype: Any = "bfloat16",
+                   quant_plan: quant.QuantPlan | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """Shapes and dtypes of every parameter, with no memory (jax.eval_shape). `config` may be a preset name;
+    `quant_plan` packs the modules it names (e.g. `quant.QuantPlan.experts_only(num_layers)`)."""
     cfg = preset(config) if isinstance(config, str) else config
-    return _abstract(cfg, resolve_dtype(dtype))
+    return _abstract(cfg, resolve_dtype(dtype), quant_plan)
 
 
-def from_config(config: ModelConfig | str, dtype: Any = "bfloat16", seed: int = 0, pp: int = 1, tp: int = 1) -> Model:
+def from_config(config: ModelConfig | str, dtype: Any = "bfloat16", seed: int = 0, pp: int = 1, tp: int = 1,
+                dp: int = 1, moe_backend: str = "auto") -> Model:
     """A randomly initialised model from a ModelConfig or a preset name ('tiny', 'e2b', ...)."""
     cfg = preset(config) if isinstance(config, str) else config
     dt = resolve_dtype(dtype)
-    mesh = sharding.make_mesh(pp=pp, tp=tp)
-    graphdef, abstract_state = _abstract(cfg, dt)
-    shardings = jax.tree.map(_sharding_of(mesh), abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, {None})
+    graphdef, abstract_state = _abstract(cfg, dt, None, backend)
+    mesh = _place(cfg, abstract_state, pp, tp, dp)
+    of = _sharding_of(mesh)
+    flat_abstract = list(nnx.to_flat_state(abstract_state))
+    values = {}
+    # One init program per stage, returning only that stage's parameters (XLA drops the rest), on its devices:
+    # the same random values as pp=1, and no stage ever holds another's weights.
+    for s in range(pp):
+        paths = [p for p, v in flat_abstract if v.get_metadata().get("pipeline_stage", 0) == s]
+        shardings = [of(v) for p, v in flat_abstract if v.get_metadata().get("pipeline_stage", 0) == s]
 
-    @functools.partial(jax.jit, out_shardings=shardings)
-    def init():
-        return nnx.split(Gemma4Text(cfg.text, dtype=dt, rngs=nnx.Rngs(seed)))[1]
+        @functools.partial(jax.jit, out_shardings=shardings)
+        def init(paths=tuple(paths)):
+            flat = dict(nnx.to_flat_state(nnx.split(multimodal.build_module(cfg, dt, nnx.Rngs(seed)))[1]))
+            return [flat[p].get_value() for p in paths]
 
-    with jax.set_mesh(mesh):
-        state = init()
-    return Model(cfg, graphdef, state, mesh, dt)
+        with jax.set_mesh(sharding.stage_meshes(mesh)[s]):
+            values.update(zip(paths, init(), strict=True))
+    state = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in flat_abstract])
+    return _make_model(cfg, graphdef, abstract_state, state, mesh, dt)
 
 
-def from_pretrained(path: str | os.PathLike, dtype: Any = "bfloat16", pp: int = 1, tp: int = 1) -> Model:
-    """Load a Hugging Face Gemma 4 checkpoint directory (config.json + safetensors)."""
+def from_pretrained(path: str | os.PathLike, dtype: Any = "bfloat16", pp: int = 1, tp: int = 1,
+                    dp: int = 1, moe_backend: str = "auto") -> Model:
+    """Load a Hugging Face Gemma 4 checkpoint directory (config.json + safetensors).
+
+    pp: pipeline stages, tp: tensor/expert parallel degree, dp: data parallel degree, over the first pp*dp*tp
+    devices (docs/sharding.md). Each tensor goes from the file straight to its stage's devices, sharded.
+    Quantized checkpoints (NVFP4, FP8) stay packed (docs/quantization.md). moe_backend: "auto", "xla" or
+    "fp4_pallas" (NVFP4 experts only); an unusable choice raises QuantizationError before any weight is read.
+    """
     path = os.fspath(path)
     cfg = load_config(path)
     dt = resolve_dtype(dtype)
-    mesh = sharding.make_mesh(pp=pp, tp=tp)
-    graphdef, abstract_state = _abstract(cfg, dt)
+    plan = checkpoint.quant_plan(path, cfg)
+    formats = {plan.expert_format(i) for i in range(cfg.text.num_hidden_layers)}
+    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats)
+    graphdef, abstract_state = _abstract(cfg, dt, plan, backend)
+    mesh = _place(cfg, abstract_state, pp, tp, dp)
     state = checkpoint.load_state(path, cfg, abstract_state, _sharding_of(mesh), dt)
-    return Model(cfg, graphdef, state, mesh, dt, path=path)
+    return _make_model(cfg, graphdef, abstract_state, state, mesh, dt, path=path)

@@ -110,7 +110,7 @@ def vision_block_ids(mm_token_type_ids: np.ndarray) -> np.ndarray:
 # Jitted pieces: each tower once, then the decoder.
 
 
-def _take_valid(tokens: jax.Array, valid: jax.Array, count: int) -> jax.Array:
+def take_valid(tokens: jax.Array, valid: jax.Array, count: int) -> jax.Array:
     """The `count` valid rows of (N, L, D) tokens, in row-major order -> (count, D)."""
     flat = tokens.reshape(-1, tokens.shape[-1])
     index = jnp.nonzero(valid.reshape(-1), size=count, fill_value=0)[0]
@@ -123,7 +123,7 @@ def encode_vision(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: jax.Ar
     """Images or video frames -> their `count` soft tokens (count, D) in placeholder order."""
     model = nnx.merge(graphdef, state)
     tokens, valid = model.vision_soft_tokens(pixel_values, positions)
-    return _take_valid(tokens, valid, count)
+    return take_valid(tokens, valid, count)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "count"))
@@ -132,7 +132,7 @@ def encode_audio(graphdef: nnx.GraphDef, state: nnx.State, features: jax.Array, 
     """Audio clips -> their `count` soft tokens (count, D) in placeholder order (padded frames dropped)."""
     model = nnx.merge(graphdef, state)
     tokens, valid = model.audio_soft_tokens(features, mask)
-    return _take_valid(tokens, valid, count)
+    return take_valid(tokens, valid, count)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "return_routed_experts"))
@@ -174,10 +174,14 @@ def _patches(name: str, pixel_values: Any, position_ids: Any, vcfg: Any, pos_nam
 
 
 def _encode_vision(model: Any, pixel_values: np.ndarray, positions: np.ndarray, count: int) -> jax.Array:
+    if model.pipeline is not None:  # the towers live on the first stage
+        return model.pipeline.encode("vision", pixel_values, positions, count)
     return encode_vision(model.graphdef, model.state, jnp.asarray(pixel_values), jnp.asarray(positions), count)
 
 
 def _encode_audio(model: Any, features: np.ndarray, mask: np.ndarray, count: int) -> jax.Array:
+    if model.pipeline is not None:
+        return model.pipeline.encode("audio", features, mask, count)
     return encode_audio(model.graphdef, model.state, jnp.asarray(features), jnp.asarray(mask), count)
 
 
@@ -261,5 +265,9 @@ def logits(model: Any, ids: np.ndarray, positions: np.ndarray, *, pixel_values: 
         soft = jnp.concatenate([t for _, t in pieces], axis=0)
     else:
         slots, soft = np.zeros((0,), np.int32), jnp.zeros((0, d), model.dtype)
+    if model.pipeline is not None:
+        media = {"slots": slots.astype(np.int32), "soft_tokens": soft, "vision_blocks": blocks}
+        return model.pipeline.forward(ids.astype(np.int32), positions.astype(np.int32), return_routed_experts,
+                                      media)
     return _forward(model.graphdef, model.state, jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32),
                     jnp.asarray(slots), soft, blocks, return_routed_experts)

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gemma4_jax import sharding
 from gemma4_jax.config import TextConfig
-from gemma4_jax.decoder import SequenceKV
+from gemma4_jax.decoder import SequenceKV, stack_routed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +71,18 @@ def _take_rows(index: jax.Array, a: jax.Array) -> jax.Array:
     return a[jnp.arange(a.shape[0]), index][:, None]
 
 
-def run_stage(model, plan: StagePlan, s: int, carry: dict, kv_store, keep_index: jax.Array | None):
+def run_stage(model, plan: StagePlan, s: int, carry: dict, kv_store, keep_index: jax.Array | None,
+              routed: list | None = None):
     """Run stage s of `model` (merged from that stage's parameters). Stage 0's carry is {"tokens", "positions"};
     later ones get what the previous stage returned. Returns the next carry, or the last stage's hidden states
-    (B, T, D) ((B, 1, D) with keep_index)."""
+    (B, T, D) ((B, 1, D) with keep_index). routed: a list for this stage's router ids (decode_layers)."""
     last = s == plan.num_stages - 1
     layers = plan.layers[s]
-    if s == 0:
+    blocks = carry.get("vision_blocks")  # (B, T) bidirectional image blocks (full-sequence forward only)
+    if s == 0 and "soft_tokens" in carry:  # multimodal: the towers' soft tokens replace the placeholders
+        x, ple = model.embed_multimodal(carry["tokens"], carry["slots"], carry["soft_tokens"])
+        positions, shared = carry["positions"], {}
+    elif s == 0:
         x, ple = model.embed(carry["tokens"])
         positions, shared = carry["positions"], {}
     else:
@@ -87,13 +92,20 @@ def run_stage(model, plan: StagePlan, s: int, carry: dict, kv_store, keep_index:
             ple = jnp.pad(ple, ((0, 0), (0, 0), (layers.start, 0), (0, 0)))
     narrow = keep_index is not None and s == plan.slice_stage
     x = model.decode_layers(x, positions, ple, kv_store, layers=layers, shared_kv=shared,
-                            keep_index=keep_index if narrow else None)
+                            keep_index=keep_index if narrow else None, routed=routed, vision_blocks=blocks)
+    if routed and keep_index is not None and not narrow and s < plan.slice_stage:
+        # Before the narrowing stage x still holds every token: keep the ids of each row's last one.
+        routed[:] = [_take_rows(keep_index, r) for r in routed]
     if last:
         return x
     if narrow:  # decode_layers narrowed x; the later stages' positions and PLE rows follow
         positions = _take_rows(keep_index, positions)
         ple = None if ple is None else _take_rows(keep_index, ple)
     out = {"x": x, "positions": positions, "shared": {src: shared[src] for src in plan.crossing_kv[s]}}
+    if blocks is not None and not (keep_index is not None and s >= plan.slice_stage):
+        # After the engine narrows rows to their last token, blocks change nothing for that one query (no later
+        # token of its block is in the chunk), so they stop here.
+        out["vision_blocks"] = blocks
     if ple is not None:
         out["ple"] = ple[:, :, plan.layers[s + 1].start :]
     return out
@@ -166,35 +178,79 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------------------
     # Full-sequence forward (Model.logits)
 
-    def _forward_fn(self, s: int):
-        if s not in self._forward_fns:
+    def _forward_fn(self, s: int, return_routed: bool = False):
+        key = (s, return_routed)
+        if key not in self._forward_fns:
             graphdef, rest, plan, last = self.graphdef, self._rest[s], self.plan, s == self.num_stages - 1
 
             def fn(stage_state, carry):
                 model = nnx.merge(graphdef, stage_state, rest)
-                out = run_stage(model, plan, s, carry, SequenceKV(), None)
-                return model.head(out) if last else out
+                routed = [] if return_routed else None
+                out = run_stage(model, plan, s, carry, SequenceKV(), None, routed)
+                out = model.head(out) if last else out
+                return (out, stack_routed(routed)) if return_routed else out
 
-            self._forward_fns[s] = jax.jit(fn)
-        return self._forward_fns[s]
+            self._forward_fns[key] = jax.jit(fn)
+        return self._forward_fns[key]
 
-    def forward(self, input_ids: np.ndarray, positions: np.ndarray) -> jax.Array:
-        """input_ids, positions: (B, T) -> float32 logits (B, T, V) on the last stage's devices."""
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, return_routed_experts: bool = False,
+                media: dict | None = None):
+        """input_ids, positions: (B, T) -> float32 logits (B, T, V) on the last stage's devices.
+        return_routed_experts: -> (logits, router ids (B, T, L_moe, k) int32, gathered from every stage).
+        media (multimodal.logits): {"slots" (M,), "soft_tokens" (M, D) from `encode_fn`, "vision_blocks" (B, T)
+        or None}: stage 0 splices the soft tokens in; the block ids travel with the activations."""
         first = self.meshes[0]
         carry = {"tokens": jax.device_put(input_ids, sharding.batch_sharding(input_ids.shape, first)),
                  "positions": jax.device_put(positions, sharding.batch_sharding(positions.shape, first))}
+        for name, value in (media or {}).items():
+            if value is not None:
+                carry[name] = jax.device_put(value, NamedSharding(first, PartitionSpec()))
+        routed = []
         for s in range(self.num_stages):
             if s:
                 carry = _to_stage(carry, self.meshes[s])
             with jax.set_mesh(self.meshes[s]):
-                carry = self._forward_fn(s)(self.states[s], carry)
+                carry = self._forward_fn(s, return_routed_experts)(self.states[s], carry)
+            if return_routed_experts:
+                carry, ids = carry
+                routed.append(np.asarray(jax.device_get(ids)))
+        if return_routed_experts:
+            return carry, np.concatenate(routed, axis=2)
         return carry
+
+    def tower_fn(self, kind: str):
+        """The towers live on stage 0 (DESIGN decision 2): a jitted (stage-0 state, a, b) -> (soft tokens (N, L, D),
+        valid (N, L)) for kind "vision" (pixel values, positions) or "audio" (features, mask)."""
+        key = ("tower", kind)
+        if key not in self._forward_fns:
+            graphdef, rest = self.graphdef, self._rest[0]
+            soft = {"vision": "vision_soft_tokens", "audio": "audio_soft_tokens"}[kind]
+
+            def fn(stage_state, a, b):
+                return getattr(nnx.merge(graphdef, stage_state, rest), soft)(a, b)
+
+            self._forward_fns[key] = jax.jit(fn)
+        return self._forward_fns[key]
+
+    def soft_tokens(self, kind: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run a tower on stage 0's devices -> host (soft tokens (N, L, D), valid (N, L))."""
+        put = functools.partial(jax.device_put, device=NamedSharding(self.meshes[0], PartitionSpec()))
+        with jax.set_mesh(self.meshes[0]):
+            return jax.device_get(self.tower_fn(kind)(self.states[0], put(np.asarray(a)), put(np.asarray(b))))
+
+    def encode(self, kind: str, a: np.ndarray, b: np.ndarray, count: int) -> jax.Array:
+        """The `count` valid soft tokens (count, D) of a tower's inputs, in placeholder order."""
+        tokens, valid = self.soft_tokens(kind, a, b)
+        out = tokens[valid]
+        if out.shape[0] != count:
+            raise ValueError(f"{kind} tower gave {out.shape[0]} soft tokens, expected {count}")
+        return jnp.asarray(out)
 
     # ------------------------------------------------------------------------------------------------------------
     # Engine steps
 
-    def engine_fn(self, s: int, layout, num_logprobs: int):
-        key = (s, layout, num_logprobs)
+    def engine_fn(self, s: int, layout, num_logprobs: int, return_routed: bool = False):
+        key = (s, layout, num_logprobs, return_routed)
         if key not in self._engine_fns:
             from gemma4_jax.serving.kv_cache import PagedKVStore
             from gemma4_jax.serving.runner import sample_step
@@ -204,14 +260,18 @@ class Pipeline:
             def fn(stage_state, cache, counts, carry, batch, sampling, steps, sample_rows):
                 model = nnx.merge(graphdef, stage_state, rest)
                 store = PagedKVStore(cache, batch, layout)
-                if s == 0:
-                    carry = {"tokens": batch.tokens, "positions": batch.positions}
-                out = run_stage(model, plan, s, carry, store, batch.last_index)
+                if s == 0:  # a media chunk brings {"slots", "soft_tokens"[, "vision_blocks"]} (mm_inputs.py)
+                    carry = {"tokens": batch.tokens, "positions": batch.positions, **(carry or {})}
+                routed = [] if return_routed else None
+                out = run_stage(model, plan, s, carry, store, batch.last_index, routed)
+                # Each stage returns its own layers' router ids (B, L_s, k) beside its output; the runner
+                # gathers them into SampleResult.routed.
+                ids = stack_routed(routed)[:, 0] if return_routed else None
                 if not last:
-                    return out, store.cache, counts
+                    return (out, ids), store.cache, counts
                 logits = model.head(out[:, 0])
                 result, counts = sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprobs)
-                return result, store.cache, counts
+                return (result, ids), store.cache, counts
 
             self._engine_fns[key] = jax.jit(fn, donate_argnames=("cache", "counts"))
         return self._engine_fns[key]
@@ -225,8 +285,9 @@ class PipelineRunner:
     all before waiting for any result.
     """
 
-    def __init__(self, model, layout, microbatches: int | None = None):
+    def __init__(self, model, layout, microbatches: int | None = None, return_routed: bool = False):
         self.model = model
+        self.return_routed = return_routed
         self.layout = layout
         self.pipeline: Pipeline = model.pipeline
         self.num_stages = self.pipeline.num_stages
@@ -254,32 +315,41 @@ class PipelineRunner:
     def counts_sharding(self) -> jax.sharding.Sharding:
         return sharding.replicated(self.pipeline.meshes[-1])
 
-    def _dispatch(self, cache, counts, mb, num_logprobs: int, tokens=None):
+    def _dispatch(self, cache, counts, mb, num_logprobs: int, tokens=None, media: dict | None = None):
         """Enqueue one micro-batch through every stage (no waiting). tokens: stage 0's input tokens when they
-        come from a previous step on device. Returns the (device) SampleResult."""
+        come from a previous step on device; media: a prefill chunk's soft tokens for stage 0 (mm_inputs.py).
+        Returns the (device) SampleResult."""
         batch, sampling, steps, sample_rows = mb
         meshes = self.pipeline.meshes
         carry = None
+        if media:
+            carry = {k: jax.device_put(v, NamedSharding(meshes[0], PartitionSpec()))
+                     for k, v in media.items() if v is not None}
+        stage_routed = []
         for s in range(self.num_stages):
             stage_batch = batch
             if s == 0 and tokens is not None:
                 stage_batch = batch.replace(tokens=_to_stage(tokens, meshes[0]))
             if s:
                 carry = _to_stage(carry, meshes[s])
-            fn = self.pipeline.engine_fn(s, self.layout, num_logprobs)
+            fn = self.pipeline.engine_fn(s, self.layout, num_logprobs, self.return_routed)
             last = s == self.num_stages - 1
             with jax.set_mesh(meshes[s]):
-                carry, cache[s], stage_counts = fn(self.pipeline.states[s], cache[s], counts if last else None,
-                                                    carry, stage_batch, sampling, steps, sample_rows)
+                (carry, ids), cache[s], stage_counts = fn(self.pipeline.states[s], cache[s],
+                                                          counts if last else None, carry, stage_batch, sampling,
+                                                          steps, sample_rows)
+            stage_routed.append(ids)
             if last:
                 counts = stage_counts
+        if self.return_routed:
+            carry = carry._replace(routed=tuple(stage_routed))
         return carry, cache, counts
 
-    def step(self, cache, counts, microbatches, num_logprobs: int):
+    def step(self, cache, counts, microbatches, num_logprobs: int, media: dict | None = None):
         cache = list(cache)
         results = []
         for mb in microbatches:
-            result, cache, counts = self._dispatch(cache, counts, mb, num_logprobs)
+            result, cache, counts = self._dispatch(cache, counts, mb, num_logprobs, media=media)
             results.append(result)
         self._count(len(microbatches), 1)
         return results, cache, counts

@@ -159,15 +159,16 @@ class AsyncEngine:
 
     # -- requests (event loop thread) -------------------------------------------------------------------------------
 
-    async def add(self, requests: Sequence[tuple[str, list[int], SamplingParams]], arrival: float) -> RequestGroup:
-        """Add (request id, prompt ids, params) requests atomically; returns their group.
+    async def add(self, requests: Sequence[tuple[str, list[int], SamplingParams, *tuple[object, ...]]],
+                  arrival: float) -> RequestGroup:
+        """Add (request id, prompt ids, params[, media]) requests atomically; returns their group.
 
         Raises QueueFull (over the admission bounds), EngineStopped, or ValueError (the engine refused one; none
         of them is added then).
         """
         if not self.alive or self._loop is None:
             raise EngineStopped("the engine is not running")
-        tokens = sum(len(ids) + params.max_tokens for _, ids, params in requests)
+        tokens = sum(len(ids) + params.max_tokens for _, ids, params, *_ in requests)
         if self.max_active_tokens is not None and tokens > self.max_active_tokens:
             raise ValueError(
                 f"the request needs {tokens} tokens (prompts + max_tokens, times n), over this server's token "
@@ -180,10 +181,10 @@ class AsyncEngine:
                 f"the server has {self._active_tokens} tokens reserved by unfinished requests; "
                 f"{tokens} more would pass the limit of {self.max_active_tokens}"
             )
-        group = RequestGroup([rid for rid, _, _ in requests], [len(ids) for _, ids, _ in requests])
-        for _, ids, params in requests:
+        group = RequestGroup([r[0] for r in requests], [len(r[1]) for r in requests])
+        for _, ids, params, *_ in requests:
             self._active_tokens += len(ids) + params.max_tokens
-        for rid, ids, params in requests:
+        for rid, ids, params, *_ in requests:
             self._active[rid] = len(ids) + params.max_tokens
         done = self._loop.create_future()
         self._commands.put(("add", list(requests), group, arrival, done))
@@ -268,8 +269,8 @@ class AsyncEngine:
             _, requests, group, arrival, done = command
             added = []
             try:
-                for rid, ids, params in requests:
-                    self.engine.add_request(ids, params, request_id=rid)
+                for rid, ids, params, *media in requests:  # (id, ids, params[, media])
+                    self.engine.add_request(ids, params, request_id=rid, media=media[0] if media else None)
                     added.append(rid)
             except Exception as e:
                 for rid in added:
@@ -277,7 +278,7 @@ class AsyncEngine:
                     self.engine.requests.pop(rid, None)
                 self._call_loop(_resolve, done, e)
                 return
-            for index, (rid, ids, _) in enumerate(requests):
+            for index, (rid, ids, *_) in enumerate(requests):
                 self._tracked[rid] = _Tracked(group, index, arrival)
                 self.metrics.prompt_tokens.inc(len(ids))
             self._call_loop(_resolve, done, None)

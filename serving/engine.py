@@ -27,12 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma4_jax.model import Model
-from gemma4_jax.serving import kv_cache
+from gemma4_jax.serving import mm_inputs
 from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, bucket, pages_needed
-from gemma4_jax.serving.runner import decode_steps, model_step, reset_slot_counts
+from gemma4_jax.serving.runner import make_runner, reset_slot_counts
 from gemma4_jax.serving.sampling import SamplingBatch, SamplingParams, request_key
 from gemma4_jax.serving.tokenizer import IncrementalDetokenizer, StopChecker
-from gemma4_jax.sharding import replicated
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +61,10 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     logprobs: list[TokenLogprob] | None = None
     finished: bool = False
+    # SamplingParams.return_routed_experts: int32 (len(token_ids), L_moe, k), row j = the router's top-k expert
+    # ids in every MoE layer for the input token whose logits produced token_ids[j] (the prompt's last token for
+    # j = 0, then token_ids[j - 1]), highest weight first.
+    routed_experts: np.ndarray | None = None
 
 
 @dataclasses.dataclass(eq=False)  # identity: requests are compared and hashed as objects
@@ -86,6 +89,8 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     arrival_time: float = 0.0
+    media: mm_inputs.MediaInputs | None = None  # images / audio of the prompt (soft tokens cached once encoded)
+    routed: list[np.ndarray] = dataclasses.field(default_factory=list)  # (L_moe, k) per generated token
 
     @property
     def all_ids(self) -> list[int]:
@@ -109,6 +114,10 @@ class EngineConfig:
     attention_backend: str = "auto"
     prefill_backend: str | None = None
     decode_backend: str | None = None
+    pipeline_microbatches: int | None = None  # pp > 1: decode micro-batches in flight (default: one per stage)
+    # MoE models: steps also return the router's expert ids, for requests with return_routed_experts. On by
+    # default (a (B, L, k) int32 array per step, ~60 KB at B=64 on 26B-A4B); False saves even that.
+    enable_return_routed_experts: bool = True
 
     def resolve_backends(self) -> tuple[str, str]:
         chosen = []
@@ -151,9 +160,13 @@ class Engine:
         if num_pages - 1 < 1:
             raise ValueError("num_pages must leave at least one page besides the trash page")
         self.layout = CacheLayout.for_config(cfg, config.page_size, num_pages, config.max_num_seqs)
-        # Placed on the model's mesh from the start: a cache with another sharding than the step returns would
+        # The runner runs the steps: one program over the mesh, or the pipeline's stages (pp > 1), whose pools
+        # (a list, per stage) each live on their stage's devices. Pools are sharded by KV head where tp divides the
+        # layer's head count and placed from the start: a cache with another sharding than the step returns would
         # compile every step shape twice.
-        self.cache = kv_cache.allocate(cfg, self.layout, model.dtype, sharding=replicated(model.mesh))
+        self.runner = make_runner(model, self.layout, config.pipeline_microbatches,
+                                  return_routed=cfg.enable_moe_block and config.enable_return_routed_experts)
+        self.cache = self.runner.allocate()
         self.counts: dict[str, jax.Array] | None = None  # penalty state, allocated on first use
         self.allocator = PageAllocator(num_pages)
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
@@ -165,12 +178,18 @@ class Engine:
         self._shapes_seen: set[tuple] = set()
         self.stats = {"compiles": 0, "compile_time_s": 0.0, "steps": 0, "preemptions": 0,
                       "prompt_tokens": 0, "generated_tokens": 0}
+        if self.runner.num_stages > 1:
+            # Idle stage-steps / all stage-steps of the dispatched pipeline schedules (pipeline.schedule_bubble).
+            self.stats.update(pipeline_stages=self.runner.num_stages,
+                              pipeline_microbatches=self.runner.microbatches, pipeline_bubble=0.0)
 
     # ------------------------------------------------------------------------------------------------------------
     # Requests
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, media: mm_inputs.MediaInputs | None = None) -> str:
+        """media: the prompt's images / audio (serving/mm_inputs.py: `MediaProcessor.process` gives the expanded
+        prompt ids and this)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -190,11 +209,16 @@ class Engine:
         if pages_needed(len(ids) + params.max_tokens, self.layout.page_size) > self.layout.num_pages - 1:
             raise ValueError(f"a request of {len(ids) + params.max_tokens} tokens can never fit in the KV pool "
                              f"({self.layout.num_pages - 1} pages of {self.layout.page_size})")
+        mm_inputs.check_request(self, ids, media)
+        if params.return_routed_experts and not self.runner.return_routed:
+            why = ("the model is dense (no router)" if not self.text_config.enable_moe_block
+                   else "the engine was started with enable_return_routed_experts=False")
+            raise ValueError(f"return_routed_experts was requested but {why}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         req = Request(rid, text, ids, params, next(self._arrivals), request_key(params.seed),
-                      arrival_time=time.perf_counter())
+                      arrival_time=time.perf_counter(), media=media)
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
         if params.stop:
@@ -246,6 +270,7 @@ class Engine:
         self._release(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
+        req.media = None  # its soft tokens are no longer needed
 
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
@@ -290,9 +315,15 @@ class Engine:
                     break  # FIFO: later arrivals do not overtake
             remaining = len(req.all_ids) - req.num_computed
             size = min(remaining, budget)
+            if req.media is not None:  # an image with bidirectional attention stays inside one chunk
+                size = mm_inputs.clamp_chunk(req.media, req.num_computed, size)
+                if size <= 0:
+                    break
             if not self._ensure_pages(req, req.num_computed + size):
                 free_tokens = (len(req.pages) + self.allocator.num_free) * self.layout.page_size - req.num_computed
                 size = min(size, free_tokens)
+                if req.media is not None:
+                    size = mm_inputs.clamp_chunk(req.media, req.num_computed, size)
                 if size <= 0 or not self._ensure_pages(req, req.num_computed + size):
                     break
             if req.status is Status.WAITING:
@@ -316,9 +347,9 @@ class Engine:
             return
         if self.counts is None:
             s, v = self.layout.max_seqs + 1, self.text_config.vocab_size
-            mesh = replicated(self.model.mesh)
-            self.counts = {"output": jnp.zeros((s, v), jnp.int32, device=mesh),
-                           "prompt": jnp.zeros((s, v), bool, device=mesh)}
+            where = self.runner.counts_sharding  # with the sampler (the last stage's devices under pp)
+            self.counts = {"output": jnp.zeros((s, v), jnp.int32, device=where),
+                           "prompt": jnp.zeros((s, v), bool, device=where)}
             for other in self.running:
                 if other is not req:
                     self._reset_counts(other)
@@ -331,7 +362,8 @@ class Engine:
         o[: len(req.output_ids)] = req.output_ids
         self.counts = reset_slot_counts(self.counts, req.slot, p, len(req.prompt_ids), o, len(req.output_ids))
 
-    def _build(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0):
+    def _build(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0,
+               num_logprobs: int | None = None):
         """Pad rows (request, new token ids, start position) into a StepBatch and its sampling inputs."""
         b = bucket(len(rows), 1, self.config.max_num_seqs)
         t = bucket(num_tokens, 1 if num_tokens == 1 else 16)
@@ -356,34 +388,59 @@ class Engine:
             keep[i] = start + len(ids) == len(req.all_ids)
         params = [req.params for req, _, _ in rows]
         sampling = SamplingBatch.from_params(params, [req.key for req, _, _ in rows], b)
-        num_logprobs = max((p_.logprobs or 0) for p_ in params)
-        num_logprobs = 0 if num_logprobs == 0 else bucket(num_logprobs, 1, 20)
+        if num_logprobs is None:
+            num_logprobs = _num_logprobs(params)
         batch = StepBatch(tokens=tokens, positions=positions, context_lens=context, slots=slots,
                           page_table=table, last_index=last)
         return batch, sampling, steps, keep, num_logprobs, (b, t, p, num_logprobs, self.counts is not None)
 
-    def _timed(self, shape_key: tuple, fn, *args, **kwargs):
-        """Call a jitted step; a shape seen for the first time counts as a compile event with its time."""
+    def _timed(self, shape_key: tuple, fn, microbatches: list, num_logprobs: int, **kwargs):
+        """Run a runner call over micro-batches; a shape seen for the first time counts as a compile event with
+        its time. Returns the per-micro-batch SampleResults on the host."""
         t0 = time.perf_counter()
-        result, self.cache, self.counts = fn(self.model.graphdef, self.model.state, self.cache, self.counts, *args,
-                                             layout=self.layout, **kwargs)
-        result = jax.device_get(result)
+        results, self.cache, self.counts = fn(self.cache, self.counts, microbatches, num_logprobs, **kwargs)
+        results = jax.device_get(results)
         if shape_key not in self._shapes_seen:
             self._shapes_seen.add(shape_key)
             self.stats["compiles"] += 1
             self.stats["compile_time_s"] += time.perf_counter() - t0
-        return result
+        if self.runner.num_stages > 1:
+            self.stats["pipeline_bubble"] = self.runner.bubble
+        return results
+
+    def _microbatches(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0):
+        """Split rows into the runner's decode micro-batches (a prefill runs as one) and build each.
+        Returns (row groups, [(batch, sampling, steps, keep)], num_logprobs, shape key)."""
+        m = self.runner.microbatches if num_tokens == 1 else 1
+        groups = [list(g) for g in np.array_split(np.arange(len(rows)), max(1, min(m, len(rows))))]
+        num_logprobs = _num_logprobs([req.params for req, _, _ in rows])
+        built, keys = [], []
+        for group in groups:
+            batch, sampling, steps, keep, _, key = self._build([rows[i] for i in group], num_tokens, lookahead,
+                                                               num_logprobs)
+            built.append((batch, sampling, steps, keep))
+            keys.append(key)
+        return groups, built, num_logprobs, tuple(keys)
 
     def _run(self, rows: list[tuple[Request, list[int], int]], num_tokens: int):
         """One step over rows (request, new token ids, start position). Returns the SampleResult on the host."""
-        batch, sampling, steps, keep, num_logprobs, key = self._build(rows, num_tokens)
-        return self._timed(("step", *key), model_step, batch, sampling, steps, keep, num_logprobs=num_logprobs)
+        groups, built, num_logprobs, key = self._microbatches(rows, num_tokens)
+        # Prefill chunks holding image/audio placeholders take the media step (soft tokens spliced in); every
+        # other step is the text step, untouched.
+        media = mm_inputs.chunk_media(self.model, rows, built[0][0].tokens.shape) if len(built) == 1 else None
+        if media is not None:
+            results = self._timed(("media", key, media.shape_key), mm_inputs.media_step(self.runner, media), built,
+                                  num_logprobs)
+        else:
+            results = self._timed(("step", key), self.runner.step, built, num_logprobs)
+        return _join(results, groups, axis=0)
 
     def _run_multi(self, decode: list[Request], num_steps: int):
         rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
-        batch, sampling, steps, _, num_logprobs, key = self._build(rows, 1, lookahead=num_steps - 1)
-        return self._timed(("multi", num_steps, *key), decode_steps, batch, sampling, steps,
-                           num_logprobs=num_logprobs, num_steps=num_steps)
+        groups, built, num_logprobs, key = self._microbatches(rows, 1, lookahead=num_steps - 1)
+        results = self._timed(("multi", num_steps, key), self.runner.multi, built, num_logprobs,
+                              num_steps=num_steps)
+        return _join(results, groups, axis=1)
 
     def _multi_step_size(self, decode: list[Request]) -> int:
         """Decode steps to run in one call: >1 only when nothing else waits and every row has pages for them."""
@@ -446,6 +503,8 @@ class Engine:
             n = req.params.logprobs
             top = [(int(i), float(v)) for i, v in zip(result.top_ids[row][:n], result.top_logprobs[row][:n])]
             req.logprobs.append(TokenLogprob(token, float(result.logprobs[row]), top))
+        if req.params.return_routed_experts:  # per stage (L_s, k) -> (L_moe, k)
+            req.routed.append(np.concatenate([np.asarray(ids[row]) for ids in result.routed], axis=0))
         if token in req.stop_ids:
             self._end(req, "stop")
             return
@@ -482,6 +541,7 @@ class Engine:
             finish_reason=req.finish_reason,
             logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
             finished=req.status is Status.FINISHED,
+            routed_experts=np.stack(req.routed) if req.params.return_routed_experts and req.routed else None,
         )
 
     def run_until_done(self, progress=None) -> None:
@@ -489,3 +549,20 @@ class Engine:
             outs = self.step()
             if progress is not None:
                 progress(outs)
+
+
+def _num_logprobs(params: Sequence[SamplingParams]) -> int:
+    """Top logprobs to compute for a batch: the largest request, bucketed (0 when none asks)."""
+    n = max((p.logprobs or 0) for p in params)
+    return 0 if n == 0 else bucket(n, 1, 20)
+
+
+def _join(results: list, groups: list[list[int]], axis: int):
+    """Per-micro-batch host results (rows padded to buckets along `axis`) -> one result over all rows in order."""
+    if len(results) == 1:
+        return results[0]
+    def trim(result, n):
+        return jax.tree.map(lambda x: np.take(x, np.arange(n), axis=axis), result)
+
+    trimmed = [trim(r, len(g)) for r, g in zip(results, groups, strict=True)]
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=axis), *trimmed)

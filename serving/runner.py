@@ -13,16 +13,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemma4_jax import sharding
+from gemma4_jax.decoder import stack_routed
+from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import CacheLayout, PagedKVStore, StepBatch
 from gemma4_jax.serving.sampling import SampleResult, SamplingBatch, sample
 
 
-def _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, layout, num_logprobs):
-    model = nnx.merge(graphdef, state)
-    store = PagedKVStore(cache, batch, layout)
-    x, ple = model.embed(batch.tokens)
-    h = model.decode_layers(x, batch.positions, ple, kv_store=store, keep_index=batch.last_index)
-    logits = model.head(h[:, 0])  # (B, V): only each row's last token reaches the KV-shared layers and the head
+def sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprobs):
+    """Sample one token per row of logits (B, V) and advance the penalty counts. Shared with the pipeline's last
+    stage (pipeline.py), which runs it on its own devices."""
     output_counts = prompt_mask = None
     if counts is not None:
         output_counts, prompt_mask = counts["output"][batch.slots], counts["prompt"][batch.slots]
@@ -30,12 +30,26 @@ def _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, l
     if counts is not None:
         counts = dict(counts)
         counts["output"] = counts["output"].at[batch.slots, result.tokens].add(sample_rows.astype(jnp.int32))
+    return result, counts
+
+
+def _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, layout, num_logprobs,
+          return_routed=False):
+    model = nnx.merge(graphdef, state)
+    store = PagedKVStore(cache, batch, layout)
+    x, ple = model.embed(batch.tokens)
+    routed = [] if return_routed else None
+    h = model.decode_layers(x, batch.positions, ple, kv_store=store, keep_index=batch.last_index, routed=routed)
+    logits = model.head(h[:, 0])  # (B, V): only each row's last token reaches the KV-shared layers and the head
+    result, counts = sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprobs)
+    if return_routed:  # the router's choices for each row's last token: (B, L_moe, k)
+        result = result._replace(routed=(stack_routed(routed)[:, 0],))
     return result, store.cache, counts
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "layout", "num_logprobs"),
+    static_argnames=("graphdef", "layout", "num_logprobs", "return_routed"),
     donate_argnames=("cache", "counts"),
 )
 def model_step(
@@ -50,23 +64,26 @@ def model_step(
     *,
     layout: CacheLayout,
     num_logprobs: int,
+    return_routed: bool = False,
 ) -> tuple[SampleResult, dict[str, jax.Array], dict[str, jax.Array] | None]:
     """Run B rows of T tokens through the model against the pools and sample one token per row.
 
     steps: (B,) tokens generated so far per row (the sampler's RNG counter); sample_rows: (B,) bool, rows whose
     sampled token is kept (a prefill chunk that does not end its prompt samples nothing useful).
     counts: None, or {"output": (S+1, V) int32, "prompt": (S+1, V) bool} per sequence slot, for penalties.
+    return_routed: also return the router's top-k expert ids of each row's last token (SampleResult.routed).
     """
-    return _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, layout, num_logprobs)
+    return _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, layout, num_logprobs,
+                 return_routed)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "layout", "num_logprobs", "num_steps"),
+    static_argnames=("graphdef", "layout", "num_logprobs", "num_steps", "return_routed"),
     donate_argnames=("cache", "counts"),
 )
 def decode_steps(graphdef, state, cache, counts, batch: StepBatch, sampling: SamplingBatch, steps: jax.Array,
-                 *, layout: CacheLayout, num_logprobs: int, num_steps: int):
+                 *, layout: CacheLayout, num_logprobs: int, num_steps: int, return_routed: bool = False):
     """`num_steps` decode steps in one call (one host round-trip): each step feeds back the token it sampled.
 
     batch: a decode batch (T = 1) whose page tables already cover num_steps more tokens. Returns the SampleResult
@@ -77,7 +94,7 @@ def decode_steps(graphdef, state, cache, counts, batch: StepBatch, sampling: Sam
     def body(carry, _):
         cache, counts, batch, steps = carry
         result, cache, counts = _step(graphdef, state, cache, counts, batch, sampling, steps, live, layout,
-                                      num_logprobs)
+                                      num_logprobs, return_routed)
         batch = batch.replace(
             tokens=result.tokens[:, None].astype(jnp.int32),
             positions=jnp.where(live[:, None], batch.positions + 1, -1),
@@ -98,3 +115,59 @@ def reset_slot_counts(counts, slot, prompt_tokens, prompt_len, output_tokens, ou
     prompt_row = jnp.zeros((vocab,), bool).at[prompt_tokens].max(p_valid)
     output_row = jnp.zeros((vocab,), jnp.int32).at[output_tokens].add(o_valid.astype(jnp.int32))
     return {"output": counts["output"].at[slot].set(output_row), "prompt": counts["prompt"].at[slot].set(prompt_row)}
+
+
+class Runner:
+    """Engine steps of a single-program model (pp=1, any tp/dp): one jitted step over the whole mesh.
+
+    The engine talks to this and to `pipeline.PipelineRunner` alike: `allocate()` the pools, then `step` /
+    `multi` over a list of micro-batches (always one here), each (StepBatch, SamplingBatch, steps, sample_rows).
+    """
+
+    microbatches = 1
+    num_stages = 1
+
+    def __init__(self, model, layout: CacheLayout, return_routed: bool = False):
+        self.model = model
+        self.layout = layout
+        self.mesh = model.mesh
+        self.return_routed = return_routed
+
+    def allocate(self) -> dict[str, jax.Array]:
+        """Zeroed pools on the mesh, each sharded by KV head where tp divides its head count."""
+        return kv_cache.allocate(self.model.config.text, self.layout, self.model.dtype,
+                                 sharding=lambda shape: sharding.kv_pool_sharding(shape, self.mesh))
+
+    @property
+    def counts_sharding(self) -> jax.sharding.Sharding:
+        return sharding.replicated(self.mesh)
+
+    def step(self, cache, counts, microbatches, num_logprobs: int):
+        results = []
+        with jax.set_mesh(self.mesh):
+            for batch, sampling, steps, sample_rows in microbatches:
+                result, cache, counts = model_step(self.model.graphdef, self.model.state, cache, counts, batch,
+                                                   sampling, steps, sample_rows, layout=self.layout,
+                                                   num_logprobs=num_logprobs, return_routed=self.return_routed)
+                results.append(result)
+        return results, cache, counts
+
+    def multi(self, cache, counts, microbatches, num_logprobs: int, num_steps: int):
+        results = []
+        with jax.set_mesh(self.mesh):
+            for batch, sampling, steps, _ in microbatches:
+                result, cache, counts = decode_steps(self.model.graphdef, self.model.state, cache, counts, batch,
+                                                     sampling, steps, layout=self.layout, num_logprobs=num_logprobs,
+                                                     num_steps=num_steps, return_routed=self.return_routed)
+                results.append(result)
+        return results, cache, counts
+
+
+def make_runner(model, layout: CacheLayout, microbatches: int | None = None, return_routed: bool = False):
+    """The engine's runner for this model: single-program, or pipelined over the model's stages (pp > 1).
+    return_routed: every step also returns the router's expert ids (MoE models; SampleResult.routed)."""
+    if model.num_stages > 1:
+        from gemma4_jax.pipeline import PipelineRunner
+
+        return PipelineRunner(model, layout, microbatches, return_routed)
+    return Runner(model, layout, return_routed)

@@ -72,6 +72,9 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     skip_special_tokens: bool = True
+    # MoE models: return, per generated token, the top-k expert ids the router chose in every MoE layer
+    # (RequestOutput.routed_experts, (num_generated, L_moe, k)), as vLLM's and SGLang's "return routed experts".
+    return_routed_experts: bool = False
 
     def __post_init__(self):
         stop = self.stop
@@ -110,7 +113,7 @@ class SamplingParams:
             raise ValueError(f"stop must be None, a non-empty str or a list of non-empty str, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be None or a list of ints >= 0, got {self.stop_token_ids!r}")
-        for name in ("ignore_eos", "skip_special_tokens"):
+        for name in ("ignore_eos", "skip_special_tokens", "return_routed_experts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -192,6 +195,9 @@ class SampleResult(NamedTuple):
     logprobs: jax.Array  # (B,) float32, log_softmax(raw logits)[token]
     top_logprobs: jax.Array  # (B, num_logprobs) float32, descending
     top_ids: jax.Array  # (B, num_logprobs) int32
+    # Router top-k ids of the sampled row's input token, one (B, L_s, k) int32 array per pipeline stage (one
+    # stage: a 1-tuple); None when the step does not collect them (dense model, or turned off).
+    routed: tuple | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------

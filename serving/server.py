@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import functools
 import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -36,15 +38,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gemma4_jax.serving import mm_inputs
 from gemma4_jax.serving.async_engine import AsyncEngine, EngineError, EngineStopped, QueueFull, RequestGroup
 from gemma4_jax.serving.engine import RequestOutput, TokenLogprob
 from gemma4_jax.serving.metrics import ServerMetrics
 from gemma4_jax.serving.protocol import (
+    TOOL_CALL_START,
+    TOOL_RESPONSE_START,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
-    TokenizeRequest,
+    NamedToolChoice,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    ToolCallParser,
+    advertise_limits,
     bad_request,
     clamp_logprob,
     error_envelope,
@@ -74,6 +83,8 @@ class ServerConfig:
     cors_origins: Sequence[str] = ()
     retry_after_s: int = 1
     grace_period_s: float = 30.0
+    # Images / audio in chat content parts (data URLs and base64 WAV only; nothing is fetched): caps per request.
+    media_limits: mm_inputs.ServingLimits = mm_inputs.ServingLimits()
 
 
 class ServerState:
@@ -141,6 +152,18 @@ class ServerState:
 
     def token_text(self, token_id: int) -> str:
         return self._token_texts(token_id)
+
+    @functools.cached_property
+    def _special_tokens(self) -> re.Pattern | None:
+        tokenizer = self.tokenizer
+        texts = {tokenizer.id_to_token(i) for i in tokenizer.all_special_ids} if tokenizer is not None else set()
+        texts = sorted((t for t in texts if t), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    def strip_special(self, text: str) -> str:
+        """Text without the tokenizer's special-token strings (tool-call output is decoded with them kept)."""
+        pattern = self._special_tokens
+        return pattern.sub("", text) if pattern is not None and text else text
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.served_model_name:
@@ -296,8 +319,10 @@ def _engine_requests(
     max_tokens: int | None,
     max_model_len: int,
     prompt_field: str,
+    media: mm_inputs.MediaInputs | None = None,
 ):
-    """One engine request per (prompt, copy), with the context check that names both counts."""
+    """One engine request per (prompt, copy), with the context check that names both counts. With media (one
+    prompt), each request is (id, ids, params, media): the copies share the soft tokens."""
     requests = []
     for p, ids in enumerate(prompts):
         if not ids:
@@ -314,8 +339,115 @@ def _engine_requests(
         for i in range(n):
             # Copies of one prompt need different seeds, or they would sample the same tokens (as LLM.generate).
             copy = dataclasses.replace(params, max_tokens=wanted, seed=None if params.seed is None else params.seed + i)
-            requests.append((f"{prefix}-{p}-{i}", list(ids), copy))
+            request = (f"{prefix}-{p}-{i}", list(ids), copy)
+            requests.append(request if media is None else (*request, media))
     return requests
+
+
+def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: tool-call arguments that arrive as a JSON string (the OpenAI wire
+    form) become the object they encode, since templates iterate over them (Gemma 4 writes `key:value` pairs)."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if isinstance(calls, list) and any(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
+            fixed = []
+            for call in calls:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    try:
+                        arguments = json.loads(function["arguments"])
+                    except ValueError:
+                        arguments = None
+                    if isinstance(arguments, dict):
+                        call = {**call, "function": {**function, "arguments": arguments}}
+                fixed.append(call)
+            message = {**message, "tool_calls": fixed}
+        out.append(message)
+    return out
+
+
+def _chat_prompt(
+    state: ServerState,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None,
+) -> list[int]:
+    """The chat rendered by the checkpoint's template and encoded; any failure of the template on these messages
+    (a check it raises, or a Python error on values it did not expect) is the request's fault: 400."""
+    try:
+        return state.tokenizer.encode_chat(
+            _template_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            **(template_kwargs or {}),
+        )
+    except (ValueError, TypeError, LookupError, ArithmeticError) as e:
+        raise bad_request(str(e) or f"the chat template failed: {type(e).__name__}", "messages") from None
+
+
+async def _media_chat_prompt(
+    state: ServerState,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None,
+) -> tuple[list[int], mm_inputs.MediaInputs | None]:
+    """A chat with image / audio parts -> (prompt ids, media). Decoding and resizing run in a worker thread, off
+    the event loop. Bad media (MediaError), a model without towers and template failures are the request's: 400."""
+    try:
+        processor = state.llm.media_processor
+        return await asyncio.to_thread(
+            processor.process_chat,
+            _template_messages(messages),
+            state.config.media_limits,
+            allow_local=False,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            **(template_kwargs or {}),
+        )
+    except (ValueError, TypeError, LookupError, ArithmeticError) as e:
+        raise bad_request(str(e) or f"the media or chat template failed: {type(e).__name__}", "messages") from None
+
+
+def _forced_tool_prefix(body: ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> str:
+    """tool_choice "required" or a named function: the model turn starts with the call already opened (Gemma 4's
+    `<|tool_call>call:` or `<|tool_call>call:NAME{`), so the model writes a call rather than prose."""
+    choice = body.tool_choice
+    if choice in (None, "none", "auto"):
+        return ""
+    if not tools:
+        raise bad_request("tool_choice 'required' or a named function needs tools", "tool_choice")
+    if isinstance(choice, NamedToolChoice):
+        names = [tool["function"]["name"] for tool in tools]
+        if choice.function.name not in names:
+            raise bad_request(
+                f"tool_choice names {choice.function.name!r}, not one of the tools {names}", "tool_choice"
+            )
+        return f"{TOOL_CALL_START}call:{choice.function.name}{{"
+    return f"{TOOL_CALL_START}call:"
+
+
+def _chat_message(
+    out: RequestOutput, parser: ToolCallParser | None, clean: Callable[[str], str]
+) -> tuple[dict[str, Any], str | None]:
+    """A finished output -> (the assistant message, finish_reason); with a parser (tools on), its tool calls are
+    split out of the text (content null when nothing but calls was written)."""
+    if parser is None:
+        return {"role": "assistant", "content": out.text}, out.finish_reason
+    parser.feed(out.text, final=True)
+    content = clean(parser.content)
+    message: dict[str, Any] = {"role": "assistant", "content": content if content.strip() or not parser.calls else None}
+    if not parser.calls:
+        return message, out.finish_reason
+    message["tool_calls"] = [call.to_openai() for call in parser.calls]
+    return message, _tool_finish(out.finish_reason)
+
+
+def _tool_finish(finish: str | None) -> str | None:
+    # A turn that ended by handing over to the tools reports "tool_calls"; one cut by max_tokens stays "length".
+    return "tool_calls" if finish == "stop" else finish
 
 
 async def _submit(state: ServerState, engine: AsyncEngine, requests, arrival: float) -> RequestGroup:
@@ -334,6 +466,15 @@ async def _submit(state: ServerState, engine: AsyncEngine, requests, arrival: fl
         raise APIError(503, str(e), "service_unavailable", code="engine_stopped") from None
     except ValueError as e:
         raise bad_request(str(e)) from None
+
+
+async def _score_prompt(engine: AsyncEngine, ids: list[int], k: int) -> list[TokenLogprob]:
+    try:
+        return await engine.prompt_logprobs(ids, k)
+    except EngineError as e:
+        raise _fault(e) from None
+    except EngineStopped as e:
+        raise APIError(503, str(e), "service_unavailable", code="engine_stopped") from None
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -406,10 +547,13 @@ def _completion_logprobs(state: ServerState, lps: Sequence[TokenLogprob], offset
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
+    # A prompt's first token has no logprob (nothing precedes it): null in both lists, as vLLM.
     return {
         "tokens": tokens,
-        "token_logprobs": [clamp_logprob(lp.logprob) for lp in lps],
-        "top_logprobs": [{state.token_text(t): clamp_logprob(v) for t, v in lp.top} for lp in lps],
+        "token_logprobs": [None if lp.logprob is None else clamp_logprob(lp.logprob) for lp in lps],
+        "top_logprobs": [
+            None if lp.top is None else {state.token_text(t): clamp_logprob(v) for t, v in lp.top} for lp in lps
+        ],
         "text_offset": offsets,
     }
 
@@ -479,6 +623,27 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
             CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"]
         )
 
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The schema with this server's limits in it (once loaded, the context length and the vocabulary), so that
+        clients and fuzzers generating from it produce requests the server accepts."""
+        schema = copy.deepcopy(base_openapi())
+        engine = state.engine.engine if state.engine is not None else None
+        advertise_limits(
+            schema["components"]["schemas"],
+            model_name=config.served_model_name,
+            max_n=config.max_n,
+            max_prompts=config.max_prompts,
+            max_stop=config.max_stop,
+            max_stop_chars=config.max_stop_chars,
+            max_model_len=engine.max_model_len if engine is not None else None,
+            vocab_size=engine.text_config.vocab_size if engine is not None else None,
+        )
+        return schema
+
+    app.openapi = openapi
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.envelope(), status_code=e.status, headers=e.headers)
@@ -538,20 +703,23 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict:
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> dict:
+        """`{"prompt"}` (text) or `{"messages"}` (a chat, rendered as /v1/chat/completions renders it, `tools`
+        included) -> the token ids."""
         engine = state.require_ready()
         state.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise bad_request("give exactly one of 'prompt' and 'messages'")
         if state.tokenizer is None:
             raise bad_request("this model has no tokenizer")
-        try:
-            if body.messages is not None:
-                ids = state.tokenizer.encode_chat(body.messages, add_generation_prompt=body.add_generation_prompt)
+        if isinstance(body, TokenizeChatRequest):
+            tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+            if mm_inputs.has_media_parts(body.messages):  # placeholders expanded as the chat route does
+                ids, _ = await _media_chat_prompt(
+                    state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs
+                )
             else:
-                ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        except ValueError as e:
-            raise bad_request(str(e), "messages" if body.messages is not None else "prompt") from None
+                ids = _chat_prompt(state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs)
+        else:
+            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
@@ -575,8 +743,6 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
             raise bad_request("suffix is not supported by this server", "suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise bad_request("best_of other than n is not supported by this server", "best_of")
-        if body.echo and body.logprobs is not None:
-            raise bad_request("echo with logprobs (prompt logprobs) is not supported by this server", "echo")
         if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
             raise bad_request(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {body.logprobs}", "logprobs")
         params = _sampling_params(body, config, body.logprobs, body.max_tokens, engine.engine.text_config.vocab_size)
@@ -587,14 +753,20 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
         requests = _engine_requests(
             request_id, prompts, params, body.n, body.max_tokens, engine.engine.max_model_len, "prompt"
         )
+        # echo + logprobs: the prompt's own logprobs lead each choice's (one forward per distinct prompt).
+        prompt_lps: list[list[TokenLogprob]] = [[] for _ in prompts]
+        if body.echo and body.logprobs is not None:
+            for p, ids in enumerate(prompts):
+                prompt_lps[p] = await _score_prompt(engine, ids, body.logprobs)
         group = await _submit(state, engine, requests, arrival)
         meta = dict(id=request_id, created=int(time.time()), model=config.served_model_name)
         prompt_tokens = sum(len(ids) for ids in prompts)
         echoes = [texts[i // body.n] if body.echo else "" for i in range(len(requests))]
+        leading = [prompt_lps[i // body.n] for i in range(len(requests))]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _completion_chunks(
-                state, group, meta, echoes, body.logprobs is not None, include_usage, prompt_tokens
+                state, group, meta, echoes, leading, body.logprobs is not None, include_usage, prompt_tokens
             )
             return _EventStream(_sse_stream(chunks), lambda: engine.abort(group))
         outs = await _collect(raw, group, engine)
@@ -608,7 +780,9 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
                     "index": i,
                     "text": echoes[i] + out.text,
                     "finish_reason": out.finish_reason,
-                    "logprobs": _completion_logprobs(state, out.logprobs, len(echoes[i]))
+                    "logprobs": _completion_logprobs(
+                        state, leading[i] + out.logprobs, 0 if leading[i] else len(echoes[i])
+                    )
                     if body.logprobs is not None
                     else None,
                 }
@@ -627,10 +801,6 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
         arrival = time.monotonic()
         engine = state.require_ready()
         state.check_model(body.model)
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise bad_request("response_format other than text is not supported by this server", "response_format")
-        if body.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice other than 'none' or 'auto' is not supported by this server", "tool_choice")
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
@@ -647,24 +817,33 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
         )
         if state.tokenizer is None:
             raise bad_request("this model has no tokenizer, so no chat template: use /v1/completions", "messages")
-        try:
-            ids = state.tokenizer.encode_chat(
-                body.messages,
-                add_generation_prompt=body.add_generation_prompt,
-                tools=body.tools,
-                **(body.chat_template_kwargs or {}),
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+        forced = _forced_tool_prefix(body, tools)
+        media = None
+        if mm_inputs.has_media_parts(body.messages):
+            ids, media = await _media_chat_prompt(
+                state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs
             )
-        except (ValueError, TypeError) as e:
-            raise bad_request(str(e), "messages") from None
+        else:
+            ids = _chat_prompt(state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs)
+        parse_tools = bool(tools) and body.tool_choice != "none"
+        if forced:
+            ids = ids + state.tokenizer.encode(forced, add_special_tokens=False)
+        if parse_tools:
+            # Tool-call markers are special tokens: decode with them kept (the content is cleaned afterwards, as
+            # the client asked), and stop where the model hands over to the tool.
+            params = dataclasses.replace(params, skip_special_tokens=False, stop=(*params.stop, TOOL_RESPONSE_START))
+        clean = state.strip_special if body.skip_special_tokens else (lambda text: text)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         requests = _engine_requests(
-            request_id, [ids], params, body.n, max_tokens, engine.engine.max_model_len, "messages"
+            request_id, [ids], params, body.n, max_tokens, engine.engine.max_model_len, "messages", media
         )
         group = await _submit(state, engine, requests, arrival)
         meta = dict(id=request_id, created=int(time.time()), model=config.served_model_name)
+        parsers = [ToolCallParser(forced) for _ in requests] if parse_tools else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _chat_chunks(state, group, meta, body.logprobs, include_usage, len(ids))
+            chunks = _chat_chunks(state, group, meta, body.logprobs, include_usage, len(ids), parsers, clean)
             return _EventStream(_sse_stream(chunks), lambda: engine.abort(group))
         outs = await _collect(raw, group, engine)
         if outs is None:
@@ -672,12 +851,13 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
         choices = []
         for i, out in enumerate(outs):
             _check_finished(out)
+            message, finish = _chat_message(out, parsers[i] if parsers is not None else None, clean)
             choices.append(
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": out.text},
+                    "message": message,
                     "logprobs": _chat_logprobs(state, out.logprobs) if body.logprobs else None,
-                    "finish_reason": out.finish_reason,
+                    "finish_reason": finish,
                 }
             )
         return JSONResponse(
@@ -723,23 +903,26 @@ async def _completion_chunks(
     group: RequestGroup,
     meta: dict,
     echoes: list[str],
+    leading: list[list[TokenLogprob]],
     want_logprobs: bool,
     include_usage: bool,
     prompt_tokens: int,
 ) -> AsyncIterator[dict]:
+    """Completion chunks; `leading` holds each request's prompt logprobs (echo + logprobs), sent first."""
     k = len(group.request_ids)
     sent_text, sent_lps, offsets, num_tokens = [0] * k, [0] * k, [0] * k, [0] * k
     extra = {"usage": None} if include_usage else {}
-    echoed = [not e for e in echoes]
+    echoed = [not (echoes[i] or leading[i]) for i in range(k)]
     async for i, out in group:
         _check_finished(out)
         text = out.text[sent_text[i] :]
+        new_lps = (out.logprobs or [])[sent_lps[i] :] if want_logprobs else []
+        sent_text[i], sent_lps[i], num_tokens[i] = len(out.text), sent_lps[i] + len(new_lps), len(out.token_ids)
         if not echoed[i]:
             text, echoed[i] = echoes[i] + text, True
-            offsets[i] = len(echoes[i])
-        new_lps = (out.logprobs or [])[sent_lps[i] :] if want_logprobs else []
+            offsets[i] = 0 if leading[i] else len(echoes[i])
+            new_lps = leading[i] + new_lps
         finish = out.finish_reason if out.finished else None
-        sent_text[i], sent_lps[i], num_tokens[i] = len(out.text), sent_lps[i] + len(new_lps), len(out.token_ids)
         if not text and not new_lps and finish is None:
             continue
         logprobs = None
@@ -757,8 +940,17 @@ async def _completion_chunks(
 
 
 async def _chat_chunks(
-    state: ServerState, group: RequestGroup, meta: dict, want_logprobs: bool, include_usage: bool, prompt_tokens: int
+    state: ServerState,
+    group: RequestGroup,
+    meta: dict,
+    want_logprobs: bool,
+    include_usage: bool,
+    prompt_tokens: int,
+    parsers: list[ToolCallParser] | None = None,
+    clean: Callable[[str], str] = lambda text: text,
 ) -> AsyncIterator[dict]:
+    """Chat chunks; with `parsers` (tools on) the text is split into content deltas and tool-call deltas (one per
+    call, whole, once it is complete)."""
     k = len(group.request_ids)
     sent_text, sent_lps, num_tokens = [0] * k, [0] * k, [0] * k
     base = {**meta, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
@@ -771,18 +963,30 @@ async def _chat_chunks(
         }
     async for i, out in group:
         _check_finished(out)
-        text = out.text[sent_text[i] :]
         new_lps = (out.logprobs or [])[sent_lps[i] :] if want_logprobs else []
         finish = out.finish_reason if out.finished else None
+        delta: dict[str, Any] = {}
+        if parsers is not None:
+            before = len(parsers[i].calls)
+            text, calls = parsers[i].feed(out.text, final=out.finished)
+            text = clean(text)
+            if calls:
+                delta["tool_calls"] = [call.to_openai(before + j) for j, call in enumerate(calls)]
+            if finish is not None and parsers[i].calls:
+                finish = _tool_finish(finish)
+        else:
+            text = out.text[sent_text[i] :]
+        if text:
+            delta = {"content": text, **delta}
         sent_text[i], sent_lps[i], num_tokens[i] = len(out.text), sent_lps[i] + len(new_lps), len(out.token_ids)
-        if not text and not new_lps and finish is None:
+        if not delta and not new_lps and finish is None:
             continue
         yield {
             **base,
             "choices": [
                 {
                     "index": i,
-                    "delta": {"content": text} if text else {},
+                    "delta": delta,
                     "logprobs": _chat_logprobs(state, new_lps) if want_logprobs else None,
                     "finish_reason": finish,
                 }

@@ -233,7 +233,10 @@ def hf_multimodal_logits(model, input_ids: np.ndarray, **inputs) -> np.ndarray:
         if value is None:
             continue
         arr = np.asarray(value)
-        tensors[name] = torch.as_tensor(arr, dtype=torch.float32 if arr.dtype.kind == "f" else torch.long)
+        if arr.dtype == bool:  # masks stay boolean: HF indexes with them
+            tensors[name] = torch.as_tensor(arr)
+        else:
+            tensors[name] = torch.as_tensor(arr, dtype=torch.float32 if arr.dtype.kind == "f" else torch.long)
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long), use_cache=False, **tensors)
     return out.logits.float().numpy()

@@ -403,3 +403,23 @@ def test_moe_backend_validated_at_start_up(name, backend, message):
         gemma4_jax.from_pretrained(os.path.join(FIXTURES, name), dtype="float32", moe_backend=backend)
     with pytest.raises(quant.QuantizationError, match=message):
         gemma4_jax.LLM(os.path.join(FIXTURES, name), dtype="float32", moe_backend=backend)
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2)])
+def test_packed_weights_shard_like_bf16(layout):
+    """Packed experts and linears follow the same rules table: tp splits experts (expert parallel) and the
+    packed arrays stay packed on each device; pp gives each stage its own layers. Logits equal one device."""
+    path = os.path.join(FIXTURES, "modelopt_nvfp4_all")
+    ids = _ids()
+    one = np.asarray(gemma4_jax.from_pretrained(path, dtype="float32").logits(ids))
+    model = gemma4_jax.from_pretrained(path, dtype="float32", **layout)
+    assert rel_err(np.asarray(model.logits(ids)), one) <= 3e-5
+    if "tp" in layout:
+        flat = dict(nnx.to_flat_state(model.state))
+        packed = [(p, v) for p, v in flat.items() if "experts" in map(str, p) and str(p[-1]) == "w"]
+        assert packed, "no packed expert weights found"
+        for path_, var in packed:
+            arr = var.get_value()
+            assert arr.dtype == np.uint8
+            shard = arr.addressable_shards[0].data.shape
+            assert shard[0] == arr.shape[0] // 2, f"{path_}: experts not split over tp ({shard} of {arr.shape})"
