@@ -9,8 +9,14 @@ import pytest
 import gemma4_jax
 from gemma4_jax import audio
 from gemma4_jax.audio_processing import AudioFeatureExtractor
-from hf_reference import (BASE_AUDIO, BASE_VISION, TINY_MM_TOKENS, hf_multimodal_logits, make_multimodal_checkpoint,
-                          rel_err)
+from hf_reference import (
+    BASE_AUDIO,
+    BASE_VISION,
+    TINY_MM_TOKENS,
+    hf_multimodal_logits,
+    make_multimodal_checkpoint,
+    rel_err,
+)
 
 pytest.importorskip("PIL")
 from gemma4_jax.processing import ImageProcessor  # noqa: E402
