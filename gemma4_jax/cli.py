@@ -1,4 +1,5 @@
-"""The `gemma4-jax` command: generate (batch jobs), serve (OpenAI-compatible HTTP), bench (offline throughput/latency).
+"""The `gemma4-jax` command: generate (batch jobs), serve (OpenAI-compatible HTTP), bench (offline throughput/latency),
+convert (Hugging Face -> sharded orbax checkpoint).
 
 `gemma4-jax generate` with no `--model` runs an embedded tiny model (random weights, byte-level tokenizer), so a
 fresh install runs end to end with no download; its output is noise and it says so.
@@ -153,6 +154,27 @@ def _serve_parser(sub) -> None:
     srv.set_defaults(func=cmd_serve)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from gemma4_jax import orbax_io
+
+    orbax_io.convert(args.model, args.output, dtype=args.dtype, pp=args.pp, tp=args.tp, overwrite=args.overwrite)
+    return 0
+
+
+def _convert_parser(sub) -> None:
+    conv = sub.add_parser("convert", help="convert a Hugging Face checkpoint to a sharded orbax checkpoint "
+                          "(docs/convert.md)")
+    conv.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    conv.add_argument("--output", required=True, help="directory to write (must be new or empty)")
+    conv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                      help="parameter dtype to store (packed quantized weights keep theirs)")
+    conv.add_argument("--pp", type=int, default=1, help="pipeline stages to load with (memory only; any layout "
+                      "can load the result)")
+    conv.add_argument("--tp", type=int, default=1, help="tensor parallel degree to load with")
+    conv.add_argument("--overwrite", action="store_true", help="replace a previous conversion at --output")
+    conv.set_defaults(func=cmd_convert)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gemma4-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     _sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
     _serve_parser(sub)
+    _convert_parser(sub)
     try:
         from gemma4_jax import bench
 

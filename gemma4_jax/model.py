@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma4_jax import checkpoint, multimodal, pipeline, quant, sharding
+from gemma4_jax import checkpoint, multimodal, orbax_io, pipeline, quant, sharding
 from gemma4_jax.config import ModelConfig, load_config, preset
 from gemma4_jax.decoder import Gemma4Text, stack_routed
 
@@ -197,7 +197,8 @@ def from_config(config: ModelConfig | str, dtype: Any = "bfloat16", seed: int = 
 
 def from_pretrained(path: str | os.PathLike, dtype: Any = "bfloat16", pp: int = 1, tp: int = 1,
                     dp: int = 1, moe_backend: str = "auto") -> Model:
-    """Load a Hugging Face Gemma 4 checkpoint directory (config.json + safetensors).
+    """Load a Hugging Face Gemma 4 checkpoint directory (config.json + safetensors), or one written by
+    `gemma4-jax convert` (orbax; restored straight into this layout, docs/convert.md).
 
     pp: pipeline stages, tp: tensor/expert parallel degree, dp: data parallel degree, over the first pp*dp*tp
     devices (docs/sharding.md). Each tensor goes from the file straight to its stage's devices, sharded.
@@ -205,12 +206,17 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "bfloat16", pp: int = 
     "fp4_pallas" (NVFP4 experts only); an unusable choice raises QuantizationError before any weight is read.
     """
     path = os.fspath(path)
+    # A directory written by `gemma4-jax convert` (orbax_io.py): same model, parameters restored from orbax.
+    meta = orbax_io.read_metadata(path) if orbax_io.looks_converted(path) else None
     cfg = load_config(path)
     dt = resolve_dtype(dtype)
-    plan = checkpoint.quant_plan(path, cfg)
+    plan = checkpoint.quant_plan(path, cfg) if meta is None else orbax_io.plan_from_metadata(meta, path)
     formats = {plan.expert_format(i) for i in range(cfg.text.num_hidden_layers)}
     backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats)
     graphdef, abstract_state = _abstract(cfg, dt, plan, backend)
     mesh = _place(cfg, abstract_state, pp, tp, dp)
-    state = checkpoint.load_state(path, cfg, abstract_state, _sharding_of(mesh), dt)
+    if meta is not None:
+        state = orbax_io.restore_state(path, meta, abstract_state, _sharding_of(mesh), np.dtype(dt).name)
+    else:
+        state = checkpoint.load_state(path, cfg, abstract_state, _sharding_of(mesh), dt)
     return _make_model(cfg, graphdef, abstract_state, state, mesh, dt, path=path)
