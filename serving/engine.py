@@ -461,6 +461,13 @@ class Engine:
         """One scheduling iteration. Returns outputs of requests that produced tokens or finished."""
         decode = self._schedule_decode()
         prefill = self._schedule_prefill(self.config.max_num_batched_tokens - len(decode))
+        if decode and not prefill and (self.waiting or any(not r.in_decode for r in self.running)):
+            # The decode rows left too little budget for the next prefill chunk (an image that must stay in one
+            # chunk, or more decode rows than the budget): give the prefill this step alone, or under steady
+            # decode load it would wait until the decodes finish. The decode rows keep their pages and run next.
+            prefill = self._schedule_prefill(self.config.max_num_batched_tokens)
+            if prefill:
+                decode = []
         touched: list[Request] = []
         if prefill:
             rows = [(req, req.all_ids[req.num_computed: req.num_computed + n], req.num_computed)

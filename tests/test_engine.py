@@ -229,3 +229,37 @@ def test_multi_step_decode_equals_single_step(ckpts):
         assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
     assert multi[0].token_ids == _hf_greedy(hf, prompts[0], 21)
     assert multi_llm.engine.num_used_pages == 0
+
+
+def test_prefill_not_starved_by_decode_rows():
+    """More decode rows than the step's token budget: a waiting request still gets its prefill (one step without
+    the decodes) instead of waiting for them to finish; its tokens equal a run on its own."""
+    from gemma4_jax.serving.engine import Engine, EngineConfig
+
+    model = gemma4_jax.from_config("tiny", dtype="float32")
+    engine = Engine(model, config=EngineConfig(max_num_seqs=4, max_num_batched_tokens=2, page_size=8,
+                                               num_pages=64, max_model_len=128))
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    for i in range(3):
+        engine.add_request([2, 10 + i, 20 + i], long, request_id=f"r{i}")
+    for _ in range(60):  # bounded: a starved prefill must fail the test, not hang it
+        if len(engine.running) == 3 and all(r.in_decode for r in engine.running):
+            break
+        engine.step()
+    assert len(engine.running) == 3 and all(r.in_decode for r in engine.running), "a prefill was starved"
+    short = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    engine.add_request([2, 50, 51, 52, 53], short, request_id="late")
+    done = {}
+    for _ in range(30):
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        if "late" in done:
+            break
+    assert "late" in done, "the late request was starved by the decode rows"
+    assert not any(f"r{i}" in done for i in range(3))  # it finished long before the long requests
+    alone = Engine(model, config=EngineConfig(max_num_seqs=4, page_size=8, num_pages=64, max_model_len=128))
+    alone.add_request([2, 50, 51, 52, 53], short, request_id="late")
+    while alone.has_unfinished():
+        outs = alone.step()
+    assert done["late"].token_ids == outs[0].token_ids
