@@ -34,7 +34,7 @@ from flax import nnx
 
 from gemma4_jax import checkpoint
 from gemma4_jax.config import ConfigError
-from gemma4_jax.layers import Linear, param, rms_norm
+from gemma4_jax.layers import ClippedLinear, Linear, param, rms_norm
 from gemma4_jax.vision import MultimodalEmbedder
 
 PARAM_PREFIX = "audio"
@@ -154,34 +154,6 @@ class ConvKernel(nnx.Module):
         self.kernel = param(rngs, shape, axes, dtype, scale=fan_in**-0.5)
 
 
-def _scalar(value: float, dtype) -> nnx.Param:
-    return nnx.Param(jnp.asarray(value, dtype), logical_axes=())
-
-
-class ClippableLinear(nnx.Module):
-    """Bias-free linear whose input and output are clamped to checkpoint bounds when `use_clipped_linears`.
-
-    kernel: in_shape + out_shape (see layers.Linear); bounds: scalars, +-inf until loaded.
-    """
-
-    def __init__(self, in_shape, out_shape, in_axes, out_axes, clipped: bool, *, dtype, rngs: nnx.Rngs):
-        self.clipped = clipped
-        self.linear = Linear(in_shape, out_shape, in_axes, out_axes, dtype=dtype, rngs=rngs)
-        if clipped:
-            self.input_min = _scalar(-math.inf, dtype)
-            self.input_max = _scalar(math.inf, dtype)
-            self.output_min = _scalar(-math.inf, dtype)
-            self.output_max = _scalar(math.inf, dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.clipped:
-            x = jnp.clip(x, self.input_min[...].astype(x.dtype), self.input_max[...].astype(x.dtype))
-        y = self.linear(x)
-        if self.clipped:
-            y = jnp.clip(y, self.output_min[...].astype(y.dtype), self.output_max[...].astype(y.dtype))
-        return y
-
-
 def _layer_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """nn.LayerNorm(bias=False) over the last axis, statistics in float32."""
     x32 = x.astype(jnp.float32)
@@ -249,8 +221,8 @@ class FeedForward(nnx.Module):
         self.gradient_clipping = cfg.gradient_clipping
         self.residual_weight = cfg.residual_weight
         self.act = _activation(cfg.hidden_act)
-        self.ffw_layer_1 = ClippableLinear((d,), (4 * d,), ("embed",), ("mlp",), clip, dtype=dtype, rngs=rngs)
-        self.ffw_layer_2 = ClippableLinear((4 * d,), (d,), ("mlp",), ("embed",), clip, dtype=dtype, rngs=rngs)
+        self.ffw_layer_1 = ClippedLinear((d,), (4 * d,), ("embed",), ("mlp",), clipped=clip, dtype=dtype, rngs=rngs)
+        self.ffw_layer_2 = ClippedLinear((4 * d,), (d,), ("mlp",), ("embed",), clipped=clip, dtype=dtype, rngs=rngs)
         # HF builds these two norms with the default eps (1e-6), not config.rms_norm_eps.
         self.pre_layer_norm = Norm(d, 1e-6, dtype=dtype, rngs=rngs)
         self.post_layer_norm = Norm(d, 1e-6, dtype=dtype, rngs=rngs)
@@ -303,10 +275,10 @@ class ChunkedAttention(nnx.Module):
     def __init__(self, cfg: AudioConfig, *, dtype, rngs: nnx.Rngs):
         d, n, h, clip = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.use_clipped_linears
         self.cfg = cfg
-        proj = lambda: ClippableLinear((d,), (n, h), ("embed",), ("heads", "head_dim"), clip,  # noqa: E731
+        proj = lambda: ClippedLinear((d,), (n, h), ("embed",), ("heads", "head_dim"), clipped=clip,  # noqa: E731
                                        dtype=dtype, rngs=rngs)
         self.q_proj, self.k_proj, self.v_proj = proj(), proj(), proj()
-        self.post = ClippableLinear((n, h), (d,), ("heads", "head_dim"), ("embed",), clip, dtype=dtype, rngs=rngs)
+        self.post = ClippedLinear((n, h), (d,), ("heads", "head_dim"), ("embed",), clipped=clip, dtype=dtype, rngs=rngs)
         self.relative_k_proj = Linear((d,), (n, h), ("embed",), ("heads", "head_dim"), dtype=dtype, rngs=rngs)
         self.per_dim_scale = param(rngs, (h,), ("head_dim",), dtype, init="zeros")
         # log2-based scaling of the reference implementation (softplus(0) * q_scale = 1/sqrt(H) at init).
@@ -363,8 +335,8 @@ class LightConv1d(nnx.Module):
         d, clip = cfg.hidden_size, cfg.use_clipped_linears
         self.gradient_clipping = cfg.gradient_clipping
         self.act = _activation(cfg.hidden_act)
-        self.linear_start = ClippableLinear((d,), (2 * d,), ("embed",), ("mlp",), clip, dtype=dtype, rngs=rngs)
-        self.linear_end = ClippableLinear((d,), (d,), ("embed",), ("embed",), clip, dtype=dtype, rngs=rngs)
+        self.linear_start = ClippedLinear((d,), (2 * d,), ("embed",), ("mlp",), clipped=clip, dtype=dtype, rngs=rngs)
+        self.linear_end = ClippedLinear((d,), (d,), ("embed",), ("embed",), clipped=clip, dtype=dtype, rngs=rngs)
         self.depthwise_conv1d = ConvKernel((cfg.conv_kernel_size, d), (None, "embed"), dtype=dtype, rngs=rngs,
                                            fan_in=cfg.conv_kernel_size)
         self.pre_layer_norm = Norm(d, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)

@@ -99,6 +99,28 @@ class QuantLinear(nnx.Module):
         return y.reshape(*lead, *self.out_shape)
 
 
+class ClippedLinear(nnx.Module):
+    """Linear map whose input and output are clamped to checkpoint-stored bounds when `clipped` (HF
+    `Gemma4ClippableLinear`, `use_clipped_linears` in the vision and audio towers); the bounds are scalars that
+    start at +-inf, i.e. no clipping, in a randomly initialised model. kernel: in_shape + out_shape (Linear)."""
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, clipped: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.linear = Linear(in_shape, out_shape, in_axes, out_axes, dtype=dtype, rngs=rngs)
+        self.clipped = clipped
+        if clipped:
+            bound = lambda v: nnx.Param(jnp.full((), v, dtype), logical_axes=())  # noqa: E731
+            self.input_min, self.input_max = bound(-math.inf), bound(math.inf)
+            self.output_min, self.output_max = bound(-math.inf), bound(math.inf)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.clipped:
+            x = jnp.clip(x, self.input_min[...].astype(x.dtype), self.input_max[...].astype(x.dtype))
+        y = self.linear(x)
+        if self.clipped:
+            y = jnp.clip(y, self.output_min[...].astype(y.dtype), self.output_max[...].astype(y.dtype))
+        return y
+
+
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
     """Gemma 4 RMSNorm: float32 statistics, multiplied by the weight (not 1 + weight), cast back to x's dtype."""
     x32 = x.astype(jnp.float32)

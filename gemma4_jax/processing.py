@@ -90,18 +90,23 @@ def _rgb_from_array(arr: np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
+def read_media_file(path: Any, max_bytes: int, what: str, kind: str) -> bytes:
+    """The bytes of a local media file, refusing a missing file or one over `max_bytes` (checked before reading)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MediaError(f"{what}: no {kind} file at {path!r}")
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise MediaError(f"{what}: {path!r} is {size} bytes, over the limit of {max_bytes}")
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def load_image(image: Any, limits: MediaLimits = MediaLimits(), what: str = "image") -> np.ndarray:
     """A file path, encoded bytes, a PIL image or a uint8 array -> (H, W, 3) uint8 RGB."""
     image_mod = _pil()
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise MediaError(f"{what}: no image file at {path!r}")
-        if os.path.getsize(path) > limits.max_image_bytes:
-            raise MediaError(f"{what}: {path!r} is {os.path.getsize(path)} bytes, over the limit of "
-                             f"{limits.max_image_bytes}")
-        with open(path, "rb") as f:
-            image = f.read()
+        image = read_media_file(image, limits.max_image_bytes, what, "image")
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if len(data) > limits.max_image_bytes:

@@ -30,7 +30,7 @@ from flax import nnx
 from gemma4_jax import checkpoint
 from gemma4_jax.attention import reference_attention
 from gemma4_jax.config import ConfigError
-from gemma4_jax.layers import Linear, RMSNorm, activation, param, rms_norm
+from gemma4_jax.layers import ClippedLinear, Linear, RMSNorm, activation, param, rms_norm
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 
@@ -109,32 +109,6 @@ def vision_config_from_dict(d: dict[str, Any], where: str = "vision_config") -> 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
-
-
-def _bound(value: float, dtype: jnp.dtype) -> nnx.Param:
-    return nnx.Param(jnp.full((), value, dtype), logical_axes=())
-
-
-class ClippedLinear(nnx.Module):
-    """Linear map whose input and output are clamped to checkpoint-stored bounds when `clipped` (HF
-    `Gemma4ClippableLinear`); the bounds start at +-inf, i.e. no clipping, in a randomly initialised model."""
-
-    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, clipped: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.linear = Linear(in_shape, out_shape, in_axes, out_axes, dtype=dtype, rngs=rngs)
-        self.clipped = clipped
-        if clipped:
-            self.input_min = _bound(-math.inf, dtype)
-            self.input_max = _bound(math.inf, dtype)
-            self.output_min = _bound(-math.inf, dtype)
-            self.output_max = _bound(math.inf, dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.clipped:
-            x = jnp.clip(x, self.input_min[...].astype(x.dtype), self.input_max[...].astype(x.dtype))
-        y = self.linear(x)
-        if self.clipped:
-            y = jnp.clip(y, self.output_min[...].astype(y.dtype), self.output_max[...].astype(y.dtype))
-        return y
 
 
 def axial_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -113,14 +113,7 @@ def load_audio(audio: Any, limits: ServingLimits = ServingLimits(), what: str = 
     Another sample rate raises MediaError (resampling is the caller's choice, not ours)."""
     rate = SAMPLING_RATE
     if isinstance(audio, (str, os.PathLike)):
-        path = os.fspath(audio)
-        if not os.path.isfile(path):
-            raise MediaError(f"{what}: no audio file at {path!r}")
-        if os.path.getsize(path) > limits.max_audio_bytes:
-            raise MediaError(f"{what}: {path!r} is {os.path.getsize(path)} bytes, over the limit of "
-                             f"{limits.max_audio_bytes}")
-        with open(path, "rb") as f:
-            audio = f.read()
+        audio = processing.read_media_file(audio, limits.max_audio_bytes, what, "audio")
     if isinstance(audio, (bytes, bytearray, memoryview)):
         if len(audio) > limits.max_audio_bytes:
             raise MediaError(f"{what}: {len(audio)} bytes, over the limit of {limits.max_audio_bytes}")
