@@ -7,8 +7,6 @@ in the OpenAI error envelope, and the server keeps serving."""
 from __future__ import annotations
 
 import base64
-import socket
-import threading
 import time
 
 import httpx
@@ -19,12 +17,13 @@ import pytest
 pytest.importorskip("PIL")
 
 from mm_fixtures import N_MELS, make_mm_checkpoint, noise, png_bytes, wav_bytes  # noqa: E402
+from test_server import live_server  # noqa: E402
 
 import gemma4_jax  # noqa: E402
 from gemma4_jax.audio_processing import AudioFeatureExtractor  # noqa: E402
 from gemma4_jax.processing import ImageProcessor, mm_token_type_ids  # noqa: E402
 from gemma4_jax.serving.mm_inputs import ServingLimits  # noqa: E402
-from gemma4_jax.serving.server import ServerConfig, create_app, make_server  # noqa: E402
+from gemma4_jax.serving.server import ServerConfig, create_app  # noqa: E402
 from hf_reference import BASE_VISION, TINY_MM_TOKENS  # noqa: E402
 
 API_KEY = "mm-key"
@@ -41,18 +40,8 @@ def server(ckpt_root):
                          page_size=16)
     app = create_app(llm, ServerConfig(served_model_name=MODEL, api_key=API_KEY, media_limits=LIMITS,
                                        grace_period_s=2))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = make_server(app, log_level="warning")
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield type("Live", (), {"url": f"http://127.0.0.1:{sock.getsockname()[1]}", "llm": llm})
-    uv.should_exit = True
-    thread.join(15)
+    with live_server(app) as (url, uv, thread):
+        yield type("Live", (), {"url": url, "llm": llm})
 
 
 @pytest.fixture(scope="module")

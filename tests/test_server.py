@@ -37,6 +37,25 @@ BODY_CAP = 64 * 1024
 CHAT = [{"role": "user", "content": "Hi"}]
 
 
+@contextlib.contextmanager
+def live_server(app):
+    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread -> (url, uvicorn server, thread)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    uv = make_server(app, log_level="warning")
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", uv, thread
+    finally:
+        uv.should_exit = True
+        thread.join(15)
+
+
 @pytest.fixture(scope="module")
 def server(ckpt_root):
     path = str(ckpt_root / "server_tiny")
@@ -64,21 +83,10 @@ def server(ckpt_root):
             served_model_name=MODEL, api_key=API_KEY, max_queue=96, max_body_bytes=BODY_CAP, max_n=4, grace_period_s=2
         ),
     )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = make_server(app, log_level="warning")
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield type(
-        "Live", (), {"url": url, "app": app, "llm": llm, "state": app.state.server, "uvicorn": uv, "thread": thread}
-    )
-    uv.should_exit = True
-    thread.join(15)
+    with live_server(app) as (url, uv, thread):
+        yield type(
+            "Live", (), {"url": url, "app": app, "llm": llm, "state": app.state.server, "uvicorn": uv, "thread": thread}
+        )
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,15 @@ requests (rendered by the checkpoint's template, history with tool calls and too
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import httpx
 import numpy as np
 import openai
 import pytest
-from test_server import _assert_error, _events, _slow_engine, _wait_idle
+from test_server import _assert_error, _events, _slow_engine, _wait_idle, live_server
 
 import gemma4_jax
 from gemma4_jax.serving.protocol import TOOL_CALL_START
-from gemma4_jax.serving.server import ServerConfig, create_app, make_server
+from gemma4_jax.serving.server import ServerConfig, create_app
 from gemma4_jax.serving.tokenizer import save_byte_level_tokenizer
 from hf_reference import make_text_checkpoint
 
@@ -78,19 +74,8 @@ def server(ckpt_root):
     )
     config = ServerConfig(served_model_name=MODEL, cors_origins=[ORIGIN], max_queued_tokens=TOKEN_BUDGET)
     app = create_app(llm, config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = make_server(app, log_level="warning")
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield type("Live", (), {"url": url, "llm": llm, "state": app.state.server})
-    uv.should_exit = True
-    thread.join(15)
+    with live_server(app) as (url, uv, thread):
+        yield type("Live", (), {"url": url, "llm": llm, "state": app.state.server})
 
 
 @pytest.fixture(scope="module")
