@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma4_jax import audio as audio_lib
 from gemma4_jax import vision as vision_lib
 from gemma4_jax.config import ModelConfig
 from gemma4_jax.decoder import Gemma4Text, stack_routed
@@ -55,7 +56,6 @@ class Gemma4Multimodal(Gemma4Text):
                              if v is not None else None)
         audio_cfg = getattr(config, "audio", None)
         if audio_cfg is not None:
-            from gemma4_jax import audio as audio_lib
             from gemma4_jax import checkpoint
 
             checkpoint.register_tower_mapper(audio_lib.map_key)
@@ -110,29 +110,46 @@ def vision_block_ids(mm_token_type_ids: np.ndarray) -> np.ndarray:
 # Jitted pieces: each tower once, then the decoder.
 
 
-def take_valid(tokens: jax.Array, valid: jax.Array, count: int) -> jax.Array:
-    """The `count` valid rows of (N, L, D) tokens, in row-major order -> (count, D)."""
-    flat = tokens.reshape(-1, tokens.shape[-1])
-    index = jnp.nonzero(valid.reshape(-1), size=count, fill_value=0)[0]
-    return flat[index]
+TOWERS = {"vision": "vision_soft_tokens", "audio": "audio_soft_tokens"}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "count"))
-def encode_vision(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: jax.Array, positions: jax.Array,
-                  count: int) -> jax.Array:
-    """Images or video frames -> their `count` soft tokens (count, D) in placeholder order."""
-    model = nnx.merge(graphdef, state)
-    tokens, valid = model.vision_soft_tokens(pixel_values, positions)
-    return take_valid(tokens, valid, count)
+@functools.partial(jax.jit, static_argnames=("graphdef", "kind"))
+def _tower(graphdef: nnx.GraphDef, state: nnx.State, a: jax.Array, b: jax.Array, kind: str):
+    return getattr(nnx.merge(graphdef, state), TOWERS[kind])(a, b)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "count"))
-def encode_audio(graphdef: nnx.GraphDef, state: nnx.State, features: jax.Array, mask: jax.Array,
-                 count: int) -> jax.Array:
-    """Audio clips -> their `count` soft tokens (count, D) in placeholder order (padded frames dropped)."""
-    model = nnx.merge(graphdef, state)
-    tokens, valid = model.audio_soft_tokens(features, mask)
-    return take_valid(tokens, valid, count)
+def soft_tokens(model: Any, kind: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Run a tower of a loaded Model once -> host (soft tokens (N, L, D), valid (N, L)).
+
+    kind "vision": a = pixel values (N, P, patch_dim), b = positions (N, P, 2); "audio": a = features (N, T, F),
+    b = mask (N, T). A pipelined model runs it on its first stage, which owns the towers."""
+    if model.pipeline is not None:
+        return model.pipeline.soft_tokens(kind, a, b)
+    with jax.set_mesh(model.mesh):
+        return jax.device_get(_tower(model.graphdef, model.state, jnp.asarray(a), jnp.asarray(b), kind=kind))
+
+
+def valid_soft_tokens(model: Any, kind: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The valid soft tokens (n, D) of a tower's inputs, row-major (placeholder order)."""
+    tokens, valid = soft_tokens(model, kind, a, b)
+    return tokens[valid]
+
+
+def vision_token_count(positions: np.ndarray, vcfg: Any) -> int:
+    """Soft tokens of images / frames with patch positions (N, P, 2) (-1: padding): real patches / k^2."""
+    return int(((positions != -1).all(-1).sum(-1) // vcfg.pooling_kernel_size**2).sum())
+
+
+def audio_inputs(input_features: Any, input_features_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Check and convert the feature extractor's outputs -> (features (A, T, F) float32, mask (A, T) bool)."""
+    if input_features_mask is None:
+        raise ValueError("input_features needs input_features_mask (the feature extractor's frame mask)")
+    feats = np.asarray(input_features, np.float32)
+    mask = np.asarray(input_features_mask).astype(bool)
+    if feats.ndim != 3 or mask.shape != feats.shape[:2]:
+        raise ValueError(f"input_features must be (clips, frames, mel bins) with input_features_mask (clips, "
+                         f"frames); got {feats.shape} and {mask.shape}")
+    return feats, mask
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "return_routed_experts"))
@@ -171,18 +188,6 @@ def _patches(name: str, pixel_values: Any, position_ids: Any, vcfg: Any, pos_nam
     if pos.size and pos.min() < -1:
         raise ValueError(f"{pos_name}: positions must be >= 0, or -1 for padding patches")
     return pv.astype(np.float32), pos.astype(np.int32)
-
-
-def _encode_vision(model: Any, pixel_values: np.ndarray, positions: np.ndarray, count: int) -> jax.Array:
-    if model.pipeline is not None:  # the towers live on the first stage
-        return model.pipeline.encode("vision", pixel_values, positions, count)
-    return encode_vision(model.graphdef, model.state, jnp.asarray(pixel_values), jnp.asarray(positions), count)
-
-
-def _encode_audio(model: Any, features: np.ndarray, mask: np.ndarray, count: int) -> jax.Array:
-    if model.pipeline is not None:
-        return model.pipeline.encode("audio", features, mask, count)
-    return encode_audio(model.graphdef, model.state, jnp.asarray(features), jnp.asarray(mask), count)
 
 
 def _count(ids: np.ndarray, token_id: int) -> int:
@@ -224,9 +229,8 @@ def logits(model: Any, ids: np.ndarray, positions: np.ndarray, *, pixel_values: 
             raise ValueError(f"{name} given, but this checkpoint has no vision tower (no vision_config)")
     if pixel_values is not None:
         pv, pos = _patches("pixel_values", pixel_values, image_position_ids, vcfg, "image_position_ids")
-        k2 = vcfg.pooling_kernel_size**2
-        count = int(((pos != -1).all(-1).sum(-1) // k2).sum())
-        add(cfg.image_token_id, "images", count, functools.partial(_encode_vision, model, pv, pos))
+        add(cfg.image_token_id, "images", vision_token_count(pos, vcfg),
+            functools.partial(valid_soft_tokens, model, "vision", pv, pos))
     elif _count(ids, cfg.image_token_id):
         raise ValueError(f"input_ids hold {_count(ids, cfg.image_token_id)} image placeholder tokens but no "
                          "pixel_values were given")
@@ -236,33 +240,26 @@ def logits(model: Any, ids: np.ndarray, positions: np.ndarray, *, pixel_values: 
         if num_frames_per_video is not None and int(np.sum(num_frames_per_video)) != pv.shape[0]:
             raise ValueError(f"num_frames_per_video sums to {int(np.sum(num_frames_per_video))} but "
                              f"pixel_values_videos holds {pv.shape[0]} frames")
-        k2 = vcfg.pooling_kernel_size**2
-        count = int(((pos != -1).all(-1).sum(-1) // k2).sum())
-        add(cfg.video_token_id, "videos", count, functools.partial(_encode_vision, model, pv, pos))
+        add(cfg.video_token_id, "videos", vision_token_count(pos, vcfg),
+            functools.partial(valid_soft_tokens, model, "vision", pv, pos))
     elif _count(ids, cfg.video_token_id):
         raise ValueError(f"input_ids hold {_count(ids, cfg.video_token_id)} video placeholder tokens but no "
                          "pixel_values_videos were given")
     if input_features is not None:
         if getattr(cfg, "audio", None) is None:
             raise ValueError("input_features given, but this checkpoint has no audio tower (no audio_config)")
-        if input_features_mask is None:
-            raise ValueError("input_features needs input_features_mask (the feature extractor's frame mask)")
-        feats = np.asarray(input_features, np.float32)
-        mask = np.asarray(input_features_mask).astype(bool)
-        if feats.ndim != 3 or mask.shape != feats.shape[:2]:
-            raise ValueError(f"input_features must be (clips, frames, mel bins) with input_features_mask (clips, "
-                             f"frames); got {feats.shape} and {mask.shape}")
-        count = int(mask[:, ::2][:, ::2].sum())  # two stride-2 subsampling convolutions
-        add(cfg.audio_token_id, "audio", count, functools.partial(_encode_audio, model, feats, mask))
+        feats, mask = audio_inputs(input_features, input_features_mask)
+        count = int(audio_lib.num_soft_tokens(mask).sum())  # two stride-2 subsampling convolutions
+        add(cfg.audio_token_id, "audio", count, functools.partial(valid_soft_tokens, model, "audio", feats, mask))
     elif _count(ids, cfg.audio_token_id):
         raise ValueError(f"input_ids hold {_count(ids, cfg.audio_token_id)} audio placeholder tokens but no "
                          "input_features were given")
 
-    pieces = [(slots, encode(count)) for slots, encode, count in pending]
+    pieces = [(slots, encode()) for slots, encode, _ in pending]  # each tower once
     d = cfg.text.hidden_size
     if pieces:
         slots = np.concatenate([s for s, _ in pieces])
-        soft = jnp.concatenate([t for _, t in pieces], axis=0)
+        soft = jnp.asarray(np.concatenate([t for _, t in pieces], axis=0))
     else:
         slots, soft = np.zeros((0,), np.int32), jnp.zeros((0, d), model.dtype)
     if model.pipeline is not None:

@@ -223,8 +223,10 @@ class Pipeline:
         valid (N, L)) for kind "vision" (pixel values, positions) or "audio" (features, mask)."""
         key = ("tower", kind)
         if key not in self._forward_fns:
+            from gemma4_jax.multimodal import TOWERS
+
             graphdef, rest = self.graphdef, self._rest[0]
-            soft = {"vision": "vision_soft_tokens", "audio": "audio_soft_tokens"}[kind]
+            soft = TOWERS[kind]
 
             def fn(stage_state, a, b):
                 return getattr(nnx.merge(graphdef, stage_state, rest), soft)(a, b)
@@ -237,14 +239,6 @@ class Pipeline:
         put = functools.partial(jax.device_put, device=NamedSharding(self.meshes[0], PartitionSpec()))
         with jax.set_mesh(self.meshes[0]):
             return jax.device_get(self.tower_fn(kind)(self.states[0], put(np.asarray(a)), put(np.asarray(b))))
-
-    def encode(self, kind: str, a: np.ndarray, b: np.ndarray, count: int) -> jax.Array:
-        """The `count` valid soft tokens (count, D) of a tower's inputs, in placeholder order."""
-        tokens, valid = self.soft_tokens(kind, a, b)
-        out = tokens[valid]
-        if out.shape[0] != count:
-            raise ValueError(f"{kind} tower gave {out.shape[0]} soft tokens, expected {count}")
-        return jnp.asarray(out)
 
     # ------------------------------------------------------------------------------------------------------------
     # Engine steps

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma4_jax import audio as audio_lib
 from gemma4_jax import multimodal, processing
 from gemma4_jax.audio_processing import SAMPLING_RATE, AudioFeatureExtractor
 from gemma4_jax.decoder import stack_routed
@@ -274,24 +275,9 @@ class MediaInputs:
         return soft
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _vision_run(graphdef, state, pixel_values, positions):
-    return nnx.merge(graphdef, state).vision_soft_tokens(pixel_values, positions)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _audio_run(graphdef, state, features, mask):
-    return nnx.merge(graphdef, state).audio_soft_tokens(features, mask)
-
-
 def _vision_tokens(model, pixel_values: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """One image / frame -> its valid soft tokens (n, D). Shapes are fixed by the processor's patch budget."""
-    if model.pipeline is not None:  # the towers live on the first stage
-        tokens, valid = model.pipeline.soft_tokens("vision", pixel_values, positions)
-        return tokens[valid]
-    with jax.set_mesh(model.mesh):
-        tokens, valid = jax.device_get(_vision_run(model.graphdef, model.state, pixel_values, positions))
-    return tokens[valid]
+    return multimodal.valid_soft_tokens(model, "vision", pixel_values, positions)
 
 
 def _audio_tokens(model, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -302,12 +288,7 @@ def _audio_tokens(model, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
     m = np.zeros((1, t), bool)
     f[:, : features.shape[1]] = features
     m[:, : mask.shape[1]] = mask
-    if model.pipeline is not None:
-        tokens, valid = model.pipeline.soft_tokens("audio", f, m)
-        return tokens[valid]
-    with jax.set_mesh(model.mesh):
-        tokens, valid = jax.device_get(_audio_run(model.graphdef, model.state, f, m))
-    return tokens[valid]
+    return multimodal.valid_soft_tokens(model, "audio", f, m)
 
 
 def _patches(cfg, name: str, pixel_values: Any, position_ids: Any, pos_name: str):
@@ -329,7 +310,6 @@ def build_media(cfg, prompt_ids: Sequence[int], *, pixel_values: Any = None, ima
     if input_features is not None and getattr(cfg, "audio", None) is None:
         raise MediaError("audio given, but this model has no audio tower")
     counts = {}
-    k2 = cfg.vision.pooling_kernel_size**2 if cfg.vision is not None else 1
     for kind, pv, pos, names in ((multimodal.IMAGE_TYPE, pixel_values, image_position_ids,
                                   ("pixel_values", "image_position_ids")),
                                  (multimodal.VIDEO_TYPE, pixel_values_videos, video_position_ids,
@@ -338,18 +318,15 @@ def build_media(cfg, prompt_ids: Sequence[int], *, pixel_values: Any = None, ima
             continue
         pv, pos = _patches(cfg, names[0], pv, pos, names[1])
         frames += [(pv[i: i + 1], pos[i: i + 1], kind) for i in range(pv.shape[0])]
-        counts[kind] = int(((pos != -1).all(-1).sum(-1) // k2).sum())
+        counts[kind] = multimodal.vision_token_count(pos, cfg.vision)
     audio = None
     if input_features is not None:
-        if input_features_mask is None:
-            raise MediaError("input_features needs input_features_mask")
-        feats = np.asarray(input_features, np.float32)
-        mask = np.asarray(input_features_mask).astype(bool)
-        if feats.ndim != 3 or mask.shape != feats.shape[:2]:
-            raise MediaError(f"input_features must be (clips, frames, mel bins) with a (clips, frames) mask; got "
-                             f"{feats.shape} and {mask.shape}")
+        try:
+            feats, mask = multimodal.audio_inputs(input_features, input_features_mask)
+        except ValueError as e:
+            raise MediaError(str(e)) from None
         audio = (feats, mask)
-        counts[multimodal.AUDIO_TYPE] = int(mask[:, ::2][:, ::2].sum())
+        counts[multimodal.AUDIO_TYPE] = int(audio_lib.num_soft_tokens(mask).sum())
     token_ids = {multimodal.IMAGE_TYPE: cfg.image_token_id, multimodal.VIDEO_TYPE: cfg.video_token_id,
                  multimodal.AUDIO_TYPE: cfg.audio_token_id}
     names = {multimodal.IMAGE_TYPE: "image", multimodal.VIDEO_TYPE: "video", multimodal.AUDIO_TYPE: "audio"}
