@@ -241,6 +241,22 @@ class Engine:
             return
         self._finish(req, "abort")
 
+    def release(self, request_id: str) -> RequestOutput | None:
+        """Forget a request: abort it if it is still running (its pages and slot are freed) and drop it from the
+        engine's table. Returns its final output (finish_reason "abort" when it was cut), None for an unknown id.
+        Callers that collect results call this once per request they are done with."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req.status is not Status.FINISHED:
+            self._finish(req, "abort")
+        del self.requests[request_id]
+        return self.output(req)
+
+    def get(self, request_id: str) -> Request | None:
+        """The engine's record of a request (read-only use: scheduling state for metrics), or None."""
+        return self.requests.get(request_id)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
