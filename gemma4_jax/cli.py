@@ -52,16 +52,9 @@ def _sampling_params(args: argparse.Namespace):
     )
 
 
-def demo_model():
-    """The embedded default: the `tiny` preset with random weights and the byte-level tokenizer."""
-    import gemma4_jax
-    from gemma4_jax.serving.tokenizer import byte_level_tokenizer
-
-    return gemma4_jax.from_config("tiny", dtype="float32", seed=0), byte_level_tokenizer()
-
-
 def build_llm(args: argparse.Namespace):
     import gemma4_jax
+    from gemma4_jax.serving.demo import demo_model
 
     options = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                    max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend)
@@ -190,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     _convert_parser(sub)
     try:
-        from gemma4_jax import bench
+        from gemma4_jax.bench.cli import add_parser as add_bench_parser
 
-        bench.add_parser(sub, _engine_args)
+        add_bench_parser(sub, _engine_args)
     except ImportError:
         pass
     args = parser.parse_args(argv)

@@ -28,10 +28,10 @@ import numpy as np
 
 from gemma4_jax.model import Model
 from gemma4_jax.serving import mm_inputs
+from gemma4_jax.serving.detokenizer import IncrementalDetokenizer, StopChecker
 from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, bucket, pages_needed
 from gemma4_jax.serving.runner import make_runner, reset_slot_counts
 from gemma4_jax.serving.sampling import SamplingBatch, SamplingParams, request_key
-from gemma4_jax.serving.tokenizer import IncrementalDetokenizer, StopChecker
 
 log = logging.getLogger(__name__)
 

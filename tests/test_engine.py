@@ -15,7 +15,7 @@ import torch
 
 import gemma4_jax
 from gemma4_jax import SamplingParams
-from gemma4_jax.serving.tokenizer import save_byte_level_tokenizer
+from gemma4_jax.serving.demo import save_byte_level_tokenizer
 from hf_reference import make_text_checkpoint
 
 VOCAB = 512  # the byte-level demo tokenizer's vocabulary

@@ -25,8 +25,8 @@ import openai
 import pytest
 
 import gemma4_jax
+from gemma4_jax.serving.demo import save_byte_level_tokenizer
 from gemma4_jax.serving.server import ServerConfig, create_app, make_server
-from gemma4_jax.serving.tokenizer import save_byte_level_tokenizer
 from hf_reference import make_text_checkpoint
 
 API_KEY = "test-key-123"
@@ -665,7 +665,7 @@ def test_bench_serve_against_live_server(server):
     import asyncio
     import math
 
-    from gemma4_jax.serving.bench_serve import format_report, run
+    from gemma4_jax.bench.serving_load import format_report, run
 
     result = asyncio.run(
         run(

@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from gemma4_jax.serving.tokenizer import save_byte_level_tokenizer
+from gemma4_jax.serving.demo import save_byte_level_tokenizer
 from hf_reference import make_text_checkpoint
 
 pytestmark = pytest.mark.skipif(shutil.which("schemathesis") is None, reason="schemathesis is not installed")

@@ -1,5 +1,6 @@
-"""Tests of serving/tokenizer.py: parity with transformers (encode, decode, chat template), the one-BOS rule, the
-incremental detokenizer on random Unicode, stop strings, and the error messages of checkpoint loading."""
+"""Tests of serving/tokenizer.py, chat_template.py, detokenizer.py and the demo tokenizer of serving/demo.py: parity
+with transformers (encode, decode, chat template), the one-BOS rule, the incremental detokenizer on random Unicode,
+stop strings, and the error messages of checkpoint loading."""
 
 from __future__ import annotations
 
@@ -10,17 +11,15 @@ import pytest
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from gemma4_jax.serving.tokenizer import (
-    BYTE_LEVEL_SPECIALS,
+from gemma4_jax.serving.demo import BYTE_LEVEL_SPECIALS, byte_level_tokenizer, save_byte_level_tokenizer
+from gemma4_jax.serving.detokenizer import (
     REPLACEMENT_CHAR,
     IncrementalDetokenizer,
     StopChecker,
-    Tokenizer,
-    byte_level_tokenizer,
     find_stop,
     partial_stop_length,
-    save_byte_level_tokenizer,
 )
+from gemma4_jax.serving.tokenizer import Tokenizer
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
 FIRST_BYTE_ID = len(SPECIALS)  # byte-fallback tokens <0x00>..<0xFF> follow the specials

@@ -1,4 +1,4 @@
-"""Serving benchmark in the style of `vllm bench serve`: random prompts against a running server.
+"""Serving load benchmark in the style of `vllm bench serve`: random prompts against a running server.
 
 Requests go to `/v1/completions` as token-id prompts (so prompt lengths are exact whatever the tokenizer), with
 `ignore_eos` so every request produces exactly `output_len` tokens, streamed. Arrivals follow a Poisson process at
@@ -6,7 +6,8 @@ Requests go to `/v1/completions` as token-id prompts (so prompt lengths are exac
 throughput, TTFT, TPOT (time per output token after the first) and ITL (gaps between streamed chunks) as mean /
 median / p99, all from the client's side.
 
-Only loopback or the user's own server: the URL is the user's choice, nothing else is contacted.
+Only loopback or the user's own server: the URL is the user's choice, nothing else is contacted. `gemma4-jax bench
+--url URL` runs it (cli.py).
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ import time
 import httpx
 import numpy as np
 
+from gemma4_jax.bench.presets import FIRST_ORDINARY_ID
+
 
 @dataclasses.dataclass
 class RequestResult:
+    """One streamed request as the client saw it: times in seconds from its send, ITL = gaps between chunks."""
+
     ok: bool
     ttft: float = 0.0
     latency: float = 0.0
@@ -32,10 +37,18 @@ class RequestResult:
     error: str = ""
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], output_len: int,
-               api_key: str | None) -> RequestResult:
-    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+async def _one(
+    client: httpx.AsyncClient, url: str, model: str, prompt: list[int], output_len: int, api_key: str | None
+) -> RequestResult:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     start = time.perf_counter()
     last = start
@@ -75,9 +88,19 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean_ms": float(a.mean()), "median_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99))}
 
 
-async def run(url: str, model: str, num_prompts: int, input_len: int, output_len: int, vocab_size: int,
-              request_rate: float = math.inf, max_concurrency: int | None = None, seed: int = 0,
-              api_key: str | None = None, first_ordinary_id: int = 16) -> dict:
+async def run(
+    url: str,
+    model: str,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    vocab_size: int,
+    request_rate: float = math.inf,
+    max_concurrency: int | None = None,
+    seed: int = 0,
+    api_key: str | None = None,
+    first_ordinary_id: int = FIRST_ORDINARY_ID,
+) -> dict:
     """Send `num_prompts` requests; returns the figures as a dict."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(first_ordinary_id, vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
@@ -111,20 +134,29 @@ async def run(url: str, model: str, num_prompts: int, input_len: int, output_len
         "ttft": _stats([r.ttft for r in ok]),
         "tpot": _stats(tpot),
         "itl": _stats([x for r in ok for x in r.itl]),
-        "config": {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
-                   "request_rate": request_rate, "max_concurrency": max_concurrency},
+        "config": {
+            "num_prompts": num_prompts,
+            "input_len": input_len,
+            "output_len": output_len,
+            "request_rate": request_rate,
+            "max_concurrency": max_concurrency,
+        },
     }
 
 
 def format_report(r: dict) -> str:
-    lines = [f"completed {r['completed']} / failed {r['failed']} in {r['duration_s']:.2f} s",
-             f"request throughput  {r['request_throughput']:.2f} req/s",
-             f"output throughput   {r['output_throughput']:.1f} tok/s",
-             f"total throughput    {r['total_token_throughput']:.1f} tok/s"]
+    """Human-readable summary of a `run` result: throughputs and TTFT / TPOT / ITL mean, median, p99."""
+    lines = [
+        f"completed {r['completed']} / failed {r['failed']} in {r['duration_s']:.2f} s",
+        f"request throughput  {r['request_throughput']:.2f} req/s",
+        f"output throughput   {r['output_throughput']:.1f} tok/s",
+        f"total throughput    {r['total_token_throughput']:.1f} tok/s",
+    ]
     for name in ("ttft", "tpot", "itl"):
         s = r[name]
-        lines.append(f"{name.upper():5s} mean {s['mean_ms']:.1f} ms  median {s['median_ms']:.1f} ms  "
-                     f"p99 {s['p99_ms']:.1f} ms")
+        lines.append(
+            f"{name.upper():5s} mean {s['mean_ms']:.1f} ms  median {s['median_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms"
+        )
     if r["errors"]:
         lines.append("errors: " + "; ".join(r["errors"]))
     return "\n".join(lines)
