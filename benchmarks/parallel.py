@@ -50,7 +50,7 @@ def run(args) -> dict:
     import gemma4_jax
     from gemma4_jax.bench import drive, random_prompts
     from gemma4_jax.config import config_from_dict
-    from gemma4_jax.llm import LLM
+    from gemma4_jax.serving.llm import LLM
 
     cfg = config_from_dict(config_dict(args.hidden_size, args.num_layers), where="parallel bench")
     layouts = [tuple(int(x) for x in item.split("x")) for item in args.layouts.split(",")]

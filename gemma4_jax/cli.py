@@ -148,9 +148,9 @@ def _serve_parser(sub) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from gemma4_jax import orbax_io
+    from gemma4_jax.convert import convert
 
-    orbax_io.convert(args.model, args.output, dtype=args.dtype, pp=args.pp, tp=args.tp, overwrite=args.overwrite)
+    convert(args.model, args.output, dtype=args.dtype, pp=args.pp, tp=args.tp, overwrite=args.overwrite)
     return 0
 
 

@@ -4,9 +4,11 @@ Layer order inside a decoder layer (as HF): input norm -> attention -> post-atte
 pre-FF norm -> MLP (+ the MoE branch, each with its own post norm) -> post-FF norm -> residual add; then, with PLE,
 the per-layer-input gate; finally the whole stream is multiplied by `layer_scalar`.
 
-The forward is written over explicit positions and a pluggable K/V store (`KVStore`): the full-sequence forward
-uses the identity store, the serving engine passes its paged/windowed pools. KV-shared layers read the K/V (and
-key positions) that their source layer produced in the same forward.
+This file declares the modules and the math of one layer. The loop over layers (embedding, a range of layers
+against a K/V store with an attention backend, the head) is forward.py, the one forward every caller runs. The
+K/V store is pluggable (`KVStore`): the full-sequence forward uses the identity store, the serving engine its
+paged/windowed pools. KV-shared layers read the K/V (and key positions) that their source layer produced in the
+same forward.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemma4_jax.attention import Attention, attention_mask, reference_attention
+from gemma4_jax.attention import Attention
 from gemma4_jax.config import LayerSpec, TextConfig
 from gemma4_jax.layers import Embed, Linear, RMSNorm, activation, param
 from gemma4_jax.mlp import MLP
@@ -39,32 +41,6 @@ class SequenceKV:
 
     def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
         return k, v, positions
-
-
-def _select_tokens(index: jax.Array, *arrays):
-    """Take token index[b] of every row of each (B, T, ...) array (None passes through) -> (B, 1, ...)."""
-    rows = jnp.arange(index.shape[0])
-    return tuple(None if a is None else a[rows, index][:, None] for a in arrays)
-
-
-def _blocks_by_position(blocks: jax.Array, positions: jax.Array):
-    """Key block ids of a chunk whose tokens (positions (B, T), -1 padding at the end) have block ids `blocks`
-    (B, T): a function kv_positions (B, S) -> (B, S), the block of the chunk token at that position, -1 for keys
-    outside the chunk (the cache). Works for any store layout (paged, ring + chunk): only positions are compared."""
-    start = positions[:, :1]
-    t = positions.shape[1]
-
-    def key_blocks(kv_pos: jax.Array) -> jax.Array:
-        index = kv_pos - start
-        inside = (kv_pos >= 0) & (start >= 0) & (index >= 0) & (index < t)
-        return jnp.where(inside, jnp.take_along_axis(blocks, jnp.clip(index, 0, t - 1), axis=1), -1)
-
-    return key_blocks
-
-
-def stack_routed(routed: list) -> jax.Array:
-    """The ids collected by decode_layers(routed=...): per MoE layer (B, T, k) -> (B, T, L_moe, k) int32."""
-    return jnp.stack(routed, axis=2)
 
 
 class DecoderLayer(nnx.Module):
@@ -95,13 +71,15 @@ class DecoderLayer(nnx.Module):
         per_layer_input: jax.Array | None,
         kv_store: Any,
         shared_kv: dict[int, tuple[jax.Array, jax.Array, jax.Array]],
-        vision_blocks: tuple[jax.Array, jax.Array] | None = None,
-        routed: list | None = None,
-    ) -> jax.Array:
+        attend: Any,
+        vision_blocks: tuple[jax.Array, Any] | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
         """x: (B, T, D); positions: (B, T); per_layer_input: (B, T, P) or None. Fills shared_kv[self] when stored.
 
-        vision_blocks: (query (B, T), key (B, S)) vision block ids (-1: text) for bidirectional attention inside an
-        image on sliding layers; full-attention layers stay causal (as HF)."""
+        attend: the attention backend for this layer's kind and the step's phase (attention_backends.py).
+        vision_blocks: (query block ids (B, T), key block ids or a function kv_positions (B, S) -> (B, S)), -1
+        text, for bidirectional attention inside an image on sliding layers; full-attention layers stay causal (as
+        HF). Returns (x (B, T, D), the router's top-k expert ids (B, T, k) int32 on MoE layers else None)."""
         spec = self.spec
         residual = x
         h = self.input_layernorm(x)
@@ -115,24 +93,25 @@ class DecoderLayer(nnx.Module):
                 if spec.kv_sharing == "store":
                     shared_kv[spec.index] = (k_all, v_all, kv_pos)
             blocks = vision_blocks if spec.is_sliding else None
-            if blocks is not None and callable(blocks[1]):  # engine chunk: key blocks found by key position
+            if blocks is not None and callable(blocks[1]):  # key blocks found by key position
                 blocks = (blocks[0], blocks[1](kv_pos))
-            mask = attention_mask(positions, kv_pos, spec.sliding_window, blocks)
-            attn = reference_attention(q, k_all, v_all, mask, scale=1.0)
+            attn = attend(q, k_all, v_all, positions, kv_pos, sliding_window=spec.sliding_window, blocks=blocks)
             h = self.self_attn.output(attn)
         x = residual + self.post_attention_layernorm(h)
 
         residual = x
         h = self.mlp(self.pre_feedforward_layernorm(x))
+        routed = None
         if self.moe is not None:
-            h = self.post_feedforward_layernorm_1(h) + self.moe(residual, routed)
+            moe_out, routed = self.moe(residual)
+            h = self.post_feedforward_layernorm_1(h) + moe_out
         x = residual + self.post_feedforward_layernorm(h)
 
         if per_layer_input is not None:
             residual = x
             g = self.act(self.per_layer_input_gate(x)) * per_layer_input
             x = residual + self.post_per_layer_input_norm(self.per_layer_projection(g))
-        return x * self.layer_scalar[...].astype(x.dtype)
+        return x * self.layer_scalar[...].astype(x.dtype), routed
 
 
 class Gemma4Text(nnx.Module):
@@ -169,44 +148,6 @@ class Gemma4Text(nnx.Module):
         ple = self.per_layer_inputs(input_ids, x) if self.cfg.has_ple else None
         return x, ple
 
-    def decode_layers(self, x, positions, ple, kv_store=None, layers: range | None = None, shared_kv=None,
-                      keep_index: jax.Array | None = None, vision_blocks: jax.Array | None = None,
-                      routed: list | None = None):
-        """Run decoder layers (all, or a contiguous range: a pipeline stage) over x (B, T, D).
-
-        keep_index: (B,) position in T of the one token per row whose output is wanted (the engine's last token).
-        Given, the result is (B, 1, D), and the KV-shared layers (always the last ones: they write no K/V) run on
-        that token alone, as HF's generate does; in an E2B-style model they are a third of the prefill compute.
-        vision_blocks: (B, T) vision block ids (-1: text) of the tokens in x. With a kv_store (an engine prefill
-        chunk) every block must lie inside the chunk: keys are matched to blocks by position, so cached keys from
-        earlier chunks are never in a block (the engine schedules each image's run inside one chunk).
-        routed: a list to which each MoE layer appends its router's top-k expert ids, (B, T, k) int32, or (B, 1, k)
-        with keep_index (the kept token's). `stack_routed` turns it into (B, T, L_moe, k).
-        """
-        kv_store = SequenceKV() if kv_store is None else kv_store
-        shared_kv = {} if shared_kv is None else shared_kv
-        blocks = None
-        if vision_blocks is not None:
-            blocks = (vision_blocks, vision_blocks if kv_store is None else _blocks_by_position(vision_blocks,
-                                                                                                 positions))
-        sliced = False
-        for i in layers if layers is not None else range(len(self.layers)):
-            if keep_index is not None and not sliced and self.layers[i].spec.is_kv_shared:
-                x, positions, ple = _select_tokens(keep_index, x, positions, ple)
-                if vision_blocks is not None:  # the keys stay the whole sequence, the query is one token
-                    blocks = (_select_tokens(keep_index, vision_blocks)[0], blocks[1])
-                sliced = True
-            layer_routed = [] if routed is not None else None
-            with jax.named_scope(f"layer_{i}"):
-                x = self.layers[i](x, positions, None if ple is None else ple[:, :, i, :], kv_store, shared_kv,
-                                   blocks, layer_routed)
-            if layer_routed:
-                ids = layer_routed[0]
-                routed.append(_select_tokens(keep_index, ids)[0] if keep_index is not None and not sliced else ids)
-        if keep_index is not None and not sliced:
-            x = _select_tokens(keep_index, x)[0]
-        return x
-
     def head(self, x: jax.Array) -> jax.Array:
         """Final norm, LM head and soft-capping. (..., D) -> float32 logits (..., V)."""
         x = self.norm(x)
@@ -216,13 +157,3 @@ class Gemma4Text(nnx.Module):
         if cap:
             logits = jnp.tanh(logits / cap) * cap
         return logits
-
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, kv_store=None,
-                 routed: list | None = None) -> jax.Array:
-        """Full forward. input_ids, positions: (B, T) (positions < 0: padding) -> logits (B, T, V) float32.
-        routed: see decode_layers."""
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-        x, ple = self.embed(input_ids)
-        x = self.decode_layers(x, positions, ple, kv_store, routed=routed)
-        return self.head(x)

@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma4_jax import checkpoint, multimodal, orbax_io, pipeline, quant, sharding
+from gemma4_jax import attention_backends, checkpoint, multimodal, orbax_io, pipeline, quant, sharding, towers
+from gemma4_jax.attention_backends import AttentionPlan
 from gemma4_jax.config import ModelConfig, load_config, preset
-from gemma4_jax.decoder import Gemma4Text, stack_routed
+from gemma4_jax.decoder import Gemma4Text
+from gemma4_jax.forward import TokenInputs, forward
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -33,26 +35,21 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
     return d
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
-    model = nnx.merge(graphdef, state)
-    return model(input_ids, positions)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_routed(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
-                    positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    model = nnx.merge(graphdef, state)
-    routed: list = []
-    logits = model(input_ids, positions, routed=routed)
-    return logits, stack_routed(routed)
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "return_routed"))
+def _logits(graphdef: nnx.GraphDef, state: nnx.State, inputs: TokenInputs, *, attention: AttentionPlan,
+            return_routed: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The full-sequence forward of a single-program model: (B, T, V) logits [, routed ids (B, T, L_moe, k)]."""
+    out = forward(nnx.merge(graphdef, state), inputs, attention=attention, phase="prefill",
+                  return_routed=return_routed)
+    return (out.logits, out.routed) if return_routed else out.logits
 
 
 class Model:
     """A Gemma 4 model ready to run: config, mesh, graphdef and (sharded) state."""
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, mesh: jax.sharding.Mesh,
-                 dtype: jnp.dtype, path: str | None = None, pipeline: pipeline.Pipeline | None = None):
+                 dtype: jnp.dtype, path: str | None = None, pipeline: pipeline.Pipeline | None = None,
+                 attention: AttentionPlan | None = None):
         self.config = config
         self.graphdef = graphdef
         self.state = state
@@ -60,6 +57,8 @@ class Model:
         self.dtype = dtype
         self.path = path
         self.pipeline = pipeline  # the stages when pp > 1 (pipeline.py); `state` still holds every parameter
+        # The attention backends `logits` runs (its phase is "prefill"); the engine resolves its own plan.
+        self.attention = attention or attention_backends.default_plan()
 
     @property
     def num_stages(self) -> int:
@@ -106,19 +105,18 @@ class Model:
             pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
         else:
             pos = np.asarray(positions, dtype=np.int32).reshape(ids.shape)
+        inputs = TokenInputs(tokens=ids.astype(np.int32), positions=pos)
+        if multimodal.has_towers(self.config):
+            media_tokens, blocks = towers.media_inputs(self, ids, **media)
+            inputs = inputs.replace(media=media_tokens, vision_blocks=blocks)
         if self.pipeline is not None:
-            if multimodal.has_towers(self.config):  # towers on stage 0, soft tokens spliced in there
-                return multimodal.logits(self, ids, pos, return_routed_experts=return_routed_experts, **media)
-            return self.pipeline.forward(ids.astype(np.int32), pos, return_routed_experts)
+            return self.pipeline.forward(inputs, self.attention, return_routed_experts)
         with jax.set_mesh(self.mesh):
-            if multimodal.has_towers(self.config):
-                return multimodal.logits(self, ids, pos, return_routed_experts=return_routed_experts, **media)
             # Rows split over the data axis (when dp divides B): each data replica computes its own rows.
-            ids_in = jax.device_put(ids.astype(np.int32), sharding.batch_sharding(ids.shape, self.mesh))
-            pos_in = jax.device_put(pos, sharding.batch_sharding(pos.shape, self.mesh))
-            if return_routed_experts:
-                return _forward_routed(self.graphdef, self.state, ids_in, pos_in)
-            return _forward(self.graphdef, self.state, ids_in, pos_in)
+            inputs = inputs.replace(tokens=jax.device_put(inputs.tokens, sharding.batch_sharding(ids.shape, self.mesh)),
+                                    positions=jax.device_put(pos, sharding.batch_sharding(pos.shape, self.mesh)))
+            return _logits(self.graphdef, self.state, inputs, attention=self.attention,
+                           return_routed=return_routed_experts)
 
 
 def _abstract(cfg: ModelConfig, dtype: jnp.dtype, quant_plan: quant.QuantPlan | None = None,

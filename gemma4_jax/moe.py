@@ -114,15 +114,12 @@ class MoEBlock(nnx.Module):
         self.pre_feedforward_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.post_feedforward_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
 
-    def __call__(self, residual: jax.Array, routed: list | None = None) -> jax.Array:
-        """residual: (B, T, D) -> MoE branch output (B, T, D), post-normed.
-
-        routed: when a list is given, the router's top-k expert ids (B, T, k) int32 are appended to it (the
-        "return routed experts" output; collected at trace time, so it costs nothing when not asked for)."""
+    def __call__(self, residual: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """residual: (B, T, D) -> (MoE branch output (B, T, D) post-normed, the router's top-k expert ids (B, T, k)
+        int32: the "return routed experts" output; XLA drops it when the caller does not use it)."""
         with jax.named_scope("moe"):
             flat = residual.reshape(-1, residual.shape[-1])
             weights, ids = self.router(flat)
-            if routed is not None:
-                routed.append(ids.reshape(*residual.shape[:-1], ids.shape[-1]))
             out = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids)
-            return self.post_feedforward_layernorm_2(out.reshape(residual.shape))
+            return (self.post_feedforward_layernorm_2(out.reshape(residual.shape)),
+                    ids.reshape(*residual.shape[:-1], ids.shape[-1]))

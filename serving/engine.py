@@ -26,17 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma4_jax.attention_backends import AttentionPlan, resolve_attention
 from gemma4_jax.model import Model
-from gemma4_jax.serving import mm_inputs
+from gemma4_jax.serving import media_chunks, mm_inputs
 from gemma4_jax.serving.detokenizer import IncrementalDetokenizer, StopChecker
 from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, bucket, pages_needed
 from gemma4_jax.serving.runner import make_runner, reset_slot_counts
 from gemma4_jax.serving.sampling import SamplingBatch, SamplingParams, request_key
 
 log = logging.getLogger(__name__)
-
-ATTENTION_BACKENDS = ("xla",)  # Pallas GPU kernels register here when they land (DESIGN.md decision 4)
-
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -111,6 +109,8 @@ class EngineConfig:
     kv_memory_gb: float = 4.0
     max_num_batched_tokens: int = 512  # token budget per step (decode tokens + prefill chunks)
     num_scheduler_steps: int = 1  # decode steps per host round-trip when no prefill is pending (vLLM's name)
+    # Attention backends (gemma4_jax/attention_backends.py): one name for both phases, or separate prefill and
+    # decode names (SGLang's --prefill-attention-backend / --decode-attention-backend). Checked at start-up.
     attention_backend: str = "auto"
     prefill_backend: str | None = None
     decode_backend: str | None = None
@@ -119,17 +119,9 @@ class EngineConfig:
     # default (a (B, L, k) int32 array per step, ~60 KB at B=64 on 26B-A4B); False saves even that.
     enable_return_routed_experts: bool = True
 
-    def resolve_backends(self) -> tuple[str, str]:
-        chosen = []
-        for phase, value in (("prefill", self.prefill_backend), ("decode", self.decode_backend)):
-            value = value or self.attention_backend
-            if value == "auto":
-                value = "xla"
-            if value not in ATTENTION_BACKENDS:
-                raise ValueError(f"{phase} attention backend {value!r} is not supported on "
-                                 f"{jax.default_backend()}; supported: {['auto', *ATTENTION_BACKENDS]}")
-            chosen.append(value)
-        return chosen[0], chosen[1]
+    def resolve_attention(self) -> AttentionPlan:
+        """The plan every engine step runs; an unknown or unavailable choice raises ValueError here."""
+        return resolve_attention(self.attention_backend, self.prefill_backend, self.decode_backend)
 
 
 class Engine:
@@ -139,7 +131,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
-        self.backends = config.resolve_backends()
+        self.attention = config.resolve_attention()
         cfg = model.config.text
         self.text_config = cfg
         if min(config.max_num_seqs, config.page_size, config.max_num_batched_tokens, config.num_scheduler_steps) < 1:
@@ -164,7 +156,7 @@ class Engine:
         # (a list, per stage) each live on their stage's devices. Pools are sharded by KV head where tp divides the
         # layer's head count and placed from the start: a cache with another sharding than the step returns would
         # compile every step shape twice.
-        self.runner = make_runner(model, self.layout, config.pipeline_microbatches,
+        self.runner = make_runner(model, self.layout, self.attention, config.pipeline_microbatches,
                                   return_routed=cfg.enable_moe_block and config.enable_return_routed_experts)
         self.cache = self.runner.allocate()
         self.counts: dict[str, jax.Array] | None = None  # penalty state, allocated on first use
@@ -209,7 +201,7 @@ class Engine:
         if pages_needed(len(ids) + params.max_tokens, self.layout.page_size) > self.layout.num_pages - 1:
             raise ValueError(f"a request of {len(ids) + params.max_tokens} tokens can never fit in the KV pool "
                              f"({self.layout.num_pages - 1} pages of {self.layout.page_size})")
-        mm_inputs.check_request(self, ids, media)
+        media_chunks.check_request(self, ids, media)
         if params.return_routed_experts and not self.runner.return_routed:
             why = ("the model is dense (no router)" if not self.text_config.enable_moe_block
                    else "the engine was started with enable_return_routed_experts=False")
@@ -252,6 +244,11 @@ class Engine:
             self._finish(req, "abort")
         del self.requests[request_id]
         return self.output(req)
+
+    @property
+    def backends(self) -> tuple[str, str]:
+        """Names of the attention backends the prefill and decode steps run (per layer kind when they differ)."""
+        return self.attention.names("prefill"), self.attention.names("decode")
 
     def get(self, request_id: str) -> Request | None:
         """The engine's record of a request (read-only use: scheduling state for metrics), or None."""
@@ -332,14 +329,14 @@ class Engine:
             remaining = len(req.all_ids) - req.num_computed
             size = min(remaining, budget)
             if req.media is not None:  # an image with bidirectional attention stays inside one chunk
-                size = mm_inputs.clamp_chunk(req.media, req.num_computed, size)
+                size = media_chunks.clamp_chunk(req.media, req.num_computed, size)
                 if size <= 0:
                     break
             if not self._ensure_pages(req, req.num_computed + size):
                 free_tokens = (len(req.pages) + self.allocator.num_free) * self.layout.page_size - req.num_computed
                 size = min(size, free_tokens)
                 if req.media is not None:
-                    size = mm_inputs.clamp_chunk(req.media, req.num_computed, size)
+                    size = media_chunks.clamp_chunk(req.media, req.num_computed, size)
                 if size <= 0 or not self._ensure_pages(req, req.num_computed + size):
                     break
             if req.status is Status.WAITING:
@@ -438,17 +435,15 @@ class Engine:
             keys.append(key)
         return groups, built, num_logprobs, tuple(keys)
 
-    def _run(self, rows: list[tuple[Request, list[int], int]], num_tokens: int):
-        """One step over rows (request, new token ids, start position). Returns the SampleResult on the host."""
+    def _run(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, phase: str):
+        """One step over rows (request, new token ids, start position). phase: "prefill" | "decode" (which
+        attention backends run). Returns the SampleResult on the host."""
         groups, built, num_logprobs, key = self._microbatches(rows, num_tokens)
-        # Prefill chunks holding image/audio placeholders take the media step (soft tokens spliced in); every
-        # other step is the text step, untouched.
-        media = mm_inputs.chunk_media(self.model, rows, built[0][0].tokens.shape) if len(built) == 1 else None
-        if media is not None:
-            results = self._timed(("media", key, media.shape_key), mm_inputs.media_step(self.runner, media), built,
-                                  num_logprobs)
-        else:
-            results = self._timed(("step", key), self.runner.step, built, num_logprobs)
+        # Prefill chunks holding image/audio placeholders pass their soft tokens (spliced into the embeddings);
+        # every other step carries no media.
+        media = media_chunks.chunk_media(self.model, rows, built[0][0].tokens.shape) if len(built) == 1 else None
+        shape_key = ("step", phase, key) if media is None else ("media", key, media.shape_key)
+        results = self._timed(shape_key, self.runner.step, built, num_logprobs, phase=phase, media=media)
         return _join(results, groups, axis=0)
 
     def _run_multi(self, decode: list[Request], num_steps: int):
@@ -488,7 +483,7 @@ class Engine:
         if prefill:
             rows = [(req, req.all_ids[req.num_computed: req.num_computed + n], req.num_computed)
                     for req, n in prefill]
-            result = self._run(rows, max(n for _, n in prefill))
+            result = self._run(rows, max(n for _, n in prefill), "prefill")
             for i, (req, n) in enumerate(prefill):
                 req.num_computed += n
                 self.stats["prompt_tokens"] += n
@@ -506,7 +501,7 @@ class Engine:
             touched.extend(decode)
         elif decode:
             rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
-            result = self._run(rows, 1)
+            result = self._run(rows, 1, "decode")
             for i, req in enumerate(decode):
                 req.num_computed += 1
                 self._append(req, result, i)

@@ -24,25 +24,20 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import functools
 import io
 import os
 import wave
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gemma4_jax import audio as audio_lib
-from gemma4_jax import multimodal, processing
+from gemma4_jax import multimodal, processing, towers
 from gemma4_jax.audio_processing import SAMPLING_RATE, AudioFeatureExtractor
-from gemma4_jax.decoder import stack_routed
 from gemma4_jax.processing import MediaError, MediaLimits
-from gemma4_jax.serving.kv_cache import PagedKVStore, bucket
-from gemma4_jax.serving.runner import sample_step
+from gemma4_jax.serving.kv_cache import bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +272,7 @@ class MediaInputs:
 
 def _vision_tokens(model, pixel_values: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """One image / frame -> its valid soft tokens (n, D). Shapes are fixed by the processor's patch budget."""
-    return multimodal.valid_soft_tokens(model, "vision", pixel_values, positions)
+    return towers.valid_soft_tokens(model, "vision", pixel_values, positions)
 
 
 def _audio_tokens(model, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -288,12 +283,12 @@ def _audio_tokens(model, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
     m = np.zeros((1, t), bool)
     f[:, : features.shape[1]] = features
     m[:, : mask.shape[1]] = mask
-    return multimodal.valid_soft_tokens(model, "audio", f, m)
+    return towers.valid_soft_tokens(model, "audio", f, m)
 
 
 def _patches(cfg, name: str, pixel_values: Any, position_ids: Any, pos_name: str):
     try:
-        return multimodal._patches(name, pixel_values, position_ids, cfg.vision, pos_name)
+        return towers.check_patches(name, pixel_values, position_ids, cfg.vision, pos_name)
     except ValueError as e:
         raise MediaError(str(e)) from None
 
@@ -318,11 +313,11 @@ def build_media(cfg, prompt_ids: Sequence[int], *, pixel_values: Any = None, ima
             continue
         pv, pos = _patches(cfg, names[0], pv, pos, names[1])
         frames += [(pv[i: i + 1], pos[i: i + 1], kind) for i in range(pv.shape[0])]
-        counts[kind] = multimodal.vision_token_count(pos, cfg.vision)
+        counts[kind] = towers.vision_token_count(pos, cfg.vision)
     audio = None
     if input_features is not None:
         try:
-            feats, mask = multimodal.audio_inputs(input_features, input_features_mask)
+            feats, mask = towers.audio_inputs(input_features, input_features_mask)
         except ValueError as e:
             raise MediaError(str(e)) from None
         audio = (feats, mask)
@@ -509,139 +504,3 @@ def _video_item(video: Any) -> tuple[Any, float | None]:
             raise MediaError("a video given as a dict needs 'frames' (and optionally 'fps')")
         return video["frames"], video.get("fps")
     return video, None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Engine side
-
-
-def check_request(engine: Any, ids: Sequence[int], media: MediaInputs | None) -> None:
-    """Refuse what the engine cannot serve: media on a text-only or pipelined model, placeholder ids without media,
-    counts that do not match, a vision block longer than a prefill chunk can hold (bidirectional attention)."""
-    cfg = engine.model.config
-    if media is None:
-        if not multimodal.has_towers(cfg):
-            return
-        ids_arr = np.asarray(ids)
-        for name, token_id in (("image", cfg.image_token_id), ("video", cfg.video_token_id),
-                               ("audio", cfg.audio_token_id)):
-            if np.any(ids_arr == token_id):
-                raise MediaError(f"the prompt holds {name} placeholder tokens (id {token_id}) but no {name} was "
-                                 "given")
-        return
-    if not multimodal.has_towers(cfg):
-        raise MediaError("this model has no vision or audio tower; media need a Gemma4ForConditionalGeneration "
-                         "checkpoint")
-    ids_arr = np.asarray(ids)
-    kinds = {multimodal.IMAGE_TYPE: cfg.image_token_id, multimodal.VIDEO_TYPE: cfg.video_token_id,
-             multimodal.AUDIO_TYPE: cfg.audio_token_id}
-    placed = np.zeros(ids_arr.shape, np.int32)
-    for kind, token_id in kinds.items():
-        placed[ids_arr == token_id] = kind
-    if media.positions.size != np.count_nonzero(placed) or not np.array_equal(placed[media.positions], media.kinds):
-        raise MediaError("the media do not match the prompt's placeholder tokens (build them from these ids)")
-    budget = engine.config.max_num_batched_tokens
-    if media.runs.size and int((media.runs[:, 1] - media.runs[:, 0]).max()) > budget:
-        longest = int((media.runs[:, 1] - media.runs[:, 0]).max())
-        raise MediaError(f"an image of {longest} soft tokens does not fit in one prefill chunk "
-                         f"(max_num_batched_tokens={budget}); bidirectional vision attention needs the whole image "
-                         "in one chunk: raise max_num_batched_tokens or lower the image's max_soft_tokens")
-
-
-def clamp_chunk(media: MediaInputs, start: int, size: int) -> int:
-    """Shorten a prefill chunk [start, start + size) so that it does not end inside a vision block (bidirectional
-    attention needs the whole block in one chunk). 0 when the chunk would start with a block it cannot hold."""
-    if not media.runs.size:
-        return size
-    end = start + size
-    inside = (media.runs[:, 0] < end) & (end < media.runs[:, 1])
-    if not inside.any():
-        return size
-    return max(0, int(media.runs[inside, 0][0]) - start)
-
-
-@dataclasses.dataclass
-class ChunkMedia:
-    """Device inputs of a prefill step with media: slots (M',) flat indices into the (B*T) chunk tokens, soft
-    (M', D) their soft tokens, blocks (B, T) vision block ids or None. M' is M padded to a bucket by repeating
-    the last entry (the same value written twice), so few shapes compile."""
-
-    slots: np.ndarray
-    soft: np.ndarray
-    blocks: np.ndarray | None
-
-    @property
-    def shape_key(self) -> tuple:
-        return (self.slots.shape[0], self.blocks is not None)
-
-
-def chunk_media(model: Any, rows: Sequence[tuple[Any, list[int], int]], tokens_shape: tuple[int, int]
-                ) -> ChunkMedia | None:
-    """The media of a step's rows (request, new token ids, start position) over a (B, T) token batch; None when
-    no row's chunk holds a placeholder (then the text step runs). Runs the towers of requests seen first."""
-    slots, soft, block_rows = [], [], {}
-    t = tokens_shape[1]
-    bidirectional = model.config.vision_bidirectional
-    for i, (req, ids, start) in enumerate(rows):
-        media = getattr(req, "media", None)
-        if media is None:
-            continue
-        lo, hi = np.searchsorted(media.positions, [start, start + len(ids)])
-        if hi > lo:
-            tokens = media.encode(model)
-            slots.append(i * t + media.positions[lo:hi] - start)
-            soft.append(tokens[lo:hi])
-        if bidirectional and media.blocks is not None:
-            block_rows[i] = media.blocks[start: start + len(ids)]
-    if not slots:
-        return None
-    slots_all = np.concatenate(slots).astype(np.int32)
-    soft_all = np.concatenate(soft)
-    m = bucket(slots_all.size, 16)
-    pad = m - slots_all.size
-    slots_all = np.concatenate([slots_all, np.full(pad, slots_all[-1], np.int32)])
-    soft_all = np.concatenate([soft_all, np.repeat(soft_all[-1:], pad, axis=0)])
-    blocks = None
-    if bidirectional:
-        blocks = np.full(tokens_shape, -1, np.int32)
-        for i, row in block_rows.items():
-            blocks[i, : row.size] = row
-    return ChunkMedia(slots_all, soft_all, blocks)
-
-
-def _media_step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, slots, soft, blocks, layout,
-                num_logprobs, return_routed=False):
-    model = nnx.merge(graphdef, state)
-    store = PagedKVStore(cache, batch, layout)
-    x, ple = model.embed_multimodal(batch.tokens, slots, soft)
-    routed = [] if return_routed else None
-    h = model.decode_layers(x, batch.positions, ple, kv_store=store, keep_index=batch.last_index,
-                            vision_blocks=blocks, routed=routed)
-    logits = model.head(h[:, 0])
-    result, counts = sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprobs)
-    if return_routed:
-        result = result._replace(routed=(stack_routed(routed)[:, 0],))
-    return result, store.cache, counts
-
-
-media_model_step = jax.jit(_media_step, static_argnames=("graphdef", "layout", "num_logprobs", "return_routed"),
-                           donate_argnames=("cache", "counts"))
-
-
-def media_step(runner: Any, media: ChunkMedia):
-    """A runner call like `Runner.step`, for a prefill batch with media (a single micro-batch on one program)."""
-
-    if runner.num_stages > 1:  # stage 0 splices the soft tokens in; the block ids travel with the activations
-        carry = {"slots": media.slots, "soft_tokens": media.soft, "vision_blocks": media.blocks}
-        return functools.partial(runner.step, media=carry)
-
-    def step(cache, counts, microbatches, num_logprobs: int):
-        (batch, sampling, steps, sample_rows), = microbatches
-        with jax.set_mesh(runner.mesh):
-            result, cache, counts = media_model_step(
-                runner.model.graphdef, runner.model.state, cache, counts, batch, sampling, steps, sample_rows,
-                media.slots, media.soft, media.blocks, layout=runner.layout, num_logprobs=num_logprobs,
-                return_routed=runner.return_routed)
-        return [result], cache, counts
-
-    return step

@@ -7,17 +7,33 @@ are donated: XLA updates them in place. Sampling runs inside the step so only (B
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gemma4_jax import sharding
-from gemma4_jax.decoder import stack_routed
+from gemma4_jax.attention_backends import AttentionPlan
+from gemma4_jax.forward import MediaTokens, TokenInputs, forward
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import CacheLayout, PagedKVStore, StepBatch
 from gemma4_jax.serving.sampling import SampleResult, SamplingBatch, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMedia:
+    """Media of a prefill step: soft tokens for the chunk's placeholders (forward.MediaTokens: slots into the
+    (B * T) tokens, (M, D)) and vision block ids (B, T) or None (serving/media_chunks.py builds it)."""
+
+    tokens: MediaTokens
+    vision_blocks: np.ndarray | None
+
+    @property
+    def shape_key(self) -> tuple:
+        return (self.tokens.slots.shape[0], self.vision_blocks is not None)
 
 
 def sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprobs):
@@ -33,23 +49,23 @@ def sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprob
     return result, counts
 
 
-def _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, layout, num_logprobs,
-          return_routed=False):
+def _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
+          attention, phase, num_logprobs, return_routed=False):
     model = nnx.merge(graphdef, state)
     store = PagedKVStore(cache, batch, layout)
-    x, ple = model.embed(batch.tokens)
-    routed = [] if return_routed else None
-    h = model.decode_layers(x, batch.positions, ple, kv_store=store, keep_index=batch.last_index, routed=routed)
-    logits = model.head(h[:, 0])  # (B, V): only each row's last token reaches the KV-shared layers and the head
+    inputs = TokenInputs(tokens=batch.tokens, positions=batch.positions, media=media, vision_blocks=vision_blocks)
+    out = forward(model, inputs, attention=attention, phase=phase, kv_store=store, keep_index=batch.last_index,
+                  return_routed=return_routed)
+    logits = out.logits[:, 0]  # (B, V): only each row's last token reaches the KV-shared layers and the head
     result, counts = sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprobs)
     if return_routed:  # the router's choices for each row's last token: (B, L_moe, k)
-        result = result._replace(routed=(stack_routed(routed)[:, 0],))
+        result = result._replace(routed=(out.routed[:, 0],))
     return result, store.cache, counts
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "layout", "num_logprobs", "return_routed"),
+    static_argnames=("graphdef", "layout", "attention", "phase", "num_logprobs", "return_routed"),
     donate_argnames=("cache", "counts"),
 )
 def model_step(
@@ -61,8 +77,12 @@ def model_step(
     sampling: SamplingBatch,
     steps: jax.Array,
     sample_rows: jax.Array,
+    media: MediaTokens | None = None,
+    vision_blocks: jax.Array | None = None,
     *,
     layout: CacheLayout,
+    attention: AttentionPlan,
+    phase: str,
     num_logprobs: int,
     return_routed: bool = False,
 ) -> tuple[SampleResult, dict[str, jax.Array], dict[str, jax.Array] | None]:
@@ -71,19 +91,22 @@ def model_step(
     steps: (B,) tokens generated so far per row (the sampler's RNG counter); sample_rows: (B,) bool, rows whose
     sampled token is kept (a prefill chunk that does not end its prompt samples nothing useful).
     counts: None, or {"output": (S+1, V) int32, "prompt": (S+1, V) bool} per sequence slot, for penalties.
+    media: a prefill chunk's soft tokens (slots into the (B*T) tokens, (M, D)), vision_blocks (B, T): see
+    forward.TokenInputs. attention, phase: the engine's resolved plan and this step's phase.
     return_routed: also return the router's top-k expert ids of each row's last token (SampleResult.routed).
     """
-    return _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, layout, num_logprobs,
-                 return_routed)
+    return _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
+                 attention, phase, num_logprobs, return_routed)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "layout", "num_logprobs", "num_steps", "return_routed"),
+    static_argnames=("graphdef", "layout", "attention", "num_logprobs", "num_steps", "return_routed"),
     donate_argnames=("cache", "counts"),
 )
 def decode_steps(graphdef, state, cache, counts, batch: StepBatch, sampling: SamplingBatch, steps: jax.Array,
-                 *, layout: CacheLayout, num_logprobs: int, num_steps: int, return_routed: bool = False):
+                 *, layout: CacheLayout, attention: AttentionPlan, num_logprobs: int, num_steps: int,
+                 return_routed: bool = False):
     """`num_steps` decode steps in one call (one host round-trip): each step feeds back the token it sampled.
 
     batch: a decode batch (T = 1) whose page tables already cover num_steps more tokens. Returns the SampleResult
@@ -93,8 +116,8 @@ def decode_steps(graphdef, state, cache, counts, batch: StepBatch, sampling: Sam
 
     def body(carry, _):
         cache, counts, batch, steps = carry
-        result, cache, counts = _step(graphdef, state, cache, counts, batch, sampling, steps, live, layout,
-                                      num_logprobs, return_routed)
+        result, cache, counts = _step(graphdef, state, cache, counts, batch, sampling, steps, live, None, None,
+                                      layout, attention, "decode", num_logprobs, return_routed)
         batch = batch.replace(
             tokens=result.tokens[:, None].astype(jnp.int32),
             positions=jnp.where(live[:, None], batch.positions + 1, -1),
@@ -120,16 +143,18 @@ def reset_slot_counts(counts, slot, prompt_tokens, prompt_len, output_tokens, ou
 class Runner:
     """Engine steps of a single-program model (pp=1, any tp/dp): one jitted step over the whole mesh.
 
-    The engine talks to this and to `pipeline.PipelineRunner` alike: `allocate()` the pools, then `step` /
+    The engine talks to this and to `pipeline_runner.PipelineRunner` alike: `allocate()` the pools, then `step` /
     `multi` over a list of micro-batches (always one here), each (StepBatch, SamplingBatch, steps, sample_rows).
+    `attention` is the engine's resolved AttentionPlan: what every step runs, per phase and layer kind.
     """
 
     microbatches = 1
     num_stages = 1
 
-    def __init__(self, model, layout: CacheLayout, return_routed: bool = False):
+    def __init__(self, model, layout: CacheLayout, attention: AttentionPlan, return_routed: bool = False):
         self.model = model
         self.layout = layout
+        self.attention = attention
         self.mesh = model.mesh
         self.return_routed = return_routed
 
@@ -142,12 +167,15 @@ class Runner:
     def counts_sharding(self) -> jax.sharding.Sharding:
         return sharding.replicated(self.mesh)
 
-    def step(self, cache, counts, microbatches, num_logprobs: int):
+    def step(self, cache, counts, microbatches, num_logprobs: int, phase: str, media: StepMedia | None = None):
+        """One step of each micro-batch. phase: "prefill" | "decode"; media: a prefill chunk's soft tokens."""
         results = []
+        tokens, blocks = (None, None) if media is None else (media.tokens, media.vision_blocks)
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, sample_rows in microbatches:
                 result, cache, counts = model_step(self.model.graphdef, self.model.state, cache, counts, batch,
-                                                   sampling, steps, sample_rows, layout=self.layout,
+                                                   sampling, steps, sample_rows, tokens, blocks, layout=self.layout,
+                                                   attention=self.attention, phase=phase,
                                                    num_logprobs=num_logprobs, return_routed=self.return_routed)
                 results.append(result)
         return results, cache, counts
@@ -157,17 +185,19 @@ class Runner:
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, _ in microbatches:
                 result, cache, counts = decode_steps(self.model.graphdef, self.model.state, cache, counts, batch,
-                                                     sampling, steps, layout=self.layout, num_logprobs=num_logprobs,
-                                                     num_steps=num_steps, return_routed=self.return_routed)
+                                                     sampling, steps, layout=self.layout, attention=self.attention,
+                                                     num_logprobs=num_logprobs, num_steps=num_steps,
+                                                     return_routed=self.return_routed)
                 results.append(result)
         return results, cache, counts
 
 
-def make_runner(model, layout: CacheLayout, microbatches: int | None = None, return_routed: bool = False):
+def make_runner(model, layout: CacheLayout, attention: AttentionPlan, microbatches: int | None = None,
+                return_routed: bool = False):
     """The engine's runner for this model: single-program, or pipelined over the model's stages (pp > 1).
     return_routed: every step also returns the router's expert ids (MoE models; SampleResult.routed)."""
     if model.num_stages > 1:
-        from gemma4_jax.pipeline import PipelineRunner
+        from gemma4_jax.serving.pipeline_runner import PipelineRunner  # it imports this module (sample_step)
 
-        return PipelineRunner(model, layout, microbatches, return_routed)
-    return Runner(model, layout, return_routed)
+        return PipelineRunner(model, layout, attention, microbatches, return_routed)
+    return Runner(model, layout, attention, return_routed)

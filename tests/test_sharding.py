@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import gemma4_jax
 from gemma4_jax import sharding
-from gemma4_jax.pipeline import memory_per_device
+from gemma4_jax.memory import memory_per_device
 from gemma4_jax.serving.engine import Engine, EngineConfig
 from gemma4_jax.serving.runner import model_step
 from hf_reference import make_text_checkpoint, rel_err

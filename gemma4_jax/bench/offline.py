@@ -178,7 +178,7 @@ def bench_ours(
     engine_options: dict[str, Any],
 ) -> tuple[dict[str, Any], list[list[int]]]:
     """Warm-up (compiles) then a timed run of the same shapes on a fresh engine of `concurrency` sequences."""
-    from gemma4_jax.llm import LLM
+    from gemma4_jax.serving.llm import LLM
 
     llm = LLM(model, max_num_seqs=concurrency, **engine_options)
     reset_peak_rss()

@@ -1,0 +1,164 @@
+"""Attention backends: the seam between the one forward and the attention op (DESIGN.md decision 4).
+
+The forward (forward.py) computes q, k, v and key positions per layer and hands them to the backend that the
+`AttentionPlan` names for the step's phase ("prefill": a full-sequence forward or a prefill chunk; "decode": one
+new token per row) and the layer's kind (sliding or full). A backend gets positions, not a mask, so a kernel can
+build causal / window / bidirectional-block masking inside its tiles instead of reading a (B, T, S) mask.
+
+`xla` (plain XLA einsums over the gathered keys) is the reference and runs everywhere. Kernel backends join the
+registry with `register`; `resolve_attention` turns a user's choice (auto, one name, or separate prefill and decode
+names, as SGLang's --prefill-attention-backend / --decode-attention-backend) into a plan, refusing at start-up a
+name that is unknown or cannot run on this platform, and logging what `auto` picked and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import jax
+
+from gemma4_jax.attention import attention_mask, reference_attention
+
+log = logging.getLogger(__name__)
+
+PHASES = ("prefill", "decode")
+KINDS = ("sliding", "full")
+
+
+class AttentionBackend:
+    """One attention implementation. Subclasses are frozen dataclasses (hashable: they are static arguments of
+    the jitted steps, so two backends never share a compiled program)."""
+
+    name: str = "?"
+
+    def unavailable(self, platform: str, phase: str, kind: str) -> str | None:
+        """Why this backend cannot serve (platform, phase, layer kind), or None when it can."""
+        return None
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+                 *, sliding_window: int | None, blocks: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+        """q: (B, T, N, H); k, v: (B, S, K, H) (N a multiple of K); q_positions (B, T), kv_positions (B, S) int32
+        (negative: padding query / empty key slot). Causal by position, bounded by `sliding_window` when given;
+        blocks: (query (B, T), key (B, S)) vision block ids (-1 none): a query also sees later keys of its block.
+        Softmax scale 1 (Gemma 4 folds the scale into the q norm). Returns (B, T, N, H) in v's dtype."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaAttention(AttentionBackend):
+    """The reference: a (B, T, S) mask from positions and `reference_attention` (float32 logits and softmax)."""
+
+    name: str = "xla"
+
+    def __call__(self, q, k, v, q_positions, kv_positions, *, sliding_window, blocks):
+        mask = attention_mask(q_positions, kv_positions, sliding_window, blocks)
+        return reference_attention(q, k, v, mask, scale=1.0)
+
+
+_REGISTRY: dict[str, AttentionBackend] = {}
+# `auto` tries these in order per (phase, kind) and takes the first available; kernels register ahead of xla.
+_AUTO_ORDER: list[str] = []
+
+
+def register(backend: AttentionBackend, auto: bool = True) -> None:
+    """Add a backend under `backend.name`. auto=True: `auto` prefers it (latest registered first) where it is
+    available; xla stays the fallback."""
+    _REGISTRY[backend.name] = backend
+    if backend.name in _AUTO_ORDER:
+        _AUTO_ORDER.remove(backend.name)
+    if auto:
+        _AUTO_ORDER.insert(0, backend.name)
+
+
+def unregister(name: str) -> None:
+    """Remove a registered backend (tests that register their own)."""
+    _REGISTRY.pop(name, None)
+    if name in _AUTO_ORDER:
+        _AUTO_ORDER.remove(name)
+
+
+def registered() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> AttentionBackend:
+    if name not in _REGISTRY:
+        raise ValueError(f"attention backend {name!r} is unknown; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+register(XlaAttention(), auto=False)
+_AUTO_ORDER.append("xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """Which backend runs each (phase, layer kind). Hashable: a static argument of every jitted forward."""
+
+    prefill_sliding: AttentionBackend
+    prefill_full: AttentionBackend
+    decode_sliding: AttentionBackend
+    decode_full: AttentionBackend
+
+    def backend(self, phase: str, sliding: bool) -> AttentionBackend:
+        return getattr(self, f"{phase}_{'sliding' if sliding else 'full'}")
+
+    def names(self, phase: str) -> str:
+        """'xla', or 'sliding=a,full=b' when the layer kinds differ."""
+        s, f = self.backend(phase, True).name, self.backend(phase, False).name
+        return s if s == f else f"sliding={s},full={f}"
+
+    @staticmethod
+    def uniform(backend: AttentionBackend | str) -> AttentionPlan:
+        b = get(backend) if isinstance(backend, str) else backend
+        return AttentionPlan(b, b, b, b)
+
+
+def supported_names(platform: str | None = None) -> list[str]:
+    """'auto' plus every registered backend that serves at least one (phase, kind) on the platform."""
+    platform = platform or jax.default_backend()
+    ok = [n for n, b in _REGISTRY.items() if any(b.unavailable(platform, p, k) is None for p in PHASES for k in KINDS)]
+    return ["auto", *ok]
+
+
+def resolve_attention(attention_backend: str = "auto", prefill_backend: str | None = None,
+                      decode_backend: str | None = None, platform: str | None = None,
+                      log_choice: Callable[[str], None] | None = None) -> AttentionPlan:
+    """The user's choice -> an AttentionPlan, checked now (start-up), not at the first step.
+
+    attention_backend applies to both phases unless prefill_backend / decode_backend name one. "auto" picks, per
+    phase and layer kind, the first available registered backend in preference order (kernels before xla). An
+    explicit name that is unknown, or cannot run one of the (phase, kind) pairs on this platform, raises
+    ValueError naming the supported ones.
+    """
+    platform = platform or jax.default_backend()
+    say = log_choice or log.info
+    chosen: dict[str, AttentionBackend] = {}
+    for phase, value in (("prefill", prefill_backend), ("decode", decode_backend)):
+        value = value or attention_backend or "auto"
+        for kind in KINDS:
+            if value == "auto":
+                why = []
+                for name in _AUTO_ORDER:
+                    reason = _REGISTRY[name].unavailable(platform, phase, kind)
+                    if reason is None:
+                        chosen[f"{phase}_{kind}"] = _REGISTRY[name]
+                        break
+                    why.append(f"{name}: {reason}")
+                say(f"attention backend auto -> {chosen[f'{phase}_{kind}'].name} for {phase} on {kind} layers "
+                    f"({platform}{'; skipped ' + '; '.join(why) if why else ''})")
+                continue
+            backend = _REGISTRY.get(value)
+            reason = "unknown backend" if backend is None else backend.unavailable(platform, phase, kind)
+            if reason is not None:
+                raise ValueError(f"{phase} attention backend {value!r} is not supported on {platform} ({kind} "
+                                 f"layers: {reason}); supported: {supported_names(platform)}")
+            chosen[f"{phase}_{kind}"] = backend
+    return AttentionPlan(**chosen)
+
+
+def default_plan() -> AttentionPlan:
+    """The plan a model gets when nobody chose: auto on this platform, quietly."""
+    return resolve_attention("auto", log_choice=log.debug)
