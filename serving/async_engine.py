@@ -1,8 +1,9 @@
 """The engine beside an asyncio event loop: one thread owns the `Engine`, the loop talks to it through commands.
 
-`Engine` is not thread-safe, so exactly one thread (started here) calls `add_request`, `step` and `abort`. The
-event loop sends commands through a thread-safe queue, drained between steps (so an abort frees its KV pages
-before the next step runs), and receives outputs through `loop.call_soon_threadsafe`, one batch per step.
+`Engine` is not thread-safe, so exactly one thread (started here) calls `add_request`, `step` and `release`. The
+event loop sends commands (`AddRequests`, `Abort`, `AbortAll`, `Stop`, `Score`) through a thread-safe queue,
+drained between steps (so an abort frees its KV pages before the next step runs), and receives outputs through
+`loop.call_soon_threadsafe`, one batch per step. Routes hand requests over as `EngineRequest`s.
 
 A `RequestGroup` is what one HTTP request waits on: its n (or prompts x n) engine requests, added atomically
 (all or none). Outputs are cumulative, so a slow reader only ever sees the latest one per request; nothing
@@ -35,6 +36,7 @@ import numpy as np
 
 from gemma4_jax.serving.engine import Engine, RequestOutput, Status, TokenLogprob
 from gemma4_jax.serving.metrics import ServerMetrics
+from gemma4_jax.serving.mm_inputs import MediaInputs
 from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,64 @@ class RequestGroup:
         return [self.final[i] for i in range(len(self.request_ids))]
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineRequest:
+    """One engine request as a route hands it over: its id, prompt ids and sampling params; with `media`, the
+    soft tokens of the prompt's images / audio (the n copies of one chat share them)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    media: MediaInputs | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens it may hold at most (prompt + max_tokens): what admission reserves for it."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+
+# Commands, sent from the event loop to the engine thread (which dispatches them by type).
+
+
+@dataclasses.dataclass(frozen=True)
+class AddRequests:
+    """Add `requests` as one group, all or none; `done` resolves (on the loop) with None or the refusal."""
+
+    requests: list[EngineRequest]
+    group: RequestGroup
+    arrival: float  # time.monotonic() when the HTTP request arrived
+    done: asyncio.Future
+
+
+@dataclasses.dataclass(frozen=True)
+class Abort:
+    """Abort and forget these requests (their clients are gone, or they were refused)."""
+
+    request_ids: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortAll:
+    """Abort every in-flight request, delivering each as finished with finish_reason "abort" (end of a drain)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """Abort every in-flight request as `AbortAll` does, then end the engine thread."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """Prompt logprobs of `prompt_ids` with the top `k`; `done` resolves with them or with an `EngineError`."""
+
+    prompt_ids: list[int]
+    k: int
+    done: asyncio.Future
+
+
+Command = AddRequests | Abort | AbortAll | Stop | Score
+
+
 @dataclasses.dataclass
 class _Tracked:
     """Engine-thread bookkeeping of one request (for delivery and latency metrics)."""
@@ -122,7 +182,7 @@ class AsyncEngine:
         self.metrics = metrics or ServerMetrics()
         self.max_active = max_active
         self.max_active_tokens = max_active_tokens
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -139,6 +199,15 @@ class AsyncEngine:
         self._thread.start()
 
     @property
+    def max_model_len(self) -> int:
+        """Prompt + completion tokens one request may hold."""
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.text_config.vocab_size
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
@@ -146,12 +215,12 @@ class AsyncEngine:
         """Abort whatever is still in flight and join the engine thread (blocking: call it off the loop)."""
         if self._thread is None:
             return
-        self._commands.put(("stop",))
+        self._commands.put(Stop())
         self._thread.join(timeout)
 
     def abort_all(self) -> None:
         """Abort every in-flight request; each ends with finish_reason "abort" (the end of a drain)."""
-        self._commands.put(("abort_all",))
+        self._commands.put(AbortAll())
 
     @property
     def num_active(self) -> int:
@@ -159,16 +228,15 @@ class AsyncEngine:
 
     # -- requests (event loop thread) -------------------------------------------------------------------------------
 
-    async def add(self, requests: Sequence[tuple[str, list[int], SamplingParams, *tuple[object, ...]]],
-                  arrival: float) -> RequestGroup:
-        """Add (request id, prompt ids, params[, media]) requests atomically; returns their group.
+    async def add(self, requests: Sequence[EngineRequest], arrival: float) -> RequestGroup:
+        """Add `requests` atomically; returns their group.
 
         Raises QueueFull (over the admission bounds), EngineStopped, or ValueError (the engine refused one; none
         of them is added then).
         """
         if not self.alive or self._loop is None:
             raise EngineStopped("the engine is not running")
-        tokens = sum(len(ids) + params.max_tokens for _, ids, params, *_ in requests)
+        tokens = sum(r.num_tokens for r in requests)
         if self.max_active_tokens is not None and tokens > self.max_active_tokens:
             raise ValueError(
                 f"the request needs {tokens} tokens (prompts + max_tokens, times n), over this server's token "
@@ -181,13 +249,12 @@ class AsyncEngine:
                 f"the server has {self._active_tokens} tokens reserved by unfinished requests; "
                 f"{tokens} more would pass the limit of {self.max_active_tokens}"
             )
-        group = RequestGroup([r[0] for r in requests], [len(r[1]) for r in requests])
-        for _, ids, params, *_ in requests:
-            self._active_tokens += len(ids) + params.max_tokens
-        for rid, ids, params, *_ in requests:
-            self._active[rid] = len(ids) + params.max_tokens
+        group = RequestGroup([r.request_id for r in requests], [len(r.prompt_ids) for r in requests])
+        for r in requests:
+            self._active_tokens += r.num_tokens
+            self._active[r.request_id] = r.num_tokens
         done = self._loop.create_future()
-        self._commands.put(("add", list(requests), group, arrival, done))
+        self._commands.put(AddRequests(list(requests), group, arrival, done))
         try:
             await done
         except BaseException:
@@ -202,7 +269,7 @@ class AsyncEngine:
         if not self.alive or self._loop is None:
             raise EngineStopped("the engine is not running")
         done = self._loop.create_future()
-        self._commands.put(("score", list(ids), k, done))
+        self._commands.put(Score(list(ids), k, done))
         return await done
 
     def abort(self, group: RequestGroup) -> None:
@@ -212,7 +279,7 @@ class AsyncEngine:
         for rid in rids:
             self._release(rid)
         if rids:
-            self._commands.put(("abort", rids))
+            self._commands.put(Abort(rids))
 
     def _release(self, rid: str) -> None:
         self._active_tokens -= self._active.pop(rid, 0)
@@ -263,53 +330,58 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _handle(self, command: tuple) -> None:
-        kind = command[0]
-        if kind == "add":
-            _, requests, group, arrival, done = command
-            added = []
-            try:
-                for rid, ids, params, *media in requests:  # (id, ids, params[, media])
-                    self.engine.add_request(ids, params, request_id=rid, media=media[0] if media else None)
-                    added.append(rid)
-            except Exception as e:
-                for rid in added:
-                    self.engine.abort(rid)
-                    self.engine.requests.pop(rid, None)
-                self._call_loop(_resolve, done, e)
-                return
-            for index, (rid, ids, *_) in enumerate(requests):
-                self._tracked[rid] = _Tracked(group, index, arrival)
-                self.metrics.prompt_tokens.inc(len(ids))
-            self._call_loop(_resolve, done, None)
-        elif kind == "score":
-            _, ids, k, done = command
-            try:
-                result = score_prompt(self.engine.model, ids, k)
-            except Exception as e:
-                log.exception("prompt logprobs failed")
-                self.metrics.engine_errors.inc()
-                self._call_loop(_resolve, done, EngineError(f"computing the prompt logprobs failed: {e!r}"))
-            else:
-                self._call_loop(_resolve_value, done, result)
-        elif kind == "abort":
-            for rid in command[1]:
-                if self._tracked.pop(rid, None) is not None:
-                    self.metrics.request_success.labels("abort").inc()
-                self.engine.abort(rid)
-                self.engine.requests.pop(rid, None)
-        elif kind in ("stop", "abort_all"):
-            self._stopping = self._stopping or kind == "stop"
-            batch = []
-            for rid, tracked in list(self._tracked.items()):
-                self.engine.abort(rid)
-                self.metrics.request_success.labels("abort").inc()
-                req = self.engine.requests.pop(rid, None)
-                if req is not None:  # delivered as finished with finish_reason "abort"
-                    batch.append((tracked.group, tracked.index, self.engine.output(req)))
-            self._tracked.clear()
-            if batch:
-                self._call_loop(self._deliver, batch)
+    def _handle(self, command: Command) -> None:
+        match command:
+            case AddRequests():
+                self._add(command)
+            case Score():
+                self._score_prompt(command)
+            case Abort():
+                for rid in command.request_ids:
+                    if self._tracked.pop(rid, None) is not None:
+                        self.metrics.request_success.labels("abort").inc()
+                    self.engine.release(rid)
+            case AbortAll() | Stop():
+                self._stopping = self._stopping or isinstance(command, Stop)
+                self._abort_tracked()
+
+    def _add(self, command: AddRequests) -> None:
+        added = []
+        try:
+            for r in command.requests:
+                self.engine.add_request(r.prompt_ids, r.params, request_id=r.request_id, media=r.media)
+                added.append(r.request_id)
+        except Exception as e:
+            for rid in added:
+                self.engine.release(rid)
+            self._call_loop(_resolve, command.done, e)
+            return
+        for index, r in enumerate(command.requests):
+            self._tracked[r.request_id] = _Tracked(command.group, index, command.arrival)
+            self.metrics.prompt_tokens.inc(len(r.prompt_ids))
+        self._call_loop(_resolve, command.done, None)
+
+    def _score_prompt(self, command: Score) -> None:
+        try:
+            result = score_prompt(self.engine.model, command.prompt_ids, command.k)
+        except Exception as e:
+            log.exception("prompt logprobs failed")
+            self.metrics.engine_errors.inc()
+            self._call_loop(_resolve, command.done, EngineError(f"computing the prompt logprobs failed: {e!r}"))
+        else:
+            self._call_loop(_resolve_value, command.done, result)
+
+    def _abort_tracked(self) -> None:
+        """Abort every tracked request and deliver each as finished (finish_reason "abort")."""
+        batch = []
+        for rid, tracked in list(self._tracked.items()):
+            self.metrics.request_success.labels("abort").inc()
+            out = self.engine.release(rid)
+            if out is not None:
+                batch.append((tracked.group, tracked.index, out))
+        self._tracked.clear()
+        if batch:
+            self._call_loop(self._deliver, batch)
 
     def _step(self) -> None:
         try:
@@ -329,10 +401,10 @@ class AsyncEngine:
             batch.append((tracked.group, tracked.index, out))
             if out.finished:
                 del self._tracked[out.request_id]
-                self.engine.requests.pop(out.request_id, None)
+                self.engine.release(out.request_id)
         for rid, tracked in self._tracked.items():
             if not tracked.scheduled:
-                req = self.engine.requests.get(rid)
+                req = self.engine.get(rid)
                 if req is not None and req.status is not Status.WAITING:
                     tracked.scheduled = True
                     self.metrics.queue_time.observe(now - tracked.arrival)
@@ -364,10 +436,9 @@ class AsyncEngine:
         for rid, tracked in list(self._tracked.items()):
             groups[id(tracked.group)] = tracked.group
             try:
-                self.engine.abort(rid)
+                self.engine.release(rid)
             except Exception:
                 log.exception("abort of %s failed", rid)
-            self.engine.requests.pop(rid, None)
         self._tracked.clear()
         if groups:
             self._call_loop(self._fail, list(groups.values()), error)

@@ -52,6 +52,8 @@ _TOKEN_LATENCY_BUCKETS = (
 
 
 class ServerMetrics:
+    """The server's Prometheus metrics in a registry of its own; `render` is the /metrics body."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         p = "gemma4_jax_"

@@ -14,8 +14,8 @@ from test_server import _assert_error, _events, _slow_engine, _wait_idle, live_s
 
 import gemma4_jax
 from gemma4_jax.serving.demo import save_byte_level_tokenizer
-from gemma4_jax.serving.protocol import TOOL_CALL_START
 from gemma4_jax.serving.server import ServerConfig, create_app
+from gemma4_jax.serving.tool_calls import TOOL_CALL_START
 from hf_reference import make_text_checkpoint
 
 MODEL = "tiny-tools"

@@ -11,9 +11,12 @@ import json
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from gemma4_jax.serving.api_requests import template_messages as _template_messages
 from gemma4_jax.serving.async_engine import RequestGroup
 from gemma4_jax.serving.engine import RequestOutput
-from gemma4_jax.serving.protocol import (
+from gemma4_jax.serving.routes_chat import chat_chunks as _chat_chunks
+from gemma4_jax.serving.routes_chat import chat_message as _chat_message
+from gemma4_jax.serving.tool_calls import (
     TOOL_CALL_END,
     TOOL_CALL_START,
     TOOL_RESPONSE_START,
@@ -22,7 +25,6 @@ from gemma4_jax.serving.protocol import (
     format_tool_arguments,
     parse_tool_call,
 )
-from gemma4_jax.serving.server import _chat_chunks, _chat_message, _template_messages
 
 Q = '<|"|>'  # Gemma 4's string delimiter token
 

@@ -1,0 +1,91 @@
+"""The routes around generation: `/health` (load balancers), `/v1/models`, `/metrics` (Prometheus), and
+`/tokenize` / `/detokenize` (a prompt or chat as the generation routes would encode it, and back).
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from gemma4_jax.serving import mm_inputs
+from gemma4_jax.serving.api_errors import error_response
+from gemma4_jax.serving.api_requests import chat_prompt, media_chat_prompt
+from gemma4_jax.serving.api_state import State
+from gemma4_jax.serving.protocol import (
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeRequest,
+    bad_request,
+)
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(state: State) -> Response:
+    if state.ready:
+        return Response(status_code=200)
+    reason = "draining" if state.draining else "the model failed to load" if state.load_error else "loading"
+    return error_response(503, f"not ready: {reason}", "service_unavailable", "not_ready")
+
+
+@router.get("/v1/models")
+async def models(state: State) -> dict:
+    engine = state.require_ready()
+    name = state.config.served_model_name
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": name,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "gemma4-jax",
+                "root": name,
+                "max_model_len": engine.max_model_len,
+            }
+        ],
+    }
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, state: State) -> dict:
+    """`{"prompt"}` (text) or `{"messages"}` (a chat, rendered as /v1/chat/completions renders it, `tools`
+    included) -> the token ids."""
+    engine = state.require_ready()
+    state.check_model(body.model)
+    if state.tokenizer is None:
+        raise bad_request("this model has no tokenizer")
+    if isinstance(body, TokenizeChatRequest):
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+        if mm_inputs.has_media_parts(body.messages):  # placeholders expanded as the chat route does
+            ids, _ = await media_chat_prompt(
+                state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs
+            )
+        else:
+            ids = chat_prompt(state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs)
+    else:
+        ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, state: State) -> dict:
+    engine = state.require_ready()
+    state.check_model(body.model)
+    vocab = engine.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise bad_request(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "tokens")
+    if state.tokenizer is None:
+        raise bad_request("this model has no tokenizer")
+    return {"prompt": state.tokenizer.decode(body.tokens)}
