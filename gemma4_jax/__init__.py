@@ -36,7 +36,10 @@ _EXPORTS = {
     "SamplingParams": "gemma4_jax.serving.sampling",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "LLM", "PRESETS", "CheckpointError", "ConfigError", "Model", "ModelConfig", "SamplingParams", "TextConfig",
+    "__version__", "abstract_model", "from_config", "from_pretrained", "load_config", "preset",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from gemma4_jax.checkpoint import CheckpointError

@@ -136,19 +136,17 @@ def resolve_attention(attention_backend: str = "auto", prefill_backend: str | No
     platform = platform or jax.default_backend()
     say = log_choice or log.info
     chosen: dict[str, AttentionBackend] = {}
+    skipped: list[str] = []
     for phase, value in (("prefill", prefill_backend), ("decode", decode_backend)):
         value = value or attention_backend or "auto"
         for kind in KINDS:
             if value == "auto":
-                why = []
                 for name in _AUTO_ORDER:
                     reason = _REGISTRY[name].unavailable(platform, phase, kind)
                     if reason is None:
                         chosen[f"{phase}_{kind}"] = _REGISTRY[name]
                         break
-                    why.append(f"{name}: {reason}")
-                say(f"attention backend auto -> {chosen[f'{phase}_{kind}'].name} for {phase} on {kind} layers "
-                    f"({platform}{'; skipped ' + '; '.join(why) if why else ''})")
+                    skipped.append(f"{name} for {phase}/{kind}: {reason}")
                 continue
             backend = _REGISTRY.get(value)
             reason = "unknown backend" if backend is None else backend.unavailable(platform, phase, kind)
@@ -156,9 +154,8 @@ def resolve_attention(attention_backend: str = "auto", prefill_backend: str | No
                 raise ValueError(f"{phase} attention backend {value!r} is not supported on {platform} ({kind} "
                                  f"layers: {reason}); supported: {supported_names(platform)}")
             chosen[f"{phase}_{kind}"] = backend
-    return AttentionPlan(**chosen)
-
-
-def default_plan() -> AttentionPlan:
-    """The plan a model gets when nobody chose: auto on this platform, quietly."""
-    return resolve_attention("auto", log_choice=log.debug)
+    plan = AttentionPlan(**chosen)
+    asked = {"prefill": prefill_backend or attention_backend, "decode": decode_backend or attention_backend}
+    say(f"attention backends on {platform}: prefill {plan.names('prefill')} ({asked['prefill']}), decode "
+        f"{plan.names('decode')} ({asked['decode']})" + (f"; auto skipped {'; '.join(skipped)}" if skipped else ""))
+    return plan

@@ -22,9 +22,7 @@ under `PARAM_PREFIX` ("audio") of the multimodal model: `audio.tower.*` (HF `mod
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
 from typing import Any
 
 import jax
@@ -32,98 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma4_jax import checkpoint
-from gemma4_jax.config import ConfigError
 from gemma4_jax.layers import ClippedLinear, Linear, param, rms_norm
+from gemma4_jax.tower_config import AudioConfig, audio_config_from_dict  # noqa: F401 (re-exported)
 from gemma4_jax.vision import MultimodalEmbedder
 
 PARAM_PREFIX = "audio"
-SUPPORTED_AUDIO_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclasses.dataclass(frozen=True)
-class AudioConfig:
-    """HF `Gemma4AudioConfig` (config.json `audio_config`), frozen and hashable. Defaults are HF's (E2B/E4B)."""
-
-    hidden_size: int = 1024
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    hidden_act: str = "silu"
-    subsampling_conv_channels: tuple[int, int] = (128, 32)
-    conv_kernel_size: int = 5
-    residual_weight: float = 0.5
-    attention_chunk_size: int = 12
-    attention_context_left: int = 13
-    attention_context_right: int = 0
-    attention_logit_cap: float = 50.0
-    attention_invalid_logits_value: float = -1.0e9
-    use_clipped_linears: bool = True
-    rms_norm_eps: float = 1e-6
-    gradient_clipping: float = 1e10
-    output_proj_dims: int = 1536
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def max_past_horizon(self) -> int:
-        return self.attention_context_left - 1
-
-    @property
-    def context_size(self) -> int:
-        """Keys one attention chunk sees: its own chunk plus the past and future horizons."""
-        return self.attention_chunk_size + self.max_past_horizon + self.attention_context_right
-
-    @property
-    def num_mel_bins(self) -> int:
-        """The feature width the subsampling projection implies: HF sizes `input_proj_linear` as
-        (channels[0] // 4) * channels[1], i.e. it assumes ceil(ceil(F / 2) / 2) == channels[0] // 4."""
-        return self.subsampling_conv_channels[0]
-
-
-def audio_config_from_dict(d: dict[str, Any], where: str = "audio_config") -> AudioConfig:
-    """Parse config.json's `audio_config` (unknown HF bookkeeping keys are ignored)."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
-    values: dict[str, Any] = {}
-    try:
-        for field in dataclasses.fields(AudioConfig):
-            raw = d.get(field.name)
-            if raw is None:
-                continue
-            if field.name == "subsampling_conv_channels":
-                if not isinstance(raw, (list, tuple)) or len(raw) != 2:
-                    raise ValueError(f"subsampling_conv_channels must list 2 channel counts, got {raw!r}")
-                values[field.name] = (int(raw[0]), int(raw[1]))
-            else:
-                values[field.name] = type(field.default)(raw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: invalid value ({e})") from None
-    cfg = AudioConfig(**values)
-    positive = ("hidden_size", "num_hidden_layers", "num_attention_heads", "conv_kernel_size",
-                "attention_chunk_size", "attention_context_left", "output_proj_dims")
-    bad = [k for k in positive if getattr(cfg, k) <= 0]
-    if bad or min(cfg.subsampling_conv_channels) <= 0 or cfg.attention_context_right < 0:
-        raise ConfigError(f"{where}: sizes must be positive (offending: {bad or 'subsampling/context_right'})")
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise ConfigError(
-            f"{where}: hidden_size={cfg.hidden_size} is not a multiple of num_attention_heads={cfg.num_attention_heads}"
-        )
-    if cfg.subsampling_conv_channels[0] % 4:
-        raise ConfigError(f"{where}: subsampling_conv_channels[0]={cfg.subsampling_conv_channels[0]} must be a "
-                          "multiple of 4 (the projection input is channels[0] // 4 mel bins x channels[1])")
-    if not cfg.attention_logit_cap > 0:
-        raise ConfigError(f"{where}: attention_logit_cap must be positive, got {cfg.attention_logit_cap}")
-    if cfg.hidden_act not in SUPPORTED_AUDIO_ACTIVATIONS:
-        raise ConfigError(f"{where}: hidden_act {cfg.hidden_act!r} is not supported; expected one of "
-                          f"{SUPPORTED_AUDIO_ACTIVATIONS}")
-    return cfg
 
 
 def _activation(name: str):
@@ -438,74 +350,3 @@ def num_soft_tokens(input_features_mask: Any) -> np.ndarray:
     if mask.ndim == 1:
         mask = mask[None]
     return mask[:, ::2][:, ::2].sum(axis=-1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint keys: HF `model.audio_tower.*` / `model.embed_audio.*` -> `audio.tower.*` / `audio.embedder.*`
-
-
-def _conv2d(w: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
-    """HF Conv2d weight (O, I, kh, kw) -> (kh, kw, I, O)."""
-    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
-
-
-def _depthwise(w: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
-    """HF depthwise Conv1d weight (D, 1, K) -> (K, D)."""
-    return np.ascontiguousarray(w[:, 0, :].T)
-
-
-def _audio_rule(pattern: str, path: str, kind: str = "identity", n_in: int = 1) -> checkpoint.Rule:
-    if kind == "conv2d":
-        return checkpoint.Rule(re.compile(pattern + "$"), path, _conv2d, lambda t: (t[3], t[2], t[0], t[1]))
-    if kind == "depthwise":
-        return checkpoint.Rule(re.compile(pattern + "$"), path, _depthwise, lambda t: (t[1], 1, t[0]))
-    return checkpoint._rule(pattern, path, kind, n_in)
-
-
-_AL = r"tower\.layers\.(\d+)\."
-_CLIPPED = (r"(feed_forward[12]\.ffw_layer_[12]|self_attn\.[qkv]_proj|self_attn\.post"
-            r"|lconv1d\.linear_start|lconv1d\.linear_end)")
-TABLE: tuple[checkpoint.Rule, ...] = (
-    _audio_rule(r"tower\.subsample_conv_projection\.(layer[01])\.conv\.weight",
-                "tower.subsample_conv_projection.{0}.conv.kernel", "conv2d"),
-    _audio_rule(r"tower\.subsample_conv_projection\.(layer[01])\.norm\.weight",
-                "tower.subsample_conv_projection.{0}.norm.weight"),
-    _audio_rule(r"tower\.subsample_conv_projection\.input_proj_linear\.weight",
-                "tower.subsample_conv_projection.input_proj_linear.kernel", "linear"),
-    _audio_rule(_AL + r"self_attn\.post\.linear\.weight", "tower.layers.{0}.self_attn.post.linear.kernel", "linear",
-                n_in=2),
-    _audio_rule(_AL + _CLIPPED + r"\.linear\.weight", "tower.layers.{0}.{1}.linear.kernel", "linear"),
-    _audio_rule(_AL + _CLIPPED + r"\.(input_min|input_max|output_min|output_max)", "tower.layers.{0}.{1}.{2}"),
-    _audio_rule(_AL + r"self_attn\.relative_k_proj\.weight", "tower.layers.{0}.self_attn.relative_k_proj.kernel",
-                "linear"),
-    _audio_rule(_AL + r"self_attn\.per_dim_scale", "tower.layers.{0}.self_attn.per_dim_scale"),
-    _audio_rule(_AL + r"lconv1d\.depthwise_conv1d\.weight", "tower.layers.{0}.lconv1d.depthwise_conv1d.kernel",
-                "depthwise"),
-    _audio_rule(_AL + r"((?:feed_forward[12]|lconv1d)\.\w+_norm|norm_pre_attn|norm_post_attn|norm_out)\.weight",
-                "tower.layers.{0}.{1}.weight"),
-    _audio_rule(r"tower\.output_proj\.weight", "tower.output_proj.kernel", "linear"),
-    _audio_rule(r"tower\.output_proj\.bias", "tower.output_proj.bias"),
-    _audio_rule(r"embedder\.embedding_projection\.weight", "embedder.embedding_projection.kernel", "linear"),
-)
-
-_HF_PREFIXES = {"model.audio_tower.": "tower.", "audio_tower.": "tower.", "model.embed_audio.": "embedder.",
-                "embed_audio.": "embedder."}
-HF_PREFIXES = tuple(_HF_PREFIXES)
-
-
-def map_key(key: str) -> tuple[str, checkpoint.Rule] | None:
-    """HF audio key -> (parameter path under PARAM_PREFIX, rule), or None for a key this table does not know."""
-    for prefix, ours in _HF_PREFIXES.items():
-        if key.startswith(prefix):
-            short = ours + key[len(prefix):]
-            break
-    else:
-        return None
-    for rule in TABLE:
-        m = rule.pattern.match(short)
-        if m:
-            return f"{PARAM_PREFIX}." + rule.path.format(*m.groups()), rule
-    return None
-
-
-checkpoint.register_tower_mapper(map_key)

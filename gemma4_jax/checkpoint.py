@@ -5,7 +5,8 @@
   package's numpy path lacks bfloat16/FP8 without extras), transformed, cast to the requested dtype and put on the
   devices with their sharding; no second full copy of the model ever exists in host memory.
 - Keys: the prefixes of both architectures (`model.` for Gemma4ForCausalLM, `model.language_model.` for
-  Gemma4ForConditionalGeneration) are stripped, then `TABLE` maps the rest to a parameter path and a transform.
+  Gemma4ForConditionalGeneration) are stripped, then the key tables (checkpoint_rules.py) map the rest to a
+  parameter path and a transform.
 - Quantized checkpoints (ModelOpt NVFP4, compressed-tensors FP8 / NVFP4) and per-expert tensors: `_scan` finds the
   packed modules from the tensors present, `apply_quant_plan` builds packed modules for them, and the loader fills
   them without unpacking (quant.py describes the formats).
@@ -30,7 +31,10 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from gemma4_jax import quant
+from gemma4_jax import quant, quant_formats
+from gemma4_jax.checkpoint_rules import LAYER_PREFIX as _L
+from gemma4_jax.checkpoint_rules import TOWER_PREFIXES as _TOWER_PREFIXES
+from gemma4_jax.checkpoint_rules import Rule, ignored, map_key, strip_prefix
 from gemma4_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -158,138 +162,6 @@ class CheckpointFiles:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The key table
-
-
-def _identity(w: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
-    return w
-
-
-def _identity_shape(target: tuple[int, ...]) -> tuple[int, ...]:
-    return target
-
-
-def _linear(w: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
-    """HF nn.Linear weight (out_flat, in_flat) -> kernel in_shape + out_shape (target)."""
-    return np.ascontiguousarray(w.T).reshape(target)
-
-
-def _linear_shape(target: tuple[int, ...], n_in: int = 1) -> tuple[int, ...]:
-    return (math.prod(target[n_in:]), math.prod(target[:n_in]))
-
-
-def _experts(w: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
-    """HF fused experts (E, out, in) -> (E, in, out)."""
-    return np.ascontiguousarray(np.swapaxes(w, 1, 2))
-
-
-def _experts_shape(target: tuple[int, ...]) -> tuple[int, ...]:
-    return (target[0], target[2], target[1])
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    pattern: re.Pattern
-    path: str  # parameter path template, "." separated, {0} = first regex group
-    transform: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
-    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-
-
-def _rule(pattern: str, path: str, kind: str = "identity", n_in: int = 1) -> Rule:
-    kinds = {
-        "identity": (_identity, _identity_shape),
-        "linear": (_linear, lambda t: _linear_shape(t, n_in)),
-        "experts": (_experts, _experts_shape),
-    }
-    transform, shape = kinds[kind]
-    return Rule(re.compile(pattern + r"$"), path, transform, shape)
-
-
-_L = r"layers\.(\d+)\."
-TABLE: tuple[Rule, ...] = (
-    _rule(r"embed_tokens\.weight", "embed_tokens.embedding"),
-    _rule(r"embed_tokens_per_layer\.weight", "embed_tokens_per_layer.embedding"),
-    _rule(r"per_layer_model_projection\.weight", "per_layer_model_projection.kernel", "linear"),
-    _rule(r"per_layer_projection_norm\.weight", "per_layer_projection_norm.weight"),
-    _rule(r"norm\.weight", "norm.weight"),
-    _rule(r"lm_head\.weight", "lm_head.kernel", "linear"),
-    _rule(_L + r"self_attn\.(q|k|v)_proj\.weight", "layers.{0}.self_attn.{1}_proj.kernel", "linear"),
-    _rule(_L + r"self_attn\.o_proj\.weight", "layers.{0}.self_attn.o_proj.kernel", "linear", n_in=2),
-    _rule(_L + r"self_attn\.(q|k)_norm\.weight", "layers.{0}.self_attn.{1}_norm.weight"),
-    _rule(_L + r"mlp\.(gate|up|down)_proj\.weight", "layers.{0}.mlp.{1}_proj.kernel", "linear"),
-    _rule(_L + r"(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm"
-          r"|post_feedforward_layernorm_1|post_per_layer_input_norm)\.weight", "layers.{0}.{1}.weight"),
-    _rule(_L + r"(per_layer_input_gate|per_layer_projection)\.weight", "layers.{0}.{1}.kernel", "linear"),
-    _rule(_L + r"layer_scalar", "layers.{0}.layer_scalar"),
-    _rule(_L + r"router\.proj\.weight", "layers.{0}.moe.router.proj.kernel", "linear"),
-    _rule(_L + r"router\.(scale|per_expert_scale)", "layers.{0}.moe.router.{1}"),
-    _rule(_L + r"experts\.(gate_up_proj|down_proj)", "layers.{0}.moe.experts.{1}", "experts"),
-    _rule(_L + r"(pre_feedforward_layernorm_2|post_feedforward_layernorm_2)\.weight", "layers.{0}.moe.{1}.weight"),
-)
-
-_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
-_TOWER_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
-                   "vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.", "multi_modal_projector.")
-_VISION_PREFIXES = ("model.vision_tower.", "model.embed_vision.", "vision_tower.", "embed_vision.")
-_AUDIO_PREFIXES = ("model.audio_tower.", "model.embed_audio.", "audio_tower.", "embed_audio.")
-
-
-def _strip(key: str) -> str:
-    if key == "lm_head.weight":
-        return key
-    for prefix in _TEXT_PREFIXES:
-        if prefix and key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
-def _ignored(key: str, cfg: ModelConfig) -> str | None:
-    """Why a checkpoint tensor is knowingly not loaded, or None."""
-    text = cfg.text
-    if key.startswith(_TOWER_PREFIXES):
-        if getattr(cfg, "vision", None) is not None and key.startswith(_VISION_PREFIXES):
-            return None  # the model has a vision tower: a vision key that no rule maps is unexpected
-        if getattr(cfg, "audio", None) is not None and key.startswith(_AUDIO_PREFIXES):
-            return None  # the model has an audio tower: an audio key that no rule maps is unexpected
-        return "multimodal tower (text-only load)"
-    short = _strip(key)
-    if short == "lm_head.weight" and text.tie_word_embeddings:
-        return "tied LM head"
-    if "rotary_emb" in short:
-        return "rotary buffers"
-    m = re.match(_L + r"self_attn\.(k_proj|v_proj|k_norm|v_norm)\.", short)
-    if m and text.layers[int(m.group(1))].is_kv_shared:
-        return "K/V weights of a KV-shared layer (HF ignores them too)"
-    return None
-
-
-# Key tables of the towers live beside their modules (vision.py, audio.py), which register a mapper on import:
-# HF key -> (parameter path, rule) or None. A tower key nobody maps (or a text-only load) is skipped by `_ignored`.
-TOWER_MAPPERS: list[Callable[[str], tuple[str, Rule] | None]] = []
-
-
-def register_tower_mapper(mapper: Callable[[str], tuple[str, Rule] | None]) -> None:
-    if mapper not in TOWER_MAPPERS:
-        TOWER_MAPPERS.append(mapper)
-
-
-def map_key(key: str) -> tuple[str, Rule] | None:
-    """HF key -> (parameter path, rule), or None when no rule matches."""
-    if key.startswith(_TOWER_PREFIXES):
-        for mapper in TOWER_MAPPERS:
-            mapped = mapper(key)
-            if mapped is not None:
-                return mapped
-        return None
-    short = _strip(key)
-    for rule in TABLE:
-        m = rule.pattern.match(short)
-        if m:
-            return rule.path.format(*m.groups()), rule
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Quantized and per-expert tensors
 #
 # A module is quantized when the checkpoint says so with its tensors: packed weights (uint8 NVFP4, float8 FP8) and
@@ -371,12 +243,12 @@ class _Scan:
 def _scan(files: CheckpointFiles, cfg: ModelConfig, path: str) -> _Scan:
     """Find the quantized modules and the per-expert tensors, check them against each other and the quant config."""
     text = cfg.text
-    qcfg = quant.read_quant_config(path)
+    qcfg = quant_formats.read_quant_config(path)
     modules: dict[str, _Module] = {}
     for key in files.keys():
         if key.startswith(_TOWER_PREFIXES):
             continue
-        m = _LEAF.match(_strip(key))
+        m = _LEAF.match(strip_prefix(key))
         if m:
             modules.setdefault(m.group(1), _Module(m.group(1), {})).leaves[m.group(2)] = key
     linears: dict[str, _Module] = {}
@@ -453,7 +325,7 @@ def _packed_pieces(mod: _Module, target: str, fmt: str, rows: int, k: int, index
     pieces = []
     for leaf, key in mod.leaves.items():
         if leaf in ("input_scale", "input_global_scale"):
-            pieces.append(Piece(key, None, ((), (1,)), _FLOATS, lambda t, key=key: quant.host_scalar(t, key),
+            pieces.append(Piece(key, None, ((), (1,)), _FLOATS, lambda t, key=key: quant_formats.host_scalar(t, key),
                                 why="activation scale (read and checked; activations stay unquantized)"))
         elif leaf in ("weight", "weight_packed"):
             shape = (rows, k // 2) if fmt == quant.NVFP4 else (rows, k)
@@ -465,7 +337,8 @@ def _packed_pieces(mod: _Module, target: str, fmt: str, rows: int, k: int, index
                                 lambda t: t, None if whole else idx, "NVFP4 block scales, one per 16 inputs"))
         elif leaf in ("weight_scale", "weight_scale_2", "weight_global_scale"):
             shapes = ((), (1,)) if leaf != "weight_scale" else ((), (1,), (rows,), (rows, 1))
-            convert = functools.partial(quant.host_rows, n=rows, key=key, reciprocal=leaf == "weight_global_scale")
+            convert = functools.partial(quant_formats.host_rows, n=rows, key=key,
+                                        reciprocal=leaf == "weight_global_scale")
             pieces.append(Piece(key, f"{target}.row_scale", shapes, _FLOATS, convert, None if whole else idx,
                                 "per-tensor scale" if leaf != "weight_scale" else "FP8 per-channel scale"))
         else:
@@ -576,7 +449,7 @@ def load_state(
             continue
         mapped = map_key(key)
         if mapped is None or mapped[0] not in targets:
-            why = _ignored(key, cfg)
+            why = ignored(key, cfg)
             if why:
                 skipped[why] = skipped.get(why, 0) + 1
             else:

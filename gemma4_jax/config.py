@@ -19,6 +19,9 @@ import json
 import os
 from typing import Any
 
+from gemma4_jax.errors import ConfigError  # noqa: F401 (part of this module's surface)
+from gemma4_jax.tower_config import SUPPORTED_ACTIVATIONS, audio_config_from_dict, vision_config_from_dict
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 _LAYER_TYPES = (SLIDING, FULL)
@@ -26,11 +29,6 @@ _TEXT_ARCHITECTURES = ("Gemma4ForCausalLM", "Gemma4TextModel")
 _MULTIMODAL_ARCHITECTURES = ("Gemma4ForConditionalGeneration", "Gemma4Model")
 # Per-layer override keys we know how to apply (HF's heterogeneous config may carry others we cannot honour).
 _PER_LAYER_KEYS = ("head_dim", "num_key_value_heads", "intermediate_size")
-SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu")
-
-
-class ConfigError(ValueError):
-    """A config.json that cannot describe a working Gemma 4 model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,14 +116,6 @@ class TextConfig:
         owners = [s for s in self.layers if not s.is_kv_shared and not s.is_sliding]
         return sum(2 * s.num_kv_heads * s.head_dim * dtype_bytes for s in owners)
 
-    def window_bytes_per_sequence(self, dtype_bytes: int = 2) -> int:
-        """K/V bytes one sequence holds in the sliding-window rings (at most `sliding_window` tokens each)."""
-        return sum(
-            2 * self.sliding_window * s.num_kv_heads * s.head_dim * dtype_bytes
-            for s in self.layers
-            if not s.is_kv_shared and s.is_sliding
-        )
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -144,11 +134,11 @@ class ModelConfig:
     eoi_token_id: int = 258882
     boa_token_id: int = 256000
     eoa_token_id: int = 258883
-    # The parsed vision tower (vision.VisionConfig) or None; bidirectional attention among the soft tokens of one
+    # The parsed vision tower (tower_config.VisionConfig) or None; bidirectional attention among the soft tokens of one
     # image/frame on sliding layers (text_config.use_bidirectional_attention == "vision").
     vision: Any = None
     vision_bidirectional: bool = False
-    # The parsed audio tower (audio.AudioConfig) or None.
+    # The parsed audio tower (tower_config.AudioConfig) or None.
     audio: Any = None
 
     @property
@@ -375,16 +365,12 @@ def text_config_from_dict(d: dict[str, Any], where: str = "config") -> TextConfi
 def _vision_config(d: dict[str, Any] | None, where: str) -> Any:
     if d is None:
         return None
-    from gemma4_jax.vision import vision_config_from_dict  # the tower module imports this one
-
     return vision_config_from_dict(d, where)
 
 
 def _audio_config(d: dict[str, Any] | None, where: str) -> Any:
     if d is None:
         return None
-    from gemma4_jax.audio import audio_config_from_dict  # the tower module imports this one
-
     return audio_config_from_dict(d, where)
 
 

@@ -7,6 +7,7 @@ module is rebuilt from them on demand (`module`). Step functions are pure functi
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
@@ -20,6 +21,8 @@ from gemma4_jax.attention_backends import AttentionPlan
 from gemma4_jax.config import ModelConfig, load_config, preset
 from gemma4_jax.decoder import Gemma4Text
 from gemma4_jax.forward import TokenInputs, forward
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -58,7 +61,7 @@ class Model:
         self.path = path
         self.pipeline = pipeline  # the stages when pp > 1 (pipeline.py); `state` still holds every parameter
         # The attention backends `logits` runs (its phase is "prefill"); the engine resolves its own plan.
-        self.attention = attention or attention_backends.default_plan()
+        self.attention = attention or attention_backends.resolve_attention("auto", log_choice=log.debug)
 
     @property
     def num_stages(self) -> int:
@@ -150,11 +153,11 @@ def _place(cfg: ModelConfig, abstract_state: nnx.State, pp: int, tp: int, dp: in
     return mesh
 
 
-def _make_model(cfg, graphdef, abstract_state, state, mesh, dt, path=None) -> Model:
+def _make_model(cfg, graphdef, abstract_state, state, mesh, dt, attention: AttentionPlan, path=None) -> Model:
     stages = None
     if mesh.shape["pp"] > 1:
         stages = pipeline.Pipeline(cfg.text, graphdef, abstract_state, state, mesh)
-    return Model(cfg, graphdef, state, mesh, dt, path=path, pipeline=stages)
+    return Model(cfg, graphdef, state, mesh, dt, path=path, pipeline=stages, attention=attention)
 
 
 def abstract_model(config: ModelConfig | str, dtype: Any = "bfloat16",
@@ -166,10 +169,12 @@ def abstract_model(config: ModelConfig | str, dtype: Any = "bfloat16",
 
 
 def from_config(config: ModelConfig | str, dtype: Any = "bfloat16", seed: int = 0, pp: int = 1, tp: int = 1,
-                dp: int = 1, moe_backend: str = "auto") -> Model:
-    """A randomly initialised model from a ModelConfig or a preset name ('tiny', 'e2b', ...)."""
+                dp: int = 1, moe_backend: str = "auto", attention_backend: str = "auto") -> Model:
+    """A randomly initialised model from a ModelConfig or a preset name ('tiny', 'e2b', ...).
+    attention_backend: what `Model.logits` runs (attention_backends.py); the engine takes its own choice."""
     cfg = preset(config) if isinstance(config, str) else config
     dt = resolve_dtype(dtype)
+    attention = attention_backends.resolve_attention(attention_backend, log_choice=log.debug)
     backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, {None})
     graphdef, abstract_state = _abstract(cfg, dt, None, backend)
     mesh = _place(cfg, abstract_state, pp, tp, dp)
@@ -190,11 +195,11 @@ def from_config(config: ModelConfig | str, dtype: Any = "bfloat16", seed: int = 
         with jax.set_mesh(sharding.stage_meshes(mesh)[s]):
             values.update(zip(paths, init(), strict=True))
     state = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in flat_abstract])
-    return _make_model(cfg, graphdef, abstract_state, state, mesh, dt)
+    return _make_model(cfg, graphdef, abstract_state, state, mesh, dt, attention)
 
 
 def from_pretrained(path: str | os.PathLike, dtype: Any = "bfloat16", pp: int = 1, tp: int = 1,
-                    dp: int = 1, moe_backend: str = "auto") -> Model:
+                    dp: int = 1, moe_backend: str = "auto", attention_backend: str = "auto") -> Model:
     """Load a Hugging Face Gemma 4 checkpoint directory (config.json + safetensors), or one written by
     `gemma4-jax convert` (orbax; restored straight into this layout, docs/convert.md).
 
@@ -202,8 +207,11 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "bfloat16", pp: int = 
     devices (docs/sharding.md). Each tensor goes from the file straight to its stage's devices, sharded.
     Quantized checkpoints (NVFP4, FP8) stay packed (docs/quantization.md). moe_backend: "auto", "xla" or
     "fp4_pallas" (NVFP4 experts only); an unusable choice raises QuantizationError before any weight is read.
+    attention_backend: what `Model.logits` runs ("auto", "xla", or a registered kernel; attention_backends.py);
+    an unusable choice raises ValueError before any weight is read. The engine resolves its own choice.
     """
     path = os.fspath(path)
+    attention = attention_backends.resolve_attention(attention_backend, log_choice=log.debug)
     # A directory written by `gemma4-jax convert` (orbax_io.py): same model, parameters restored from orbax.
     meta = orbax_io.read_metadata(path) if orbax_io.looks_converted(path) else None
     cfg = load_config(path)
@@ -217,4 +225,4 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "bfloat16", pp: int = 
         state = orbax_io.restore_state(path, meta, abstract_state, _sharding_of(mesh), np.dtype(dt).name)
     else:
         state = checkpoint.load_state(path, cfg, abstract_state, _sharding_of(mesh), dt)
-    return _make_model(cfg, graphdef, abstract_state, state, mesh, dt, path=path)
+    return _make_model(cfg, graphdef, abstract_state, state, mesh, dt, attention, path=path)

@@ -52,10 +52,6 @@ class Gemma4Multimodal(Gemma4Text):
         self.embed_vision = (vision_lib.MultimodalEmbedder(v.hidden_size, d, v.rms_norm_eps, dtype=dtype, rngs=rngs)
                              if v is not None else None)
         audio_cfg = getattr(config, "audio", None)
-        if audio_cfg is not None:
-            from gemma4_jax import checkpoint
-
-            checkpoint.register_tower_mapper(audio_lib.map_key)
         self.audio = audio_lib.Gemma4Audio(audio_cfg, d, dtype=dtype, rngs=rngs) if audio_cfg is not None else None
 
     def vision_soft_tokens(self, pixel_values: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gemma4_jax import quant
+from gemma4_jax import quant, quant_formats
 from gemma4_jax.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def plan_from_metadata(meta: dict[str, Any], path: str) -> quant.QuantPlan:
     if bad:
         raise CheckpointError(f"{os.path.join(path, METADATA_FILE)}: quant_plan formats {bad} are unknown; "
                               f"expected {list(quant.FORMATS)}")
-    qcfg = quant.read_quant_config(path) if linears or experts else None
+    qcfg = quant_formats.read_quant_config(path) if linears or experts else None
     return quant.QuantPlan(linears, experts, qcfg)
 
 

@@ -1,4 +1,4 @@
-"""Quantized weights: NVFP4 and FP8 formats, their checkpoint configs, and the MoE backend choice.
+"""Quantized weights: NVFP4 and FP8 formats, packed matmuls, the quantization plan and the MoE backend choice.
 
 Formats (weights stay packed in device memory; activations are never quantized: weight-only everywhere):
 - "nvfp4": w uint8 (..., N, K // 2), two E2M1 values per byte, element 2j in the low nibble; block_scale
@@ -12,25 +12,17 @@ most 3 significant bits (and an E4M3 value alone 4), so `weight_values` is exact
 the row scale is applied to the matmul output in float32. Rounding the fully scaled weight to bfloat16 would not
 be exact, which is why the two steps stay apart.
 
-Checkpoint configs: ModelOpt (`hf_quant_config.json` or `quantization_config` with `quant_method: modelopt`) and
-compressed-tensors (`quant_method: compressed-tensors`, formats `float-quantized` and `nvfp4-pack-quantized`). Which
-modules are quantized is decided per module from the tensors present (checkpoint.py); the config is read to check
-that the tensors agree with it (algorithm, excluded modules).
+This file is model math (the formats, packed matmuls, the plan of which modules are packed and the MoE backend
+choice); reading checkpoints' quantization configs is the loading layer's quant_formats.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import json
-import os
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 
 from gemma4_jax.kernels.fp4_grouped_matmul import NVFP4_BLOCK, dequantize_nvfp4, fp4_grouped_matmul
 
@@ -71,13 +63,6 @@ def weight_values(fmt: str, w: jax.Array, block_scale: jax.Array | None, dtype) 
     return dequantize_nvfp4(w, block_scale, jnp.float32(1.0)).astype(dtype)
 
 
-def dequantize(fmt: str, w: jax.Array, block_scale: jax.Array | None, row_scale: jax.Array) -> jax.Array:
-    """Any packed weight -> float32 (..., N, K)."""
-    if fmt == NVFP4:
-        return dequantize_nvfp4(w, block_scale, row_scale)
-    return w.astype(jnp.float32) * row_scale[..., None]
-
-
 def matmul(fmt: str, x: jax.Array, w: jax.Array, block_scale: jax.Array | None, row_scale: jax.Array) -> jax.Array:
     """x (M, K) @ packed weight (N, K)^T -> (M, N) in x.dtype; float32 accumulation, row scale applied in float32."""
     values = weight_values(fmt, w, block_scale, x.dtype)
@@ -102,91 +87,6 @@ def grouped_matmul(fmt: str, rows: jax.Array, w: jax.Array, block_scale: jax.Arr
     return (y * row_scale[group_ids]).astype(rows.dtype)
 
 
-def nbytes(shapes: dict[str, tuple[tuple[int, ...], Any]]) -> int:
-    return sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in shapes.values())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint configs
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantConfig:
-    """What a checkpoint says about its quantization. `formats`: the packed formats it may contain."""
-
-    method: str  # "modelopt" | "compressed-tensors"
-    formats: tuple[str, ...]
-    excluded: tuple[str, ...]  # module patterns left unquantized, as written (glob, or "re:" regex)
-    source: str  # the file the config came from
-
-    def is_excluded(self, module: str) -> bool:
-        for pattern in self.excluded:
-            if pattern.startswith("re:"):
-                if re.match(pattern[3:], module):
-                    return True
-            elif module == pattern or fnmatch.fnmatchcase(module, pattern):
-                return True
-        return False
-
-
-_MODELOPT_ALGOS = {"NVFP4": NVFP4, "W4A16_NVFP4": NVFP4, "FP8": FP8, "FP8_PC_PT": FP8,
-                   "FP8_PER_CHANNEL_PER_TOKEN": FP8}
-_CT_FORMATS = {"float-quantized": FP8, "nvfp4-pack-quantized": NVFP4}
-
-
-def _modelopt(algo: Any, excluded: Any, source: str) -> QuantConfig:
-    if algo not in _MODELOPT_ALGOS:
-        raise QuantizationError(f"{source}: ModelOpt quant_algo {algo!r} is not supported; supported: "
-                                f"{sorted(_MODELOPT_ALGOS)}")
-    return QuantConfig("modelopt", (_MODELOPT_ALGOS[algo],), tuple(excluded or ()), source)
-
-
-def _compressed_tensors(q: dict[str, Any], source: str) -> QuantConfig:
-    groups = q.get("config_groups") or {}
-    formats = {g.get("format") or q.get("format") for g in groups.values()} or {q.get("format")}
-    bad = sorted(str(f) for f in formats if f not in _CT_FORMATS)
-    if bad:
-        raise QuantizationError(f"{source}: compressed-tensors format(s) {bad} are not supported; supported: "
-                                f"{sorted(_CT_FORMATS)}")
-    for name, group in groups.items():
-        weights = group.get("weights") or {}
-        if weights.get("type", "float") != "float":
-            raise QuantizationError(f"{source}: config group {name!r} quantizes weights to {weights.get('type')}; "
-                                    "only float (FP8 / NVFP4) weights are supported")
-        if weights.get("strategy") == "block":
-            raise QuantizationError(f"{source}: config group {name!r} uses block-wise FP8 weight scales; only "
-                                    "per-channel and per-tensor FP8 scales are supported")
-        if weights.get("dynamic"):
-            raise QuantizationError(f"{source}: config group {name!r} has dynamic weight quantization")
-    return QuantConfig("compressed-tensors", tuple(sorted(_CT_FORMATS[f] for f in formats)),
-                       tuple(q.get("ignore") or ()), source)
-
-
-def read_quant_config(path: str) -> QuantConfig | None:
-    """The quantization config of a checkpoint directory (hf_quant_config.json first, then config.json)."""
-    hf_quant = os.path.join(path, "hf_quant_config.json")
-    if os.path.exists(hf_quant):
-        with open(hf_quant) as f:
-            d = json.load(f)
-        q = d.get("quantization", d)
-        return _modelopt(q.get("quant_algo"), q.get("exclude_modules"), hf_quant)
-    config = os.path.join(path, "config.json")
-    if not os.path.exists(config):
-        return None
-    with open(config) as f:
-        d = json.load(f)
-    q = d.get("quantization_config") or (d.get("text_config") or {}).get("quantization_config")
-    if not q:
-        return None
-    method = q.get("quant_method")
-    if method == "modelopt":
-        return _modelopt(q.get("quant_algo"), q.get("exclude_modules", q.get("ignore")), config)
-    if method == "compressed-tensors":
-        return _compressed_tensors(q, config)
-    raise QuantizationError(f"{config}: quantization_config quant_method {method!r} is not supported; supported: "
-                            "'modelopt' (NVFP4, FP8) and 'compressed-tensors' (float-quantized FP8, NVFP4)")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # What a checkpoint quantizes, and the MoE backend
 
@@ -197,7 +97,7 @@ class QuantPlan:
 
     linears: tuple[tuple[str, str], ...] = ()  # (module path, format)
     experts: tuple[tuple[int, str], ...] = ()  # (layer index, format)
-    config: QuantConfig | None = None
+    config: Any = None  # the checkpoint's quant_formats.QuantConfig (checked against its tensors), or None
 
     def linear_format(self, path: str) -> str | None:
         return dict(self.linears).get(path)
@@ -237,29 +137,3 @@ def resolve_moe_backend(requested: str, has_moe: bool, expert_formats: set[str |
     if requested == "auto" and nvfp4 and (platform or jax.default_backend()) == "gpu":
         return "fp4_pallas"
     return "xla"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Host-side conversions used by the checkpoint loader
-
-
-def host_scalar(t: np.ndarray, key: str) -> float:
-    """A per-tensor scale (shape () or (1,)) as a positive finite float."""
-    value = float(np.asarray(t, np.float32).reshape(()))
-    if not np.isfinite(value) or value <= 0:
-        raise QuantizationError(f"tensor {key!r}: scale {value} must be positive and finite")
-    return value
-
-
-def host_rows(t: np.ndarray, n: int, key: str, reciprocal: bool = False) -> np.ndarray:
-    """A per-tensor or per-row scale (shape (), (1,), (n,) or (n, 1)) -> float32 (n,)."""
-    values = np.asarray(t, np.float32).reshape(-1)
-    if not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise QuantizationError(f"tensor {key!r}: scales must be positive and finite")
-    if reciprocal:
-        values = (np.float32(1.0) / values).astype(np.float32)
-    return np.broadcast_to(values, (n,)).astype(np.float32)
-
-
-def host_float8(t: np.ndarray) -> np.ndarray:
-    return np.asarray(t).view(ml_dtypes.float8_e4m3fn)

@@ -13,7 +13,6 @@ layers (`stage_layers`) and every parameter under them (`param_stage`). The firs
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -97,12 +96,6 @@ def named_sharding(axes: Sequence[str | None] | None, shape: Sequence[int], mesh
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def bytes_per_device(shape: Sequence[int], dtype, sharding: NamedSharding) -> int:
-    """Bytes one device holds of an array of this shape under this sharding."""
-    shard = sharding.shard_shape(tuple(shape))
-    return math.prod(shard) * np.dtype(dtype).itemsize
 
 
 def validate(cfg: TextConfig, pp: int = 1, tp: int = 1, dp: int = 1, num_devices: int | None = None) -> None:

@@ -19,93 +19,15 @@ its embedder (`map_key`, registered with checkpoint.py on import), and `Multimod
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemma4_jax import checkpoint
 from gemma4_jax.attention import reference_attention
-from gemma4_jax.config import ConfigError
 from gemma4_jax.layers import ClippedLinear, Linear, RMSNorm, activation, param, rms_norm
-
-SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-    """Gemma 4 vision encoder (HF `Gemma4VisionConfig`). Hashable: it is part of ModelConfig."""
-
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 16
-    num_attention_heads: int = 12
-    num_key_value_heads: int = 12
-    head_dim: int = 64
-    hidden_activation: str = "gelu_pytorch_tanh"
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 100.0
-    pooling_kernel_size: int = 3
-    patch_size: int = 16
-    position_embedding_size: int = 10 * 1024
-    use_clipped_linears: bool = False
-    standardize: bool = False
-
-    @property
-    def patch_dim(self) -> int:
-        """Values per patch: 3 channels x patch_size**2 pixels."""
-        return 3 * self.patch_size**2
-
-
-def vision_config_from_dict(d: dict[str, Any], where: str = "vision_config") -> VisionConfig:
-    """Parse HF's `vision_config` dict; missing fields take HF's defaults."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
-    defaults = VisionConfig()
-    get = lambda key: d[key] if d.get(key) is not None else getattr(defaults, key)  # noqa: E731
-    rope = d.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", "axial")
-    if rope_type != "axial":
-        raise ConfigError(f"{where}: rope_type {rope_type!r} is not supported by the vision tower (only 'axial')")
-    heads, kv_heads = int(get("num_attention_heads")), int(get("num_key_value_heads"))
-    hidden = int(get("hidden_size"))
-    head_dim = int(d.get("head_dim") or hidden // heads)
-    cfg = VisionConfig(
-        hidden_size=hidden,
-        intermediate_size=int(get("intermediate_size")),
-        num_hidden_layers=int(get("num_hidden_layers")),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        hidden_activation=str(get("hidden_activation")),
-        rms_norm_eps=float(get("rms_norm_eps")),
-        rope_theta=float(rope.get("rope_theta", defaults.rope_theta)),
-        pooling_kernel_size=int(get("pooling_kernel_size")),
-        patch_size=int(get("patch_size")),
-        position_embedding_size=int(get("position_embedding_size")),
-        use_clipped_linears=bool(get("use_clipped_linears")),
-        standardize=bool(get("standardize")),
-    )
-    sizes = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                          "num_attention_heads", "num_key_value_heads", "head_dim",
-                                          "pooling_kernel_size", "patch_size", "position_embedding_size")}
-    bad = [f"{k}={v}" for k, v in sizes.items() if v <= 0]
-    if bad:
-        raise ConfigError(f"{where}: sizes must be positive ({', '.join(bad)})")
-    if heads % kv_heads:
-        raise ConfigError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    if head_dim % 4:
-        # 2-D axial RoPE: half of the head per axis, rotate-half inside each half.
-        raise ConfigError(f"{where}: head_dim={head_dim} must be a multiple of 4 for the 2-D axial rotary embedding")
-    try:
-        activation(cfg.hidden_activation)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    return cfg
-
+from gemma4_jax.tower_config import VisionConfig, vision_config_from_dict  # noqa: F401 (re-exported)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
@@ -285,50 +207,3 @@ class MultimodalEmbedder(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """(..., in_dim) -> (..., text_dim)."""
         return self.embedding_projection(rms_norm(x, None, self.eps))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint table: HF keys under `model.vision_tower.` / `model.embed_vision.` -> parameter paths.
-
-_VL = r"encoder\.layers\.(\d+)\."
-_VISION_RULES = (
-    checkpoint._rule(r"patch_embedder\.input_proj\.weight", "vision_tower.patch_embedder.input_proj.kernel",
-                     "linear"),
-    checkpoint._rule(r"patch_embedder\.position_embedding_table",
-                     "vision_tower.patch_embedder.position_embedding_table"),
-    checkpoint._rule(r"(std_bias|std_scale)", "vision_tower.{0}"),
-    checkpoint._rule(_VL + r"self_attn\.(q|k|v)_proj\.linear\.weight",
-                     "vision_tower.encoder.layers.{0}.self_attn.{1}_proj.linear.kernel", "linear"),
-    checkpoint._rule(_VL + r"self_attn\.o_proj\.linear\.weight",
-                     "vision_tower.encoder.layers.{0}.self_attn.o_proj.linear.kernel", "linear", n_in=2),
-    checkpoint._rule(_VL + r"(self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)\."
-                     r"(input_min|input_max|output_min|output_max)",
-                     "vision_tower.encoder.layers.{0}.{1}.{2}"),
-    checkpoint._rule(_VL + r"self_attn\.(q|k)_norm\.weight",
-                     "vision_tower.encoder.layers.{0}.self_attn.{1}_norm.weight"),
-    checkpoint._rule(_VL + r"mlp\.(gate|up|down)_proj\.linear\.weight",
-                     "vision_tower.encoder.layers.{0}.mlp.{1}_proj.linear.kernel", "linear"),
-    checkpoint._rule(_VL + r"(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
-                     r"|post_feedforward_layernorm)\.weight", "vision_tower.encoder.layers.{0}.{1}.weight"),
-)
-_EMBED_VISION_RULES = (
-    checkpoint._rule(r"embedding_projection\.weight", "embed_vision.embedding_projection.kernel", "linear"),
-)
-_HF_PREFIXES = {"model.vision_tower.": _VISION_RULES, "vision_tower.": _VISION_RULES,
-                "model.embed_vision.": _EMBED_VISION_RULES, "embed_vision.": _EMBED_VISION_RULES}
-
-
-def map_key(key: str) -> tuple[str, checkpoint.Rule] | None:
-    """HF vision key -> (parameter path, rule), or None for a key this table does not know."""
-    for prefix, rules in _HF_PREFIXES.items():
-        if key.startswith(prefix):
-            short = key[len(prefix):]
-            for rule in rules:
-                m = rule.pattern.match(short)
-                if m:
-                    return rule.path.format(*m.groups()), rule
-            return None
-    return None
-
-
-checkpoint.register_tower_mapper(map_key)

@@ -1,8 +1,9 @@
 """Pallas / Triton kernels of gemma4-jax, installed as `gemma4_jax.kernels`.
 
-One module (or sub-package) per kernel, each with the kernel, a pure-jnp reference beside it and tests that run the
-kernel in interpret mode on CPU against the reference (DESIGN.md decision 6). Each op has one dispatch function that
-picks the kernel on GPU and the reference elsewhere; docs/kernels.md describes layouts, tiling and dispatch.
+One folder per kernel, each with the kernel, a pure-jnp reference beside it and tests that run the kernel in
+interpret mode on CPU against the reference (DESIGN.md decision 6). A leaf: kernels import jax (and numpy) only.
+Each op has one dispatch function that picks the kernel on GPU and the reference elsewhere; docs/kernels.md
+describes layouts, tiling and dispatch.
 
-- `fp4_grouped_matmul`: MoE grouped matmul against packed NVFP4 experts (tests/test_fp4_kernel.py).
+- `fp4_grouped_matmul/`: MoE grouped matmul against packed NVFP4 experts.
 """

@@ -31,7 +31,8 @@ from gemma4_jax.model import Model
 from gemma4_jax.serving import media_chunks, mm_inputs
 from gemma4_jax.serving.detokenizer import IncrementalDetokenizer, StopChecker
 from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, bucket, pages_needed
-from gemma4_jax.serving.runner import make_runner, reset_slot_counts
+from gemma4_jax.serving.pipeline_runner import PipelineRunner
+from gemma4_jax.serving.runner import Runner, reset_slot_counts
 from gemma4_jax.serving.sampling import SamplingBatch, SamplingParams, request_key
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,12 @@ class Engine:
         # (a list, per stage) each live on their stage's devices. Pools are sharded by KV head where tp divides the
         # layer's head count and placed from the start: a cache with another sharding than the step returns would
         # compile every step shape twice.
-        self.runner = make_runner(model, self.layout, self.attention, config.pipeline_microbatches,
-                                  return_routed=cfg.enable_moe_block and config.enable_return_routed_experts)
+        return_routed = cfg.enable_moe_block and config.enable_return_routed_experts
+        if model.num_stages > 1:
+            self.runner = PipelineRunner(model, self.layout, self.attention, config.pipeline_microbatches,
+                                         return_routed)
+        else:
+            self.runner = Runner(model, self.layout, self.attention, return_routed)
         self.cache = self.runner.allocate()
         self.counts: dict[str, jax.Array] | None = None  # penalty state, allocated on first use
         self.allocator = PageAllocator(num_pages)

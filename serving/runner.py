@@ -190,14 +190,3 @@ class Runner:
                                                      return_routed=self.return_routed)
                 results.append(result)
         return results, cache, counts
-
-
-def make_runner(model, layout: CacheLayout, attention: AttentionPlan, microbatches: int | None = None,
-                return_routed: bool = False):
-    """The engine's runner for this model: single-program, or pipelined over the model's stages (pp > 1).
-    return_routed: every step also returns the router's expert ids (MoE models; SampleResult.routed)."""
-    if model.num_stages > 1:
-        from gemma4_jax.serving.pipeline_runner import PipelineRunner  # it imports this module (sample_step)
-
-        return PipelineRunner(model, layout, attention, microbatches, return_routed)
-    return Runner(model, layout, attention, return_routed)

@@ -1,17 +1,6 @@
-"""Test setup: a simulated 8-device CPU mesh (set before jax is imported) and shared fixtures."""
+"""Shared fixtures of tests/ (the 8-device CPU mesh is set up by the repository's root conftest.py)."""
 
-import os
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
-
-import pytest  # noqa: E402
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
+import pytest
 
 
 @pytest.fixture(scope="session")

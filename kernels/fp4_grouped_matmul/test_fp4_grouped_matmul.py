@@ -1,4 +1,4 @@
-"""Tests of the NVFP4 grouped matmul (kernels/fp4_grouped_matmul.py).
+"""Tests of the NVFP4 grouped matmul (kernel.py and reference.py beside this file).
 
 Three layers: the jnp dequantization and the reference matmul against an independent numpy float64 oracle (nibbles
 decoded with a table built here from the E2M1 bit layout); the Pallas kernel in interpret mode against the
@@ -15,9 +15,6 @@ from jax import export
 
 from gemma4_jax.kernels.fp4_grouped_matmul import (
     E2M1_VALUES,
-    _decode_e2m1,
-    _decode_e4m3,
-    _tile_map,
     default_tiles,
     dequantize_nvfp4,
     fp4_grouped_matmul,
@@ -26,6 +23,7 @@ from gemma4_jax.kernels.fp4_grouped_matmul import (
     max_row_tiles,
     unpack_e2m1,
 )
+from gemma4_jax.kernels.fp4_grouped_matmul.kernel import _decode_e2m1, _decode_e4m3, _tile_map
 
 # ---------------------------------------------------------------------------------------------------------------
 # numpy oracle (independent of the module under test)

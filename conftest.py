@@ -1,0 +1,13 @@
+"""Test setup for every test folder (tests/ and the kernel folders): a simulated 8-device CPU mesh, set before jax
+is imported anywhere, so sharded and pipelined tests see 8 devices whichever folder is collected first."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")

@@ -1,0 +1,144 @@
+"""The attention backend seam: the user's choice is what runs.
+
+A recording backend (the xla math plus a host callback that logs its name, the layer kind and the query length
+at run time) is registered under two names; an explicit choice, and a split prefill/decode choice, must be what
+runs in `Model.logits`, in the engine (single-program and multi-step decode) and in a pipelined model, with the
+same greedy tokens as `xla`. `auto` picks xla on CPU; an unknown or unavailable choice fails at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import gemma4_jax
+from gemma4_jax import SamplingParams, attention_backends
+from gemma4_jax.attention_backends import AttentionBackend, XlaAttention, resolve_attention
+
+CALLS: list[tuple[str, str, int]] = []  # (backend name, layer kind, query length) per layer call, at run time
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingAttention(AttentionBackend):
+    name: str = "recording"
+
+    def __call__(self, q, k, v, q_positions, kv_positions, *, sliding_window, blocks):
+        kind = "sliding" if sliding_window is not None else "full"
+        t = q.shape[1]
+        jax.debug.callback(lambda: CALLS.append((self.name, kind, t)))
+        return XlaAttention()(q, k, v, q_positions, kv_positions, sliding_window=sliding_window, blocks=blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuOnlyAttention(AttentionBackend):
+    name: str = "gpu_only"
+
+    def unavailable(self, platform, phase, kind):
+        return None if platform == "gpu" else "needs a GPU"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backends():
+    for backend in (RecordingAttention("rec_a"), RecordingAttention("rec_b"), GpuOnlyAttention()):
+        attention_backends.register(backend, auto=False)
+    yield
+    for name in ("rec_a", "rec_b", "gpu_only"):
+        attention_backends.unregister(name)
+
+
+@pytest.fixture(autouse=True)
+def clear_calls():
+    CALLS.clear()
+
+
+ENGINE = dict(page_size=4, max_num_batched_tokens=16, max_num_seqs=4, max_model_len=96)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+PROMPTS = [[2, *range(20, 45)], [2, 7, 9, 11, 13]]  # 26 tokens (chunked, past the window of 16) and 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return gemma4_jax.from_config("tiny", dtype="float32", seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipelined():
+    return gemma4_jax.from_config("tiny", dtype="float32", seed=3, pp=2)
+
+
+@pytest.fixture(scope="module")
+def xla_tokens(model):
+    llm = gemma4_jax.LLM(model, attention_backend="xla", **ENGINE)
+    return [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def _names(phase_filter=None):
+    return {name for name, _, t in CALLS if phase_filter is None or phase_filter(t)}
+
+
+def test_auto_picks_xla_on_cpu():
+    plan = resolve_attention("auto")
+    assert {plan.backend(p, s).name for p in ("prefill", "decode") for s in (True, False)} == {"xla"}
+    assert gemma4_jax.from_config("tiny", dtype="float32").attention == plan
+
+
+def test_unknown_or_unavailable_choice_fails_at_start(model):
+    with pytest.raises(ValueError, match=r"decode attention backend 'nope' is not supported on cpu.*unknown"):
+        gemma4_jax.LLM(model, decode_backend="nope", **ENGINE)
+    with pytest.raises(ValueError, match=r"prefill attention backend 'gpu_only' is not supported on cpu \(sliding "
+                                         r"layers: needs a GPU\); supported: \['auto', 'xla'"):
+        gemma4_jax.LLM(model, attention_backend="gpu_only", **ENGINE)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        gemma4_jax.from_config("tiny", attention_backend="gpu_only")
+    assert "gpu_only" not in attention_backends.supported_names("cpu")
+    assert "gpu_only" in attention_backends.supported_names("gpu")
+
+
+def test_model_logits_runs_the_chosen_backend(model):
+    ids = np.array([PROMPTS[0]])
+    want = np.asarray(model.logits(ids))
+    chosen = gemma4_jax.from_config("tiny", dtype="float32", seed=3, attention_backend="rec_a")
+    got = np.asarray(chosen.logits(ids))
+    np.testing.assert_array_equal(got, want)
+    assert _names() == {"rec_a"}
+    assert {kind for _, kind, _ in CALLS} == {"sliding", "full"}
+    assert len(CALLS) == len(chosen.config.text.layers)  # every layer called the backend once
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_engine_runs_the_split_choice(model, xla_tokens, steps):
+    llm = gemma4_jax.LLM(model, prefill_backend="rec_a", decode_backend="rec_b", num_scheduler_steps=steps,
+                         **ENGINE)
+    assert llm.engine.backends == ("rec_a", "rec_b")
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == xla_tokens
+    # Prefill chunks (T > 1 here) ran rec_a only; decode steps ran rec_b only, on both layer kinds.
+    assert _names(lambda t: t > 1) == {"rec_a"}
+    assert {(name, kind) for name, kind, t in CALLS if name == "rec_b"} == {("rec_b", "sliding"), ("rec_b", "full")}
+    assert all(t == 1 for name, _, t in CALLS if name == "rec_b")
+    assert _names() == {"rec_a", "rec_b"}
+
+
+def test_engine_runs_one_explicit_choice(model, xla_tokens):
+    llm = gemma4_jax.LLM(model, attention_backend="rec_b", **ENGINE)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == xla_tokens
+    assert _names() == {"rec_b"}
+
+
+def test_pipelined_model_runs_the_choice(pipelined, model, xla_tokens):
+    ids = np.array([PROMPTS[0]])
+    pipelined.attention = resolve_attention("rec_a")
+    try:
+        got = np.asarray(pipelined.logits(ids))
+    finally:
+        pipelined.attention = resolve_attention("xla")
+    np.testing.assert_allclose(got, np.asarray(model.logits(ids)), rtol=1e-5, atol=1e-5)
+    assert _names() == {"rec_a"} and len(CALLS) == len(pipelined.config.text.layers)
+    CALLS.clear()
+    llm = gemma4_jax.LLM(pipelined, prefill_backend="rec_b", decode_backend="rec_a", **ENGINE)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == xla_tokens
+    assert _names(lambda t: t > 1) == {"rec_b"}
+    assert all(name == "rec_a" for name, _, t in CALLS if t == 1 and name != "rec_b") and "rec_a" in _names()
