@@ -10,19 +10,94 @@ valid when the last sample of its window is real audio; invalid frames are zeroe
 The tower turns T valid-or-not frames into len(mask[::2][::2]) soft tokens, of which the valid ones are kept
 (`audio.num_soft_tokens`). Inputs that cannot work (another sample rate, empty or too short clips, wrong
 dimensions, non-finite samples) raise ValueError naming the problem.
+
+Clips reach the extractor through `load_audio` (the audio twin of processing.load_image): a WAV path or bytes
+(`decode_wav`), or samples, checked against the per-request `MediaLimits`; bad clips raise MediaError.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import wave
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from gemma4_jax.processing import MediaError, MediaLimits, read_media_file
+
 SAMPLING_RATE = 16_000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding clips
+
+
+def decode_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
+    """WAV bytes (PCM, 8/16/24/32-bit) -> (mono float32 samples (N,) in [-1, 1], sample rate). Channels are
+    averaged."""
+    try:
+        with wave.open(io.BytesIO(data)) as w:
+            channels, width, rate, frames = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            raw = w.readframes(frames)
+    except (wave.Error, EOFError, ValueError) as e:
+        raise MediaError(f"{what}: cannot decode the audio as WAV ({e}); send 16 kHz PCM WAV") from None
+    if width == 1:  # unsigned 8-bit
+        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        value = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        samples = (np.where(value >= 1 << 23, value - (1 << 24), value) / float(1 << 23)).astype(np.float32)
+    elif width == 4:
+        samples = (np.frombuffer(raw, "<i4").astype(np.float64) / 2.0**31).astype(np.float32)
+    else:
+        raise MediaError(f"{what}: {8 * width}-bit WAV samples are not supported")
+    usable = samples.size - samples.size % channels
+    return samples[:usable].reshape(-1, channels).mean(axis=1), rate
+
+
+def load_audio(audio: Any, limits: MediaLimits | None = None, what: str = "audio") -> np.ndarray:
+    """A WAV path or bytes, a 1-D float array at 16 kHz, or (array, sample_rate) -> mono float32 (N,) at 16 kHz.
+
+    limits: the request's caps (default MediaLimits()). Another sample rate raises MediaError (resampling is the
+    caller's choice, not ours)."""
+    limits = limits or MediaLimits()
+    rate = SAMPLING_RATE
+    if isinstance(audio, (str, os.PathLike)):
+        audio = read_media_file(audio, limits.max_audio_bytes, what, "audio")
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        if len(audio) > limits.max_audio_bytes:
+            raise MediaError(f"{what}: {len(audio)} bytes, over the limit of {limits.max_audio_bytes}")
+        samples, rate = decode_wav(bytes(audio), what)
+    elif isinstance(audio, tuple) and len(audio) == 2:
+        samples, rate = np.asarray(audio[0]), int(audio[1])
+    elif isinstance(audio, np.ndarray) or isinstance(audio, list):
+        samples = np.asarray(audio)
+    else:
+        raise MediaError(f"{what}: unsupported type {type(audio).__name__} (a WAV path or bytes, a float array at "
+                         f"{SAMPLING_RATE} Hz, or (array, sample_rate))")
+    if rate != SAMPLING_RATE:
+        raise MediaError(f"{what}: sample rate {rate} Hz; the audio tower needs {SAMPLING_RATE} Hz, resample first")
+    if samples.ndim != 1 or not (np.issubdtype(samples.dtype, np.floating) or np.issubdtype(samples.dtype, np.integer)):
+        raise MediaError(f"{what}: expected mono samples (a 1-D real array), got {samples.dtype} {samples.shape}")
+    if samples.size == 0:
+        raise MediaError(f"{what}: the clip is empty")
+    seconds = samples.size / SAMPLING_RATE
+    if seconds > limits.max_audio_seconds:
+        raise MediaError(f"{what}: {seconds:.1f} s of audio, over the limit of {limits.max_audio_seconds:g} s")
+    samples = samples.astype(np.float32)
+    if not np.isfinite(samples).all():
+        raise MediaError(f"{what}: the clip contains NaN or infinite samples")
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-mel features
 
 
 def hertz_to_mel(freq: np.ndarray | float) -> np.ndarray | float:

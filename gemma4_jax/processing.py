@@ -16,7 +16,9 @@ sampled uniformly (`num_frames`, HF's default indices). HF resizes video frames 
 the two bicubic filters can differ by one grey level on a few pixels.
 
 Bad media raise `MediaError` (a ValueError) naming the problem: undecodable bytes, a zero-sized image, too many
-images or frames, too many pixels or bytes.
+images or frames, too many pixels or bytes. `MediaLimits` holds every per-request cap, the audio ones included
+(audio_processing.load_audio checks those). The one processor of a model, which owns these processors and the
+prompt expansion below, is `processor.Processor`.
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<|image|>", "<|image>", "<image|>"
 VIDEO_TOKEN = "<|video|>"
 AUDIO_TOKEN, BOA_TOKEN, EOA_TOKEN = "<|audio|>", "<|audio>", "<audio|>"
+# The media token strings by their chat-template names (a tokenizer's `template_tokens` may rename them).
+DEFAULT_TOKENS = {"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN,
+                  "video_token": VIDEO_TOKEN, "audio_token": AUDIO_TOKEN, "boa_token": BOA_TOKEN,
+                  "eoa_token": EOA_TOKEN}
 
 
 class MediaError(ValueError):
-    """An image or video that cannot be used (corrupt, empty, too large, too many)."""
+    """An image, video or audio clip that cannot be used (corrupt, empty, too large, too many)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +57,9 @@ class MediaLimits:
     max_image_bytes: int = 32 * 1024 * 1024
     max_videos: int = 2
     max_frames: int = 64
+    max_audios: int = 8
+    max_audio_bytes: int = 16 * 1024 * 1024
+    max_audio_seconds: float = 30.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,14 +259,16 @@ class ImageProcessor:
         kw = {k: c[k] for k in ("patch_size", "max_soft_tokens", "pooling_kernel_size") if k in c}
         return cls(**{**kw, **overrides})
 
-    def __call__(self, images: Any) -> dict[str, Any]:
+    def __call__(self, images: Any, limits: MediaLimits | None = None) -> dict[str, Any]:
+        """limits: this request's caps (default: the processor's own)."""
+        limits = limits or self.limits
         if not isinstance(images, (list, tuple)):
             images = [images]
         if not images:
             raise MediaError("no images given")
-        if len(images) > self.limits.max_images:
-            raise MediaError(f"{len(images)} images, over the limit of {self.limits.max_images} per request")
-        out = [self.patcher(load_image(im, self.limits, what=f"image {i}")) for i, im in enumerate(images)]
+        if len(images) > limits.max_images:
+            raise MediaError(f"{len(images)} images, over the limit of {limits.max_images} per request")
+        out = [self.patcher(load_image(im, limits, what=f"image {i}")) for i, im in enumerate(images)]
         return {
             "pixel_values": np.stack([o[0] for o in out]),
             "image_position_ids": np.stack([o[1] for o in out]),
@@ -300,13 +311,13 @@ class VideoProcessor:
         kw = {k: c[k] for k in keys if k in c}
         return cls(**{**kw, **overrides})
 
-    def _frames(self, video: Any, what: str) -> np.ndarray:
+    def _frames(self, video: Any, what: str, limits: MediaLimits) -> np.ndarray:
         if isinstance(video, np.ndarray):
             if video.ndim != 4:
                 raise MediaError(f"{what}: a video array must be (frames, H, W, C) uint8, got shape {video.shape}")
             frames = [_rgb_from_array(f, what) for f in video]
         elif isinstance(video, (list, tuple)):
-            frames = [load_image(f, self.limits, what=f"{what} frame {i}") for i, f in enumerate(video)]
+            frames = [load_image(f, limits, what=f"{what} frame {i}") for i, f in enumerate(video)]
         else:
             raise MediaError(f"{what}: a video is an (F, H, W, 3) uint8 array or a list of frames, got "
                              f"{type(video).__name__}")
@@ -316,24 +327,28 @@ class VideoProcessor:
             raise MediaError(f"{what}: frames differ in size")
         return np.stack(frames)
 
-    def __call__(self, videos: Any, fps: float | Sequence[float | None] | None = None) -> dict[str, Any]:
+    def __call__(self, videos: Any, fps: float | Sequence[float | None] | None = None,
+                 limits: MediaLimits | None = None) -> dict[str, Any]:
+        """videos: one (F, H, W, 3) uint8 array or a list of videos; fps: per video (None: 24); limits: this
+        request's caps (default: the processor's own)."""
+        limits = limits or self.limits
         if isinstance(videos, np.ndarray) and videos.ndim == 4:
             videos = [videos]
         videos = list(videos)
         if not videos:
             raise MediaError("no videos given")
-        if len(videos) > self.limits.max_videos:
-            raise MediaError(f"{len(videos)} videos, over the limit of {self.limits.max_videos} per request")
+        if len(videos) > limits.max_videos:
+            raise MediaError(f"{len(videos)} videos, over the limit of {limits.max_videos} per request")
         fps_list = list(fps) if isinstance(fps, (list, tuple)) else [fps] * len(videos)
         if len(fps_list) != len(videos):
             raise MediaError(f"{len(fps_list)} fps values for {len(videos)} videos")
         pixel_values, positions, frames_per_video, tokens, timestamps = [], [], [], [], []
         for v, (video, video_fps) in enumerate(zip(videos, fps_list, strict=True)):
-            frames = self._frames(video, f"video {v}")
+            frames = self._frames(video, f"video {v}", limits)
             indices = (sample_frame_indices(len(frames), self.num_frames) if self.do_sample_frames
                        else np.arange(len(frames)))
-            if len(indices) > self.limits.max_frames:
-                raise MediaError(f"video {v}: {len(indices)} frames, over the limit of {self.limits.max_frames}")
+            if len(indices) > limits.max_frames:
+                raise MediaError(f"video {v}: {len(indices)} frames, over the limit of {limits.max_frames}")
             out = [self.patcher(frames[i]) for i in indices]
             pixel_values += [o[0] for o in out]
             positions += [o[1] for o in out]
@@ -355,20 +370,15 @@ class VideoProcessor:
 
 
 def image_placeholder(num_soft_tokens: int, tokens: dict[str, str] | None = None) -> str:
-    t = {**_DEFAULT_TOKENS, **(tokens or {})}
+    t = {**DEFAULT_TOKENS, **(tokens or {})}
     return t["boi_token"] + t["image_token"] * num_soft_tokens + t["eoi_token"]
 
 
 def video_placeholder(num_soft_tokens: int, timestamps: Sequence[float], tokens: dict[str, str] | None = None) -> str:
     """One "mm:ss <boi><video>...<eoi>" block per frame, joined by spaces."""
-    t = {**_DEFAULT_TOKENS, **(tokens or {})}
+    t = {**DEFAULT_TOKENS, **(tokens or {})}
     frame = t["boi_token"] + t["video_token"] * num_soft_tokens + t["eoi_token"]
     return " ".join(f"{int(s // 60):02d}:{int(s % 60):02d} {frame}" for s in timestamps)
-
-
-_DEFAULT_TOKENS = {"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN,
-                   "video_token": VIDEO_TOKEN, "audio_token": AUDIO_TOKEN, "boa_token": BOA_TOKEN,
-                   "eoa_token": EOA_TOKEN}
 
 
 def expand_prompt(text: str, image_tokens: Sequence[int] = (), videos: Sequence[tuple[int, Sequence[float]]] = (),
@@ -378,7 +388,7 @@ def expand_prompt(text: str, image_tokens: Sequence[int] = (), videos: Sequence[
     image_tokens: soft tokens per image; videos: (soft tokens per frame, frame timestamps) per video; audio_tokens:
     soft tokens per clip. The number of placeholders must equal the number of media of each kind.
     """
-    t = {**_DEFAULT_TOKENS, **(tokens or {})}
+    t = {**DEFAULT_TOKENS, **(tokens or {})}
     kinds = {"image": (t["image_token"], list(image_tokens)), "video": (t["video_token"], list(videos)),
              "audio": (t["audio_token"], list(audio_tokens))}
     for kind, (token, items) in kinds.items():
@@ -413,54 +423,3 @@ def mm_token_type_ids(input_ids: np.ndarray, image_token_id: int, video_token_id
     types[ids == audio_token_id] = 3
     return types
 
-
-class Processor:
-    """Prompt + media -> the model's inputs, with the checkpoint's tokenizer (serving.tokenizer.Tokenizer).
-
-    `__call__(text, images=None, videos=None, video_fps=None)` -> {"input_ids": (1, T) int64,
-    "mm_token_type_ids": (1, T), "pixel_values", "image_position_ids", "pixel_values_videos",
-    "video_position_ids", "num_frames_per_video"} (media keys only when given): the names `Model.logits` takes.
-    """
-
-    def __init__(self, tokenizer: Any, image_processor: ImageProcessor | None = None,
-                 video_processor: VideoProcessor | None = None):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor or ImageProcessor()
-        self.video_processor = video_processor or VideoProcessor()
-        named = getattr(tokenizer, "template_tokens", {}) or {}
-        self.tokens = {k: named.get(k, v) for k, v in _DEFAULT_TOKENS.items()}
-        self.ids = {}
-        for name in ("image_token", "video_token", "audio_token"):
-            token_id = tokenizer.token_to_id(self.tokens[name])
-            if token_id is None:
-                raise ValueError(f"the tokenizer has no {name} {self.tokens[name]!r}")
-            self.ids[name] = token_id
-
-    @classmethod
-    def from_dir(cls, path: str | os.PathLike, tokenizer: Any = None) -> Processor:
-        if tokenizer is None:
-            from gemma4_jax.serving.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_dir(path)
-        return cls(tokenizer, ImageProcessor.from_dir(path), VideoProcessor.from_dir(path))
-
-    def __call__(self, text: str, images: Any = None, videos: Any = None, video_fps: Any = None,
-                 add_special_tokens: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        image_tokens: list[int] = []
-        video_items: list[tuple[int, list[float]]] = []
-        if images is not None:
-            img = self.image_processor(images)
-            image_tokens = img.pop("num_soft_tokens_per_image")
-            out.update(img)
-        if videos is not None:
-            vid = self.video_processor(videos, fps=video_fps)
-            video_items = list(zip(vid.pop("num_soft_tokens_per_video"), vid.pop("timestamps"), strict=True))
-            out.update(vid)
-        expanded = expand_prompt(text, image_tokens, video_items, tokens=self.tokens)
-        ids = np.asarray([self.tokenizer.encode(expanded, add_special_tokens=add_special_tokens)], np.int64)
-        out["input_ids"] = ids
-        out["mm_token_type_ids"] = mm_token_type_ids(ids, self.ids["image_token"], self.ids["video_token"],
-                                                     self.ids["audio_token"])
-        out["text"] = expanded
-        return out

@@ -9,7 +9,7 @@ from typing import Any
 
 from gemma4_jax.model import Model, from_pretrained
 from gemma4_jax.serving.engine import Engine, EngineConfig, RequestOutput
-from gemma4_jax.serving.mm_inputs import has_media_parts
+from gemma4_jax.serving.media_decode import has_media_parts
 from gemma4_jax.serving.sampling import SamplingParams
 from gemma4_jax.serving.tokenizer import Tokenizer
 

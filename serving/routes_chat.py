@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from gemma4_jax.serving import mm_inputs
+from gemma4_jax.serving import media_decode
 from gemma4_jax.serving.api_requests import (
     build_engine_requests,
     build_sampling_params,
@@ -65,7 +65,7 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, state: Sta
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     forced = forced_tool_prefix(body, tools)
     media = None
-    if mm_inputs.has_media_parts(body.messages):
+    if media_decode.has_media_parts(body.messages):
         ids, media = await media_chat_prompt(
             state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs
         )

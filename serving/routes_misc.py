@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from gemma4_jax.serving import mm_inputs
+from gemma4_jax.serving import media_decode
 from gemma4_jax.serving.api_errors import error_response
 from gemma4_jax.serving.api_requests import chat_prompt, media_chat_prompt
 from gemma4_jax.serving.api_state import State
@@ -67,7 +67,7 @@ async def tokenize(body: TokenizeRequest, state: State) -> dict:
         raise bad_request("this model has no tokenizer")
     if isinstance(body, TokenizeChatRequest):
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
-        if mm_inputs.has_media_parts(body.messages):  # placeholders expanded as the chat route does
+        if media_decode.has_media_parts(body.messages):  # placeholders expanded as the chat route does
             ids, _ = await media_chat_prompt(
                 state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs
             )

@@ -31,7 +31,7 @@ from gemma4_jax.processing import (  # noqa: E402
     expand_prompt,
     mm_token_type_ids,
 )
-from gemma4_jax.serving import mm_inputs  # noqa: E402
+from gemma4_jax.serving import media_chunks, mm_inputs  # noqa: E402
 from gemma4_jax.serving.engine import Engine, EngineConfig  # noqa: E402
 from gemma4_jax.serving.sampling import SamplingParams  # noqa: E402
 from hf_reference import BASE_VISION, TINY_MM_TOKENS, hf_multimodal_logits  # noqa: E402
@@ -97,11 +97,11 @@ class _Spy:
 
     def __init__(self, engine, monkeypatch):
         self.chunks, self.media_steps, self.encodes = [], 0, 0
-        real_run, real_chunk, real_vision = engine._run, mm_inputs.chunk_media, mm_inputs._vision_tokens
+        real_run, real_chunk, real_vision = engine._run, media_chunks.chunk_media, mm_inputs._vision_tokens
 
-        def run(rows, num_tokens):
+        def run(rows, *args):
             self.chunks.append([(req, start, len(ids)) for req, ids, start in rows])
-            return real_run(rows, num_tokens)
+            return real_run(rows, *args)
 
         def chunk(*args):
             media = real_chunk(*args)
@@ -113,7 +113,7 @@ class _Spy:
             return real_vision(*args)
 
         monkeypatch.setattr(engine, "_run", run)
-        monkeypatch.setattr(mm_inputs, "chunk_media", chunk)
+        monkeypatch.setattr(media_chunks, "chunk_media", chunk)
         monkeypatch.setattr(mm_inputs, "_vision_tokens", vision)
 
 

@@ -20,12 +20,12 @@ from gemma4_jax.processing import (  # noqa: E402
     ImageProcessor,
     MediaError,
     MediaLimits,
-    Processor,
     VideoProcessor,
     expand_prompt,
     sample_frame_indices,
     video_placeholder,
 )
+from gemma4_jax.processor import Processor  # noqa: E402
 from gemma4_jax.serving.tokenizer import Tokenizer  # noqa: E402
 
 SMALL = dict(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
