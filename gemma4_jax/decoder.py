@@ -13,6 +13,7 @@ same forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
@@ -72,12 +73,12 @@ class DecoderLayer(nnx.Module):
         kv_store: Any,
         shared_kv: dict[int, tuple[jax.Array, jax.Array, jax.Array]],
         attend: Any,
-        vision_blocks: tuple[jax.Array, Any] | None = None,
+        vision_blocks: tuple[jax.Array, Callable[[jax.Array], jax.Array]] | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """x: (B, T, D); positions: (B, T); per_layer_input: (B, T, P) or None. Fills shared_kv[self] when stored.
 
         attend: the attention backend for this layer's kind and the step's phase (attention_backends.py).
-        vision_blocks: (query block ids (B, T), key block ids or a function kv_positions (B, S) -> (B, S)), -1
+        vision_blocks: (query block ids (B, T), a function kv_positions (B, S) -> key block ids (B, S)), -1 for
         text, for bidirectional attention inside an image on sliding layers; full-attention layers stay causal (as
         HF). Returns (x (B, T, D), the router's top-k expert ids (B, T, k) int32 on MoE layers else None)."""
         spec = self.spec
@@ -92,9 +93,9 @@ class DecoderLayer(nnx.Module):
                 k_all, v_all, kv_pos = kv_store.update(spec.index, k, v, positions)
                 if spec.kv_sharing == "store":
                     shared_kv[spec.index] = (k_all, v_all, kv_pos)
-            blocks = vision_blocks if spec.is_sliding else None
-            if blocks is not None and callable(blocks[1]):  # key blocks found by key position
-                blocks = (blocks[0], blocks[1](kv_pos))
+            blocks = None
+            if vision_blocks is not None and spec.is_sliding:  # key blocks are found by key position
+                blocks = (vision_blocks[0], vision_blocks[1](kv_pos))
             attn = attend(q, k_all, v_all, positions, kv_pos, sliding_window=spec.sliding_window, blocks=blocks)
             h = self.self_attn.output(attn)
         x = residual + self.post_attention_layernorm(h)

@@ -57,7 +57,8 @@ def has_media_parts(messages: Any) -> bool:
     """Whether any message has an image / audio / video content part (see `extract_chat_media`)."""
     return isinstance(messages, list) and any(
         isinstance(m, Mapping) and isinstance(m.get("content"), list)
-        and any(isinstance(p, Mapping) and p.get("type") in MEDIA_PART_TYPES for p in m["content"])
+        and any(isinstance(p, Mapping) and isinstance(p.get("type"), str) and p["type"] in MEDIA_PART_TYPES
+                for p in m["content"])
         for m in messages)
 
 

@@ -199,3 +199,11 @@ def test_bad_media_errors(tmp_path):
                                                                                             np.uint8)])
     with pytest.raises(MediaError, match="2 <|image|> placeholder"):
         expand_prompt("<|image|> <|image|>", image_tokens=[3])
+
+
+def test_media_parts_with_a_non_string_type_are_not_media():
+    """A content part whose type is an object is no media part (it used to raise 'unhashable type' -> a 500)."""
+    from gemma4_jax.serving.media_decode import has_media_parts
+
+    assert has_media_parts([{"role": "user", "content": [{"type": {}, "text": ""}]}]) is False
+    assert has_media_parts([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
