@@ -34,7 +34,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny demo model)")
-    g.add_argument("--dtype", default=None, help="bfloat16 | float32 (default bfloat16; float32 for the demo model)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="auto (default): float32 on CPU, where bfloat16 matmuls are several times slower, bfloat16 "
+                        "on GPU; the demo model is float32")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -63,7 +65,7 @@ def build_llm(args: argparse.Namespace):
         print("note: no --model given: running the embedded tiny demo model (random weights, byte-level "
               "tokenizer); its output is meaningless text.", file=sys.stderr)
         return gemma4_jax.LLM(model, tokenizer=tokenizer, **options)
-    return gemma4_jax.LLM(args.model, dtype=args.dtype or "bfloat16", **options)
+    return gemma4_jax.LLM(args.model, dtype=args.dtype, **options)
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -27,22 +27,59 @@ log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
-def resolve_dtype(dtype: Any) -> jnp.dtype:
+def resolve_dtype(dtype: Any, platform: str | None = None) -> jnp.dtype:
+    """A dtype name or numpy/jax dtype -> the parameter and activation dtype.
+
+    "auto" (vLLM's name) picks per platform: float32 on CPU, where XLA's bfloat16 dots run 3-7x slower than its
+    float32 ones (docs/benchmarks.md), and bfloat16 (Gemma 4's checkpoint dtype) on accelerators."""
     if isinstance(dtype, str):
+        if dtype == "auto":
+            return jnp.dtype(jnp.float32 if (platform or jax.default_backend()) == "cpu" else jnp.bfloat16)
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(_DTYPES)}")
+            raise ValueError(f"dtype {dtype!r} is not supported; choose one of {['auto', *sorted(_DTYPES)]}")
         return jnp.dtype(_DTYPES[dtype])
     d = jnp.dtype(dtype)
     if d not in [jnp.dtype(v) for v in _DTYPES.values()]:
-        raise ValueError(f"dtype {d} is not supported; choose one of {sorted(_DTYPES)}")
+        raise ValueError(f"dtype {d} is not supported; choose one of {['auto', *sorted(_DTYPES)]}")
     return d
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "return_routed"))
-def _logits(graphdef: nnx.GraphDef, state: nnx.State, inputs: TokenInputs, *, attention: AttentionPlan,
+class StaticGraph:
+    """A GraphDef as a jit static argument, hashed once.
+
+    jit hashes its static arguments on every call, and hashing a GraphDef walks the whole module tree (~2,700
+    hash calls, ~6 ms of host time per engine step at batch 1 on the bench-100m model). This wrapper hashes it
+    once; `static_graph` interns wrappers of equal graphdefs, so models loaded twice from one checkpoint share
+    compiled programs and a cache lookup is an identity check."""
+
+    __slots__ = ("graphdef", "_hash")
+
+    def __init__(self, graphdef: nnx.GraphDef):
+        self.graphdef = graphdef
+        self._hash = hash(graphdef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, StaticGraph) and self._hash == other._hash
+                                 and self.graphdef == other.graphdef)
+
+
+_INTERNED: dict[StaticGraph, StaticGraph] = {}
+
+
+def static_graph(graphdef: nnx.GraphDef) -> StaticGraph:
+    """The one StaticGraph of graphdefs equal to this one."""
+    wrapper = StaticGraph(graphdef)
+    return _INTERNED.setdefault(wrapper, wrapper)
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "attention", "return_routed"))
+def _logits(graph: StaticGraph, state: nnx.State, inputs: TokenInputs, *, attention: AttentionPlan,
             return_routed: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The full-sequence forward of a single-program model: (B, T, V) logits [, routed ids (B, T, L_moe, k)]."""
-    out = forward(nnx.merge(graphdef, state), inputs, attention=attention, phase="prefill",
+    out = forward(nnx.merge(graph.graphdef, state), inputs, attention=attention, phase="prefill",
                   return_routed=return_routed)
     return (out.logits, out.routed) if return_routed else out.logits
 
@@ -55,6 +92,7 @@ class Model:
                  attention: AttentionPlan | None = None):
         self.config = config
         self.graphdef = graphdef
+        self.static_graph = static_graph(graphdef)  # what jitted steps take as their static argument
         self.state = state
         self.mesh = mesh
         self.dtype = dtype
@@ -118,7 +156,7 @@ class Model:
             # Rows split over the data axis (when dp divides B): each data replica computes its own rows.
             inputs = inputs.replace(tokens=jax.device_put(inputs.tokens, sharding.batch_sharding(ids.shape, self.mesh)),
                                     positions=jax.device_put(pos, sharding.batch_sharding(pos.shape, self.mesh)))
-            return _logits(self.graphdef, self.state, inputs, attention=self.attention,
+            return _logits(self.static_graph, self.state, inputs, attention=self.attention,
                            return_routed=return_routed_experts)
 
 

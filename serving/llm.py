@@ -20,6 +20,8 @@ class LLM:
     """A model, its tokenizer and a continuous-batching engine.
 
     path: a checkpoint directory, or an already loaded `Model` (then pass `tokenizer` too for text prompts).
+    dtype: "auto" (default: float32 on CPU, bfloat16 on accelerators; model.resolve_dtype), "bfloat16",
+    "float32" or "float16".
     Engine options (max_num_seqs, max_model_len, page_size, num_pages, kv_memory_gb, max_num_batched_tokens,
     attention_backend, prefill_backend, decode_backend) are keyword arguments. moe_backend ("auto", "xla",
     "fp4_pallas") picks the MoE expert matmul of a loaded checkpoint (gemma4_jax.from_pretrained).
@@ -27,7 +29,7 @@ class LLM:
     option, default pp) is how many decode micro-batches flow through the stages at once (docs/sharding.md).
     """
 
-    def __init__(self, path: str | os.PathLike | Model, dtype: Any = "bfloat16", pp: int = 1, tp: int = 1,
+    def __init__(self, path: str | os.PathLike | Model, dtype: Any = "auto", pp: int = 1, tp: int = 1,
                  draft_model: str | None = None, num_speculative_tokens: int = 0, tokenizer: Tokenizer | None = None,
                  moe_backend: str = "auto", dp: int = 1, **engine_options: Any):
         unknown = sorted(set(engine_options) - _ENGINE_FIELDS)

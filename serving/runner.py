@@ -18,6 +18,7 @@ from flax import nnx
 from gemma4_jax import sharding
 from gemma4_jax.attention_backends import AttentionPlan
 from gemma4_jax.forward import MediaTokens, TokenInputs, forward
+from gemma4_jax.model import StaticGraph
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import CacheLayout, PagedKVStore, StepBatch
 from gemma4_jax.serving.sampling import SampleResult, SamplingBatch, sample
@@ -49,9 +50,9 @@ def sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprob
     return result, counts
 
 
-def _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
+def _step(graph, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
           attention, phase, num_logprobs, return_routed=False):
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graph.graphdef, state)
     store = PagedKVStore(cache, batch, layout)
     inputs = TokenInputs(tokens=batch.tokens, positions=batch.positions, media=media, vision_blocks=vision_blocks)
     out = forward(model, inputs, attention=attention, phase=phase, kv_store=store, keep_index=batch.last_index,
@@ -65,11 +66,11 @@ def _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, m
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "layout", "attention", "phase", "num_logprobs", "return_routed"),
+    static_argnames=("graph", "layout", "attention", "phase", "num_logprobs", "return_routed"),
     donate_argnames=("cache", "counts"),
 )
 def model_step(
-    graphdef: nnx.GraphDef,
+    graph: StaticGraph,
     state: nnx.State,
     cache: dict[str, jax.Array],
     counts: dict[str, jax.Array] | None,
@@ -88,6 +89,7 @@ def model_step(
 ) -> tuple[SampleResult, dict[str, jax.Array], dict[str, jax.Array] | None]:
     """Run B rows of T tokens through the model against the pools and sample one token per row.
 
+    graph: the model's `StaticGraph` (its GraphDef, hashed once: see model.StaticGraph).
     steps: (B,) tokens generated so far per row (the sampler's RNG counter); sample_rows: (B,) bool, rows whose
     sampled token is kept (a prefill chunk that does not end its prompt samples nothing useful).
     counts: None, or {"output": (S+1, V) int32, "prompt": (S+1, V) bool} per sequence slot, for penalties.
@@ -95,16 +97,16 @@ def model_step(
     forward.TokenInputs. attention, phase: the engine's resolved plan and this step's phase.
     return_routed: also return the router's top-k expert ids of each row's last token (SampleResult.routed).
     """
-    return _step(graphdef, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
+    return _step(graph, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
                  attention, phase, num_logprobs, return_routed)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "layout", "attention", "num_logprobs", "num_steps", "return_routed"),
+    static_argnames=("graph", "layout", "attention", "num_logprobs", "num_steps", "return_routed"),
     donate_argnames=("cache", "counts"),
 )
-def decode_steps(graphdef, state, cache, counts, batch: StepBatch, sampling: SamplingBatch, steps: jax.Array,
+def decode_steps(graph: StaticGraph, state, cache, counts, batch: StepBatch, sampling: SamplingBatch, steps: jax.Array,
                  *, layout: CacheLayout, attention: AttentionPlan, num_logprobs: int, num_steps: int,
                  return_routed: bool = False):
     """`num_steps` decode steps in one call (one host round-trip): each step feeds back the token it sampled.
@@ -116,7 +118,7 @@ def decode_steps(graphdef, state, cache, counts, batch: StepBatch, sampling: Sam
 
     def body(carry, _):
         cache, counts, batch, steps = carry
-        result, cache, counts = _step(graphdef, state, cache, counts, batch, sampling, steps, live, None, None,
+        result, cache, counts = _step(graph, state, cache, counts, batch, sampling, steps, live, None, None,
                                       layout, attention, "decode", num_logprobs, return_routed)
         batch = batch.replace(
             tokens=result.tokens[:, None].astype(jnp.int32),
@@ -173,7 +175,7 @@ class Runner:
         tokens, blocks = (None, None) if media is None else (media.tokens, media.vision_blocks)
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, sample_rows in microbatches:
-                result, cache, counts = model_step(self.model.graphdef, self.model.state, cache, counts, batch,
+                result, cache, counts = model_step(self.model.static_graph, self.model.state, cache, counts, batch,
                                                    sampling, steps, sample_rows, tokens, blocks, layout=self.layout,
                                                    attention=self.attention, phase=phase,
                                                    num_logprobs=num_logprobs, return_routed=self.return_routed)
@@ -184,7 +186,7 @@ class Runner:
         results = []
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, _ in microbatches:
-                result, cache, counts = decode_steps(self.model.graphdef, self.model.state, cache, counts, batch,
+                result, cache, counts = decode_steps(self.model.static_graph, self.model.state, cache, counts, batch,
                                                      sampling, steps, layout=self.layout, attention=self.attention,
                                                      num_logprobs=num_logprobs, num_steps=num_steps,
                                                      return_routed=self.return_routed)
