@@ -41,6 +41,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--compilation-cache-dir", default=None,
+                   help="JAX's persistent compilation cache (default: $GEMMA4_JAX_COMPILATION_CACHE or "
+                        "~/.cache/gemma4-jax/jax-compilation): a second start loads compiled steps instead")
+    g.add_argument("--no-compilation-cache", action="store_true", help="leave the persistent cache off")
 
 
 def _sampling_params(args: argparse.Namespace):
@@ -59,7 +63,8 @@ def build_llm(args: argparse.Namespace):
     from gemma4_jax.serving.demo import demo_model
 
     options = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                   max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend)
+                   max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
+                   compilation_cache=False if args.no_compilation_cache else args.compilation_cache_dir)
     if args.model is None:
         model, tokenizer = demo_model()
         print("note: no --model given: running the embedded tiny demo model (random weights, byte-level "

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gemma4_jax.model import Model, from_pretrained
+from gemma4_jax.serving import compilation_cache as compilation_cache_lib
 from gemma4_jax.serving.engine import Engine, EngineConfig, RequestOutput
 from gemma4_jax.serving.media_decode import has_media_parts
 from gemma4_jax.serving.sampling import SamplingParams
@@ -27,17 +28,22 @@ class LLM:
     "fp4_pallas") picks the MoE expert matmul of a loaded checkpoint (gemma4_jax.from_pretrained).
     pp / tp / dp: pipeline stages, tensor(-expert) and data parallel degrees; `pipeline_microbatches` (engine
     option, default pp) is how many decode micro-batches flow through the stages at once (docs/sharding.md).
+    compilation_cache: JAX's persistent compilation cache directory, False to leave it off, None (default) for
+    $GEMMA4_JAX_COMPILATION_CACHE or ~/.cache/gemma4-jax/jax-compilation (serving/compilation_cache.py).
     """
 
     def __init__(self, path: str | os.PathLike | Model, dtype: Any = "auto", pp: int = 1, tp: int = 1,
                  draft_model: str | None = None, num_speculative_tokens: int = 0, tokenizer: Tokenizer | None = None,
-                 moe_backend: str = "auto", dp: int = 1, **engine_options: Any):
+                 moe_backend: str = "auto", dp: int = 1, compilation_cache: str | bool | None = None,
+                 **engine_options: Any):
         unknown = sorted(set(engine_options) - _ENGINE_FIELDS)
         if unknown:
             raise TypeError(f"unknown LLM option(s) {unknown}; engine options are {sorted(_ENGINE_FIELDS)}")
         if draft_model is not None or num_speculative_tokens:
             raise ValueError("speculative decoding (draft_model / num_speculative_tokens) is not available in this "
                              "version of gemma4-jax yet; leave them unset")
+        # Before anything compiles: a second start loads the executables instead (compilation_cache.py).
+        self.compilation_cache_dir = compilation_cache_lib.enable(compilation_cache)
         if isinstance(path, Model):
             self.model = path
         else:

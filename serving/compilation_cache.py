@@ -1,0 +1,59 @@
+"""JAX's persistent compilation cache, on by default for the engine, so a second start does not compile again.
+
+Every jitted step shape is compiled the first time it runs; with the cache, XLA's executables are written to a
+per-user directory and the next process loads them instead of compiling (keys include the program, the jax /
+jaxlib versions and the device kind, so a stale entry is never used). Where it lives:
+
+- `GEMMA4_JAX_COMPILATION_CACHE` names the directory, or disables it with `0` / `off` / `false` / `none`;
+- else `$XDG_CACHE_HOME/gemma4-jax/jax-compilation` (default `~/.cache/gemma4-jax/jax-compilation`);
+- `LLM(..., compilation_cache=...)` and the CLI's `--compilation-cache-dir DIR` / `--no-compilation-cache` override
+  both.
+
+JAX's own settings win: when the user already set `jax_compilation_cache_dir` we leave it alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+
+ENV = "GEMMA4_JAX_COMPILATION_CACHE"
+_OFF = {"0", "off", "false", "none", "no", ""}
+
+
+def default_dir() -> str | None:
+    """The directory the environment asks for (None: disabled)."""
+    value = os.environ.get(ENV)
+    if value is not None:
+        return None if value.strip().lower() in _OFF else os.path.expanduser(value)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gemma4-jax", "jax-compilation")
+
+
+def enable(path: str | bool | None = None) -> str | None:
+    """Turn the persistent cache on (idempotent). path: a directory, False to leave it off, None for the
+    environment's choice (`default_dir`). Returns the directory in use, or None when the cache is off."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current  # set by the user (or an earlier call): keep it
+    if path is False:
+        return None
+    directory = default_dir() if path in (None, True) else os.path.expanduser(str(path))
+    if directory is None:
+        log.info("persistent compilation cache off (%s)", ENV)
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        log.warning("persistent compilation cache off: cannot create %s (%s)", directory, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # Cache every compile: the engine's step shapes each take seconds, and the small ones add up at start-up.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    log.info("persistent compilation cache: %s (set %s=off to disable)", directory, ENV)
+    return directory

@@ -1,0 +1,53 @@
+"""Start-up choices: dtype "auto" (vLLM's name: float32 on CPU, where XLA's bfloat16 dots are several times
+slower, bfloat16 on accelerators; the default of LLM and the CLI), and the persistent compilation cache."""
+
+import inspect
+
+import jax.numpy as jnp
+import pytest
+
+import gemma4_jax
+from gemma4_jax import cli
+from gemma4_jax.model import resolve_dtype
+
+
+def test_auto_per_platform():
+    assert resolve_dtype("auto", platform="cpu") == jnp.float32
+    assert resolve_dtype("auto", platform="gpu") == jnp.bfloat16
+    assert resolve_dtype("auto") == jnp.float32  # the test machine is a CPU
+    assert resolve_dtype("bfloat16", platform="cpu") == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"dtype 'float8' is not supported; choose one of \['auto', 'bfloat16'"):
+        resolve_dtype("float8")
+
+
+def test_llm_and_cli_default_to_auto():
+    model = gemma4_jax.from_config("tiny", dtype="auto")
+    assert model.dtype == jnp.float32
+    assert inspect.signature(gemma4_jax.LLM.__init__).parameters["dtype"].default == "auto"
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses a name it does not know
+        cli.main(["generate", "--dtype", "float8"])
+    assert exit_info.value.code == 2
+
+
+def test_compilation_cache_dir(monkeypatch, tmp_path):
+    """On by default in a per-user directory; the environment moves or disables it; JAX's own setting wins."""
+    import jax
+
+    from gemma4_jax.serving import compilation_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(compilation_cache.ENV, raising=False)
+    assert compilation_cache.default_dir() == str(tmp_path / "xdg" / "gemma4-jax" / "jax-compilation")
+    monkeypatch.setenv(compilation_cache.ENV, "off")
+    assert compilation_cache.default_dir() is None
+    monkeypatch.setenv(compilation_cache.ENV, str(tmp_path / "moved"))
+    assert compilation_cache.default_dir() == str(tmp_path / "moved")
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert compilation_cache.enable(False) is None and not jax.config.jax_compilation_cache_dir
+        assert compilation_cache.enable() == str(tmp_path / "moved") == jax.config.jax_compilation_cache_dir
+        assert (tmp_path / "moved").is_dir()
+        assert compilation_cache.enable(str(tmp_path / "other")) == str(tmp_path / "moved")  # already set: kept
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
