@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -92,6 +93,10 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    # What was chosen (model, dtype, devices, backends, KV budget) and compile progress go to stderr at INFO;
+    # --quiet keeps warnings only.
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
     params = _sampling_params(args)
     if args.input:
         jobs = _read_jsonl(args.input)

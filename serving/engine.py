@@ -152,6 +152,8 @@ class Engine:
             num_pages = config.num_pages
         if num_pages - 1 < 1:
             raise ValueError("num_pages must leave at least one page besides the trash page")
+        sized = ("num_pages given" if config.num_pages is not None else
+                 f"min(max_num_seqs x pages per sequence, kv_memory_gb={config.kv_memory_gb:g} budget)")
         self.layout = CacheLayout.for_config(cfg, config.page_size, num_pages, config.max_num_seqs)
         # The runner runs the steps: one program over the mesh, or the pipeline's stages (pp > 1), whose pools
         # (a list, per stage) each live on their stage's devices. Pools are sharded by KV head where tp divides the
@@ -179,6 +181,29 @@ class Engine:
             # Idle stage-steps / all stage-steps of the dispatched pipeline schedules (pipeline.schedule_bubble).
             self.stats.update(pipeline_stages=self.runner.num_stages,
                               pipeline_microbatches=self.runner.microbatches, pipeline_bubble=0.0)
+        self._log_start(sized)
+
+    def _log_start(self, sized: str) -> None:
+        """What was chosen and why, once at start-up (INFO)."""
+        model, cfg, config = self.model, self.text_config, self.config
+        mesh = dict(model.mesh.shape)
+        kinds = {"full": sum(not s.is_sliding for s in cfg.layers), "sliding": sum(s.is_sliding for s in cfg.layers),
+                 "kv_shared": sum(s.is_kv_shared for s in cfg.layers)}
+        log.info("model %s (%s, %d layers: %d full, %d sliding, %d KV-shared%s), dtype %s, %d params",
+                 model.path or "in memory", model.config.architecture, cfg.num_hidden_layers, kinds["full"],
+                 kinds["sliding"], kinds["kv_shared"], f", MoE {cfg.num_experts}x top-{cfg.top_k_experts}"
+                 if cfg.enable_moe_block else "", jnp.dtype(model.dtype).name, model.num_params())
+        log.info("devices: %d x %s; mesh pp=%d dp=%d tp=%d", model.mesh.devices.size,
+                 model.mesh.devices.flat[0].device_kind, mesh.get("pp", 1), mesh.get("dp", 1), mesh.get("tp", 1))
+        layout = self.layout
+        log.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB, %d B/token in %d full-attention layers; "
+                 "sized by %s) + sliding rings of %d slots x %d sequences", layout.num_pages - 1, layout.page_size,
+                 (layout.num_pages - 1) * layout.page_size,
+                 (layout.num_pages - 1) * layout.page_size * self.kv_bytes_per_token / 2**20,
+                 self.kv_bytes_per_token, len(layout.full_layers), sized, layout.ring_len, layout.max_seqs)
+        log.info("scheduler: max_num_seqs %d, max_model_len %d, max_num_batched_tokens %d, num_scheduler_steps %d; "
+                 "step shapes are padded to powers of two and compiled on first use",
+                 config.max_num_seqs, self.max_model_len, config.max_num_batched_tokens, config.num_scheduler_steps)
 
     # ------------------------------------------------------------------------------------------------------------
     # Requests
@@ -421,7 +446,9 @@ class Engine:
         if shape_key not in self._shapes_seen:
             self._shapes_seen.add(shape_key)
             self.stats["compiles"] += 1
-            self.stats["compile_time_s"] += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.stats["compile_time_s"] += took
+            log.info("compiled step shape %s in %.1f s (%d shapes so far)", shape_key, took, self.stats["compiles"])
         if self.runner.num_stages > 1:
             self.stats["pipeline_bubble"] = self.runner.bubble
         return results
