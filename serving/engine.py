@@ -33,7 +33,7 @@ from gemma4_jax.serving.detokenizer import IncrementalDetokenizer, StopChecker
 from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, bucket, pages_needed
 from gemma4_jax.serving.pipeline_runner import PipelineRunner
 from gemma4_jax.serving.runner import Runner, reset_slot_counts
-from gemma4_jax.serving.sampling import SamplingBatch, SamplingParams, request_key
+from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingBatch, SamplingParams, request_key
 
 log = logging.getLogger(__name__)
 
@@ -602,9 +602,10 @@ class Engine:
 
 
 def _num_logprobs(params: Sequence[SamplingParams]) -> int:
-    """Top logprobs to compute for a batch: the largest request, bucketed (0 when none asks)."""
-    n = max((p.logprobs or 0) for p in params)
-    return 0 if n == 0 else bucket(n, 1, 20)
+    """Top logprobs to compute for a batch: none, or all MAX_LOGPROBS when any row asks for top logprobs. One
+    static value for every request size, so logprobs=1..20 never compile another step (a top-20 over the vocabulary
+    costs next to nothing beside the step); each row keeps the first `logprobs` of them."""
+    return MAX_LOGPROBS if any(p.logprobs for p in params) else 0
 
 
 def _join(results: list, groups: list[list[int]], axis: int):

@@ -51,3 +51,21 @@ def test_compilation_cache_dir(monkeypatch, tmp_path):
         assert compilation_cache.enable(str(tmp_path / "other")) == str(tmp_path / "moved")  # already set: kept
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_logprob_counts_share_one_compiled_step():
+    """logprobs=1..20 are one static value of the step: after the first request asking for logprobs, other counts
+    compile nothing (they used to compile once per power of two)."""
+    from gemma4_jax import SamplingParams
+
+    llm = gemma4_jax.LLM(gemma4_jax.from_config("tiny", dtype="float32"), max_num_seqs=2, max_model_len=64,
+                         compilation_cache=False)
+    prompt = [[2, 5, 6, 7]]
+    outs = llm.generate(prompt, SamplingParams(max_tokens=3, logprobs=1), use_tqdm=False)
+    assert len(outs[0].logprobs[0].top) == 1
+    compiles = llm.engine.stats["compiles"]
+    for n in (2, 5, 20, 3):
+        out = llm.generate(prompt, SamplingParams(max_tokens=3, logprobs=n), use_tqdm=False)[0]
+        assert [len(lp.top) for lp in out.logprobs] == [n] * 3
+        assert out.logprobs[0].top[0][1] >= out.logprobs[0].top[-1][1]  # best first
+    assert llm.engine.stats["compiles"] == compiles
