@@ -21,6 +21,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, b
 from gemma4_jax.serving.pipeline_runner import PipelineRunner
 from gemma4_jax.serving.runner import Runner, reset_slot_counts
 from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingBatch, SamplingParams, request_key
+from gemma4_jax.serving.structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class Request:
     first_token_time: float | None = None
     arrival_time: float = 0.0
     media: mm_inputs.MediaInputs | None = None  # images / audio of the prompt (soft tokens cached once encoded)
+    matcher: Any = None  # structured outputs: the request's llguidance matcher (structured.py), else None
     routed: list[np.ndarray] = dataclasses.field(default_factory=list)  # (L_moe, k) per generated token
 
     @property
@@ -175,6 +178,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._ids = itertools.count()
         self._shapes_seen: set[tuple] = set()
+        self._grammars: Grammars | None = None  # built on the first request with structured outputs
         self.stats = {"compiles": 0, "compile_time_s": 0.0, "steps": 0, "preemptions": 0,
                       "prompt_tokens": 0, "generated_tokens": 0}
         if self.runner.num_stages > 1:
@@ -239,8 +243,9 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
+        matcher = self._matcher(params.structured_outputs) if params.structured_outputs is not None else None
         req = Request(rid, text, ids, params, next(self._arrivals), request_key(params.seed),
-                      arrival_time=time.perf_counter(), media=media)
+                      arrival_time=time.perf_counter(), media=media, matcher=matcher)
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
         if params.stop:
@@ -256,6 +261,15 @@ class Engine:
         self.requests[rid] = req
         self.waiting.append(req)
         return rid
+
+    def _matcher(self, spec):
+        """A fresh grammar matcher for a request's structured outputs; ValueError when it cannot be enforced."""
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs need a tokenizer (the grammar is matched on token text)")
+        if self._grammars is None:
+            eos = set(self.text_config.eos_token_ids) | set(self.tokenizer.stop_token_ids)
+            self._grammars = Grammars(self.tokenizer, self.text_config.vocab_size, sorted(eos))
+        return self._grammars.matcher(spec)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -314,6 +328,7 @@ class Engine:
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.media = None  # its soft tokens are no longer needed
+        req.matcher = None
 
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
@@ -430,12 +445,18 @@ class Engine:
             steps[i] = len(req.output_ids)
             keep[i] = start + len(ids) == len(req.all_ids)
         params = [req.params for req, _, _ in rows]
-        sampling = SamplingBatch.from_params(params, [req.key for req, _, _ in rows], b)
+        token_mask = None
+        if any(req.matcher is not None for req, _, _ in rows):
+            # Rows that sample a kept token this step follow their grammar; the rest (and padding) are free.
+            matchers = [req.matcher if keep[i] else None for i, (req, _, _) in enumerate(rows)]
+            token_mask = self._grammars.fill(matchers + [None] * (b - len(rows)), b)
+        sampling = SamplingBatch.from_params(params, [req.key for req, _, _ in rows], b, token_mask)
         if num_logprobs is None:
             num_logprobs = _num_logprobs(params)
         batch = StepBatch(tokens=tokens, positions=positions, context_lens=context, slots=slots,
                           page_table=table, last_index=last)
-        return batch, sampling, steps, keep, num_logprobs, (b, t, p, num_logprobs, self.counts is not None)
+        key = (b, t, p, num_logprobs, self.counts is not None, token_mask is not None)
+        return batch, sampling, steps, keep, num_logprobs, key
 
     def _timed(self, shape_key: tuple, fn, microbatches: list, num_logprobs: int, **kwargs):
         """Run a runner call over micro-batches; a shape seen for the first time counts as a compile event with
@@ -490,6 +511,8 @@ class Engine:
         k = self.config.num_scheduler_steps
         if k <= 1 or self.waiting or any(not r.in_decode for r in self.running):
             return 1
+        if any(r.matcher is not None for r in decode):
+            return 1  # each token of a constrained row needs its grammar's mask from the host
         if any(r.params.max_tokens - len(r.output_ids) < k for r in decode):
             return 1  # finishing rows: single steps waste nothing
         page = self.layout.page_size
@@ -555,10 +578,15 @@ class Engine:
             req.logprobs.append(TokenLogprob(token, float(result.logprobs[row]), top))
         if req.params.return_routed_experts:  # per stage (L_s, k) -> (L_moe, k)
             req.routed.append(np.concatenate([np.asarray(ids[row]) for ids in result.routed], axis=0))
+        if req.matcher is not None:
+            req.matcher.consume_token(token)
         if token in req.stop_ids:
             self._end(req, "stop")
             return
         if req.detok is not None and self._emit(req, req.detok.add(token)):
+            return
+        if req.matcher is not None and req.matcher.is_stopped():
+            self._end(req, "stop")  # the grammar is complete and allows nothing more
             return
         if len(req.output_ids) >= req.params.max_tokens or len(req.all_ids) >= self.max_model_len:
             self._end(req, "length")

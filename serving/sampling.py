@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from gemma4_jax.serving.structured import StructuredOutputs
+
 MAX_LOGPROBS = 20
 # vLLM's threshold: below it a temperature is treated as greedy, which also keeps `logits / temperature` finite.
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -75,6 +77,9 @@ class SamplingParams:
     # MoE models: return, per generated token, the top-k expert ids the router chose in every MoE layer
     # (RequestOutput.routed_experts, (num_generated, L_moe, k)), as vLLM's and SGLang's "return routed experts".
     return_routed_experts: bool = False
+    # A constraint on the output (JSON schema, JSON object, regex, choice, grammar): structured.py. A dict of its
+    # fields is accepted (vLLM's `structured_outputs`).
+    structured_outputs: StructuredOutputs | dict | None = None
 
     def __post_init__(self):
         stop = self.stop
@@ -91,6 +96,7 @@ class SamplingParams:
         elif isinstance(stop_token_ids, list | tuple):
             stop_token_ids = tuple(stop_token_ids)
         object.__setattr__(self, "stop_token_ids", stop_token_ids)
+        object.__setattr__(self, "structured_outputs", StructuredOutputs.from_value(self.structured_outputs))
         self.validate()
 
     def validate(self) -> None:
@@ -153,12 +159,17 @@ class SamplingBatch:
     presence_penalty: jax.Array  # (B,) float32
     frequency_penalty: jax.Array  # (B,) float32
     rng_keys: jax.Array  # (B, 2) uint32
+    # Structured outputs: (B, ceil(V / 32)) int32 bitmask of the tokens each row may take (bit t % 32 of word
+    # t // 32; all ones for unconstrained rows), or None when no row of the step is constrained.
+    token_mask: jax.Array | None = None
 
     @classmethod
     def from_params(
-        cls, params_list: Sequence[SamplingParams], keys: Sequence[np.ndarray] | np.ndarray, batch_size: int
+        cls, params_list: Sequence[SamplingParams], keys: Sequence[np.ndarray] | np.ndarray, batch_size: int,
+        token_mask: np.ndarray | None = None,
     ) -> SamplingBatch:
         """Stack per-request params and keys ((R, 2) uint32, one per request) into a batch padded to `batch_size`.
+        token_mask: (batch_size, W) int32 allowed-token bitmask (structured.Grammars.fill) or None.
 
         Returns host (numpy) arrays: they travel to the device with the rest of the step's inputs in one transfer.
         """
@@ -185,6 +196,7 @@ class SamplingBatch:
             presence_penalty=column([p.presence_penalty for p in params_list], 0.0, np.float32),
             frequency_penalty=column([p.frequency_penalty for p in params_list], 0.0, np.float32),
             rng_keys=rng_keys,
+            token_mask=token_mask,
         )
 
 
@@ -325,6 +337,13 @@ def truncate_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p
     return jnp.where(logits >= threshold[:, None], logits, -jnp.inf)
 
 
+def allowed_tokens(bitmask: jax.Array, vocab_size: int) -> jax.Array:
+    """(B, W) int32 bitmask (bit t % 32 of word t // 32) -> (B, V) bool."""
+    ids = jnp.arange(vocab_size, dtype=jnp.int32)
+    words = jnp.take(bitmask, ids // 32, axis=1)  # (B, V)
+    return ((words >> (ids % 32)) & 1).astype(bool)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------------------
@@ -360,6 +379,8 @@ def sample(
             batch.presence_penalty,
             batch.frequency_penalty,
         )
+    if batch.token_mask is not None:  # structured outputs: disallowed tokens can never be chosen
+        penalised = jnp.where(allowed_tokens(batch.token_mask, vocab), penalised, -jnp.inf)
     greedy_tokens = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
     is_greedy = batch.temperature < GREEDY_TEMPERATURE_EPS
 

@@ -1,0 +1,165 @@
+"""Structured outputs: JSON schema, JSON object, regex, choice and grammar constraints, enforced token by token.
+
+Why llguidance (over outlines-core and xgrammar): it needs no torch, builds its tokenizer view straight from the
+HF `tokenizer.json` we already load, compiles JSON schemas, regexes and Lark / GBNF grammars lazily (no up-front
+automaton over the 262k-token vocabulary, so a new schema costs milliseconds, not seconds) and fills a packed
+bitmask of allowed tokens for a whole batch in parallel Rust threads (`fill_next_token_bitmask_par`).
+
+Flow: `StructuredOutputs` (vLLM's `structured_outputs` fields, normalised and hashable) -> a grammar string ->
+`Grammars.matcher` (an `LLMatcher` per request, checked at admission: a grammar that does not compile is a
+ValueError naming it). Each step the engine asks `Grammars.fill` for the rows' bitmask (B, ceil(V / 32)) int32
+(unconstrained rows allow everything), the jitted sampler drops disallowed tokens (sampling.py), and the sampled
+token is fed back with `consume_token`. When no row is constrained the step gets no mask at all and runs exactly
+as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# JSON as `json.dumps` writes it (", " and ": " separators, no other whitespace): free whitespace lets a model
+# (or random weights) wander in blanks until max_tokens instead of closing the structure. A schema may still
+# override it with its own "x-guidance" options.
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputs:
+    """One constraint on a request's output (vLLM's `StructuredOutputsParams` names; exactly one is set).
+
+    json: a JSON schema (dict or JSON text; kept as canonical JSON text so the params stay hashable);
+    json_object: any JSON object; regex: a regular expression (Rust regex syntax) the whole output matches;
+    choice: the output is exactly one of these strings; grammar: a Lark grammar (llguidance's dialect, with a
+    `start` rule) or a GBNF / EBNF one (`root ::= ...`, as llama.cpp and vLLM's xgrammar take).
+    """
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self):
+        if self.json is not None and not isinstance(self.json, str):
+            if not isinstance(self.json, Mapping):
+                raise ValueError("structured_outputs.json must be a JSON schema object, got "
+                                 f"{type(self.json).__name__}")
+            object.__setattr__(self, "json", json.dumps(self.json))  # key order kept: it is the output order
+        elif isinstance(self.json, str):
+            try:
+                schema = json.loads(self.json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            if not isinstance(schema, dict):
+                raise ValueError("structured_outputs.json must be a JSON schema object")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not isinstance(self.choice, Sequence) or not self.choice:
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+            if not all(isinstance(c, str) for c in self.choice):
+                raise ValueError("structured_outputs.choice must hold strings only")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        chosen = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(chosen) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of {list(_KINDS)}; got "
+                             f"{chosen or 'none'}")
+
+    @classmethod
+    def from_value(cls, value: Any) -> StructuredOutputs | None:
+        """None, a StructuredOutputs, or a dict of its fields (unknown keys are refused, not ignored)."""
+        if value is None or isinstance(value, StructuredOutputs):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"structured_outputs must be a dict or StructuredOutputs, got {type(value).__name__}")
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"structured_outputs: unsupported field(s) {unknown}; supported: {list(_KINDS)}")
+        return cls(**{k: v for k, v in value.items() if v is not None})
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+    def grammar_text(self) -> str:
+        """The llguidance grammar for this constraint."""
+        from llguidance import LLMatcher
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
+        if self.json is not None:
+            return LLMatcher.grammar_from_json_schema(self.json, defaults=_JSON_OPTIONS)
+        if self.json_object:
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_OPTIONS)
+        if self.regex is not None:
+            return LLMatcher.grammar_from_regex(self.regex)
+        if self.choice is not None:
+            # JSON string literals are valid Lark literals, escapes included.
+            return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
+        text = self.grammar
+        if "::=" in text:  # GBNF / EBNF
+            try:
+                text = gbnf_to_lark(text)
+            except Exception as e:  # GbnfToLarkError, or a plain exception from its parser
+                raise ValueError(f"structured_outputs.grammar: cannot read the GBNF grammar ({e})") from None
+        return LLMatcher.grammar_from_lark(text)
+
+
+class Grammars:
+    """Grammar matching for one tokenizer and vocabulary: per-request matchers and the batch bitmask.
+
+    tokenizer: the engine's Tokenizer (its HF backend is handed to llguidance); vocab_size: the model's logits
+    width V (may exceed the tokenizer's; the extra ids are never allowed); eos_ids: the ids that end generation.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]):
+        import llguidance
+
+        backend = tokenizer.backend
+        self.tokenizer = llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size,
+                                                eos_token=sorted(set(int(i) for i in eos_ids)) or None)
+        self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32
+        self._executor = llguidance.LLExecutor()
+        self._checked: dict[StructuredOutputs, str] = {}
+
+    def grammar(self, spec: StructuredOutputs) -> str:
+        """The compiled-and-checked grammar text of a constraint (cached); ValueError when it does not compile."""
+        from llguidance import LLMatcher
+
+        if spec not in self._checked:
+            text = spec.grammar_text()
+            is_error, messages = LLMatcher.validate_grammar_with_warnings(text, self.tokenizer)
+            if is_error:
+                raise ValueError(f"structured_outputs.{spec.kind}: the grammar does not compile: {messages[0]}")
+            self._checked[spec] = text
+        return self._checked[spec]
+
+    def matcher(self, spec: StructuredOutputs):
+        """A fresh LLMatcher at the start of the output."""
+        from llguidance import LLMatcher
+
+        matcher = LLMatcher(self.tokenizer, self.grammar(spec), log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"structured_outputs.{spec.kind}: {matcher.get_error()}")
+        return matcher
+
+    def fill(self, matchers: Sequence[Any], rows: int) -> np.ndarray:
+        """Bitmask (rows, ceil(V / 32)) int32 of the allowed next tokens: bit t % 32 of word t // 32. Rows whose
+        matcher is None (unconstrained, padding) allow every token."""
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        mask = np.full((rows, self.words), -1, np.int32)
+        constrained = [(m, i) for i, m in enumerate(matchers) if m is not None]
+        if constrained:
+            fill_next_token_bitmask_par(self._executor, constrained, mask)
+        return mask
