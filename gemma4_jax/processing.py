@@ -15,10 +15,12 @@ Videos are given as decoded frames (an (F, H, W, 3) uint8 array or a list of ima
 sampled uniformly (`num_frames`, HF's default indices). HF resizes video frames with torchvision, we with Pillow:
 the two bicubic filters can differ by one grey level on a few pixels.
 
-Bad media raise `MediaError` (a ValueError) naming the problem: undecodable bytes, a zero-sized image, too many
-images or frames, too many pixels or bytes. `MediaLimits` holds every per-request cap, the audio ones included
-(audio_processing.load_audio checks those). The one processor of a model, which owns these processors and the
-prompt expansion below, is `processor.Processor`.
+Bad media raise `MediaError` (a ValueError) naming the problem: undecodable bytes, a format outside the allow-list
+(`MediaLimits.image_formats`: PNG, JPEG, WebP, GIF, BMP; never PostScript, which Pillow hands to Ghostscript), a
+zero-sized image, too many images or frames, too many pixels or bytes. Encoded images are checked from their header
+(`probe_image`: format, size, pixels) before any pixel is decoded. `MediaLimits` holds every per-request cap, the
+audio ones included (audio_processing.load_audio checks those). The one processor of a model, which owns these
+processors and the prompt expansion below, is `processor.Processor`.
 """
 
 from __future__ import annotations
@@ -48,13 +50,20 @@ class MediaError(ValueError):
     """An image, video or audio clip that cannot be used (corrupt, empty, too large, too many)."""
 
 
+# Formats Pillow may open from encoded bytes or files. Common, well-fuzzed decoders only: no EPS / PS (Ghostscript
+# runs on the data where it is installed), no TIFF, PSD, ICNS and the long tail of rarely used plugins.
+SAFE_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+
 @dataclasses.dataclass(frozen=True)
 class MediaLimits:
-    """Caps per request. Pixels are counted before resizing (Pillow refuses to decode bombs past max_pixels)."""
+    """Caps per request. Pixels are counted before resizing, from the image header (nothing is decoded past
+    max_image_pixels); image_formats are the Pillow format names accepted for encoded images."""
 
     max_images: int = 16
     max_image_pixels: int = 50_000_000
     max_image_bytes: int = 32 * 1024 * 1024
+    image_formats: tuple[str, ...] = SAFE_IMAGE_FORMATS
     max_videos: int = 2
     max_frames: int = 64
     max_audios: int = 8
@@ -111,25 +120,46 @@ def read_media_file(path: Any, max_bytes: int, what: str, kind: str) -> bytes:
         return f.read()
 
 
+def _pil_reason(e: Exception) -> str:
+    # Pillow's text may name the BytesIO object with its heap address ("cannot identify image file <_io.BytesIO
+    # object at 0x7f...>"): then only the exception type is passed on.
+    text = str(e)
+    return type(e).__name__ if not text or " at 0x" in text else f"{type(e).__name__}: {text}"
+
+
+def _open_image(data: bytes, limits: MediaLimits, what: str) -> Any:
+    """Encoded bytes -> a PIL image whose header is read and checked (bytes, format, pixels); nothing decoded yet."""
+    if len(data) > limits.max_image_bytes:
+        raise MediaError(f"{what}: {len(data)} bytes, over the limit of {limits.max_image_bytes}")
+    image_mod = _pil()
+    try:
+        # formats=: Pillow tries only these decoders, so nothing else ever parses client bytes.
+        img = image_mod.open(io.BytesIO(data), formats=list(limits.image_formats))
+    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError...
+        raise MediaError(f"{what}: cannot decode the image data ({_pil_reason(e)}); accepted formats: "
+                         f"{', '.join(limits.image_formats)}") from None
+    if img.width * img.height > limits.max_image_pixels:
+        raise MediaError(f"{what}: {img.width}x{img.height} pixels, over the limit of {limits.max_image_pixels}")
+    return img
+
+
+def probe_image(data: bytes, limits: MediaLimits = MediaLimits(), what: str = "image") -> tuple[int, int]:
+    """Encoded image bytes -> (height, width) from the header alone, after the checks `load_image` makes before
+    decoding (bytes, format allow-list, pixels). Cheap: no pixel is decoded."""
+    img = _open_image(bytes(data), limits, what)
+    return img.height, img.width
+
+
 def load_image(image: Any, limits: MediaLimits = MediaLimits(), what: str = "image") -> np.ndarray:
     """A file path, encoded bytes, a PIL image or a uint8 array -> (H, W, 3) uint8 RGB."""
-    image_mod = _pil()
     if isinstance(image, (str, os.PathLike)):
         image = read_media_file(image, limits.max_image_bytes, what, "image")
     if isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-        if len(data) > limits.max_image_bytes:
-            raise MediaError(f"{what}: {len(data)} bytes, over the limit of {limits.max_image_bytes}")
+        img = _open_image(bytes(image), limits, what)
         try:
-            img = image_mod.open(io.BytesIO(data))
-            if img.width * img.height > limits.max_image_pixels:
-                raise MediaError(f"{what}: {img.width}x{img.height} pixels, over the limit of "
-                                 f"{limits.max_image_pixels}")
             img.load()
-        except MediaError:
-            raise
-        except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBomb...
-            raise MediaError(f"{what}: cannot decode the image data ({type(e).__name__}: {e})") from None
+        except Exception as e:  # a truncated or corrupt body, a decompression bomb...
+            raise MediaError(f"{what}: cannot decode the image data ({_pil_reason(e)})") from None
         arr = _rgb_from_pil(img)
     elif hasattr(image, "getbands") and hasattr(image, "convert"):
         arr = _rgb_from_pil(image)
@@ -208,6 +238,11 @@ class VisionPatcher:
         return aspect_ratio_preserving_size(height, width, self.patch_size, self.max_patches,
                                             self.pooling_kernel_size)
 
+    def num_soft_tokens(self, height: int, width: int) -> int:
+        """Soft tokens of an image of this size (known from its header, before decoding)."""
+        th, tw = self.target_size(height, width)
+        return (th // self.patch_size) * (tw // self.patch_size) // self.pooling_kernel_size**2
+
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """(H, W, 3) uint8 -> patches (max_patches, p*p*3) float32, positions (max_patches, 2) int64, soft tokens."""
         p = self.patch_size
@@ -223,7 +258,7 @@ class VisionPatcher:
         out[:n] = patches
         pos = np.full((self.max_patches, 2), -1, np.int64)
         pos[:n] = positions
-        return out, pos, n // self.pooling_kernel_size**2
+        return out, pos, self.num_soft_tokens(*image.shape[:2])
 
 
 def _read_processor_config(path: str) -> dict[str, Any]:

@@ -2,11 +2,13 @@
 and audio into prompt ids and a `MediaInputs`, which the engine carries with the request.
 
 Flow of one request:
-1. `MediaProcessor.process(prompt, multi_modal_data)` (LLM / server thread): the model's `Processor`
+1. `MediaProcessor.process(prompt, multi_modal_data)` (LLM / server worker thread): the model's `Processor`
    (gemma4_jax/processor.py) decodes the media, checks them against the request's `MediaLimits` and expands the
    prompt's placeholders (HF's layout); this adapter renders a chat (media parts pulled out by
    serving/media_decode.py), tokenizes a text prompt as the serving tokenizer does, and `build_media` turns the
-   towers' inputs into a `MediaInputs` (tower inputs, placeholder positions and kinds, vision blocks).
+   towers' inputs into a `MediaInputs` (tower inputs, placeholder positions and kinds, vision blocks). A chat
+   (`process_chat`) can be checked against the context first: the soft tokens of encoded images are known from
+   their headers, so a prompt that cannot fit raises `PromptTooLong` before any image is decoded.
 2. The engine (serving/media_chunks.py) checks the request against the media, keeps bidirectional vision blocks
    inside one prefill chunk, and the first time a chunk of the request runs calls `MediaInputs.encode`: the towers
    run once (one image, frame or clip per call, so the few jitted shapes are reused across requests) and the soft
@@ -25,13 +27,22 @@ import numpy as np
 
 from gemma4_jax import audio as audio_lib
 from gemma4_jax import multimodal, towers
-from gemma4_jax.processing import MediaError, MediaLimits
+from gemma4_jax.processing import MediaError, MediaLimits, probe_image
 from gemma4_jax.processor import Processor
 from gemma4_jax.serving.kv_cache import bucket
 from gemma4_jax.serving.media_decode import extract_chat_media
 
 # The server's name for the per-request caps (ServerConfig.media_limits): images, video frames and audio clips.
 ServingLimits = MediaLimits
+
+
+class PromptTooLong(ValueError):
+    """A chat's prompt needs at least `num_tokens` tokens (its images counted from their headers), over `limit`."""
+
+    def __init__(self, num_tokens: int, limit: int):
+        super().__init__(f"the prompt needs at least {num_tokens} tokens, over the limit of {limit}")
+        self.num_tokens = num_tokens
+        self.limit = limit
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,15 +185,43 @@ class MediaProcessor:
         self.processor = Processor.from_dir(path, tokenizer, cfg)
 
     def process_chat(self, messages: Sequence[Mapping[str, Any]], limits: MediaLimits | None = None,
-                     allow_local: bool = True, **template_kwargs: Any) -> tuple[list[int], MediaInputs | None]:
+                     allow_local: bool = True, *, split_special_tokens: bool = False,
+                     max_prompt_tokens: int | None = None, **template_kwargs: Any
+                     ) -> tuple[list[int], MediaInputs | None]:
         """A chat with media parts (see `media_decode.extract_chat_media`) -> prompt ids and MediaInputs. The chat
         template renders each media part as its placeholder token; the placeholders are then expanded as in
-        `process`."""
+        `process`.
+
+        split_special_tokens: special-token strings in the messages are plain text (`Tokenizer.encode_chat`), so a
+          typed `<|image|>` is text, not a placeholder. max_prompt_tokens: raise `PromptTooLong` when the prompt
+          cannot fit, judged before any image is decoded (text tokens + each image's soft tokens from its header).
+        """
         if self.tokenizer is None or not self.tokenizer.has_chat_template:
             raise ValueError("chat needs a tokenizer with a chat template")
         template_messages, data = extract_chat_media(messages, allow_local=allow_local)
+        if split_special_tokens:
+            template_messages, template_kwargs = self.tokenizer.hide_special_text((template_messages, template_kwargs))
         text = self.tokenizer.apply_chat_template(template_messages, **template_kwargs)
+        if max_prompt_tokens is not None:
+            self._check_length(text, data, limits or MediaLimits(), max_prompt_tokens)
         return self.process(text, data, limits, chat=True)
+
+    def _check_length(self, text: str, data: Mapping[str, Any], limits: MediaLimits, limit: int) -> None:
+        """Raise PromptTooLong when the rendered chat `text` (one placeholder per item) needs more than `limit`
+        tokens once its encoded images are expanded; sizes come from the image headers (a lower bound for the
+        other media, which are not counted)."""
+        num_tokens = len(self.tokenizer.encode_chat_text(text))
+        images = data.get("image", [])
+        if not isinstance(images, list) or len(images) > limits.max_images:
+            return  # the processor names the problem
+        patcher = self.processor.image_processor.patcher
+        for i, image in enumerate(images):
+            if isinstance(image, bytes | bytearray | memoryview):
+                height, width = probe_image(image, limits, what=f"image {i}")
+                # the placeholder becomes <boi> + soft tokens + <eoi>
+                num_tokens += patcher.num_soft_tokens(height, width) + 1
+        if num_tokens > limit:
+            raise PromptTooLong(num_tokens, limit)
 
     def process(self, prompt: str | Sequence[int], data: Mapping[str, Any] | None,
                 limits: MediaLimits | None = None, add_special_tokens: bool = True, chat: bool = False
@@ -197,9 +236,7 @@ class MediaProcessor:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids")
             text = self.processor.expand_text(prompt, media)
             if chat:  # a rendered chat writes its own BOS: encode as Tokenizer.encode_chat does
-                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-                if self.tokenizer.add_bos_token:
-                    ids = self.tokenizer._fix_bos(ids)
+                ids = list(self.tokenizer.encode_chat_text(text))
             else:
                 ids = list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
         else:

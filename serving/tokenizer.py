@@ -5,6 +5,14 @@ directory. It owns the Gemma BOS rule (exactly one `<bos>` at the start of every
 ids, and the chat template, rendered with `serving.chat_template` the way transformers renders it so prompts are
 byte-identical to the reference implementation.
 
+Control-token text that a client writes inside chat messages (e.g. a turn marker typed into a user message) is
+plain text when `encode_chat(..., split_special_tokens=True)` (what the server does): `hide_special_text` puts a
+sentinel in place of each special-token string in the messages before the template runs, and `encode_chat_text`
+encodes each sentinel as the token string spelled out in ordinary tokens. Only what the template itself writes
+becomes a control token, so a message cannot open or close a turn (role injection). The offline `LLM.chat` keeps
+the transformers behaviour (special-token strings anywhere in the rendered chat are control tokens), which callers
+use to place media placeholders in the text.
+
 Streaming text out of generated ids (`IncrementalDetokenizer`, stop strings) lives in `serving.detokenizer`; the
 demo model's byte-level tokenizer, built in code, lives in `serving.demo`.
 """
@@ -12,6 +20,8 @@ demo model's byte-level tokenizer, built in code, lives in `serving.demo`.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from typing import Any
@@ -27,6 +37,22 @@ from gemma4_jax.serving.chat_template import (
     read_json,
     validate_messages,
 )
+
+# What `Tokenizer.hide_special_text` puts in place of a special-token string in a message: private-use characters
+# around a per-process random nonce and the token id in hex. A client cannot write one by accident, and one it forges
+# only spells out a special token as plain text, which it could type anyway.
+_SENTINEL_PREFIX = f"\ue000{secrets.token_hex(8)}"
+_SENTINEL = re.compile(f"{_SENTINEL_PREFIX}([0-9a-f]+)\ue001")
+
+
+class TooManyTokens(ValueError):
+    """A text encodes to `num_tokens` (without a BOS the encoder may still add), over the caller's `limit`."""
+
+    def __init__(self, num_tokens: int, limit: int):
+        super().__init__(f"the text is {num_tokens} tokens, over the limit of {limit}")
+        self.num_tokens = num_tokens
+        self.limit = limit
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading tokenizer files
@@ -266,17 +292,35 @@ class Tokenizer:
             ids = [bos, *ids]
         return ids
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, *, max_tokens: int | None = None) -> list[int]:
         """Text -> ids [T]. With `add_special_tokens` (and `add_bos_token`) the ids start with exactly one BOS,
         whether it comes from the post-processor, from a literal "<bos>" at the start of `text`, or from here.
         Without, no BOS is added (a literal "<bos>" in the text still encodes as the BOS id, as one inside the text
-        does in both cases: special-token strings in user text are not escaped)."""
+        does in both cases: special-token strings in user text are not escaped). With `max_tokens`, a text whose
+        encoding is longer raises `TooManyTokens` before its ids are made into a Python list."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._encode_many([text], add_special_tokens, max_tokens=max_tokens)[0]
         if add_special_tokens and self.add_bos_token:
             ids = self._fix_bos(ids)
         return ids
+
+    def _encode_many(
+        self,
+        texts: list[str],
+        add_special_tokens: bool,
+        backend: BackendTokenizer | None = None,
+        max_tokens: int | None = None,
+    ) -> list[list[int]]:
+        # encode_batch, even for one text: the Rust library releases the GIL there (not in `encode`), so a long
+        # prompt tokenized in a worker thread does not stall the server's event loop. Same ids as `encode`. Making
+        # the ids a Python list holds the GIL (about 15 ms per million), hence the length check first.
+        encodings = (backend or self.backend).encode_batch(texts, add_special_tokens=add_special_tokens)
+        if max_tokens is not None:
+            total = sum(len(encoding) for encoding in encodings)
+            if total > max_tokens:
+                raise TooManyTokens(total, max_tokens)
+        return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Ids [T] -> text. Incomplete UTF-8 at the end decodes to U+FFFD (streaming holds such endings back: see
@@ -358,12 +402,81 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        split_special_tokens: bool = False,
         **kwargs: Any,
     ) -> list[int]:
         """Render the chat (see `apply_chat_template`) and encode it without the post-processor, since the template
-        writes `<bos>` itself; the result still starts with exactly one BOS (added if the template wrote none)."""
+        writes `<bos>` itself; the result still starts with exactly one BOS (added if the template wrote none).
+
+        split_special_tokens: special-token strings inside the messages, tools and template variables are plain text
+        (only the template's own markers are control tokens); off, they are control tokens, as in transformers."""
+        if split_special_tokens:
+            messages, tools, kwargs = self.hide_special_text((messages, tools, kwargs))
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs)
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return self.encode_chat_text(text)
+
+    # -- control-token text in messages ----------------------------------------------------------------------------
+
+    @cached_property
+    def _special_text(self) -> tuple[re.Pattern | None, dict[str, int]]:
+        """A pattern matching every special-token string (longest first), and each string's id."""
+        ids = {self.id_to_token(i): i for i in self.all_special_ids}
+        ids.pop(None, None)
+        if not ids:
+            return None, {}
+        return re.compile("|".join(map(re.escape, sorted(ids, key=len, reverse=True)))), ids
+
+    def hide_special_text(self, value: Any) -> Any:
+        """`value` (messages, tools, template variables: nested dicts, lists and tuples) with every special-token
+        string inside its strings replaced by a sentinel that `encode_chat_text` encodes as plain text. Keys and
+        non-string values are kept."""
+        pattern, ids = self._special_text
+        if pattern is None:
+            return value
+        prefix = _SENTINEL_PREFIX
+
+        def hide(item: Any) -> Any:
+            if isinstance(item, str):
+                return pattern.sub(lambda m: f"{prefix}{ids[m.group()]:x}\ue001", item)
+            if isinstance(item, Mapping):
+                return {k: hide(v) for k, v in item.items()}
+            if isinstance(item, list | tuple):
+                return type(item)(hide(v) for v in item)
+            return item
+
+        return hide(value)
+
+    @cached_property
+    def _plain_backend(self) -> BackendTokenizer:
+        # A copy that reads special-token strings as ordinary text (HF's split_special_tokens).
+        backend = BackendTokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    def encode_chat_text(self, text: str, *, max_tokens: int | None = None) -> list[int]:
+        """A rendered chat -> ids [T]: encoded without the post-processor (the template writes `<bos>`), starting
+        with exactly one BOS; the sentinels of `hide_special_text` become their token string as plain text.
+        `max_tokens` as in `encode`."""
+        pieces = _SENTINEL.split(text)
+        ids = []
+        if len(pieces) == 1:
+            ids = self._encode_many([text], add_special_tokens=False, max_tokens=max_tokens)[0]
+        else:
+            # pieces alternate: text around the sentinels, then the hidden token ids (hex)
+            literals = {int(h, 16) for h in pieces[1::2]}
+            spelled = dict(
+                zip(
+                    literals,
+                    self._encode_many([self.id_to_token(i) or "" for i in literals], False, self._plain_backend),
+                    strict=True,
+                )
+            )
+            segments = self._encode_many(pieces[0::2], add_special_tokens=False, max_tokens=max_tokens)
+            for i, segment in enumerate(segments):
+                ids += segment
+                if 2 * i + 1 < len(pieces):
+                    ids += spelled[int(pieces[2 * i + 1], 16)]
         if self.add_bos_token:
             ids = self._fix_bos(ids)
         return ids
