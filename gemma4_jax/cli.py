@@ -146,7 +146,11 @@ def _serve_parser(sub) -> None:
     g = srv.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $GEMMA4_JAX_API_KEY)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $GEMMA4_JAX_API_KEY); "
+                   "an empty key is refused")
+    g.add_argument("--allowed-hosts", action="append", default=None,
+                   help="Host header names to answer (comma-separated, repeatable; '*' any, '*.example.com' a "
+                   "domain). Default: localhost, 127.0.0.1, ::1 and --host, or any when --host is 0.0.0.0 / ::")
     g.add_argument("--served-model-name", default=None, help="the model id clients send (default: the dir name)")
     g.add_argument("--max-queue", type=int, default=256, help="unfinished requests beyond --max-num-seqs before 429")
     g.add_argument("--max-queued-tokens", type=int, default=None,
@@ -155,6 +159,13 @@ def _serve_parser(sub) -> None:
     g.add_argument("--max-n", type=int, default=16, help="largest n (choices per request)")
     g.add_argument("--cors-origin", action="append", default=None, help="allowed CORS origin (repeatable; off)")
     g.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    g.add_argument("--max-tokenize-tokens", type=int, default=131072, help="most tokens /tokenize answers with")
+    g.add_argument("--allow-special-tokens-in-chat", action="store_true",
+                   help="read special-token strings in chat messages as control tokens (default: plain text)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection gets to send its request line and headers")
+    g.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request gets to send its body (408)")
+    g.add_argument("--timeout-keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection lives")
     g.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
 

@@ -1,10 +1,16 @@
 """From an HTTP request to engine requests and back, shared by the generation routes.
 
-Everything that can fail is checked here before anything is sent (sampling values, the chat template, the media,
-the context length, admission), so that errors always arrive as a status with the OpenAI envelope and never as a
-half-written stream: `build_sampling_params`, `chat_prompt` / `media_chat_prompt`, `build_engine_requests`,
+Everything that can fail is checked here before anything is sent (sampling values, the text, the chat template,
+the media, the context length, admission), so that errors always arrive as a status with the OpenAI envelope and
+never as a half-written stream: `build_sampling_params`, `text_prompts` / `chat_prompt`, `build_engine_requests`,
 `submit`. Then `collect` waits for a non-streamed request's outputs (aborting them if the client goes away) and
 `check_finished` turns an output cut by a drain into a 503.
+
+The CPU work of a request (tokenizing, rendering the chat template, decoding media) runs in the server's prep
+threads (`ServerState.run_prep`), never on the event loop, and is bounded: a text that cannot fit the context (or
+the /tokenize cap) by its length alone, and a chat whose images cannot fit by their headers, are refused before
+that work is done. Client text with a lone UTF-16 surrogate (possible in JSON as a `\\ud800` escape, not encodable
+as UTF-8) is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 from fastapi import Request
 from starlette.types import Receive
 
-from gemma4_jax.serving import mm_inputs
+from gemma4_jax.serving import media_decode, mm_inputs
 from gemma4_jax.serving.api_errors import engine_fault, engine_stopped
 from gemma4_jax.serving.api_state import ServerConfig, ServerState
 from gemma4_jax.serving.async_engine import (
@@ -26,12 +32,14 @@ from gemma4_jax.serving.async_engine import (
     EngineError,
     EngineRequest,
     EngineStopped,
+    NeverAdmitted,
     QueueFull,
     RequestGroup,
 )
 from gemma4_jax.serving.engine import RequestOutput, TokenLogprob
 from gemma4_jax.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 from gemma4_jax.serving.sampling import SamplingParams
+from gemma4_jax.serving.tokenizer import TooManyTokens
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
@@ -86,6 +94,21 @@ def build_sampling_params(
         raise bad_request(str(e), field if field in _SAMPLING_FIELDS else None) from None
 
 
+def context_error(
+    field: str, max_model_len: int, prompt_tokens: int, completion_tokens: int, at_least: bool = False
+) -> APIError:
+    """The 400 for a request over the context, naming both counts ("at least" when the prompt was judged before it
+    was tokenized in full)."""
+    least = "at least " if at_least else ""
+    return bad_request(
+        f"this model's maximum context length is {max_model_len} tokens, but the request asks for {least}"
+        f"{prompt_tokens + completion_tokens} tokens ({least}{prompt_tokens} in the prompt, {completion_tokens} for "
+        f"the completion); shorten the prompt or lower max_tokens",
+        field,
+        "context_length_exceeded",
+    )
+
+
 def build_engine_requests(
     prefix: str,
     prompts: Sequence[list[int]],
@@ -98,19 +121,19 @@ def build_engine_requests(
 ) -> list[EngineRequest]:
     """One engine request per (prompt, copy), with the context check that names both counts. With media (one
     prompt), the copies share its soft tokens."""
+    if params.seed is not None and params.seed + n - 1 >= 2**64:
+        raise bad_request(
+            f"seed {params.seed} is too large for n={n}: copy i of a request samples with seed + i, and seeds must "
+            f"be below 2**64; use a seed of at most {2**64 - n}",
+            "seed",
+        )
     requests = []
     for p, ids in enumerate(prompts):
         if not ids:
             raise bad_request("the prompt is empty", prompt_field)
         wanted = max_tokens if max_tokens is not None else max_model_len - len(ids)
         if wanted < 1 or len(ids) + wanted > max_model_len:
-            raise bad_request(
-                f"this model's maximum context length is {max_model_len} tokens, but the request asks for "
-                f"{len(ids) + max(wanted, 0)} tokens ({len(ids)} in the prompt, {max(wanted, 0)} for the "
-                f"completion); shorten the prompt or lower max_tokens",
-                prompt_field,
-                "context_length_exceeded",
-            )
+            raise context_error(prompt_field, max_model_len, len(ids), max(wanted, 0))
         for i in range(n):
             # Copies of one prompt need different seeds, or they would sample the same tokens (as LLM.generate).
             copy = dataclasses.replace(params, max_tokens=wanted, seed=None if params.seed is None else params.seed + i)
@@ -141,48 +164,176 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def chat_prompt(
-    state: ServerState,
-    messages: list[dict[str, Any]],
-    add_generation_prompt: bool,
-    tools: list[dict[str, Any]] | None,
-    template_kwargs: dict[str, Any] | None,
-) -> list[int]:
-    """The chat rendered by the checkpoint's template and encoded; any failure of the template on these messages
-    (a check it raises, or a Python error on values it did not expect) is the request's fault: 400."""
-    try:
-        return state.tokenizer.encode_chat(
-            template_messages(messages),
-            add_generation_prompt=add_generation_prompt,
-            tools=tools,
-            **(template_kwargs or {}),
+def check_unicode(value: Any, field: str) -> None:
+    """400 naming the field (a dotted path, `messages.0.content`) when a string in `value`, a key included, holds a
+    lone UTF-16 surrogate: no tokenizer can encode it, and it would otherwise surface as an opaque codec error."""
+    stack = [(value, field)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if item.isascii():
+                continue
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise bad_request(
+                    f"{path} holds a lone UTF-16 surrogate (U+{ord(item[e.start]):04X} at character {e.start}), "
+                    "which is not valid Unicode text; send text in UTF-8, or surrogate pairs as \\uD83D\\uDE00",
+                    path,
+                ) from None
+        elif isinstance(item, dict):
+            for key, v in item.items():
+                stack.append((key, f"{path}.{key}" if isinstance(key, str) and key.isascii() else path))
+                stack.append((v, f"{path}.{key}"))
+        elif isinstance(item, list | tuple):
+            stack.extend((v, f"{path}.{i}") for i, v in enumerate(item))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBudget:
+    """What a prompt may take: `limit` tokens, or the error that says so (a generation route: the context less
+    max_tokens; /tokenize: its cap)."""
+
+    field: str  # the request field holding the prompt
+    limit: int
+    max_model_len: int | None = None  # set for generation routes: the refusal is a context-length error
+    max_tokens: int | None = None
+
+    @classmethod
+    def for_generation(cls, field: str, max_model_len: int, max_tokens: int | None) -> TokenBudget:
+        return cls(field, max_model_len - (max_tokens or 1), max_model_len, max_tokens)
+
+    def refuse(self, num_tokens: int, at_least: bool) -> APIError:
+        if self.max_model_len is not None:
+            return context_error(self.field, self.max_model_len, num_tokens, self.max_tokens or 1, at_least)
+        least = "at least " if at_least else ""
+        return bad_request(
+            f"the prompt is {least}{num_tokens} tokens, over this server's limit of {self.limit} for /tokenize",
+            self.field,
         )
-    except (ValueError, TypeError, LookupError, ArithmeticError) as e:
-        raise bad_request(str(e) or f"the chat template failed: {type(e).__name__}", "messages") from None
+
+    def precheck(self, state: ServerState, text: str) -> None:
+        """Refuse a text that is too long by its length alone, before it is tokenized (the work bound)."""
+        least = state.min_tokens(text)
+        if least > self.limit:
+            raise self.refuse(least, at_least=True)
+
+    def check(self, ids: Sequence[int]) -> None:
+        if len(ids) > self.limit:
+            raise self.refuse(len(ids), at_least=False)
 
 
-async def media_chat_prompt(
+def _text_prompts(
+    state: ServerState, prompt: str | list, budget: TokenBudget, add_special_tokens: bool
+) -> tuple[list[list[int]], list[str]]:
+    # In a prep thread: see text_prompts.
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("prompt is empty", budget.field)
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    tokenizer = state.tokenizer
+    ids, texts = [], []
+    for p, item in enumerate(prompt):
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise bad_request("this model has no tokenizer: send token ids as the prompt", budget.field)
+            check_unicode(item, budget.field if len(prompt) == 1 else f"{budget.field}.{p}")
+            budget.precheck(state, item)
+            try:
+                ids.append(tokenizer.encode(item, add_special_tokens=add_special_tokens, max_tokens=budget.limit))
+            except TooManyTokens as e:
+                raise budget.refuse(e.num_tokens, at_least=True) from None
+            texts.append(item)
+        else:
+            vocab = state.engine.vocab_size
+            bad = [t for t in item if not 0 <= t < vocab]
+            if bad:
+                raise bad_request(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", budget.field)
+            ids.append(list(item))
+            texts.append(tokenizer.decode(item, skip_special_tokens=False) if tokenizer is not None else "")
+    return ids, texts
+
+
+async def text_prompts(
+    state: ServerState, prompt: str | list, budget: TokenBudget, add_special_tokens: bool = True
+) -> tuple[list[list[int]], list[str]]:
+    """A `prompt` field (str, [str], [int], [[int]]) -> token ids per prompt and their text (for echo), worked out
+    in a prep thread; a text too long for `budget` by its length alone is refused before it is tokenized."""
+    return await state.run_prep(_text_prompts, state, prompt, budget, add_special_tokens)
+
+
+def _chat_prompt(
     state: ServerState,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool,
     tools: list[dict[str, Any]] | None,
     template_kwargs: dict[str, Any] | None,
+    forced: str,
+    budget: TokenBudget,
 ) -> tuple[list[int], mm_inputs.MediaInputs | None]:
-    """A chat with image / audio parts -> (prompt ids, media). Decoding and resizing run in a worker thread, off
-    the event loop. Bad media (MediaError), a model without towers and template failures are the request's: 400."""
+    # In a prep thread: see chat_prompt.
+    check_unicode(messages, "messages")
+    check_unicode(tools, "tools")
+    check_unicode(template_kwargs, "chat_template_kwargs")
+    tokenizer, split = state.tokenizer, state.config.split_special_tokens
+    messages, template_kwargs = template_messages(messages), dict(template_kwargs or {})
+    media = None
     try:
-        processor = state.media_processor
-        return await asyncio.to_thread(
-            processor.process_chat,
-            template_messages(messages),
-            state.config.media_limits,
-            allow_local=False,
-            add_generation_prompt=add_generation_prompt,
-            tools=tools,
-            **(template_kwargs or {}),
-        )
+        if media_decode.has_media_parts(messages):
+            ids, media = state.media_processor.process_chat(
+                messages,
+                state.config.media_limits,
+                allow_local=False,
+                split_special_tokens=split,
+                max_prompt_tokens=budget.limit,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                **template_kwargs,
+            )
+        else:
+            if split:
+                messages, tools, template_kwargs = tokenizer.hide_special_text((messages, tools, template_kwargs))
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs
+            )
+            budget.precheck(state, text)
+            ids = tokenizer.encode_chat_text(text, max_tokens=budget.limit)
+    except (mm_inputs.PromptTooLong, TooManyTokens) as e:
+        raise budget.refuse(e.num_tokens, at_least=True) from None
     except (ValueError, TypeError, LookupError, ArithmeticError) as e:
-        raise bad_request(str(e) or f"the media or chat template failed: {type(e).__name__}", "messages") from None
+        # Any failure of the template on these messages (a check it raises, or a Python error on values it did not
+        # expect), and bad media, is the request's fault.
+        raise bad_request(str(e) or f"the chat template failed: {type(e).__name__}", "messages") from None
+    if forced:
+        ids = ids + tokenizer.encode(forced, add_special_tokens=False)
+    return ids, media
+
+
+async def chat_prompt(
+    state: ServerState,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None,
+    budget: TokenBudget,
+    forced: str = "",
+) -> tuple[list[int], mm_inputs.MediaInputs | None]:
+    """A chat (text, images, audio) rendered by the checkpoint's template and encoded -> (prompt ids, media or
+    None), worked out in a prep thread; `forced` (a tool call opened by tool_choice) is appended.
+
+    Special-token strings in the messages are plain text unless `ServerConfig.split_special_tokens` is off. A chat
+    too long for `budget` by its text length, or by its images' headers, is refused before the rest of the work.
+    """
+    return await state.run_prep(
+        _chat_prompt, state, messages, add_generation_prompt, tools, template_kwargs, forced, budget
+    )
+
+
+async def detokenize(state: ServerState, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    """Ids -> text, in a prep thread (a long list is CPU work)."""
+    return await state.run_prep(state.tokenizer.decode, list(ids), skip_special_tokens=skip_special_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -193,10 +344,16 @@ async def media_chat_prompt(
 async def submit(
     state: ServerState, engine: AsyncEngine, requests: Sequence[EngineRequest], arrival: float
 ) -> RequestGroup:
-    """Admit `requests` (all or none) -> their group; 429 when the server is full, 503 when the engine is not
-    running, 400 when the engine refuses one or the request alone is over the token budget."""
+    """Admit `requests` (all or none) -> their group; 429 when the server is full for now, 503 when it is draining
+    or the engine is not running, 400 when the engine refuses one or the request alone is over a bound (more
+    sequences than the queue holds, more tokens than the budget), which no retry can change."""
+    if state.draining:
+        raise APIError(503, "the server is shutting down", "service_unavailable", code="draining")
     try:
         return await engine.add(requests, arrival)
+    except NeverAdmitted as e:
+        state.metrics.requests_rejected.labels("too_large").inc()
+        raise bad_request(str(e), "n" if e.bound == "requests" else "max_tokens") from None
     except QueueFull as e:
         state.metrics.requests_rejected.labels("queue_full").inc()
         raise APIError(

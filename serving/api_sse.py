@@ -15,8 +15,8 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gemma4_jax.serving.api_errors import engine_fault
-from gemma4_jax.serving.async_engine import EngineError
+from gemma4_jax.serving.api_errors import aborted, engine_fault
+from gemma4_jax.serving.async_engine import Aborted, EngineError
 from gemma4_jax.serving.protocol import APIError, error_envelope
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
             yield sse(chunk)
     except EngineError as e:
         yield sse(engine_fault(e).envelope())
+    except Aborted as e:  # the end of a drain
+        yield sse(aborted(e).envelope())
     except APIError as e:
         yield sse(e.envelope())
     except Exception as e:  # a bug here, after the 200 went out: still end the stream properly

@@ -10,8 +10,13 @@ A `RequestGroup` is what one HTTP request waits on: its n (or prompts x n) engin
 queues up behind a client that reads slowly.
 
 Admission is bounded here, on the loop thread: at most `max_active` unfinished requests and (optionally)
-`max_active_tokens` prompt + max_tokens tokens; beyond that `add` raises `QueueFull` (HTTP 429). A request that
-alone needs more than `max_active_tokens` can never be admitted and raises `ValueError` (HTTP 400).
+`max_active_tokens` prompt + max_tokens tokens; beyond that `add` raises `QueueFull` (HTTP 429: retry later). A
+request that alone needs more engine requests than `max_active`, or more tokens than `max_active_tokens`, can never
+be admitted, not even by an idle server, and raises `NeverAdmitted` (HTTP 400: retrying cannot help).
+
+`abort_all` (the end of a drain) ends every in-flight request on the loop thread at once, with `Aborted`, without
+waiting for the engine thread, whose current step may be long (a first-time compile); the engine thread frees the
+requests' KV pages when that step is over.
 
 Prompt logprobs (`echo` with `logprobs` on /v1/completions) are one full-sequence forward of the prompt, run on the
 engine thread between steps (`prompt_logprobs`): the paged step computes logits only for each row's last token.
@@ -53,7 +58,20 @@ class EngineStopped(RuntimeError):
 
 
 class QueueFull(RuntimeError):
-    """Admission refused: too many unfinished requests or tokens."""
+    """Admission refused for now: too many unfinished requests or tokens."""
+
+
+class NeverAdmitted(ValueError):
+    """Admission refused for good: the request alone is over a bound. `bound` is "requests" (engine requests, i.e.
+    prompts x n) or "tokens" (prompts + max_tokens, times n)."""
+
+    def __init__(self, message: str, bound: str):
+        super().__init__(message)
+        self.bound = bound
+
+
+class Aborted(RuntimeError):
+    """The request was ended by `abort_all` (the server is shutting down)."""
 
 
 class RequestGroup:
@@ -188,6 +206,8 @@ class AsyncEngine:
         self._stopping = False
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self._active: dict[str, int] = {}  # loop thread only: unfinished request id -> its token reservation
+        self._groups: dict[str, RequestGroup] = {}  # loop thread only: unfinished request id -> its group
+        self._waiting: set[asyncio.Future] = set()  # loop thread only: answers the engine thread still owes
         self._active_tokens = 0
         self.metrics.kv_pages_total.set(engine.num_free_pages + engine.num_used_pages)
 
@@ -219,7 +239,20 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     def abort_all(self) -> None:
-        """Abort every in-flight request; each ends with finish_reason "abort" (the end of a drain)."""
+        """End every in-flight request now (the end of a drain; event loop thread): their groups and pending adds
+        and scores fail with `Aborted` at once, whatever the engine thread is doing; it frees their pages when its
+        current step is over."""
+        error = Aborted("the request was aborted: the server is shutting down")
+        rids = list(self._active)
+        groups = {id(g): g for g in self._groups.values()}
+        for rid in rids:
+            self._release(rid)
+        for group in groups.values():
+            group._fail(error)
+        for future in list(self._waiting):
+            _resolve(future, error)
+        if rids:
+            self._commands.put(Abort(rids))  # after any AddRequests of these: FIFO
         self._commands.put(AbortAll())
 
     @property
@@ -238,9 +271,16 @@ class AsyncEngine:
             raise EngineStopped("the engine is not running")
         tokens = sum(r.num_tokens for r in requests)
         if self.max_active_tokens is not None and tokens > self.max_active_tokens:
-            raise ValueError(
+            raise NeverAdmitted(
                 f"the request needs {tokens} tokens (prompts + max_tokens, times n), over this server's token "
-                f"budget of {self.max_active_tokens}; lower max_tokens or n, or shorten the prompt"
+                f"budget of {self.max_active_tokens}; lower max_tokens or n, or shorten the prompt",
+                "tokens",
+            )
+        if len(requests) > self.max_active:
+            raise NeverAdmitted(
+                f"the request needs {len(requests)} sequences (prompts x n), over this server's limit of "
+                f"{self.max_active} unfinished requests; lower n or send fewer prompts at once",
+                "requests",
             )
         if self.num_active + len(requests) > self.max_active:
             raise QueueFull(f"the server has {self.num_active} unfinished requests (limit {self.max_active})")
@@ -253,15 +293,24 @@ class AsyncEngine:
         for r in requests:
             self._active_tokens += r.num_tokens
             self._active[r.request_id] = r.num_tokens
+            self._groups[r.request_id] = group
         done = self._loop.create_future()
         self._commands.put(AddRequests(list(requests), group, arrival, done))
         try:
-            await done
+            await self._answer(done)
         except BaseException:
             # Refused, or the client went away while waiting: the abort (queued after the add) undoes the add.
             self.abort(group)
             raise
         return group
+
+    async def _answer(self, future: asyncio.Future):
+        """Wait for the engine thread's answer; `abort_all` may answer it first."""
+        self._waiting.add(future)
+        try:
+            return await future
+        finally:
+            self._waiting.discard(future)
 
     async def prompt_logprobs(self, ids: Sequence[int], k: int) -> list[TokenLogprob]:
         """Logprobs of each prompt token given the ones before it, with the top `k`; the first token has none
@@ -270,7 +319,7 @@ class AsyncEngine:
             raise EngineStopped("the engine is not running")
         done = self._loop.create_future()
         self._commands.put(Score(list(ids), k, done))
-        return await done
+        return await self._answer(done)
 
     def abort(self, group: RequestGroup) -> None:
         """Abort the group's unfinished requests (no-op for finished ones); their pages are freed before the next
@@ -283,6 +332,7 @@ class AsyncEngine:
 
     def _release(self, rid: str) -> None:
         self._active_tokens -= self._active.pop(rid, 0)
+        self._groups.pop(rid, None)
 
     def _deliver(self, batch: list[tuple[RequestGroup, int, RequestOutput]]) -> None:
         for group, index, out in batch:

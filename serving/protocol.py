@@ -11,9 +11,19 @@ Gemma 4's tool-call syntax, which turns model output into OpenAI `tool_calls`, i
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from gemma4_jax.serving.sampling import MAX_LOGPROBS
 
@@ -50,9 +60,17 @@ class APIError(Exception):
         return error_envelope(self.message, self.type, self.param, self.code)
 
 
+# A Python object's default repr ("<_io.BytesIO object at 0x7f3a...>") in an error message: its heap address tells a
+# client about the server's memory layout and nothing about the request.
+_HEAP_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def error_envelope(
     message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
+    message = _HEAP_ADDRESS.sub("", message)
+    if not message.isascii():  # a lone surrogate from client text would make the JSON body unencodable (a 500)
+        message = message.encode("utf-8", "replace").decode("utf-8")
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -207,10 +225,37 @@ class _GenerationRequest(BaseModel):
     user: str | None = None
 
 
+_PROMPT_FORMS = {
+    str: TypeAdapter(list[str]),
+    list: TypeAdapter(list[list[int]]),
+    int: TypeAdapter(list[int]),
+}
+
+
+def _prompt_form(value: Any, handler: Any) -> Any:
+    """The `prompt` union, validated as the form its first element names. Pydantic's own union tries every member
+    in two modes: about 0.9 s on a 4 MiB body of token ids, on the event loop; one member takes 0.05 s."""
+    if isinstance(value, str) or not isinstance(value, list) or not value:
+        return handler(value)
+    adapter = _PROMPT_FORMS.get(type(value[0]), _PROMPT_FORMS[int])
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise ValueError(f"prompt.{where}: {first['msg']}") from None
+
+
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a string, a list of strings, a list of token ids, or a list of token-id lists"
     )
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _check_prompt(cls, value: Any, handler: Any) -> Any:
+        return _prompt_form(value, handler)
+
     logprobs: int | None = _advertised(minimum=0, maximum=MAX_LOGPROBS, description="top logprobs per token")
     echo: bool = Field(False, description="prepend the prompt (with `logprobs`: its logprobs too, the first null)")
     suffix: str | None = _advertised(maxLength=0, description="not supported: empty or null")

@@ -17,14 +17,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from gemma4_jax.serving import media_decode
 from gemma4_jax.serving.api_requests import (
+    TokenBudget,
     build_engine_requests,
     build_sampling_params,
     chat_prompt,
     check_finished,
     collect,
-    media_chat_prompt,
     submit,
 )
 from gemma4_jax.serving.api_sse import EventStream, sse_stream
@@ -64,16 +63,11 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, state: Sta
         raise bad_request("this model has no tokenizer, so no chat template: use /v1/completions", "messages")
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     forced = forced_tool_prefix(body, tools)
-    media = None
-    if media_decode.has_media_parts(body.messages):
-        ids, media = await media_chat_prompt(
-            state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs
-        )
-    else:
-        ids = chat_prompt(state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs)
+    budget = TokenBudget.for_generation("messages", engine.max_model_len, max_tokens)
+    ids, media = await chat_prompt(
+        state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs, budget, forced
+    )
     parse_tools = bool(tools) and body.tool_choice != "none"
-    if forced:
-        ids = ids + state.tokenizer.encode(forced, add_special_tokens=False)
     if parse_tools:
         # Tool-call markers are special tokens: decode with them kept (the content is cleaned afterwards, as
         # the client asked), and stop where the model hands over to the tool.

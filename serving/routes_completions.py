@@ -16,12 +16,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from gemma4_jax.serving.api_requests import (
+    TokenBudget,
     build_engine_requests,
     build_sampling_params,
     check_finished,
     collect,
     prompt_logprobs,
     submit,
+    text_prompts,
 )
 from gemma4_jax.serving.api_sse import EventStream, sse_stream
 from gemma4_jax.serving.api_state import ServerState, State
@@ -46,9 +48,13 @@ async def completions(body: CompletionRequest, raw: Request, state: State) -> Re
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {body.logprobs}", "logprobs")
     params = build_sampling_params(body, config, body.logprobs, body.max_tokens, engine.vocab_size)
-    prompts, texts = completion_prompts(state, body.prompt)
-    if len(prompts) > config.max_prompts:
-        raise bad_request(f"{len(prompts)} prompts are over this server's limit of {config.max_prompts}", "prompt")
+    if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int):
+        if len(body.prompt) > config.max_prompts:
+            raise bad_request(
+                f"{len(body.prompt)} prompts are over this server's limit of {config.max_prompts}", "prompt"
+            )
+    budget = TokenBudget.for_generation("prompt", engine.max_model_len, body.max_tokens)
+    prompts, texts = await text_prompts(state, body.prompt, budget)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     requests = build_engine_requests(
         request_id, prompts, params, body.n, body.max_tokens, engine.max_model_len, "prompt"
@@ -93,32 +99,6 @@ async def completions(body: CompletionRequest, raw: Request, state: State) -> Re
             "usage": usage(prompt_tokens, sum(len(o.token_ids) for o in outs)),
         }
     )
-
-
-def completion_prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
-    """The `prompt` field (str, [str], [int], [[int]]) -> token ids per prompt, and their text (for echo)."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise bad_request("prompt is empty", "prompt")
-    if isinstance(prompt[0], int):
-        prompt = [prompt]
-    tokenizer = state.tokenizer
-    ids, texts = [], []
-    for p in prompt:
-        if isinstance(p, str):
-            if tokenizer is None:
-                raise bad_request("this model has no tokenizer: send token ids as the prompt", "prompt")
-            ids.append(tokenizer.encode(p))
-            texts.append(p)
-        else:
-            vocab = state.engine.vocab_size
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise bad_request(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
-            ids.append(list(p))
-            texts.append(tokenizer.decode(p, skip_special_tokens=False) if tokenizer is not None else "")
-    return ids, texts
 
 
 async def completion_chunks(

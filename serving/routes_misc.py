@@ -9,9 +9,9 @@ import time
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from gemma4_jax.serving import media_decode
+from gemma4_jax.serving import api_requests
 from gemma4_jax.serving.api_errors import error_response
-from gemma4_jax.serving.api_requests import chat_prompt, media_chat_prompt
+from gemma4_jax.serving.api_requests import TokenBudget, chat_prompt, text_prompts
 from gemma4_jax.serving.api_state import State
 from gemma4_jax.serving.protocol import (
     DetokenizeRequest,
@@ -59,22 +59,22 @@ async def metrics(state: State) -> Response:
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, state: State) -> dict:
-    """`{"prompt"}` (text) or `{"messages"}` (a chat, rendered as /v1/chat/completions renders it, `tools`
-    included) -> the token ids."""
+    """`{"prompt"}` (text) or `{"messages"}` (a chat, rendered as /v1/chat/completions renders it, `tools` and
+    media placeholders included) -> the token ids; at most `ServerConfig.max_tokenize_tokens` of them."""
     engine = state.require_ready()
     state.check_model(body.model)
     if state.tokenizer is None:
         raise bad_request("this model has no tokenizer")
     if isinstance(body, TokenizeChatRequest):
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
-        if media_decode.has_media_parts(body.messages):  # placeholders expanded as the chat route does
-            ids, _ = await media_chat_prompt(
-                state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs
-            )
-        else:
-            ids = chat_prompt(state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs)
+        budget = TokenBudget("messages", state.config.max_tokenize_tokens)
+        ids, _ = await chat_prompt(
+            state, body.messages, body.add_generation_prompt, tools, body.chat_template_kwargs, budget
+        )
     else:
-        ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        budget = TokenBudget("prompt", state.config.max_tokenize_tokens)
+        [ids], _ = await text_prompts(state, body.prompt, budget, body.add_special_tokens)
+    budget.check(ids)
     return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
 
 
@@ -88,4 +88,4 @@ async def detokenize(body: DetokenizeRequest, state: State) -> dict:
         raise bad_request(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "tokens")
     if state.tokenizer is None:
         raise bad_request("this model has no tokenizer")
-    return {"prompt": state.tokenizer.decode(body.tokens)}
+    return {"prompt": await api_requests.detokenize(state, body.tokens)}

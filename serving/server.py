@@ -10,8 +10,15 @@ chat template, context length, admission), so errors always arrive as a status w
 byte of a stream is sent as an error event, followed, like every stream, by `data: [DONE]`.
 
 A client that goes away (streaming or not, queued or running) aborts its requests; the engine thread frees their
-KV pages before its next step. SIGTERM drains: `/health` turns 503, new requests get 503, in-flight requests
-get `grace_period_s` to finish, then the rest are aborted.
+KV pages before its next step. SIGTERM drains: `/health` turns 503 and new requests get a JSON 503 (the listener
+stays open), in-flight requests get `grace_period_s` to finish; shortly before it ends the rest are ended on the
+event loop (streams: an error event and [DONE]; others: a JSON 503), however long the engine's current step is;
+then the server stops.
+
+The CPU work of a request runs in worker threads, never on the event loop (`ServerState.run_prep`), so /health
+and open streams keep their pace while large requests are prepared. Connections must deliver their request line
+and headers within `header_timeout_s` and their body within `body_timeout_s`; idle keep-alive connections close
+after `keep_alive_s`.
 
 This module is the app factory (`create_app`) and its runner (`make_server`, `serve_cli`); the parts live by job:
 `api_state.py` (ServerConfig, ServerState), `api_errors.py` (the envelope, the API-key / body-size guard),
@@ -24,22 +31,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import gc
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 
 from gemma4_jax.serving import routes_chat, routes_completions, routes_misc
-from gemma4_jax.serving.api_errors import GuardMiddleware, add_exception_handlers
+from gemma4_jax.serving.api_errors import LOOPBACK_HOSTS, GuardMiddleware, add_exception_handlers, allowed_host_names
 from gemma4_jax.serving.api_state import ServerConfig, ServerState
 from gemma4_jax.serving.protocol import advertise_limits
 
 __all__ = ["ServerConfig", "ServerState", "create_app", "make_server", "serve_cli"]
 
 log = logging.getLogger(__name__)
+
+# Request line + headers: h11 answers 400 past this (uvicorn's default, 16 KiB, said here so it is visible).
+_MAX_HEADER_BYTES = 16 * 1024
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (the model, JAX, the libraries: millions of them) out of the garbage collector's
+    reach, as vLLM does after start-up: a full collection walks every tracked object while holding the GIL, and
+    with the start-up heap in it took about a second, stalling the event loop and every stream (the soak test)."""
+    gc.collect()
+    gc.freeze()
 
 
 def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], Any] | None = None) -> FastAPI:
@@ -54,6 +74,7 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
     async def lifespan(app: FastAPI):
         loop = state.loop = asyncio.get_running_loop()
         if llm is not None:
+            freeze_heap()
             state.attach(llm, loop)
         else:
 
@@ -64,6 +85,7 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
                     log.exception("loading the model failed")
                     state.load_error = f"{type(e).__name__}: {e}"
                     return
+                freeze_heap()
                 loop.call_soon_threadsafe(state.attach, loaded, loop)
 
             threading.Thread(target=load_in_thread, name="gemma4-jax-load", daemon=True).start()
@@ -71,6 +93,7 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
         state.draining = True
         if state.engine is not None:
             await asyncio.to_thread(state.engine.stop)
+        state.close()
 
     app = FastAPI(title="gemma4-jax", summary="OpenAI-compatible server for Gemma 4 in JAX", lifespan=lifespan)
     app.state.server = state
@@ -113,29 +136,99 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _timed_h11_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for the request line and headers, counted from the connection (or the
+    end of the previous response on a kept-alive one): uvicorn arms no timer there, so a client that opens a
+    connection and sends nothing, or a header a byte at a time, would hold it forever. Past the deadline the
+    connection is closed (HTTP has no response before a request has arrived)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            self._arm_header_timer()  # first: a pipelined request that super() starts makes self.cycle differ
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._header_deadline, self.cycle)
+
+        def _header_deadline(self, cycle) -> None:
+            self._header_timer = None
+            if self.cycle is cycle and not self.transport.is_closing():  # no new request since the timer was armed
+                self.transport.close()
+
+    return TimedH11Protocol
+
+
 def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
-    """A uvicorn server for `app` whose SIGTERM/SIGINT first marks the app draining (503s), then shuts down with
-    the app's grace period for in-flight requests."""
+    """A uvicorn server for `app` that drains on SIGTERM/SIGINT (see the module docstring), with the app's
+    connection timeouts, and the app's Host allow-list derived from `host` unless the config names one."""
     import uvicorn
 
     state: ServerState = app.state.server
+    config = state.config
+    state.allowed_hosts = allowed_host_names(None if config.allowed_hosts is None else list(config.allowed_hosts), host)
+    if config.api_key is None and host.strip("[]") not in LOOPBACK_HOSTS:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it (see --api-key)", host)
 
     class _DrainingServer(uvicorn.Server):
+        drain_started: float | None = None
+        aborted = False
+
         def handle_exit(self, sig, frame) -> None:
             if state.loop is not None:
                 state.loop.call_soon_threadsafe(state.drain)
             else:
                 state.draining = True
-            super().handle_exit(sig, frame)
+            super().handle_exit(sig, frame)  # should_exit; a second SIGINT forces the exit
 
-    config = uvicorn.Config(
+        async def on_tick(self, counter: int) -> bool:
+            should_exit = await super().on_tick(counter)
+            if self.should_exit and not self.force_exit and not self._drained():
+                return False  # keep the listener open: new requests get a JSON 503 rather than a refused connection
+            return should_exit
+
+        def _drained(self) -> bool:
+            """Whether the drain is over: nothing in flight, or the grace period spent. Shortly before it ends the
+            requests still in flight are ended (ServerState.abort_in_flight)."""
+            now = time.monotonic()
+            if self.drain_started is None:
+                self.drain_started = now
+                state.drain()
+            if not self.server_state.tasks:
+                return True
+            grace = state.config.grace_period_s
+            elapsed = now - self.drain_started
+            if not self.aborted and elapsed >= grace - min(1.0, grace / 4):
+                self.aborted = True
+                state.abort_in_flight()
+            return elapsed >= grace
+
+    uv_config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=max(1, int(state.config.grace_period_s)),
+        http=_timed_h11_protocol(config.header_timeout_s),
+        timeout_keep_alive=config.keep_alive_s,
+        # After the drain: what is still running (e.g. a request still being prepared) gets this long, then is
+        # cancelled, and GuardMiddleware still answers it (a JSON 503, or an error event and [DONE]).
+        timeout_graceful_shutdown=1,
+        h11_max_incomplete_event_size=_MAX_HEADER_BYTES,
     )
-    return _DrainingServer(config)
+    return _DrainingServer(uv_config)
 
 
 def serve_cli(args, build_llm: Callable[[Any], Any]) -> int:
@@ -143,15 +236,26 @@ def serve_cli(args, build_llm: Callable[[Any], Any]) -> int:
     name = args.served_model_name
     if name is None:
         name = os.path.basename(os.path.normpath(args.model)) if args.model else "gemma4-jax-demo"
+    # An empty key (e.g. an unset variable in --api-key "$KEY") is refused by ServerConfig, not taken as "no key".
+    api_key = args.api_key if args.api_key is not None else os.environ.get("GEMMA4_JAX_API_KEY")
+    allowed_hosts = None
+    if args.allowed_hosts:
+        allowed_hosts = [h.strip() for value in args.allowed_hosts for h in value.split(",") if h.strip()]
     config = ServerConfig(
         served_model_name=name,
-        api_key=args.api_key or os.environ.get("GEMMA4_JAX_API_KEY"),
+        api_key=api_key,
         max_queue=args.max_queue,
         max_queued_tokens=args.max_queued_tokens,
         max_body_bytes=args.max_body_bytes,
         max_n=args.max_n,
         cors_origins=args.cors_origin or (),
         grace_period_s=args.grace_period,
+        allowed_hosts=allowed_hosts,
+        split_special_tokens=not args.allow_special_tokens_in_chat,
+        max_tokenize_tokens=args.max_tokenize_tokens,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keep_alive_s=args.timeout_keep_alive,
     )
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO))
     app = create_app(load=lambda: build_llm(args), config=config)
