@@ -1,0 +1,147 @@
+"""Structured-output overhead: decode steps with every row constrained by a JSON schema against the same steps
+unconstrained, in the same process, and the grammar compile time per schema.
+
+The mask's host cost grows with the vocabulary's token trie, so the byte-level demo tokenizer (512 ids) would
+flatter it: this trains a byte-level BPE tokenizer with the model's vocabulary size (bench-100m: 32768) on Python
+source text from the standard library, then runs the bench-100m model (random weights, float32) at batch 64.
+
+    python benchmarks/structured.py [--batch 64] [--steps 24] [--vocab 32768]
+
+Prints: mean decode step time unconstrained / constrained, the mask fill time per step (host), the overhead as a
+fraction of the unconstrained step, the first-use compile time of the masked step shape, and the grammar compile
+time per schema (validate + first matcher), with the 1-minute load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sysconfig
+import tempfile
+import time
+
+import numpy as np
+
+
+def train_tokenizer(vocab_size: int, path: str) -> None:
+    """A byte-level BPE tokenizer.json with `vocab_size` ids (specials first) trained on stdlib sources."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:400]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train(files, trainer)
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}, f)
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                      "tags": {"type": "array", "items": {"type": "string", "maxLength": 8},
+                                               "maxItems": 4}},
+     "required": ["name", "age", "tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"id": {"type": "string", "format": "uuid"},
+                                      "when": {"type": "string", "format": "date"},
+                                      "kind": {"enum": ["a", "b", "c"]},
+                                      "score": {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.01}},
+     "required": ["id", "when", "kind", "score"], "additionalProperties": False},
+    {"type": "array", "items": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 5}]},
+     "maxItems": 8},
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--vocab", type=int, default=32768)
+    args = p.parse_args()
+
+    import jax
+
+    import gemma4_jax
+    from gemma4_jax.bench.presets import bench_config
+    from gemma4_jax.serving.sampling import SamplingParams
+    from gemma4_jax.serving.structured import Grammars, StructuredOutputs
+    from gemma4_jax.serving.tokenizer import Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        train_tokenizer(args.vocab, tmp)
+        tokenizer = Tokenizer.from_dir(tmp)
+        print(f"tokenizer: {tokenizer.vocab_size} ids, trained in {time.perf_counter() - t0:.1f} s")
+    cfg = bench_config("bench-100m")
+    model = gemma4_jax.from_config(cfg, dtype="float32")
+    llm = gemma4_jax.LLM(model, tokenizer=tokenizer, max_num_seqs=args.batch, max_model_len=512,
+                         max_num_batched_tokens=4096, compilation_cache=False)
+    engine = llm.engine
+
+    t0 = time.perf_counter()
+    grammars = Grammars(tokenizer, cfg.text.vocab_size, [1])
+    print(f"llguidance tokenizer view: {time.perf_counter() - t0:.2f} s (once per engine)")
+    for i, schema in enumerate(SCHEMAS):
+        t0 = time.perf_counter()
+        grammars.matcher(StructuredOutputs(json=schema))
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        grammars.matcher(StructuredOutputs(json=schema))
+        cached = time.perf_counter() - t0
+        print(f"schema {i}: compile + first matcher {first * 1000:.1f} ms, cached {1000 * cached:.2f} ms")
+
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(16, tokenizer.vocab_size, size=(args.batch, 32)).tolist()
+
+    def run(constrained: bool) -> tuple[float, float, float]:
+        """Mean decode step (ms), mask fill per step (ms), first masked/unmasked step time incl. compile (s)."""
+        for i, prompt in enumerate(prompts):
+            so = {"json": SCHEMAS[i % len(SCHEMAS)]} if constrained else None
+            engine.add_request(prompt, SamplingParams(temperature=1.0, seed=i, max_tokens=args.steps + 4,
+                                                      ignore_eos=not constrained, structured_outputs=so))
+        fill = []
+        original = engine._grammars.fill if engine._grammars is not None else None
+        if original is not None:
+            def timed_fill(*a, **k):
+                t = time.perf_counter()
+                out = original(*a, **k)
+                fill.append(time.perf_counter() - t)
+                return out
+            engine._grammars.fill = timed_fill
+        engine.step()  # prefill all rows
+        t0 = time.perf_counter()
+        engine.step()
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
+        for rid in list(engine.requests):
+            engine.release(rid)
+        if original is not None:
+            engine._grammars.fill = original
+        return 1000 * float(np.mean(times)), 1000 * float(np.mean(fill[-args.steps:])) if fill else 0.0, first
+
+    print(f"devices: {jax.devices()[0].device_kind}; batch {args.batch}; {args.steps} decode steps each")
+    results = {}
+    for label in ("unconstrained", "constrained", "unconstrained", "constrained"):  # interleaved, A B A B
+        step, fill, first = run(label == "constrained")
+        results.setdefault(label, []).append((step, fill, first))
+        print(f"  {label:13s} step {step:7.2f} ms  mask fill {fill:6.2f} ms  first step {first:5.2f} s  "
+              f"(load {os.getloadavg()[0]:.2f})")
+    free = float(np.mean([s for s, _, _ in results["unconstrained"][1:] or results["unconstrained"]]))
+    masked = float(np.mean([s for s, _, _ in results["constrained"][1:] or results["constrained"]]))
+    print(f"overhead: {masked - free:.2f} ms per decode step = {100 * (masked - free) / free:.1f}% of the "
+          f"unconstrained step ({free:.2f} ms)")
+
+
+if __name__ == "__main__":
+    main()
