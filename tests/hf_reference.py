@@ -63,6 +63,27 @@ def randomize_(model, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 / fan_in**0.5))
 
 
+def randomize_towers_(model, seed: int, clip_low: float, clip_spread: float) -> None:
+    """randomize_ for a model with media towers: the clipped linears' bounds become finite, +-(clip_low +
+    clip_spread * U[0, 1)) drawn in buffer order from a generator seeded seed + 1, so that some activations are
+    clipped; the audio tower's derived buffers (relative position timescales, attention soft-cap: config values,
+    not weights) keep their values."""
+    import torch
+
+    derived = {n: b.clone() for n, b in model.named_buffers() if n.endswith(("inv_timescales", "softcap"))}
+    randomize_(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            leaf = name.rsplit(".", 1)[-1]
+            if name in derived:
+                buf.copy_(derived[name])
+            elif leaf in ("input_min", "output_min"):
+                buf.fill_(-(clip_low + clip_spread * torch.rand((), generator=g).item()))
+            elif leaf in ("input_max", "output_max"):
+                buf.fill_(clip_low + clip_spread * torch.rand((), generator=g).item())
+
+
 def make_text_checkpoint(path: str, seed: int = 0, multimodal_wrapper: bool = False, **overrides):
     """Save a random Gemma4ForCausalLM (or a text-only Gemma4ForConditionalGeneration) to `path`."""
     import torch
@@ -91,13 +112,40 @@ def hf_logits(model, input_ids: np.ndarray) -> np.ndarray:
     return out.logits.float().numpy()
 
 
-def rewrite_config(path: str, fn) -> None:
-    file = os.path.join(path, "config.json")
+def hf_greedy(model, prompt, n: int, ban_eos: bool = True, **options) -> list[int]:
+    """HF `generate`'s greedy continuation of one prompt: n new token ids. With ban_eos, EOS is never picked
+    (min_new_tokens=n); `options` are further generate arguments (e.g. eos_token_id=None: EOS may be picked but
+    does not stop)."""
+    import torch
+
+    if ban_eos:
+        options["min_new_tokens"] = n
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, **options)
+    return out[0, len(prompt):].tolist()
+
+
+def rewrite_json(file, fn) -> None:
+    """Edit a JSON file: fn(dict) edits the dict in place (what it returns is ignored, so `d.pop` can be fn)."""
     with open(file) as f:
         d = json.load(f)
-    d = fn(d) or d
+    fn(d)
     with open(file, "w") as f:
         json.dump(d, f, indent=2)
+
+
+def rewrite_config(path, fn) -> None:
+    rewrite_json(os.path.join(path, "config.json"), fn)
+
+
+def edit_safetensors(path, edit) -> None:
+    """Rewrite every *.safetensors file of a checkpoint directory: edit(dict of torch tensors) -> dict."""
+    from safetensors.torch import load_file, save_file
+
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            file = os.path.join(path, name)
+            save_file(edit(load_file(file)), file, metadata={"format": "pt"})
 
 
 def rel_err(ours, ref) -> float:
@@ -123,6 +171,7 @@ BASE_AUDIO = dict(
     gradient_clipping=2.0,  # bites on the residual stream and after the light convolution
     output_proj_dims=48,
 )
+N_MELS = BASE_AUDIO["subsampling_conv_channels"][0]  # 16 mel bins fit the tiny tower's projection
 # Multimodal token ids inside the tiny text vocab (BASE_TEXT vocab_size=384).
 TINY_MM_TOKENS = dict(image_token_id=370, video_token_id=371, audio_token_id=372, boi_token_id=373,
                       eoi_token_id=374, boa_token_id=375, eoa_token_index=376)
@@ -131,9 +180,7 @@ TINY_MM_TOKENS = dict(image_token_id=370, video_token_id=371, audio_token_id=372
 def make_audio_checkpoint(path: str, seed: int = 0, audio_overrides: dict | None = None, **text_overrides):
     """Save a random Gemma4ForConditionalGeneration with an audio tower (no vision) to `path`.
 
-    Every parameter is randomised as in randomize_; the clipped linears get finite random bounds (inputs and
-    outputs clamped to about +-1..3, so clipping happens) and the derived, non-persistent buffers (the relative
-    position timescales, the attention soft-cap, which HF takes from the config) are restored.
+    Every parameter is randomised as in randomize_towers_; the clipped linears' bounds are about +-1..3.
     """
     import torch
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
@@ -145,17 +192,7 @@ def make_audio_checkpoint(path: str, seed: int = 0, audio_overrides: dict | None
                        tie_word_embeddings=tc.tie_word_embeddings, **TINY_MM_TOKENS)
     model = Gemma4ForConditionalGeneration(cfg).float().eval()
     model.config._attn_implementation = "eager"
-    derived = {n: b.clone() for n, b in model.named_buffers() if n.endswith(("inv_timescales", "softcap"))}
-    randomize_(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name in derived:
-                b.copy_(derived[name])
-            elif name.endswith(("input_min", "output_min")):
-                b.fill_(-(1.0 + 2.0 * torch.rand((), generator=g).item()))
-            elif name.endswith(("input_max", "output_max")):
-                b.fill_(1.0 + 2.0 * torch.rand((), generator=g).item())
+    randomize_towers_(model, seed, clip_low=1.0, clip_spread=2.0)
     model.save_pretrained(path, safe_serialization=True)
     return model
 
@@ -186,6 +223,9 @@ BASE_VISION = dict(
     standardize=True,
     rope_parameters={"rope_type": "axial", "rope_theta": 100.0},
 )
+# ImageProcessor / VideoProcessor arguments for the tiny vision tower (70 soft tokens at most per image or frame).
+TINY_PATCH = dict(patch_size=BASE_VISION["patch_size"], max_soft_tokens=70,
+                  pooling_kernel_size=BASE_VISION["pooling_kernel_size"])
 
 
 def make_multimodal_checkpoint(path: str, seed: int = 0, vision_overrides: dict | None = None,
@@ -193,9 +233,8 @@ def make_multimodal_checkpoint(path: str, seed: int = 0, vision_overrides: dict 
     """Save a random Gemma4ForConditionalGeneration with a vision tower (and optionally an audio tower, e.g.
     `audio_config=BASE_AUDIO`) to `path`; placeholder ids are TINY_MM_TOKENS.
 
-    Every parameter and buffer is randomised as in `randomize_`; the clipped-linear bounds get finite values
-    (about +-2, so that some activations are clipped) instead of +-inf or a narrow band around 1; the audio
-    tower's derived buffers (timescales, soft-cap: config values, not weights) are restored.
+    Every parameter and buffer is randomised as in `randomize_towers_`; the clipped-linear bounds are about +-2
+    (instead of +-inf or a narrow band around 1).
     """
     import torch
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
@@ -208,18 +247,7 @@ def make_multimodal_checkpoint(path: str, seed: int = 0, vision_overrides: dict 
     for sub in (model.config.text_config, model.config.vision_config, model.config.audio_config):
         if sub is not None:
             sub._attn_implementation = "eager"
-    derived = {n: b.clone() for n, b in model.named_buffers() if n.endswith(("inv_timescales", "softcap"))}
-    randomize_(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            leaf = name.rsplit(".", 1)[-1]
-            if name in derived:
-                buf.copy_(derived[name])
-            elif leaf in ("input_min", "output_min"):
-                buf.fill_(-(1.5 + torch.rand((), generator=g).item()))
-            elif leaf in ("input_max", "output_max"):
-                buf.fill_(1.5 + torch.rand((), generator=g).item())
+    randomize_towers_(model, seed, clip_low=1.5, clip_spread=1.0)
     model.save_pretrained(path, safe_serialization=True)
     return model
 

@@ -13,7 +13,7 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from hf_reference import BASE_AUDIO, TINY_MM_TOKENS, make_multimodal_checkpoint
+from hf_reference import BASE_AUDIO, N_MELS, TINY_MM_TOKENS, make_multimodal_checkpoint
 
 VOCAB = 512
 FIRST_BYTE = 16
@@ -22,7 +22,6 @@ SPECIALS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 4
             "<|audio|>": TINY_MM_TOKENS["audio_token_id"], "<|image>": TINY_MM_TOKENS["boi_token_id"],
             "<image|>": TINY_MM_TOKENS["eoi_token_id"], "<|audio>": TINY_MM_TOKENS["boa_token_id"],
             "<audio|>": TINY_MM_TOKENS["eoa_token_index"]}
-N_MELS = BASE_AUDIO["subsampling_conv_channels"][0]
 
 CHAT_TEMPLATE = """{{- bos_token -}}
 {%- for message in messages -%}

@@ -18,17 +18,15 @@ import gemma4_jax
 from gemma4_jax import audio
 from gemma4_jax.audio_processing import AudioFeatureExtractor
 from gemma4_jax.config import ConfigError, config_from_dict
-from hf_reference import BASE_AUDIO, TINY_MM_TOKENS, hf_audio_embed, make_audio_checkpoint, rel_err
+from hf_reference import BASE_AUDIO, N_MELS, TINY_MM_TOKENS, hf_audio_embed, make_audio_checkpoint, rel_err
 
 TOL = 5e-4
-N_MELS = BASE_AUDIO["subsampling_conv_channels"][0]  # 16 mel bins fit the tiny tower's projection
 
 
 @pytest.fixture(scope="module")
-def checkpoint(ckpt_root):
+def checkpoint(tiny_checkpoint):
     """A tiny audio model (PLE on, so placeholder handling in the per-layer embeddings matters) and its HF twin."""
-    path = str(ckpt_root / "audio_ple")
-    hf = make_audio_checkpoint(path, seed=7, hidden_size_per_layer_input=8)
+    path, hf = tiny_checkpoint("audio_ple", seed=7, maker=make_audio_checkpoint, hidden_size_per_layer_input=8)
     return path, hf, gemma4_jax.from_pretrained(path, dtype="float32")
 
 
@@ -65,12 +63,12 @@ def test_tower_and_embedder_match_hf(checkpoint):
     assert rel_err(ours, ref) <= TOL  # padded positions too: the same computation, not just the kept tokens
 
 
-def test_tower_without_future_context(tmp_path):
+def test_tower_without_future_context(tiny_checkpoint):
     """The released configs' shape: no right context, chunk 12 with 12 frames of past, GELU, long clips."""
     overrides = dict(attention_chunk_size=6, attention_context_left=7, attention_context_right=0,
                      hidden_act="gelu_pytorch_tanh", num_hidden_layers=1)
-    hf = make_audio_checkpoint(str(tmp_path), seed=11, audio_overrides=overrides)
-    model = gemma4_jax.from_pretrained(str(tmp_path), dtype="float32")
+    path, hf = tiny_checkpoint("audio_no_future", seed=11, maker=make_audio_checkpoint, audio_overrides=overrides)
+    model = gemma4_jax.from_pretrained(path, dtype="float32")
     assert model.config.audio.attention_context_right == 0
     feats, mask = _features([61, 44], seed=1)
     ours, valid = _embed(model, feats, mask)

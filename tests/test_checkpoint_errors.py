@@ -9,14 +9,12 @@ import pytest
 
 import gemma4_jax
 from gemma4_jax.checkpoint import CheckpointError, SafetensorsFile
-from hf_reference import make_text_checkpoint
+from hf_reference import rewrite_config
 
 
 @pytest.fixture(scope="module")
-def good(ckpt_root):
-    path = str(ckpt_root / "errors_good")
-    make_text_checkpoint(path, seed=11, hidden_size_per_layer_input=8, num_kv_shared_layers=2)
-    return path
+def good(tiny_checkpoint):
+    return tiny_checkpoint("errors_good", seed=11, hidden_size_per_layer_input=8, num_kv_shared_layers=2).path
 
 
 def _copy(good, tmp_path):
@@ -97,11 +95,7 @@ def test_kv_shared_layer_weights_are_ignored(good, tmp_path):
 
 def test_config_and_checkpoint_disagree(good, tmp_path):
     path = _copy(good, tmp_path)
-    with open(os.path.join(path, "config.json")) as f:
-        d = json.load(f)
-    d["intermediate_size"] = 100  # the checkpoint's MLPs are 96 wide
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(d, f)
+    rewrite_config(path, lambda d: d.update(intermediate_size=100))  # the checkpoint's MLPs are 96 wide
     with pytest.raises(CheckpointError, match="does not match its config"):
         gemma4_jax.from_pretrained(path, dtype="float32")
 

@@ -12,22 +12,15 @@ import shutil
 
 import numpy as np
 import pytest
-from flax import nnx
+from helpers import MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, THREE_LAYERS, flat_state, random_ids
 
 import gemma4_jax
 from gemma4_jax import cli, orbax_io
 from gemma4_jax.checkpoint import CheckpointError
-from hf_reference import hf_logits, make_text_checkpoint, rel_err
+from hf_reference import hf_logits, make_text_checkpoint, rel_err, rewrite_config, rewrite_json
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "quant")
-PLE_KVSHARE = dict(hidden_size_per_layer_input=16, num_kv_shared_layers=2, final_logit_softcapping=30.0)
-MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24, attention_k_eq_v=True,
-           num_global_key_value_heads=1, num_hidden_layers=3,
-           layer_types=["sliding_attention", "sliding_attention", "full_attention"])
-
-
-def _ids(batch=2, length=12, seed=0, vocab=384):
-    return np.random.RandomState(seed).randint(3, vocab, size=(batch, length))
+MOE = dict(MOE_K_EQ_V, **THREE_LAYERS, num_experts=4)
 
 
 def _convert(src, out, *extra):
@@ -35,7 +28,7 @@ def _convert(src, out, *extra):
 
 
 def _flat(model):
-    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(model.state)}
+    return {name: v.get_value() for name, v in flat_state(model.state).items()}
 
 
 def _assert_same_state(ours, ref):
@@ -52,7 +45,7 @@ def _assert_same_state(ours, ref):
 def text(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert_text")
     src, out = root / "hf", root / "converted"
-    hf_model = make_text_checkpoint(str(src), seed=61, **PLE_KVSHARE)
+    hf_model = make_text_checkpoint(str(src), seed=61, **PLE_KVSHARE_SOFTCAP)
     (src / "tokenizer.json").write_text("{}")  # copied unchanged, whatever it holds
     (src / "chat_template.jinja").write_text("{{ messages }}")
     assert _convert(src, out, "--dtype", "float32") == 0
@@ -86,7 +79,7 @@ def test_output_layout_and_metadata(text):
 
 def test_converted_logits_equal_the_hf_directory(text):
     src, out, hf_model = text
-    ids = _ids()
+    ids = random_ids()
     ref = gemma4_jax.from_pretrained(src, dtype="float32")
     model = gemma4_jax.from_pretrained(out, dtype="float32")
     assert model.path == str(out)
@@ -101,7 +94,7 @@ def test_any_layout_restores_straight_into_its_sharding(text, layout):
     """Converted on one device, read back sharded: the same arrays on the same devices as loading the HF directory
     in that layout, and identical logits."""
     src, out, _ = text
-    ids = _ids()
+    ids = random_ids()
     ref = gemma4_jax.from_pretrained(src, dtype="float32", **layout)
     model = gemma4_jax.from_pretrained(out, dtype="float32", **layout)
     assert model.num_stages == layout.get("pp", 1)
@@ -118,7 +111,7 @@ def test_bfloat16_load_of_a_float32_conversion_equals_bfloat16_from_hf(text):
 @pytest.mark.parametrize("layout", [dict(), dict(tp=2)])
 def test_moe_converted_sharded_loads_in_other_layouts(moe, layout):
     src, out = moe
-    ids = _ids()
+    ids = random_ids()
     ref = gemma4_jax.from_pretrained(src, dtype="float32", **layout)
     model = gemma4_jax.from_pretrained(out, dtype="float32", **layout)
     _assert_same_state(model, ref)
@@ -131,7 +124,7 @@ def test_quantized_checkpoint_stays_packed(tmp_path):
     assert (out / "hf_quant_config.json").exists()
     meta = json.loads((out / orbax_io.METADATA_FILE).read_text())
     assert meta["quant_plan"]["experts"] == [[0, "nvfp4"], [1, "nvfp4"], [2, "nvfp4"]]
-    ids = _ids(length=10, vocab=128)
+    ids = random_ids(length=10, vocab=128)
     for layout in (dict(), dict(tp=2)):
         ref = gemma4_jax.from_pretrained(src, dtype="float32", **layout)
         model = gemma4_jax.from_pretrained(out, dtype="float32", **layout)
@@ -142,11 +135,10 @@ def test_quantized_checkpoint_stays_packed(tmp_path):
         np.testing.assert_array_equal(np.asarray(model.logits(ids)), np.asarray(ref.logits(ids)))
 
 
-def test_multimodal_towers_and_processor_files(tmp_path):
+def test_multimodal_towers_and_processor_files(tiny_checkpoint, tmp_path):
     from mm_fixtures import make_mm_checkpoint
 
-    src, out = tmp_path / "mm", tmp_path / "mm_converted"
-    make_mm_checkpoint(str(src), seed=63)
+    src, out = tiny_checkpoint("convert_mm", seed=63, maker=make_mm_checkpoint).path, tmp_path / "mm_converted"
     assert _convert(src, out, "--dtype", "float32") == 0
     assert {"tokenizer.json", "tokenizer_config.json", "processor_config.json"} <= set(os.listdir(out))
     model = gemma4_jax.from_pretrained(out, dtype="float32")
@@ -192,10 +184,7 @@ def test_missing_metadata_file_is_named(broken):
 
 
 def test_unknown_format_version_is_named(broken):
-    file = broken / orbax_io.METADATA_FILE
-    meta = json.loads(file.read_text())
-    meta["format_version"] = 99
-    file.write_text(json.dumps(meta))
+    rewrite_json(broken / orbax_io.METADATA_FILE, lambda meta: meta.update(format_version=99))
     with pytest.raises(CheckpointError, match=f"{orbax_io.METADATA_FILE}: format_version 99 is not supported"):
         gemma4_jax.from_pretrained(broken, dtype="float32")
 
@@ -223,9 +212,6 @@ def test_missing_tree_metadata_is_named(broken):
 
 
 def test_config_that_disagrees_with_the_arrays_is_named(broken):
-    file = broken / "config.json"
-    cfg = json.loads(file.read_text())
-    cfg["hidden_size_per_layer_input"] = 8
-    file.write_text(json.dumps(cfg))
+    rewrite_config(broken, lambda cfg: cfg.update(hidden_size_per_layer_input=8))
     with pytest.raises(CheckpointError, match=r"embed_tokens_per_layer\.embedding: stored shape"):
         gemma4_jax.from_pretrained(broken, dtype="float32")

@@ -11,34 +11,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from helpers import BYTE_VOCAB, K_EQ_V_UNTIED, MOE, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW
 
 import gemma4_jax
 from gemma4_jax import SamplingParams
-from gemma4_jax.serving.demo import save_byte_level_tokenizer
-from hf_reference import make_text_checkpoint
+from hf_reference import hf_greedy
 
-VOCAB = 512  # the byte-level demo tokenizer's vocabulary
 ENGINE = dict(page_size=4, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=128)
 
-VARIANTS = {
-    "ple_kvshare_window": dict(hidden_size_per_layer_input=16, num_kv_shared_layers=2, final_logit_softcapping=30.0,
-                               sliding_window=8, use_double_wide_mlp=True),
-    "k_eq_v_untied": dict(attention_k_eq_v=True, num_key_value_heads=2, num_global_key_value_heads=1,
-                          tie_word_embeddings=False, sliding_window=8),
-    "moe": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=24, sliding_window=8),
+VARIANTS = {  # the recipes of tests/helpers.py, each with a window of 8 that long prompts and outputs outrun
+    "ple_kvshare_window": dict(PLE_KVSHARE_SOFTCAP, **SHORT_WINDOW, use_double_wide_mlp=True),
+    "k_eq_v_untied": dict(K_EQ_V_UNTIED, **SHORT_WINDOW),
+    "moe": dict(MOE, **SHORT_WINDOW),
 }
 
 
 @pytest.fixture(scope="module")
-def ckpts(ckpt_root):
-    made = {}
-    for i, (name, overrides) in enumerate(VARIANTS.items()):
-        path = str(ckpt_root / f"engine_{name}")
-        hf = make_text_checkpoint(path, seed=20 + i, vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, **overrides)
-        save_byte_level_tokenizer(path)
-        made[name] = (path, hf)
-    return made
+def ckpts(tiny_checkpoint):
+    return {name: tiny_checkpoint(f"engine_{name}", seed=20 + i, tokenizer=True, **overrides)
+            for i, (name, overrides) in enumerate(VARIANTS.items())}
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +39,7 @@ def llm(ckpts):
 
 def _prompts(lengths, seed=0):
     rs = np.random.RandomState(seed)
-    return [[2] + list(rs.randint(16, VOCAB, size=n - 1)) for n in lengths]
-
-
-def _hf_greedy(hf, prompt, n):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return [[2] + list(rs.randint(16, BYTE_VOCAB, size=n - 1)) for n in lengths]
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -68,7 +53,7 @@ def test_greedy_matches_hf_generate(ckpts, variant):
     outs = engine.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         assert out.finish_reason == "length"
-        assert out.token_ids == _hf_greedy(hf, prompt, 24), f"prompt of {len(prompt)} tokens diverged from HF"
+        assert out.token_ids == hf_greedy(hf, prompt, 24), f"prompt of {len(prompt)} tokens diverged from HF"
 
 
 def test_prefill_then_decode_equals_full_forward(llm, ckpts):
@@ -227,7 +212,7 @@ def test_multi_step_decode_equals_single_step(ckpts):
     assert multi_llm.engine.stats["steps"] < single_llm.engine.stats["steps"]
     for a, b in zip(single, multi):
         assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
-    assert multi[0].token_ids == _hf_greedy(hf, prompts[0], 21)
+    assert multi[0].token_ids == hf_greedy(hf, prompts[0], 21)
     assert multi_llm.engine.num_used_pages == 0
 
 

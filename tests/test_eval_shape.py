@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import flat_state
 
 import gemma4_jax
 
@@ -29,7 +30,7 @@ def test_real_sizes(name):
     want_total, want_ple = EXPECTED[name]
     assert abs(total - want_total) / want_total < 1e-3
     assert abs(ple - want_ple) <= 1e-3 * want_total
-    shapes = {".".join(map(str, p)): tuple(v.shape) for p, v in flat}
+    shapes = {name: tuple(v.shape) for name, v in flat_state(state).items()}
     assert shapes["embed_tokens.embedding"] == (262144, cfg.hidden_size)
     full = next(s for s in cfg.layers if s.attention_type == "full_attention")
     assert shapes[f"layers.{full.index}.self_attn.q_proj.kernel"] == (cfg.hidden_size, cfg.num_attention_heads, 512)

@@ -11,8 +11,9 @@ from gemma4_jax import audio
 from gemma4_jax.audio_processing import AudioFeatureExtractor
 from hf_reference import (
     BASE_AUDIO,
-    BASE_VISION,
+    N_MELS,
     TINY_MM_TOKENS,
+    TINY_PATCH,
     hf_multimodal_logits,
     make_multimodal_checkpoint,
     rel_err,
@@ -23,27 +24,23 @@ from gemma4_jax.processing import ImageProcessor  # noqa: E402
 
 IMG, BOI, EOI = (TINY_MM_TOKENS[k] for k in ("image_token_id", "boi_token_id", "eoi_token_id"))
 AUD, BOA, EOA = (TINY_MM_TOKENS[k] for k in ("audio_token_id", "boa_token_id", "eoa_token_index"))
-PATCH = dict(patch_size=BASE_VISION["patch_size"], max_soft_tokens=70,
-             pooling_kernel_size=BASE_VISION["pooling_kernel_size"])
 
 
 @pytest.fixture(scope="module")
-def checkpoint(ckpt_root):
+def checkpoint(tiny_checkpoint):
     # PLE, KV sharing whose source sits on stage 0 while its readers are on stage 1, a short window and
     # bidirectional vision attention: everything that must cross the stage boundary does.
-    path = str(ckpt_root / "mm_pipeline")
-    hf = make_multimodal_checkpoint(path, seed=5, audio_config=dict(BASE_AUDIO), hidden_size_per_layer_input=8,
-                                    num_kv_shared_layers=2, sliding_window=8, use_bidirectional_attention="vision")
-    return path, hf
+    return tiny_checkpoint("mm_pipeline", seed=5, maker=make_multimodal_checkpoint, audio_config=dict(BASE_AUDIO),
+                           hidden_size_per_layer_input=8, num_kv_shared_layers=2, sliding_window=8,
+                           use_bidirectional_attention="vision")
 
 
 def _inputs():
     rng = np.random.default_rng(0)
     from PIL import Image
 
-    img = ImageProcessor(**PATCH)([Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))])
-    feats, mask = AudioFeatureExtractor(feature_size=BASE_AUDIO["subsampling_conv_channels"][0])(
-        [0.2 * rng.standard_normal(2900)])
+    img = ImageProcessor(**TINY_PATCH)([Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))])
+    feats, mask = AudioFeatureExtractor(feature_size=N_MELS)([0.2 * rng.standard_normal(2900)])
     n_img, n_aud = int(img["num_soft_tokens_per_image"][0]), int(audio.num_soft_tokens(mask)[0])
     ids = [2, 10, 11, BOI] + [IMG] * n_img + [EOI, 20, 21, BOA] + [AUD] * n_aud + [EOA, 30, 31, 32]
     ids = np.array([ids])
@@ -65,14 +62,13 @@ def test_pipelined_multimodal_logits_match_hf(checkpoint, pp):
     assert rel_err(np.asarray(model.logits(ids, **other)), ref) > 1e-2
 
 
-def test_pipelined_engine_generates_with_media(ckpt_root):
+def test_pipelined_engine_generates_with_media(tiny_checkpoint):
     """pp=2 through the engine: towers on stage 0, soft tokens spliced there in the media chunks, bidirectional
     image blocks crossing to stage 1. Greedy tokens and logprobs equal the single-program engine's."""
     from mm_fixtures import make_mm_checkpoint, noise, png_bytes
 
-    path = str(ckpt_root / "mm_engine_pp")
-    make_mm_checkpoint(path, seed=6, num_kv_shared_layers=2, num_hidden_layers=4,
-                       layer_types=["sliding_attention", "full_attention"] * 2)
+    path = tiny_checkpoint("mm_engine_pp", seed=6, maker=make_mm_checkpoint, num_kv_shared_layers=2,
+                           num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2).path
     prompts = [
         {"prompt": "A <|image|> then <|audio|> end", "multi_modal_data": {"image": [png_bytes(40, 60, seed=1)],
                                                                           "audio": noise(2900, seed=3)}},

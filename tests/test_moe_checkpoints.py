@@ -4,35 +4,29 @@ the 26B-A4B preset with NVFP4 experts (jax.eval_shape, no memory)."""
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import MOE_K_EQ_V, THREE_LAYERS, TWO_LAYERS, flat_state, random_ids
 
 import gemma4_jax
 from gemma4_jax import checkpoint, quant
-from hf_reference import hf_logits, make_text_checkpoint, rel_err
+from hf_reference import edit_safetensors, hf_logits, make_text_checkpoint, rel_err
 
 TOL = 5e-4
-MOE = dict(enable_moe_block=True, num_experts=6, top_k_experts=2, moe_intermediate_size=24, attention_k_eq_v=True,
-           num_global_key_value_heads=1, num_hidden_layers=3,
-           layer_types=["sliding_attention", "sliding_attention", "full_attention"])
-
-
-def _ids(batch=2, length=20, seed=0):
-    return np.random.RandomState(seed).randint(3, 384, size=(batch, length))
+MOE = dict(MOE_K_EQ_V, **THREE_LAYERS, num_experts=6)
 
 
 def _split_experts(path: str, drop: str | None = None, keep_fused_layer: int | None = None,
                    infix: str = "") -> None:
     """Rewrite a checkpoint's fused experts as per-expert tensors (optionally under `moe.`/`mlp.`, minus `drop`)."""
-    from safetensors.torch import load_file, save_file
+    edit_safetensors(path, lambda tensors: _per_expert(tensors, drop, keep_fused_layer, infix))
 
-    file = os.path.join(path, "model.safetensors")
+
+def _per_expert(tensors, drop, keep_fused_layer, infix):
     out = {}
-    for key, value in load_file(file).items():
+    for key, value in tensors.items():
         layer_fused = key.endswith(("experts.gate_up_proj", "experts.down_proj"))
         if layer_fused and keep_fused_layer is not None and f"layers.{keep_fused_layer}." in key:
             out[key] = value
@@ -49,23 +43,21 @@ def _split_experts(path: str, drop: str | None = None, keep_fused_layer: int | N
             out[key] = value
     if drop:
         del out[drop]
-    save_file(out, file, metadata={"format": "pt"})
+    return out
 
 
 @pytest.fixture(scope="module")
-def fused(ckpt_root):
-    path = str(ckpt_root / "moe_fused")
-    return path, make_text_checkpoint(path, seed=21, **MOE)
+def fused(tiny_checkpoint):
+    return tiny_checkpoint("moe_fused", seed=21, **MOE)
 
 
 @pytest.mark.parametrize("wrapper,infix", [(False, ""), (True, ""), (False, "moe.")])
-def test_per_expert_equals_fused(fused, tmp_path, wrapper, infix):
+def test_per_expert_equals_fused(fused, tiny_checkpoint, tmp_path, wrapper, infix):
     """Per-expert tensors load to exactly the fused stacks, under model. and model.language_model."""
     path, hf_model = fused
-    ids = _ids()
+    ids = random_ids(2, 20)
     if wrapper:
-        path = str(tmp_path / "wrapped_fused")
-        hf_model = make_text_checkpoint(path, seed=22, multimodal_wrapper=True, **MOE)
+        path, hf_model = tiny_checkpoint("moe_wrapped_fused", seed=22, multimodal_wrapper=True, **MOE)
     split = str(tmp_path / "split")
     import shutil
 
@@ -107,19 +99,18 @@ def test_dense_model_never_touches_the_expert_path(tmp_path):
     """A dense checkpoint: empty plan, plain Linear/MLP modules; stray expert tensors are unexpected; a MoE backend
     that needs experts is refused."""
     path = str(tmp_path / "dense")
-    make_text_checkpoint(path, seed=23, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    make_text_checkpoint(path, seed=23, **TWO_LAYERS)
     cfg = gemma4_jax.load_config(path)
     assert checkpoint.quant_plan(path, cfg) == quant.QuantPlan()
     model = gemma4_jax.from_pretrained(path, dtype="float32")
-    assert not any("moe" in ".".join(map(str, p)) for p, _ in nnx.to_flat_state(model.state))
+    assert not any("moe" in name for name in flat_state(model.state))
     with pytest.raises(quant.QuantizationError, match="needs a model with MoE experts; this model has none"):
         gemma4_jax.from_pretrained(path, dtype="float32", moe_backend="fp4_pallas")
-    from safetensors.torch import load_file, save_file
+    def add_stray_expert(tensors):
+        tensors["model.layers.0.experts.0.gate_proj.weight"] = tensors["model.layers.0.mlp.gate_proj.weight"].clone()
+        return tensors
 
-    file = os.path.join(path, "model.safetensors")
-    tensors = load_file(file)
-    tensors["model.layers.0.experts.0.gate_proj.weight"] = tensors["model.layers.0.mlp.gate_proj.weight"].clone()
-    save_file(tensors, file, metadata={"format": "pt"})
+    edit_safetensors(path, add_stray_expert)
     with pytest.raises(checkpoint.CheckpointError, match=r"unexpected tensor\(s\): model\.layers\.0\.experts\.0"):
         gemma4_jax.from_pretrained(path, dtype="float32")
 
@@ -149,7 +140,7 @@ def test_26b_a4b_nvfp4_expert_bytes():
     cfg = gemma4_jax.config.preset("26b-a4b")
     text = cfg.text
     _, state = gemma4_jax.abstract_model(cfg, "bfloat16", quant.QuantPlan.experts_only(text.num_hidden_layers))
-    flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+    flat = flat_state(state)
     experts = {p: v for p, v in flat.items() if ".moe.experts." in p}
     assert experts and all(isinstance(v.get_value(), jax.ShapeDtypeStruct) for v in experts.values())
     weights = text.num_hidden_layers * text.num_experts * 3 * text.moe_intermediate_size * text.hidden_size

@@ -11,46 +11,32 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import DOUBLE_WIDE, K_EQ_V_UNTIED, MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW, VOCAB, random_ids
 
 import gemma4_jax
 from hf_reference import hf_logits, make_text_checkpoint, rel_err, rewrite_config
 
 TOL = 5e-4
-VOCAB = 384
 
-VARIANTS = {
-    # E2B recipe: per-layer embeddings, KV sharing over both layer kinds, final soft-capping.
-    "ple_kvshare_softcap": dict(hidden_size_per_layer_input=16, num_kv_shared_layers=2, final_logit_softcapping=30.0),
-    # 31B / 26B recipe: keys as values on full layers with fewer global KV heads, untied LM head.
-    "k_eq_v_untied": dict(attention_k_eq_v=True, num_key_value_heads=2, num_global_key_value_heads=1,
-                          tie_word_embeddings=False, final_logit_softcapping=30.0),
-    # Double-wide MLP on the KV-shared layers.
-    "double_wide": dict(use_double_wide_mlp=True, num_kv_shared_layers=3, hidden_size_per_layer_input=8),
-    # A window much shorter than the sequence (40 tokens), so the sliding mask matters.
-    "short_window": dict(sliding_window=8, hidden_size_per_layer_input=8, num_kv_shared_layers=2),
-    # 26B-A4B recipe: routed experts beside the dense MLP.
-    "moe": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=24,
-                attention_k_eq_v=True, num_global_key_value_heads=1),
+VARIANTS = {  # the recipes of tests/helpers.py
+    "ple_kvshare_softcap": PLE_KVSHARE_SOFTCAP,
+    "k_eq_v_untied": dict(K_EQ_V_UNTIED, final_logit_softcapping=30.0),
+    "double_wide": DOUBLE_WIDE,
+    "short_window": dict(SHORT_WINDOW, hidden_size_per_layer_input=8, num_kv_shared_layers=2),
+    "moe": MOE_K_EQ_V,
 }
 
 
 @pytest.fixture(scope="module")
-def checkpoints(ckpt_root):
-    made = {}
-    for i, (name, overrides) in enumerate(VARIANTS.items()):
-        path = str(ckpt_root / f"text_{name}")
-        made[name] = (path, make_text_checkpoint(path, seed=i, **overrides))
-    return made
-
-
-def _ids(batch=2, length=40, seed=0):
-    return np.random.RandomState(seed).randint(3, VOCAB, size=(batch, length))
+def checkpoints(tiny_checkpoint):
+    return {name: tiny_checkpoint(f"text_{name}", seed=i, **overrides)
+            for i, (name, overrides) in enumerate(VARIANTS.items())}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_match_hf(checkpoints, variant):
     path, hf_model = checkpoints[variant]
-    ids = _ids()
+    ids = random_ids(2, 40)
     ref = hf_logits(hf_model, ids)
     ours = np.asarray(gemma4_jax.from_pretrained(path, dtype="float32").logits(ids))
     assert ours.shape == ref.shape == (2, 40, VOCAB)
@@ -88,19 +74,18 @@ def test_old_style_global_overrides(checkpoints, tmp_path):
         d["num_global_key_value_heads"] = 1
 
     rewrite_config(dst, to_old)
-    ids = _ids(1, 12)
+    ids = random_ids(1, 12)
     err = rel_err(gemma4_jax.from_pretrained(dst, dtype="float32").logits(ids), hf_logits(hf_model, ids))
     assert err <= TOL
 
 
-def test_multimodal_wrapper_prefix(tmp_path):
+def test_multimodal_wrapper_prefix(tiny_checkpoint):
     """A Gemma4ForConditionalGeneration checkpoint (keys under model.language_model.) loads its text model."""
-    path = str(tmp_path / "wrapped")
-    hf_model = make_text_checkpoint(path, seed=7, multimodal_wrapper=True, hidden_size_per_layer_input=8,
-                                    num_kv_shared_layers=2, final_logit_softcapping=30.0)
+    path, hf_model = tiny_checkpoint("text_wrapped", seed=7, multimodal_wrapper=True, hidden_size_per_layer_input=8,
+                                     num_kv_shared_layers=2, final_logit_softcapping=30.0)
     model = gemma4_jax.from_pretrained(path, dtype="float32")
     assert model.config.model_type == "gemma4"
-    ids = _ids(2, 16)
+    ids = random_ids(2, 16)
     assert rel_err(model.logits(ids), hf_logits(hf_model, ids)) <= TOL
 
 
@@ -114,7 +99,7 @@ def test_sharded_checkpoint(tmp_path):
     hf_model.save_pretrained(path, safe_serialization=True, max_shard_size="60KB")
     assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
     assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 2
-    ids = _ids(1, 20)
+    ids = random_ids(1, 20)
     assert rel_err(gemma4_jax.from_pretrained(path, dtype="float32").logits(ids), hf_logits(hf_model, ids)) <= TOL
 
 
@@ -122,7 +107,7 @@ def test_padding_positions(checkpoints):
     """Left padding marked by negative positions leaves the real tokens' logits unchanged."""
     path, _ = checkpoints["short_window"]
     model = gemma4_jax.from_pretrained(path, dtype="float32")
-    ids = _ids(1, 20)
+    ids = random_ids(1, 20)
     plain = np.asarray(model.logits(ids))
     padded_ids = np.concatenate([np.zeros((1, 5), np.int64), ids], axis=1)
     positions = np.concatenate([-np.ones((1, 5), np.int32), np.arange(20, dtype=np.int32)[None]], axis=1)
@@ -137,7 +122,7 @@ def test_bfloat16_greedy_matches_float32(checkpoints):
     import torch
 
     path, hf_model = checkpoints["ple_kvshare_softcap"]
-    ids = _ids(2, 40, seed=5)
+    ids = random_ids(2, 40, seed=5)
     f32 = np.asarray(gemma4_jax.from_pretrained(path, dtype="float32").logits(ids))
     bf16_model = gemma4_jax.from_pretrained(path, dtype="bfloat16")
     assert jax.tree.leaves(bf16_model.state)[0].dtype == np.dtype("bfloat16")
@@ -169,6 +154,6 @@ def test_tolerance_catches_small_mistakes(checkpoints, mutation):
         flat.append((p, var.replace(var[...] * 1.02) if p == target else var))
     assert any(p == target for p, _ in flat)
     model.state = nnx.from_flat_state(flat)
-    ids = _ids(2, 40)
+    ids = random_ids(2, 40)
     err = rel_err(model.logits(ids), hf_logits(hf_model, ids))
     assert err > TOL, f"a 2% change of {mutation} went unnoticed (error {err:.2e})"

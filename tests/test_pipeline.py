@@ -12,39 +12,28 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import DOUBLE_WIDE, K_EQ_V_UNTIED, MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW, random_ids
 
 import gemma4_jax
 from gemma4_jax import sharding
 from gemma4_jax.pipeline import StagePlan, schedule_bubble
-from hf_reference import make_text_checkpoint, rel_err
+from hf_reference import rel_err
 
 TOL = 3e-5
-VOCAB = 384
-VARIANTS = {
-    "ple_kvshare": dict(hidden_size_per_layer_input=16, num_kv_shared_layers=2, final_logit_softcapping=30.0),
-    "k_eq_v_untied": dict(attention_k_eq_v=True, num_key_value_heads=2, num_global_key_value_heads=1,
-                          tie_word_embeddings=False),
-    "double_wide": dict(use_double_wide_mlp=True, num_kv_shared_layers=3, hidden_size_per_layer_input=8,
-                        sliding_window=8),
-    "moe": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=24,
-                attention_k_eq_v=True, num_global_key_value_heads=1),
+VARIANTS = {  # the recipes of tests/helpers.py
+    "ple_kvshare": PLE_KVSHARE_SOFTCAP,
+    "k_eq_v_untied": K_EQ_V_UNTIED,
+    "double_wide": dict(DOUBLE_WIDE, **SHORT_WINDOW),
+    "moe": MOE_K_EQ_V,
 }
 LAYOUTS = {"ple_kvshare": [(2, 1), (4, 1), (2, 2)], "k_eq_v_untied": [(2, 1)], "double_wide": [(2, 2)],
            "moe": [(2, 2)]}
 
 
 @pytest.fixture(scope="module")
-def checkpoints(ckpt_root):
-    made = {}
-    for i, (name, overrides) in enumerate(VARIANTS.items()):
-        path = str(ckpt_root / f"pipe_{name}")
-        make_text_checkpoint(path, seed=40 + i, **overrides)
-        made[name] = path
-    return made
-
-
-def _ids(batch=2, length=12, seed=0):
-    return np.random.RandomState(seed).randint(3, VOCAB, size=(batch, length))
+def checkpoints(tiny_checkpoint):
+    return {name: tiny_checkpoint(f"pipe_{name}", seed=40 + i, **overrides).path
+            for i, (name, overrides) in enumerate(VARIANTS.items())}
 
 
 def test_stage_plan_crosses_kv_and_ple(checkpoints):
@@ -61,7 +50,7 @@ def test_stage_plan_crosses_kv_and_ple(checkpoints):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_pipelined_logits_equal_single_device(checkpoints, variant):
     path = checkpoints[variant]
-    ids = _ids()
+    ids = random_ids()
     ref = np.asarray(gemma4_jax.from_pretrained(path, dtype="float32").logits(ids))
     for pp, tp in LAYOUTS[variant]:
         model = gemma4_jax.from_pretrained(path, dtype="float32", pp=pp, tp=tp)
@@ -105,7 +94,7 @@ def _generate(path, pp, tp, prompts, steps=1, **options):
 
 @pytest.fixture(scope="module")
 def greedy_reference(checkpoints):
-    prompts = [list(_ids(1, 7, seed=s)[0]) for s in range(4)]
+    prompts = [list(random_ids(1, 7, seed=s)[0]) for s in range(4)]
     return prompts, _generate(checkpoints["ple_kvshare"], 1, 1, prompts)[0]
 
 
@@ -151,12 +140,12 @@ def test_schedule_bubble():
 def test_pipeline_refuses_multimodal_inputs_clearly(checkpoints):
     model = gemma4_jax.from_pretrained(checkpoints["k_eq_v_untied"], dtype="float32", pp=2)
     with pytest.raises((TypeError, ValueError), match="pixel_values"):
-        model.logits(_ids(), pixel_values=np.zeros((1, 4, 3)))
+        model.logits(random_ids(), pixel_values=np.zeros((1, 4, 3)))
 
 
 @pytest.mark.slow
 def test_from_config_pipelined_equals_unpipelined():
-    ids = _ids(1, 10)
+    ids = random_ids(1, 10)
     ref = np.asarray(gemma4_jax.from_config("tiny", dtype="float32", seed=3).logits(ids))
     model = gemma4_jax.from_config("tiny", dtype="float32", seed=3, pp=2)
     assert rel_err(np.asarray(model.logits(ids)), ref) <= TOL

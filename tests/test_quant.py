@@ -16,20 +16,17 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import flat_state, random_ids
 
 import gemma4_jax
 from gemma4_jax import checkpoint, quant
-from hf_reference import hf_logits, rel_err
+from hf_reference import edit_safetensors, hf_greedy, hf_logits, rel_err, rewrite_config, rewrite_json
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "quant")
 NAMES = ("modelopt_nvfp4_experts", "modelopt_nvfp4_all", "ct_fp8_dynamic", "ct_nvfp4a16")
 TOL = 5e-4
 VOCAB = 128
 _QUANT_LEAVES = ("weight_packed", "weight_scale_2", "weight_scale", "weight_global_scale", "input_scale", "weight")
-
-
-def _ids(batch=2, length=24, seed=0):
-    return np.random.RandomState(seed).randint(3, VOCAB, size=(batch, length))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,7 +165,7 @@ def test_reference_dequantization_recovers_the_quantized_weights(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_hf_dequantized(name, hf_models, ours):
-    ids = _ids()
+    ids = random_ids(2, 24, vocab=VOCAB)
     ref = hf_logits(hf_models[name], ids)
     got = np.asarray(ours[name].logits(ids))
     err = rel_err(got, ref)
@@ -193,7 +190,7 @@ def test_plans_follow_the_tensors(ours):
     assert ct4.config.method == "compressed-tensors" and ct4.config.formats == ("nvfp4",)
     assert {p.split(".")[2] for p, _ in ct4.linears} == {"mlp"}
     for n in ("modelopt_nvfp4_experts", "modelopt_nvfp4_all", "ct_fp8_dynamic"):
-        paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(ours[n].state)}
+        paths = set(flat_state(ours[n].state))
         assert not any(p.startswith("layers.2.self_attn.v_proj") for p in paths)
 
 
@@ -202,7 +199,7 @@ def test_packed_state_dtypes_and_bytes(ours):
     model = ours["modelopt_nvfp4_all"]
     cfg = model.config.text
     e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(model.state)}
+    flat = flat_state(model.state)
     want = {
         "layers.0.moe.experts.gate_up.w": ((e, 2 * i, d // 2), np.uint8),
         "layers.0.moe.experts.gate_up.block_scale": ((e, 2 * i, d // 16), jax.numpy.float8_e4m3fn),
@@ -223,7 +220,7 @@ def test_packed_state_dtypes_and_bytes(ours):
     per_weight = expert_bytes / weights
     # 4 bits + one e4m3 per 16 + one f32 row scale per output row (2I gate/up rows, D down rows per expert)
     assert per_weight == pytest.approx(0.5 + 1 / 16 + 4 * e * (2 * i + d) / weights, rel=1e-12)
-    fp8 = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(ours["ct_fp8_dynamic"].state)}
+    fp8 = flat_state(ours["ct_fp8_dynamic"].state)
     assert fp8["layers.0.moe.experts.gate_up.w"][...].dtype == np.dtype(jax.numpy.float8_e4m3fn)
     assert fp8["layers.0.moe.experts.gate_up.row_scale"][...].shape == (e, 2 * i)
     assert fp8["layers.0.mlp.down_proj.w"][...].shape == (d, cfg.intermediate_size)
@@ -238,7 +235,7 @@ def test_bfloat16_model_drifts_no_more_than_hf(ours, hf_models):
     import torch
 
     path = os.path.join(FIXTURES, "modelopt_nvfp4_all")
-    ids = _ids(1, 16, seed=3)
+    ids = random_ids(1, 16, seed=3, vocab=VOCAB)
     f32 = np.asarray(ours["modelopt_nvfp4_all"].logits(ids))
     model = gemma4_jax.from_pretrained(path, dtype="bfloat16")
     assert model.module.layers[0].moe.router.proj.kernel[...].dtype == jax.numpy.bfloat16
@@ -254,26 +251,22 @@ def test_fp4_pallas_backend_matches_xla(ours):
     kernel = gemma4_jax.from_pretrained(path, dtype="float32", moe_backend="fp4_pallas")
     assert kernel.module.layers[0].moe.experts.backend == "fp4_pallas"
     assert ours["modelopt_nvfp4_experts"].module.layers[0].moe.experts.backend == "xla"  # auto on CPU
-    ids = _ids(1, 12, seed=4)
+    ids = random_ids(1, 12, seed=4, vocab=VOCAB)
     assert rel_err(kernel.logits(ids), ours["modelopt_nvfp4_experts"].logits(ids)) < 1e-5
 
 
 @pytest.mark.slow
 def test_greedy_generation_matches_hf(hf_models):
     """The engine on a packed NVFP4 checkpoint generates HF's greedy tokens (dequantized reference)."""
-    import torch
-
     name = "modelopt_nvfp4_all"
     llm = gemma4_jax.LLM(os.path.join(FIXTURES, name), dtype="float32", max_num_seqs=2, max_model_len=64,
                          num_pages=16, page_size=8, moe_backend="xla")
-    prompts = [list(map(int, row)) for row in _ids(2, 10, seed=5)]
+    prompts = [list(map(int, row)) for row in random_ids(2, 10, seed=5, vocab=VOCAB)]
     outs = llm.generate(prompts, gemma4_jax.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
                         use_tqdm=False)
     for prompt, out in zip(prompts, outs):
-        with torch.no_grad():
-            ref = hf_models[name].generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                                           eos_token_id=None, pad_token_id=0)
-        assert list(out.token_ids) == ref[0, len(prompt):].tolist()
+        ref = hf_greedy(hf_models[name], prompt, 8, ban_eos=False, eos_token_id=None, pad_token_id=0)
+        assert list(out.token_ids) == ref
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,13 +275,8 @@ def test_greedy_generation_matches_hf(hf_models):
 
 def _rewrite(src: str, dst: str, edit) -> None:
     """Copy a checkpoint, editing its tensors: edit(dict of torch tensors) -> dict."""
-    from safetensors.torch import load_file, save_file
-
     shutil.copytree(src, dst)
-    for name in os.listdir(dst):
-        if name.endswith(".safetensors"):
-            file = os.path.join(dst, name)
-            save_file(edit(load_file(file)), file, metadata={"format": "pt"})
+    edit_safetensors(dst, edit)
     index = os.path.join(dst, "model.safetensors.index.json")
     if os.path.exists(index):
         os.remove(index)
@@ -311,7 +299,7 @@ def test_gate_and_up_keep_their_own_scales(tmp_path):
 
     dst = str(tmp_path / "distinct")
     _rewrite(os.path.join(FIXTURES, "modelopt_nvfp4_experts"), dst, edit)
-    ids = _ids(2, 16, seed=6)
+    ids = random_ids(2, 16, seed=6, vocab=VOCAB)
     ref = hf_logits(hf_dequantized_model(dst), ids)
     got = np.asarray(gemma4_jax.from_pretrained(dst, dtype="float32").logits(ids))
     assert rel_err(got, ref) <= TOL
@@ -363,11 +351,7 @@ def test_wrong_scale_dtype_is_named(tmp_path):
 def test_quantized_tensors_without_config_fail(tmp_path):
     dst = str(tmp_path / "noconfig")
     shutil.copytree(os.path.join(FIXTURES, "ct_fp8_dynamic"), dst)
-    with open(os.path.join(dst, "config.json")) as f:
-        d = json.load(f)
-    d.pop("quantization_config")
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(d, f)
+    rewrite_config(dst, lambda d: d.pop("quantization_config"))
     with pytest.raises(checkpoint.CheckpointError, match="no quantization_config"):
         gemma4_jax.from_pretrained(dst, dtype="float32")
 
@@ -375,16 +359,11 @@ def test_quantized_tensors_without_config_fail(tmp_path):
 def test_tensors_contradicting_the_config_fail(tmp_path):
     dst = str(tmp_path / "excluded")
     shutil.copytree(os.path.join(FIXTURES, "modelopt_nvfp4_experts"), dst)
-    with open(os.path.join(dst, "hf_quant_config.json")) as f:
-        d = json.load(f)
-    d["quantization"]["exclude_modules"].append("model.layers.1.experts*")
-    with open(os.path.join(dst, "hf_quant_config.json"), "w") as f:
-        json.dump(d, f)
+    quant_config = os.path.join(dst, "hf_quant_config.json")
+    rewrite_json(quant_config, lambda d: d["quantization"]["exclude_modules"].append("model.layers.1.experts*"))
     with pytest.raises(checkpoint.CheckpointError, match=r"model\.layers\.1\.experts\.\d\.\w+_proj.*excludes them"):
         gemma4_jax.from_pretrained(dst, dtype="float32")
-    d["quantization"]["quant_algo"] = "INT4_AWQ"
-    with open(os.path.join(dst, "hf_quant_config.json"), "w") as f:
-        json.dump(d, f)
+    rewrite_json(quant_config, lambda d: d["quantization"].update(quant_algo="INT4_AWQ"))
     with pytest.raises(quant.QuantizationError, match="quant_algo 'INT4_AWQ' is not supported"):
         gemma4_jax.from_pretrained(dst, dtype="float32")
 
@@ -410,7 +389,7 @@ def test_packed_weights_shard_like_bf16(layout):
     """Packed experts and linears follow the same rules table: tp splits experts (expert parallel) and the
     packed arrays stay packed on each device; pp gives each stage its own layers. Logits equal one device."""
     path = os.path.join(FIXTURES, "modelopt_nvfp4_all")
-    ids = _ids()
+    ids = random_ids(2, 24, vocab=VOCAB)
     one = np.asarray(gemma4_jax.from_pretrained(path, dtype="float32").logits(ids))
     model = gemma4_jax.from_pretrained(path, dtype="float32", **layout)
     assert rel_err(np.asarray(model.logits(ids)), one) <= 3e-5

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import MOE_K_EQ_V, TWO_LAYERS, random_ids
 
 import gemma4_jax
-from hf_reference import make_text_checkpoint
 
-MOE = dict(enable_moe_block=True, num_experts=8, top_k_experts=3, moe_intermediate_size=24,
-           attention_k_eq_v=True, num_global_key_value_heads=1, num_hidden_layers=4,
-           layer_types=["sliding_attention", "full_attention"] * 2)
+MOE = dict(MOE_K_EQ_V, top_k_experts=3, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
 
 
 @pytest.fixture(scope="module")
-def moe_ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("routed") / "moe")
-    return path, make_text_checkpoint(path, seed=11, **MOE)
+def moe_ckpt(tiny_checkpoint):
+    return tiny_checkpoint("routed_moe", seed=11, **MOE)
 
 
 def hf_routed(hf_model, ids: np.ndarray) -> np.ndarray:
@@ -40,7 +37,7 @@ def hf_routed(hf_model, ids: np.ndarray) -> np.ndarray:
 
 def test_routed_experts_match_hf(moe_ckpt):
     path, hf_model = moe_ckpt
-    ids = np.random.RandomState(0).randint(3, 384, size=(2, 24))
+    ids = random_ids(2, 24)
     model = gemma4_jax.from_pretrained(path, dtype="float32")
     logits, routed = model.logits(ids, return_routed_experts=True)
     routed = np.asarray(routed)
@@ -55,9 +52,8 @@ def test_routed_experts_match_hf(moe_ckpt):
     assert len(np.unique(routed)) == MOE["num_experts"]
 
 
-def test_dense_model_refuses_routed_experts(tmp_path):
-    path = str(tmp_path / "dense")
-    make_text_checkpoint(path, seed=1, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+def test_dense_model_refuses_routed_experts(tiny_checkpoint):
+    path = tiny_checkpoint("routed_dense", seed=1, **TWO_LAYERS).path
     model = gemma4_jax.from_pretrained(path, dtype="float32")
     with pytest.raises(ValueError, match="dense"):
         model.logits(np.array([[3, 4, 5]]), return_routed_experts=True)

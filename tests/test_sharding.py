@@ -16,6 +16,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from helpers import DOUBLE_WIDE, K_EQ_V_UNTIED, MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW, flat_state, random_ids
 from jax.sharding import NamedSharding, PartitionSpec
 
 import gemma4_jax
@@ -23,19 +24,16 @@ from gemma4_jax import sharding
 from gemma4_jax.memory import memory_per_device
 from gemma4_jax.serving.engine import Engine, EngineConfig
 from gemma4_jax.serving.runner import model_step
-from hf_reference import make_text_checkpoint, rel_err
+from hf_reference import rel_err
 
 TOL = 3e-5  # float32 rounding of reordered sums; a wrong shard or a missing all-reduce is O(1)
-VOCAB = 384
 
-VARIANTS = {
-    "ple_kvshare": dict(hidden_size_per_layer_input=16, num_kv_shared_layers=2, final_logit_softcapping=30.0),
-    "k_eq_v_untied": dict(attention_k_eq_v=True, num_key_value_heads=2, num_global_key_value_heads=1,
-                          tie_word_embeddings=False),
-    "double_wide": dict(use_double_wide_mlp=True, num_kv_shared_layers=3, hidden_size_per_layer_input=8),
-    "short_window": dict(sliding_window=8),
-    "moe": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=24,
-                attention_k_eq_v=True, num_global_key_value_heads=1),
+VARIANTS = {  # the recipes of tests/helpers.py
+    "ple_kvshare": PLE_KVSHARE_SOFTCAP,
+    "k_eq_v_untied": K_EQ_V_UNTIED,
+    "double_wide": DOUBLE_WIDE,
+    "short_window": SHORT_WINDOW,
+    "moe": MOE_K_EQ_V,
 }
 LAYOUTS = {  # (tp, dp) per variant: every variant at tp=2, two at tp=4 (KV heads 2 then replicate), one with dp
     "ple_kvshare": [(2, 1), (4, 1), (2, 2)],
@@ -47,23 +45,15 @@ LAYOUTS = {  # (tp, dp) per variant: every variant at tp=2, two at tp=4 (KV head
 
 
 @pytest.fixture(scope="module")
-def checkpoints(ckpt_root):
-    made = {}
-    for i, (name, overrides) in enumerate(VARIANTS.items()):
-        path = str(ckpt_root / f"shard_{name}")
-        make_text_checkpoint(path, seed=20 + i, **overrides)
-        made[name] = path
-    return made
-
-
-def _ids(batch=2, length=12, seed=0):
-    return np.random.RandomState(seed).randint(3, VOCAB, size=(batch, length))
+def checkpoints(tiny_checkpoint):
+    return {name: tiny_checkpoint(f"shard_{name}", seed=20 + i, **overrides).path
+            for i, (name, overrides) in enumerate(VARIANTS.items())}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_tensor_parallel_logits_equal_single_device(checkpoints, variant):
     path = checkpoints[variant]
-    ids = _ids()
+    ids = random_ids()
     ref = np.asarray(gemma4_jax.from_pretrained(path, dtype="float32").logits(ids))
     for tp, dp in LAYOUTS[variant]:
         model = gemma4_jax.from_pretrained(path, dtype="float32", tp=tp, dp=dp)
@@ -75,8 +65,7 @@ def test_tensor_parallel_logits_equal_single_device(checkpoints, variant):
 
 
 def _spec(model, path: str) -> PartitionSpec:
-    flat = {".".join(map(str, p)): v for p, v in gemma4_jax.model.nnx.to_flat_state(model.state)}
-    return flat[path].get_value().sharding.spec
+    return flat_state(model.state)[path].get_value().sharding.spec
 
 
 def test_weights_sharded_by_the_rules(checkpoints):

@@ -7,7 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_reference import BASE_VISION, TINY_MM_TOKENS, hf_multimodal_logits, make_multimodal_checkpoint, rel_err
+from hf_reference import (
+    BASE_VISION,
+    TINY_MM_TOKENS,
+    TINY_PATCH,
+    hf_multimodal_logits,
+    make_multimodal_checkpoint,
+    rel_err,
+)
 
 pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -19,17 +26,14 @@ from gemma4_jax.processing import ImageProcessor, VideoProcessor  # noqa: E402
 
 TOL = 5e-4
 IMG, VID, BOI, EOI = (TINY_MM_TOKENS[k] for k in ("image_token_id", "video_token_id", "boi_token_id", "eoi_token_id"))
-PATCH = dict(patch_size=BASE_VISION["patch_size"], max_soft_tokens=70,
-             pooling_kernel_size=BASE_VISION["pooling_kernel_size"])
 
 
 @pytest.fixture(scope="module")
-def models(ckpt_root):
+def models(tiny_checkpoint):
     # PLE on (placeholder ids must become pad in the PLE lookup), a window shorter than an image (the bidirectional
     # block is bounded towards the past by it) and bidirectional vision attention.
-    path = str(ckpt_root / "vision")
-    hf = make_multimodal_checkpoint(path, seed=3, hidden_size_per_layer_input=8, sliding_window=8,
-                                    use_bidirectional_attention="vision")
+    path, hf = tiny_checkpoint("vision", seed=3, maker=make_multimodal_checkpoint, hidden_size_per_layer_input=8,
+                               sliding_window=8, use_bidirectional_attention="vision")
     return hf, gemma4_jax.from_pretrained(path, dtype="float32")
 
 
@@ -55,7 +59,7 @@ def _check(hf, ours, ids, **inputs):
 
 def test_one_image(models):
     hf, ours = models
-    out = ImageProcessor(**PATCH)(_images([(40, 60)]))
+    out = ImageProcessor(**TINY_PATCH)(_images([(40, 60)]))
     ids = np.array([_prompt(out["num_soft_tokens_per_image"])])
     _check(hf, ours, ids, pixel_values=out["pixel_values"], image_position_ids=out["image_position_ids"])
 
@@ -63,7 +67,7 @@ def test_one_image(models):
 def test_several_aspect_ratios_in_a_batch(models):
     hf, ours = models
     # wide, tall, thin strip and square: different patch grids, so pooling and (x, y) positions are all exercised
-    out = ImageProcessor(**PATCH)(_images([(40, 60), (100, 30), (7, 300), (24, 24)], seed=1))
+    out = ImageProcessor(**TINY_PATCH)(_images([(40, 60), (100, 30), (7, 300), (24, 24)], seed=1))
     n = out["num_soft_tokens_per_image"]
     row0, row1 = _prompt(n[:2]), _prompt(n[2:])
     width = max(len(row0), len(row1))
@@ -80,8 +84,8 @@ def test_video_and_image_bidirectional(models):
     hf, ours = models
     rng = np.random.default_rng(2)
     videos = [rng.integers(0, 256, (5, 30, 45, 3), dtype=np.uint8), rng.integers(0, 256, (4, 50, 20, 3), np.uint8)]
-    vid = VideoProcessor(**PATCH, num_frames=2)(videos, fps=[2.0, None])
-    img = ImageProcessor(**PATCH)(_images([(36, 36)], seed=4))
+    vid = VideoProcessor(**TINY_PATCH, num_frames=2)(videos, fps=[2.0, None])
+    img = ImageProcessor(**TINY_PATCH)(_images([(36, 36)], seed=4))
     ids = _prompt(img["num_soft_tokens_per_image"])
     for per_frame, frames in zip(vid["num_soft_tokens_per_video"], vid["num_frames_per_video"], strict=True):
         for _ in range(frames):
@@ -99,7 +103,7 @@ def test_video_and_image_bidirectional(models):
 def test_video_only(models):
     hf, ours = models
     rng = np.random.default_rng(5)
-    vid = VideoProcessor(**PATCH, num_frames=3)([rng.integers(0, 256, (3, 60, 40, 3), dtype=np.uint8)])
+    vid = VideoProcessor(**TINY_PATCH, num_frames=3)([rng.integers(0, 256, (3, 60, 40, 3), dtype=np.uint8)])
     ids = [2, 12]
     for _ in range(3):
         ids += [40, BOI] + [VID] * vid["num_soft_tokens_per_video"][0] + [EOI]
@@ -115,7 +119,7 @@ def test_block_ids_follow_hf():
 
 def test_bad_inputs(models):
     _, ours = models
-    out = ImageProcessor(**PATCH)(_images([(40, 60)]))
+    out = ImageProcessor(**TINY_PATCH)(_images([(40, 60)]))
     n = out["num_soft_tokens_per_image"][0]
     good = dict(pixel_values=out["pixel_values"], image_position_ids=out["image_position_ids"])
     with pytest.raises(ValueError, match="placeholder tokens"):
