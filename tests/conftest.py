@@ -31,7 +31,6 @@ def tiny_checkpoint(ckpt_root):
     gets the same checkpoint, from any test file. Treat it as read-only: copy the directory before editing it.
     """
     from helpers import BYTE_VOCAB
-
     from hf_reference import make_text_checkpoint
 
     built: dict[str, Checkpoint] = {}

@@ -12,11 +12,11 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, THREE_LAYERS, flat_state, random_ids
 
 import gemma4_jax
 from gemma4_jax import cli, orbax_io
 from gemma4_jax.checkpoint import CheckpointError
+from helpers import MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, THREE_LAYERS, flat_state, random_ids
 from hf_reference import hf_logits, make_text_checkpoint, rel_err, rewrite_config, rewrite_json
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "quant")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import BYTE_VOCAB, K_EQ_V_UNTIED, MOE, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW
 
 import gemma4_jax
 from gemma4_jax import SamplingParams
+from helpers import BYTE_VOCAB, K_EQ_V_UNTIED, MOE, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW
 from hf_reference import hf_greedy
 
 ENGINE = dict(page_size=4, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=128)

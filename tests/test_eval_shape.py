@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import flat_state
 
 import gemma4_jax
+from helpers import flat_state
 
 # Text-model parameters (towers excluded). 26B-A4B and 31B match their published totals (25.2B, 30.7B); E2B/E4B's
 # "effective" sizes (2.3B, 4.5B) are these totals less the per-layer-embedding table.

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("PIL")
-from mm_fixtures import N_MELS, make_mm_checkpoint, noise, png_bytes, wav_bytes  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import gemma4_jax  # noqa: E402
@@ -35,6 +34,7 @@ from gemma4_jax.serving import media_chunks, mm_inputs  # noqa: E402
 from gemma4_jax.serving.engine import Engine, EngineConfig  # noqa: E402
 from gemma4_jax.serving.sampling import SamplingParams  # noqa: E402
 from hf_reference import BASE_VISION, TINY_MM_TOKENS, hf_multimodal_logits  # noqa: E402
+from mm_fixtures import N_MELS, make_mm_checkpoint, noise, png_bytes, wav_bytes  # noqa: E402
 
 IMG, AUD = TINY_MM_TOKENS["image_token_id"], TINY_MM_TOKENS["audio_token_id"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=1)

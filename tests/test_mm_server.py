@@ -16,7 +16,6 @@ import pytest
 
 pytest.importorskip("PIL")
 
-from mm_fixtures import N_MELS, make_mm_checkpoint, noise, png_bytes, wav_bytes  # noqa: E402
 from test_server import live_server  # noqa: E402
 
 import gemma4_jax  # noqa: E402
@@ -25,6 +24,7 @@ from gemma4_jax.processing import ImageProcessor, mm_token_type_ids  # noqa: E40
 from gemma4_jax.serving.mm_inputs import ServingLimits  # noqa: E402
 from gemma4_jax.serving.server import ServerConfig, create_app  # noqa: E402
 from hf_reference import BASE_VISION, TINY_MM_TOKENS  # noqa: E402
+from mm_fixtures import N_MELS, make_mm_checkpoint, noise, png_bytes, wav_bytes  # noqa: E402
 
 API_KEY = "mm-key"
 MODEL = "tiny-gemma4-mm"

@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import MOE_K_EQ_V, THREE_LAYERS, TWO_LAYERS, flat_state, random_ids
 
 import gemma4_jax
 from gemma4_jax import checkpoint, quant
+from helpers import MOE_K_EQ_V, THREE_LAYERS, TWO_LAYERS, flat_state, random_ids
 from hf_reference import edit_safetensors, hf_logits, make_text_checkpoint, rel_err
 
 TOL = 5e-4

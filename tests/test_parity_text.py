@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import DOUBLE_WIDE, K_EQ_V_UNTIED, MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW, VOCAB, random_ids
 
 import gemma4_jax
+from helpers import DOUBLE_WIDE, K_EQ_V_UNTIED, MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW, VOCAB, random_ids
 from hf_reference import hf_logits, make_text_checkpoint, rel_err, rewrite_config
 
 TOL = 5e-4

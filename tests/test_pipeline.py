@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import DOUBLE_WIDE, K_EQ_V_UNTIED, MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW, random_ids
 
 import gemma4_jax
 from gemma4_jax import sharding
 from gemma4_jax.pipeline import StagePlan, schedule_bubble
+from helpers import DOUBLE_WIDE, K_EQ_V_UNTIED, MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW, random_ids
 from hf_reference import rel_err
 
 TOL = 3e-5

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import flat_state, random_ids
 
 import gemma4_jax
 from gemma4_jax import checkpoint, quant
+from helpers import flat_state, random_ids
 from hf_reference import edit_safetensors, hf_greedy, hf_logits, rel_err, rewrite_config, rewrite_json
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "quant")

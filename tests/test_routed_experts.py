@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import MOE_K_EQ_V, TWO_LAYERS, random_ids
 
 import gemma4_jax
+from helpers import MOE_K_EQ_V, TWO_LAYERS, random_ids
 
 MOE = dict(MOE_K_EQ_V, top_k_experts=3, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
 

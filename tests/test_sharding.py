@@ -16,7 +16,6 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from helpers import DOUBLE_WIDE, K_EQ_V_UNTIED, MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW, flat_state, random_ids
 from jax.sharding import NamedSharding, PartitionSpec
 
 import gemma4_jax
@@ -24,6 +23,7 @@ from gemma4_jax import sharding
 from gemma4_jax.memory import memory_per_device
 from gemma4_jax.serving.engine import Engine, EngineConfig
 from gemma4_jax.serving.runner import model_step
+from helpers import DOUBLE_WIDE, K_EQ_V_UNTIED, MOE_K_EQ_V, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW, flat_state, random_ids
 from hf_reference import rel_err
 
 TOL = 3e-5  # float32 rounding of reordered sums; a wrong shard or a missing all-reduce is O(1)
