@@ -162,6 +162,11 @@ class ServerState:
         return self.engine
 
     @property
+    def compiles(self) -> int:
+        """Step shapes the engine has compiled so far."""
+        return self.llm.engine.stats.get("compiles", 0) if self.llm is not None else 0
+
+    @property
     def tokenizer(self):
         return self.llm.tokenizer
 

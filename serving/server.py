@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # Request line + headers: h11 answers 400 past this (uvicorn's default, 16 KiB, said here so it is visible).
 _MAX_HEADER_BYTES = 16 * 1024
+# How often the server looks for new compiles to freeze the heap after (`_freeze_after_compiles`).
+_REFREEZE_PERIOD_S = 10.0
 
 
 def freeze_heap() -> None:
@@ -60,6 +62,19 @@ def freeze_heap() -> None:
     with the start-up heap in it took about a second, stalling the event loop and every stream (the soak test)."""
     gc.collect()
     gc.freeze()
+
+
+async def _freeze_after_compiles(state: ServerState, period_s: float = _REFREEZE_PERIOD_S) -> None:
+    """Freeze the heap again after the engine compiled new step shapes: each compile leaves tens of thousands of
+    long-lived objects (traced programs, caches), and full collections walking them took 0.1-0.2 s every half
+    minute in the soak. Compiles stop once the load's shapes are all seen, so this collects a few times early on
+    and then never."""
+    frozen_at = state.compiles
+    while True:
+        await asyncio.sleep(period_s)
+        if state.compiles != frozen_at:
+            frozen_at = state.compiles
+            freeze_heap()
 
 
 def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], Any] | None = None) -> FastAPI:
@@ -89,7 +104,9 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
                 loop.call_soon_threadsafe(state.attach, loaded, loop)
 
             threading.Thread(target=load_in_thread, name="gemma4-jax-load", daemon=True).start()
+        refreeze = asyncio.create_task(_freeze_after_compiles(state))
         yield
+        refreeze.cancel()
         state.draining = True
         if state.engine is not None:
             await asyncio.to_thread(state.engine.stop)
