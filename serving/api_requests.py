@@ -39,6 +39,7 @@ from gemma4_jax.serving.async_engine import (
 from gemma4_jax.serving.engine import RequestOutput, TokenLogprob
 from gemma4_jax.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 from gemma4_jax.serving.sampling import SamplingParams
+from gemma4_jax.serving.structured import StructuredOutputs, check_grammar
 from gemma4_jax.serving.tokenizer import TooManyTokens
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -87,11 +88,50 @@ def build_sampling_params(
         logprobs=logprobs,
         skip_special_tokens=body.skip_special_tokens,
     )
+    fields["structured_outputs"] = structured_outputs(body)
     try:
         return SamplingParams(**fields)
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
         raise bad_request(str(e), field if field in _SAMPLING_FIELDS else None) from None
+
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+_BACKENDS = {None, "", "auto", "guidance", "llguidance"}
+
+
+def structured_outputs(body: CompletionRequest | ChatCompletionRequest) -> StructuredOutputs | None:
+    """The request's output constraint from response_format, structured_outputs or guided_* (one source at most),
+    checked now: a malformed constraint or a grammar that does not compile is a 400 naming its field."""
+    if body.guided_decoding_backend not in _BACKENDS:
+        raise bad_request(f"guided_decoding_backend {body.guided_decoding_backend!r} is not available; this server "
+                          "enforces structured outputs with llguidance", "guided_decoding_backend")
+    sources: list[tuple[str, dict[str, Any]]] = []
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        sources.append(("response_format", {"json_object": True}))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+            raise bad_request("response_format of type json_schema needs json_schema.schema", "response_format")
+        sources.append(("response_format", {"json": fmt.json_schema.json_schema}))
+    if body.structured_outputs is not None:
+        spec = body.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        sources.append(("structured_outputs", {k: v for k, v in spec.items() if v is not False}))
+    for field, kind in _GUIDED.items():
+        value = getattr(body, field)
+        if value is not None:
+            sources.append((field, {kind: value}))
+    if not sources:
+        return None
+    if len(sources) > 1:
+        raise bad_request(f"give one structured-output constraint; got {[f for f, _ in sources]}", sources[1][0])
+    field, spec = sources[0]
+    try:
+        constraint = StructuredOutputs.from_value(spec)
+        check_grammar(constraint)
+    except ValueError as e:
+        raise bad_request(f"{field}: {e}", field) from None
+    return constraint
 
 
 def context_error(

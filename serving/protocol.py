@@ -193,9 +193,31 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = Field(None, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description="the JSON schema of the output")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON valid for a schema (enforced by a grammar)."""
+
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text"] = Field("text", description="only plain text is supported")
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint (serving/structured.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _GenerationRequest(BaseModel):
@@ -223,6 +245,15 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Structured outputs (one source at most): OpenAI's response_format, vLLM's structured_outputs, or its older
+    # guided_* fields. guided_decoding_backend is accepted for vLLM clients when it names llguidance (or nothing).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
 
 _PROMPT_FORMS = {
@@ -280,7 +311,6 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = _advertised(minimum=0, maximum=MAX_LOGPROBS, description="needs logprobs=true")
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = _template_kwargs()
 

@@ -114,6 +114,23 @@ class StructuredOutputs:
         return LLMatcher.grammar_from_lark(text)
 
 
+def check_grammar(spec: StructuredOutputs) -> str:
+    """A constraint's grammar, checked without a tokenizer (syntax, unsupported schema keywords): ValueError naming
+    the problem. The engine checks it again against its tokenizer at admission."""
+    from llguidance import LLMatcher
+
+    try:
+        text = spec.grammar_text()
+        is_error, messages = LLMatcher.validate_grammar_with_warnings(text)
+    except ValueError:
+        raise
+    except Exception as e:  # llguidance raises plain exceptions for some malformed inputs
+        raise ValueError(f"structured_outputs.{spec.kind}: {e}") from None
+    if is_error:
+        raise ValueError(f"structured_outputs.{spec.kind}: the grammar does not compile: {messages[0]}")
+    return text
+
+
 class Grammars:
     """Grammar matching for one tokenizer and vocabulary: per-request matchers and the batch bitmask.
 
