@@ -166,6 +166,8 @@ def _serve_parser(sub) -> None:
                    help="seconds a connection gets to send its request line and headers")
     g.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request gets to send its body (408)")
     g.add_argument("--timeout-keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection lives")
+    g.add_argument("--h11-max-incomplete-event-size", type=int, default=16 * 1024,
+                   help="most bytes of request line and headers (400 beyond)")
     g.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
 

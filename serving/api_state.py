@@ -62,6 +62,7 @@ class ServerConfig:
     header_timeout_s: float = 10.0  # for a request line and headers, from connection or the previous response
     body_timeout_s: float = 30.0  # for the whole body, from the end of the headers
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 16 * 1024  # request line + headers; h11 answers 400 beyond
 
     def __post_init__(self):
         if self.api_key is not None:

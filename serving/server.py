@@ -50,8 +50,6 @@ __all__ = ["ServerConfig", "ServerState", "create_app", "make_server", "serve_cl
 
 log = logging.getLogger(__name__)
 
-# Request line + headers: h11 answers 400 past this (uvicorn's default, 16 KiB, said here so it is visible).
-_MAX_HEADER_BYTES = 16 * 1024
 # How often the server looks for new compiles to freeze the heap after (`_freeze_after_compiles`).
 _REFREEZE_PERIOD_S = 10.0
 
@@ -243,7 +241,7 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_lev
         # After the drain: what is still running (e.g. a request still being prepared) gets this long, then is
         # cancelled, and GuardMiddleware still answers it (a JSON 503, or an error event and [DONE]).
         timeout_graceful_shutdown=1,
-        h11_max_incomplete_event_size=_MAX_HEADER_BYTES,
+        h11_max_incomplete_event_size=config.max_header_bytes,
     )
     return _DrainingServer(uv_config)
 
@@ -273,6 +271,7 @@ def serve_cli(args, build_llm: Callable[[Any], Any]) -> int:
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
         keep_alive_s=args.timeout_keep_alive,
+        max_header_bytes=args.h11_max_incomplete_event_size,
     )
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO))
     app = create_app(load=lambda: build_llm(args), config=config)
