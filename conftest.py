@@ -4,6 +4,9 @@ is imported anywhere, so sharded and pipelined tests see 8 devices whichever fol
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile into memory only: no writes to the user's persistent compilation cache, and no shared cache files
+# between concurrent test processes (tests/test_startup.py turns it on explicitly in a temporary directory).
+os.environ.setdefault("GEMMA4_JAX_COMPILATION_CACHE", "off")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()

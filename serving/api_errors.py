@@ -24,9 +24,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gemma4_jax.serving.api_sse import sse
 from gemma4_jax.serving.api_state import ServerState
-from gemma4_jax.serving.async_engine import Aborted, EngineError, EngineStopped
-from gemma4_jax.serving.protocol import APIError, error_envelope, validation_message
+from gemma4_jax.serving.async_engine import Aborted
+from gemma4_jax.serving.protocol import (  # noqa: F401 (re-exported)
+    APIError,
+    aborted,
+    engine_fault,
+    engine_stopped,
+    error_envelope,
+    validation_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +49,6 @@ def error_response(
     """An error response made directly, where raising `APIError` is not an option (the guard runs before the app's
     exception handlers; /health answers 503 without it being an error)."""
     return JSONResponse(error_envelope(message, type, None, code), status_code=status, headers=headers)
-
-
-def engine_fault(e: EngineError) -> APIError:
-    """The engine failed while running the request: the server's fault."""
-    return APIError(500, str(e), "server_error", code="engine_error")
-
-
-def engine_stopped(e: EngineStopped) -> APIError:
-    """The engine thread is not running (shutting down, or dead): try another replica."""
-    return APIError(503, str(e), "service_unavailable", code="engine_stopped")
-
-
-def aborted(e: Aborted | None = None) -> APIError:
-    """The request was ended by the end of a drain: try another replica."""
-    message = str(e) if e is not None else "the request was aborted: the server is shutting down"
-    return APIError(503, message, "service_unavailable", code="aborted")
 
 
 def allowed_host_names(configured: list[str] | None, bind_host: str) -> list[str] | None:
@@ -274,8 +266,6 @@ class GuardMiddleware:
                 response = JSONResponse(error.envelope(), status_code=503, headers={"Connection": "close"})
                 await response(scope, receive, send)
             elif streaming:
-                from gemma4_jax.serving.api_sse import sse  # here: api_sse imports this module
-
                 ending = (sse(error.envelope()) + "data: [DONE]\n\n").encode()
                 await send({"type": "http.response.body", "body": ending, "more_body": False})
             # A plain response cut mid-body cannot be mended; the runner closes the connection.

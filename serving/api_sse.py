@@ -15,9 +15,8 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gemma4_jax.serving.api_errors import aborted, engine_fault
 from gemma4_jax.serving.async_engine import Aborted, EngineError
-from gemma4_jax.serving.protocol import APIError, error_envelope
+from gemma4_jax.serving.protocol import APIError, aborted, engine_fault, error_envelope
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ jaxlib versions and the device kind, so a stale entry is never used). Where it l
 - `LLM(..., compilation_cache=...)` and the CLI's `--compilation-cache-dir DIR` / `--no-compilation-cache` override
   both.
 
-JAX's own settings win: when the user already set `jax_compilation_cache_dir` we leave it alone.
+JAX's own settings win: when the user already set `jax_compilation_cache_dir` we leave it alone. The cache is
+bounded (8 GiB, least recently used entries evicted), which also makes JAX lock it across processes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ENV = "GEMMA4_JAX_COMPILATION_CACHE"
 _OFF = {"0", "off", "false", "none", "no", ""}
+MAX_SIZE_BYTES = 8 * 2**30
 
 
 def default_dir() -> str | None:
@@ -55,5 +57,9 @@ def enable(path: str | bool | None = None) -> str | None:
     # Cache every compile: the engine's step shapes each take seconds, and the small ones add up at start-up.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # A size bound turns on JAX's LRU eviction, which takes a file lock around every read and write: without it a
+    # process can read an entry another process is still writing, and deserialising a torn executable aborts.
+    if not jax.config.jax_compilation_cache_max_size or jax.config.jax_compilation_cache_max_size < 0:
+        jax.config.update("jax_compilation_cache_max_size", MAX_SIZE_BYTES)
     log.info("persistent compilation cache: %s (set %s=off to disable)", directory, ENV)
     return directory

@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from gemma4_jax.serving.sampling import MAX_LOGPROBS
 
@@ -72,6 +73,22 @@ def error_envelope(
     if not message.isascii():  # a lone surrogate from client text would make the JSON body unencodable (a 500)
         message = message.encode("utf-8", "replace").decode("utf-8")
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def engine_fault(e: Exception) -> APIError:
+    """The engine failed while running the request: the server's fault."""
+    return APIError(500, str(e), "server_error", code="engine_error")
+
+
+def engine_stopped(e: Exception) -> APIError:
+    """The engine thread is not running (shutting down, or dead): try another replica."""
+    return APIError(503, str(e), "service_unavailable", code="engine_stopped")
+
+
+def aborted(e: Exception | None = None) -> APIError:
+    """The request was ended by the end of a drain: try another replica."""
+    message = str(e) if e is not None else "the request was aborted: the server is shutting down"
+    return APIError(503, message, "service_unavailable", code="aborted")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -247,13 +264,16 @@ class _GenerationRequest(BaseModel):
     user: str | None = None
     # Structured outputs (one source at most): OpenAI's response_format, vLLM's structured_outputs, or its older
     # guided_* fields. guided_decoding_backend is accepted for vLLM clients when it names llguidance (or nothing).
+    # The vLLM extensions are left out of /openapi.json (docs/server.md documents them): a schema cannot say "a
+    # regex / grammar that compiles" or "one of these fields at most", so a generator fed the schema would mostly
+    # build requests that are 400s; OpenAI's response_format is advertised.
     response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputsField | None = None
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    guided_decoding_backend: str | None = None
+    structured_outputs: SkipJsonSchema[StructuredOutputsField | None] = None
+    guided_json: SkipJsonSchema[dict[str, Any] | str | None] = None
+    guided_regex: SkipJsonSchema[str | None] = None
+    guided_choice: SkipJsonSchema[list[str] | None] = None
+    guided_grammar: SkipJsonSchema[str | None] = None
+    guided_decoding_backend: SkipJsonSchema[str | None] = None
 
 
 _PROMPT_FORMS = {
