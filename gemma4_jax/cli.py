@@ -33,19 +33,82 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
+    """Model and engine flags, with vLLM's names and meanings where vLLM has the flag."""
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint directory (vLLM's positional form of --model)")
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny demo model)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument("--chat-template", default=None, help="a chat template file (jinja) to use instead of the model's")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="auto (default): float32 on CPU, where bfloat16 matmuls are several times slower, bfloat16 "
                         "on GPU; the demo model is float32")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="tensor (and expert) parallel degree")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="data parallel degree")
+    g.add_argument("--quantization", "-q", default=None,
+                   help="expected quantization of the checkpoint (modelopt, compressed-tensors, fp8); it is read "
+                        "from the checkpoint, and a different one is refused")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--block-size", type=int, default=16, help="KV cache page size in tokens")
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="KV cache pages (full-attention layers), instead of sizing from the memory budget")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=4.0,
+                   help="KV cache budget in GiB (the CPU's sizing; see --gpu-memory-utilization)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="GPU only: size the KV cache from this fraction of device memory, less the weights")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto"],
+                   help="auto: the model dtype (the only one supported)")
     g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility: Gemma 4 tool calls are always parsed")
+    g.add_argument("--tool-call-parser", default=None, choices=["gemma4", "gemma"],
+                   help="accepted for vLLM compatibility (Gemma 4's parser is built in)")
     g.add_argument("--compilation-cache-dir", default=None,
                    help="JAX's persistent compilation cache (default: $GEMMA4_JAX_COMPILATION_CACHE or "
                         "~/.cache/gemma4-jax/jax-compilation): a second start loads compiled steps instead")
     g.add_argument("--no-compilation-cache", action="store_true", help="leave the persistent cache off")
+
+
+def _bench_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine flags `bench` honours (it builds its own engines per concurrency)."""
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None, help="checkpoint directory (default: a --preset with random weights)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="auto: float32 on CPU, bfloat16 on GPU")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--attention-backend", default="auto")
+
+
+def _model_path(args: argparse.Namespace) -> str | None:
+    """--model or the positional MODEL (vLLM accepts both); both and different is an error."""
+    if args.model_path is not None and args.model is not None and args.model_path != args.model:
+        raise ValueError(f"two models given: positional {args.model_path!r} and --model {args.model!r}")
+    return args.model if args.model is not None else args.model_path
+
+
+def _kv_memory_gb(args: argparse.Namespace) -> float:
+    """The KV budget: explicit on CPU; on GPU, from --gpu-memory-utilization of the device's free memory."""
+    if args.gpu_memory_utilization is None:
+        return args.kv_cache_memory_gb
+    import jax
+
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform == "gpu" else None
+    if not stats or "bytes_limit" not in stats:
+        raise ValueError(f"--gpu-memory-utilization sizes the KV cache from GPU memory, and this is a "
+                         f"{device.platform} device; size it with --kv-cache-memory-gb instead")
+    free = stats["bytes_limit"] * args.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+    if free <= 0:
+        raise ValueError(f"--gpu-memory-utilization {args.gpu_memory_utilization} leaves no memory for the KV "
+                         "cache after the weights")
+    return free / 2**30
 
 
 def _sampling_params(args: argparse.Namespace):
@@ -63,15 +126,54 @@ def build_llm(args: argparse.Namespace):
     import gemma4_jax
     from gemma4_jax.serving.demo import demo_model
 
+    model_path = _model_path(args)
     options = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                    max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
-                   compilation_cache=False if args.no_compilation_cache else args.compilation_cache_dir)
-    if args.model is None:
-        model, tokenizer = demo_model()
+                   page_size=args.block_size, compilation_cache=False if args.no_compilation_cache
+                   else args.compilation_cache_dir)
+    if args.num_gpu_blocks_override is not None:
+        options["num_pages"] = args.num_gpu_blocks_override + 1  # plus the trash page
+    tokenizer = None
+    if args.tokenizer is not None or args.chat_template is not None:
+        from gemma4_jax.serving.tokenizer import Tokenizer
+
+        source = args.tokenizer or model_path
+        if source is None:
+            raise ValueError("--chat-template needs a checkpoint or --tokenizer (the demo model has its own)")
+        tokenizer = Tokenizer.from_dir(source)
+        if args.chat_template is not None:
+            with open(args.chat_template) as f:
+                tokenizer.chat_template = f.read()
+    if model_path is None:
+        if args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size > 1:
+            raise ValueError("the embedded demo model runs on one device; give a checkpoint to shard")
+        model, demo_tokenizer = demo_model()
         print("note: no --model given: running the embedded tiny demo model (random weights, byte-level "
               "tokenizer); its output is meaningless text.", file=sys.stderr)
-        return gemma4_jax.LLM(model, tokenizer=tokenizer, **options)
-    return gemma4_jax.LLM(args.model, dtype=args.dtype, **options)
+        return gemma4_jax.LLM(model, tokenizer=tokenizer or demo_tokenizer, **options)
+    if args.quantization is not None:
+        _check_quantization(model_path, args.quantization)
+    options["kv_memory_gb"] = _kv_memory_gb(args)
+    return gemma4_jax.LLM(model_path, dtype=args.dtype, tp=args.tensor_parallel_size,
+                          pp=args.pipeline_parallel_size, dp=args.data_parallel_size, tokenizer=tokenizer, **options)
+
+
+def _check_quantization(path: str, expected: str) -> None:
+    """--quantization names what the checkpoint must hold; we read the format from its files, so a mismatch is an
+    error rather than a silent override."""
+    from gemma4_jax.quant_formats import read_quant_config
+
+    found = read_quant_config(path)
+    method = None if found is None else found.method
+    aliases = {"modelopt": {"modelopt"}, "modelopt_fp4": {"modelopt"}, "nvfp4": {"modelopt", "compressed-tensors"},
+               "compressed-tensors": {"compressed-tensors"}, "fp8": {"modelopt", "compressed-tensors"},
+               "none": {None}}
+    wanted = aliases.get(expected.lower())
+    if wanted is None:
+        raise ValueError(f"--quantization {expected!r} is not supported; supported: {sorted(aliases)}")
+    if method not in wanted:
+        raise ValueError(f"--quantization {expected!r}, but {path} is "
+                         f"{'not quantized' if method is None else 'quantized with ' + method}")
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -194,7 +296,10 @@ def _convert_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gemma4_jax.version import __version__
+
     parser = argparse.ArgumentParser(prog="gemma4-jax", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gemma4-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for prompts (a batch job with --input/--output)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -210,11 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from gemma4_jax.bench.cli import add_parser as add_bench_parser
 
-        add_bench_parser(sub, _engine_args)
+        add_bench_parser(sub, _bench_engine_args)
     except ImportError:
         pass
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's usage, not the top-level one
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        if getattr(args, "model_path", None) is not None:
+            args.model = _model_path(args)
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

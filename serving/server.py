@@ -34,6 +34,7 @@ import copy
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -75,7 +76,8 @@ async def _freeze_after_compiles(state: ServerState, period_s: float = _REFREEZE
             freeze_heap()
 
 
-def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], Any] | None = None) -> FastAPI:
+def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], Any] | None = None,
+               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
     """The FastAPI app serving `llm` (a `gemma4_jax.LLM`), or the one `load()` returns (run in a thread at start-up,
     so /health answers 503 while the model loads)."""
     if (llm is None) == (load is None):
@@ -97,6 +99,8 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
                 except Exception as e:  # reported by /health and every route
                     log.exception("loading the model failed")
                     state.load_error = f"{type(e).__name__}: {e}"
+                    if on_load_error is not None:  # `serve` exits non-zero instead of answering 503 forever
+                        on_load_error(state.load_error)
                     return
                 freeze_heap()
                 loop.call_soon_threadsafe(state.attach, loaded, loop)
@@ -250,7 +254,8 @@ def serve_cli(args, build_llm: Callable[[Any], Any]) -> int:
     """`gemma4-jax serve`: load the model in the background (503 until ready) and serve until SIGTERM."""
     name = args.served_model_name
     if name is None:
-        name = os.path.basename(os.path.normpath(args.model)) if args.model else "gemma4-jax-demo"
+        model = args.model or getattr(args, "model_path", None)
+        name = os.path.basename(os.path.normpath(model)) if model else "gemma4-jax-demo"
     # An empty key (e.g. an unset variable in --api-key "$KEY") is refused by ServerConfig, not taken as "no key".
     api_key = args.api_key if args.api_key is not None else os.environ.get("GEMMA4_JAX_API_KEY")
     allowed_hosts = None
@@ -274,6 +279,13 @@ def serve_cli(args, build_llm: Callable[[Any], Any]) -> int:
         max_header_bytes=args.h11_max_incomplete_event_size,
     )
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO))
-    app = create_app(load=lambda: build_llm(args), config=config)
-    make_server(app, args.host, args.port, args.log_level).run()
+    servers: list = []
+    app = create_app(load=lambda: build_llm(args), config=config,
+                     on_load_error=lambda _: setattr(servers[0], "should_exit", True))
+    servers.append(make_server(app, args.host, args.port, args.log_level))
+    servers[0].run()
+    error = app.state.server.load_error
+    if error is not None:
+        print(f"error: the model failed to load: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from gemma4_jax.bench.hf_baseline import agreement, bench_hf, load_hf_model, make_hf_checkpoint
 from gemma4_jax.bench.offline import XlaCompiles, bench_ours
 from gemma4_jax.bench.presets import BENCH_PRESETS, bench_config, bench_preset_dict, random_prompts
@@ -139,7 +141,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import gemma4_jax
 
     XlaCompiles.install()
-    dtype = args.dtype or "float32"
+    from gemma4_jax.model import resolve_dtype
+
+    dtype = np.dtype(resolve_dtype(args.dtype or "auto")).name  # "auto": float32 on CPU, bfloat16 on GPU
     for name in ("num_prompts", "input_len", "output_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
