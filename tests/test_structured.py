@@ -173,3 +173,17 @@ def test_params_stay_hashable_and_keep_key_order():
     assert spec.json == '{"b": 1, "a": 2}'
     assert hash(SamplingParams(structured_outputs={"choice": ["x", "y"]})) == hash(
         SamplingParams(structured_outputs=StructuredOutputs(choice=("x", "y"))))
+
+
+def test_pipelined_model_follows_the_grammar(llm):
+    """pp=2: the bitmask rides with the sampling inputs to the last stage; same tokens as one stage."""
+    staged = gemma4_jax.LLM(gemma4_jax.from_config("tiny", dtype="float32", seed=5, pp=2),
+                            tokenizer=byte_level_tokenizer(), max_num_seqs=4, max_model_len=256,
+                            max_num_batched_tokens=256, compilation_cache=False)
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=16, structured_outputs={"regex": "[a-f]{3}[0-9]"})
+              for s in range(3)]
+    outs = staged.generate(["p"] * 3, params, use_tqdm=False)
+    single = llm.generate(["p"] * 3, params, use_tqdm=False)
+    for out, one in zip(outs, single):
+        assert re.fullmatch("[a-f]{3}[0-9]", out.text) and out.finish_reason == "stop"
+        assert out.token_ids == one.token_ids
