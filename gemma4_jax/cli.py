@@ -61,7 +61,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="GPU only: size the KV cache from this fraction of device memory, less the weights")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto"],
                    help="auto: the model dtype (the only one supported)")
-    g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--attention-backend", default="auto", help="auto, xla, or a registered kernel (both phases)")
+    g.add_argument("--prefill-attention-backend", default=None, help="the prefill phase's backend (SGLang's name)")
+    g.add_argument("--decode-attention-backend", default=None, help="the decode phase's backend (SGLang's name)")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM compatibility: Gemma 4 tool calls are always parsed")
     g.add_argument("--tool-call-parser", default=None, choices=["gemma4", "gemma"],
@@ -129,6 +131,7 @@ def build_llm(args: argparse.Namespace):
     model_path = _model_path(args)
     options = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                    max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
+                   prefill_backend=args.prefill_attention_backend, decode_backend=args.decode_attention_backend,
                    page_size=args.block_size, compilation_cache=False if args.no_compilation_cache
                    else args.compilation_cache_dir)
     if args.num_gpu_blocks_override is not None:

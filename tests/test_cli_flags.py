@@ -34,13 +34,18 @@ def test_flag_refusals(tmp_path, capsys):
     assert "two models given" in capsys.readouterr().err
     assert cli.main(["generate", "-tp", "2"]) == 2  # the demo model is one device
     assert "runs on one device" in capsys.readouterr().err
+    assert cli.main(["generate", "--decode-attention-backend", "nope"]) == 2
+    assert "decode attention backend 'nope' is not supported" in capsys.readouterr().err
+    assert cli.main(["generate", "-tp", "2"]) == 2
+    assert "runs on one device" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: only "auto" is a KV cache dtype here
         cli.main(["generate", "--kv-cache-dtype", "fp8"])
 
 
 def test_generate_takes_vllm_engine_flags(capsys):
     code = cli.main(["generate", "--max-tokens", "2", "--block-size", "8", "--num-gpu-blocks-override", "64",
-                     "--enable-auto-tool-choice", "--tool-call-parser", "gemma4", "--quiet"])
+                     "--enable-auto-tool-choice", "--tool-call-parser", "gemma4", "--quiet",
+                     "--prefill-attention-backend", "xla", "--decode-attention-backend", "auto"])
     assert code == 0
     assert "2 generated tokens" in capsys.readouterr().err
 
