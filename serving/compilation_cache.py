@@ -19,12 +19,19 @@ import logging
 import os
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as cc
 
 log = logging.getLogger(__name__)
 
 ENV = "GEMMA4_JAX_COMPILATION_CACHE"
 _OFF = {"0", "off", "false", "none", "no", ""}
 MAX_SIZE_BYTES = 8 * 2**30
+
+
+def disable() -> None:
+    """Turn the persistent cache off again (JAX's state included): tests that turned it on clean up with this."""
+    jax.config.update("jax_compilation_cache_dir", None)
+    cc.reset_cache()
 
 
 def default_dir() -> str | None:
@@ -54,6 +61,9 @@ def enable(path: str | bool | None = None) -> str | None:
         log.warning("persistent compilation cache off: cannot create %s (%s)", directory, e)
         return None
     jax.config.update("jax_compilation_cache_dir", directory)
+    # JAX decides once, at its first compile, whether the cache is in use; start over so that turning it on after
+    # something already compiled (e.g. a model built before the engine) still takes effect.
+    cc.reset_cache()
     # Cache every compile: the engine's step shapes each take seconds, and the small ones add up at start-up.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -42,15 +42,14 @@ def test_compilation_cache_dir(monkeypatch, tmp_path):
     assert compilation_cache.default_dir() is None
     monkeypatch.setenv(compilation_cache.ENV, str(tmp_path / "moved"))
     assert compilation_cache.default_dir() == str(tmp_path / "moved")
-    before = jax.config.jax_compilation_cache_dir
+    assert jax.config.jax_compilation_cache_dir is None  # off in tests (conftest)
     try:
-        jax.config.update("jax_compilation_cache_dir", None)
         assert compilation_cache.enable(False) is None and not jax.config.jax_compilation_cache_dir
         assert compilation_cache.enable() == str(tmp_path / "moved") == jax.config.jax_compilation_cache_dir
         assert (tmp_path / "moved").is_dir()
         assert compilation_cache.enable(str(tmp_path / "other")) == str(tmp_path / "moved")  # already set: kept
     finally:
-        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.disable()  # nothing later in the suite may write to (or read from) this directory
 
 
 def test_logprob_counts_share_one_compiled_step():
