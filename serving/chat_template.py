@@ -161,26 +161,6 @@ def read_json(path: str, required: bool = False) -> dict | None:
     return data
 
 
-def _token_content(value: Any) -> str | None:
-    # Special tokens are saved either as plain strings or as serialized AddedTokens ({"content": ..., ...}).
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
-def _id_list(value: Any, where: str) -> list[int]:
-    # `eos_token_id` in config/generation_config is an int, a list of ints, or null.
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, int) for v in value):
-        return list(value)
-    raise ValueError(f"{where}: a token id must be an int or a list of ints, got {value!r}")
-
-
 def load_chat_template(path: str, tokenizer_config: Mapping[str, Any]) -> str | dict[str, str] | None:
     """The checkpoint's chat template: one string, or named templates {"default": ..., "tool_use": ...}.
 
