@@ -1,7 +1,10 @@
 """Test setup for every test folder (tests/ and the kernel folders): a simulated 8-device CPU mesh, set before jax
 is imported anywhere, so sharded and pipelined tests see 8 devices whichever folder is collected first."""
 
+import gc
 import os
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile into memory only: no writes to the user's persistent compilation cache, and no shared cache files
@@ -14,3 +17,18 @@ if "xla_force_host_platform_device_count" not in flags:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each test module (its own fixtures torn down first), drop JAX's caches of compiled programs.
+
+    XLA:CPU maps every compiled program's code into memory as several separate mappings that live as long as the
+    program; one process running the whole suite compiles thousands of programs and ran into the kernel's limit
+    of 65,530 mappings per process (vm.max_map_count), which aborts inside the compiler (CI died that way after
+    ~300 tests). Programs that a later module needs are simply compiled again."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

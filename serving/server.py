@@ -113,6 +113,9 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
         if state.engine is not None:
             await asyncio.to_thread(state.engine.stop)
         state.close()
+        # Hand the frozen objects back to the collector: an app stopped inside a longer-lived process (a notebook,
+        # the test suite) would otherwise keep every cycle alive at its freezes forever, compiled programs included.
+        gc.unfreeze()
 
     app = FastAPI(title="gemma4-jax", summary="OpenAI-compatible server for Gemma 4 in JAX", lifespan=lifespan)
     app.state.server = state
