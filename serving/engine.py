@@ -9,6 +9,10 @@ Each `step()`:
 3. the jitted step runs once for the prefill chunks and once for the decode batch (each padded to buckets), and
    the sampled tokens are appended, detokenized and checked against the stop conditions.
 
+With speculative decoding (`EngineConfig.speculative_config`, serving/speculative.py) the decode batch is a verify
+step instead whenever a proposer drafts tokens for some row: rows [last token, d_1 .. d_k] run through the same
+forward and each row emits its accepted drafts plus one token (docs/speculative.md).
+
 Compile events (new bucket shapes) are counted with their times in `stats`.
 """
 
@@ -31,9 +35,10 @@ from gemma4_jax.serving import media_chunks, mm_inputs
 from gemma4_jax.serving.detokenizer import IncrementalDetokenizer, StopChecker
 from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, bucket, pages_needed
 from gemma4_jax.serving.pipeline_runner import PipelineRunner
-from gemma4_jax.serving.requests import Request, RequestOutput, Status, TokenLogprob
+from gemma4_jax.serving.requests import Request, RequestOutput, SpecDecodeStats, Status, TokenLogprob
 from gemma4_jax.serving.runner import Runner, reset_slot_counts
 from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingBatch, SamplingParams, request_key
+from gemma4_jax.serving.speculative import Proposer, SpeculativeConfig, build_proposer
 from gemma4_jax.serving.structured import Grammars
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,9 @@ class EngineConfig:
     # MoE models: steps also return the router's expert ids, for requests with return_routed_experts. On by
     # default (a (B, L, k) int32 array per step, ~60 KB at B=64 on 26B-A4B); False saves even that.
     enable_return_routed_experts: bool = True
+    # Speculative decoding: vLLM's dict ({"method": "ngram", "num_speculative_tokens": k, ...}) or a
+    # SpeculativeConfig; None = off (serving/speculative.py).
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def resolve_attention(self) -> AttentionPlan:
         """The plan every engine step runs; an unknown or unavailable choice raises ValueError here."""
@@ -65,7 +73,10 @@ class EngineConfig:
 class Engine:
     """Continuous-batching generator over a loaded `Model`. Not thread-safe: one thread drives `step()`."""
 
-    def __init__(self, model: Model, tokenizer=None, config: EngineConfig | None = None):
+    def __init__(self, model: Model, tokenizer=None, config: EngineConfig | None = None,
+                 proposer: Proposer | None = None):
+        """proposer: a drafter object for speculative decoding (tests, benchmarks: speculative.OracleProposer)
+        in place of the one `config.speculative_config` names; the config then only sets k (method "custom")."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
@@ -91,7 +102,20 @@ class Engine:
             raise ValueError("num_pages must leave at least one page besides the trash page")
         sized = ("num_pages given" if config.num_pages is not None else
                  f"min(max_num_seqs x pages per sequence, kv_memory_gb={config.kv_memory_gb:g} budget)")
-        self.layout = CacheLayout.for_config(cfg, config.page_size, num_pages, config.max_num_seqs)
+        self.speculative = SpeculativeConfig.resolve(config.speculative_config)
+        if proposer is not None and self.speculative is None:
+            raise ValueError("Engine(proposer=...) needs speculative_config=SpeculativeConfig.custom(k) to set k")
+        if self.speculative is not None and (proposer is not None) != (self.speculative.method == "custom"):
+            raise ValueError("Engine(proposer=...) goes with speculative_config=SpeculativeConfig.custom(k), and "
+                             f"method {self.speculative.method!r} takes no proposer object")
+        self.proposer = None
+        if self.speculative is not None:
+            self.proposer = proposer if proposer is not None else build_proposer(self.speculative)
+        # Rejected drafts' K/V are written to ring slots that hold keys older than the window; k spare slots per
+        # ring keep every key inside the window intact (kv_cache.CacheLayout.for_config).
+        spare = self.speculative.num_speculative_tokens if self.speculative is not None else 0
+        self.layout = CacheLayout.for_config(cfg, config.page_size, num_pages, config.max_num_seqs,
+                                             spare_ring_slots=spare)
         # The runner runs the steps: one program over the mesh, or the pipeline's stages (pp > 1), whose pools
         # (a list, per stage) each live on their stage's devices. Pools are sharded by KV head where tp divides the
         # layer's head count and placed from the start: a cache with another sharding than the step returns would
@@ -115,6 +139,11 @@ class Engine:
         self._grammars: Grammars | None = None  # built on the first request with structured outputs
         self.stats = {"compiles": 0, "compile_time_s": 0.0, "steps": 0, "preemptions": 0,
                       "prompt_tokens": 0, "generated_tokens": 0}
+        # Speculative decoding counters over all requests (requests.SpecDecodeStats); None when it is off.
+        self.spec_stats = SpecDecodeStats() if self.speculative is not None else None
+        if self.speculative is not None:
+            self.stats.update(verify_steps=0, spec_num_drafts=0, spec_num_draft_tokens=0,
+                              spec_num_accepted_tokens=0)
         if self.runner.num_stages > 1:
             # Idle stage-steps / all stage-steps of the dispatched pipeline schedules (pipeline.schedule_bubble).
             self.stats.update(pipeline_stages=self.runner.num_stages,
@@ -355,10 +384,12 @@ class Engine:
         self.counts = reset_slot_counts(self.counts, req.slot, p, len(req.prompt_ids), o, len(req.output_ids))
 
     def _build(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0,
-               num_logprobs: int | None = None):
-        """Pad rows (request, new token ids, start position) into a StepBatch and its sampling inputs."""
+               num_logprobs: int | None = None, verify: bool = False):
+        """Pad rows (request, new token ids, start position) into a StepBatch and its sampling inputs.
+        verify: rows of a speculative verify step ([last token, drafts...]): T is exactly num_tokens (k + 1, one
+        shape for every step) and every row's tokens are kept."""
         b = bucket(len(rows), 1, self.config.max_num_seqs)
-        t = bucket(num_tokens, 1 if num_tokens == 1 else 16)
+        t = num_tokens if verify else bucket(num_tokens, 1 if num_tokens == 1 else 16)
         max_pages = max(pages_needed(start + len(ids) + lookahead, self.layout.page_size) for _, ids, start in rows)
         p = bucket(max_pages, 4)
         tokens = np.zeros((b, t), np.int32)
@@ -377,7 +408,7 @@ class Engine:
             table[i, : len(req.pages)] = req.pages
             last[i] = len(ids) - 1
             steps[i] = len(req.output_ids)
-            keep[i] = start + len(ids) == len(req.all_ids)
+            keep[i] = verify or start + len(ids) == len(req.all_ids)
         params = [req.params for req, _, _ in rows]
         token_mask = None
         if any(req.matcher is not None for req, _, _ in rows):
@@ -408,16 +439,17 @@ class Engine:
             self.stats["pipeline_bubble"] = self.runner.bubble
         return results
 
-    def _microbatches(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0):
+    def _microbatches(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0,
+                      verify: bool = False):
         """Split rows into the runner's decode micro-batches (a prefill runs as one) and build each.
         Returns (row groups, [(batch, sampling, steps, keep)], num_logprobs, shape key)."""
-        m = self.runner.microbatches if num_tokens == 1 else 1
+        m = self.runner.microbatches if num_tokens == 1 or verify else 1
         groups = [list(g) for g in np.array_split(np.arange(len(rows)), max(1, min(m, len(rows))))]
         num_logprobs = _num_logprobs([req.params for req, _, _ in rows])
         built, keys = [], []
         for group in groups:
             batch, sampling, steps, keep, _, key = self._build([rows[i] for i in group], num_tokens, lookahead,
-                                                               num_logprobs)
+                                                               num_logprobs, verify)
             built.append((batch, sampling, steps, keep))
             keys.append(key)
         return groups, built, num_logprobs, tuple(keys)
@@ -439,6 +471,56 @@ class Engine:
         results = self._timed(("multi", num_steps, key), self.runner.multi, built, num_logprobs,
                               num_steps=num_steps)
         return _join(results, groups, axis=1)
+
+    def _propose(self, decode: list[Request]) -> list[list[int]] | None:
+        """Drafts for each decode row (possibly none), or None when no row has any (plain decoding runs then).
+
+        A row drafts at most k tokens and at most one fewer than it may still generate (max_tokens, max_model_len),
+        so the verify step never writes past the request's last position. Rows with a grammar draft nothing
+        (their mask depends on every accepted token). Drafts get pages when the pool has them; otherwise a row
+        drafts only what its pages hold: a draft never preempts another request."""
+        k = self.speculative.num_speculative_tokens
+        limits = []
+        for req in decode:
+            left = min(req.params.max_tokens - len(req.output_ids), self.max_model_len - len(req.all_ids))
+            limits.append(0 if req.matcher is not None else max(0, min(k, left - 1)))
+        if not any(limits):
+            return None
+        vocab, page = self.text_config.vocab_size, self.layout.page_size
+        drafts = []
+        for req, limit, proposed in zip(decode, limits, self.proposer.propose(decode, limits), strict=True):
+            draft = []
+            for token in list(proposed)[:limit]:
+                if not 0 <= int(token) < vocab:
+                    break
+                draft.append(int(token))
+            if draft and not self._ensure_pages(req, req.num_computed + 1 + len(draft)):
+                draft = draft[: len(req.pages) * page - req.num_computed - 1]
+            drafts.append(draft)
+        return drafts if any(drafts) else None
+
+    def _run_verify(self, decode: list[Request], drafts: list[list[int]]) -> None:
+        """One verify step over the decode rows; each emits its accepted drafts plus one token, in order, through
+        the same `_append` as plain decoding (stop tokens and strings, max_tokens, logprobs, routed experts)."""
+        rows = [(req, [req.all_ids[-1], *draft], req.num_computed) for req, draft in zip(decode, drafts, strict=True)]
+        num_tokens = self.speculative.num_speculative_tokens + 1
+        groups, built, num_logprobs, key = self._microbatches(rows, num_tokens, verify=True)
+        results = self._timed(("verify", key), self.runner.verify, built, num_logprobs)
+        result = _join(results, groups, axis=0)
+        positions = [jax.tree.map(lambda x, j=j: x[:, j], result.sample) for j in range(num_tokens)]
+        self.stats["verify_steps"] += 1
+        for i, (req, draft) in enumerate(zip(decode, drafts, strict=True)):
+            accepted = int(result.num_accepted[i])
+            if draft:
+                req.spec.record(len(draft), accepted)
+                self.spec_stats.record(len(draft), accepted)
+            # The fed token and the accepted drafts are now in the cache; the rejected ones are dead.
+            req.num_computed += accepted + 1
+            for j in range(accepted + 1):
+                self._append(req, positions[j], i)
+        self.stats.update(spec_num_drafts=self.spec_stats.num_drafts,
+                          spec_num_draft_tokens=self.spec_stats.num_draft_tokens,
+                          spec_num_accepted_tokens=self.spec_stats.num_accepted_tokens)
 
     def _multi_step_size(self, decode: list[Request]) -> int:
         """Decode steps to run in one call: >1 only when nothing else waits and every row has pages for them."""
@@ -479,7 +561,11 @@ class Engine:
                 if req.num_computed == len(req.all_ids):
                     self._append(req, result, i)
                 touched.append(req)
-        if decode and not prefill and (k := self._multi_step_size(decode)) > 1:
+        drafts = self._propose(decode) if decode and self.proposer is not None else None
+        if drafts is not None:
+            self._run_verify(decode, drafts)
+            touched.extend(decode)
+        elif decode and not prefill and (k := self._multi_step_size(decode)) > 1:
             results = self._run_multi(decode, k)
             for j in range(k):
                 step_result = jax.tree.map(lambda x, j=j: x[j], results)
@@ -554,6 +640,7 @@ class Engine:
             logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
             finished=req.status is Status.FINISHED,
             routed_experts=np.stack(req.routed) if req.params.return_routed_experts and req.routed else None,
+            spec_decode=req.spec.copy() if self.speculative is not None else None,
         )
 
     def run_until_done(self, progress=None) -> None:

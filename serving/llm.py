@@ -12,6 +12,7 @@ from gemma4_jax.serving import compilation_cache as compilation_cache_lib
 from gemma4_jax.serving.engine import Engine, EngineConfig, RequestOutput
 from gemma4_jax.serving.media_decode import has_media_parts
 from gemma4_jax.serving.sampling import SamplingParams
+from gemma4_jax.serving.speculative import SpeculativeConfig
 from gemma4_jax.serving.tokenizer import Tokenizer
 
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -30,6 +31,9 @@ class LLM:
     option, default pp) is how many decode micro-batches flow through the stages at once (docs/sharding.md).
     compilation_cache: JAX's persistent compilation cache directory, False to leave it off, None (default) for
     $GEMMA4_JAX_COMPILATION_CACHE or ~/.cache/gemma4-jax/jax-compilation (serving/compilation_cache.py).
+    Speculative decoding: `speculative_config` (engine option; vLLM's dict, e.g. {"method": "ngram",
+    "num_speculative_tokens": 3, "prompt_lookup_max": 4}), or `draft_model` (the assistant checkpoint) with
+    `num_speculative_tokens` (serving/speculative.py, docs/speculative.md).
     """
 
     def __init__(self, path: str | os.PathLike | Model, dtype: Any = "auto", pp: int = 1, tp: int = 1,
@@ -40,8 +44,10 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown LLM option(s) {unknown}; engine options are {sorted(_ENGINE_FIELDS)}")
         if draft_model is not None or num_speculative_tokens:
-            raise ValueError("speculative decoding (draft_model / num_speculative_tokens) is not available in this "
-                             "version of gemma4-jax yet; leave them unset")
+            # One config from both forms; contradictions raise here, before anything loads.
+            engine_options["speculative_config"] = SpeculativeConfig.resolve(
+                engine_options.get("speculative_config"), os.fspath(draft_model) if draft_model else None,
+                num_speculative_tokens)
         # Before anything compiles: a second start loads the executables instead (compilation_cache.py).
         self.compilation_cache_dir = compilation_cache_lib.enable(compilation_cache)
         if isinstance(path, Model):

@@ -24,7 +24,7 @@ from gemma4_jax.forward import TokenInputs
 from gemma4_jax.pipeline import Pipeline, run_stage, schedule_bubble, to_stage
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import PagedKVStore
-from gemma4_jax.serving.runner import StepMedia, sample_step
+from gemma4_jax.serving.runner import StepMedia, sample_step, verify_step_logits
 
 
 class PipelineRunner:
@@ -63,7 +63,10 @@ class PipelineRunner:
 
     def stage_fn(self, s: int, phase: str, num_logprobs: int):
         """Stage s's jitted engine program: (stage state, its pools, counts, carry, batch, sampling, steps,
-        sample_rows) -> ((carry or SampleResult, this stage's router ids (B, L_s, k) or None), pools, counts)."""
+        sample_rows) -> ((carry or SampleResult, this stage's router ids (B, L_s, k) or None), pools, counts).
+        phase "verify": a speculative verify step (runner.verify_step): every position's logits, no narrowing to
+        the kept token, the "prefill" backends; the last stage returns a VerifyResult and router ids
+        (B, T, L_s, k)."""
         key = (s, phase, num_logprobs)
         if key not in self._fns:
             pipe, layout, attention, return_routed = self.pipeline, self.layout, self.attention, self.return_routed
@@ -76,11 +79,16 @@ class PipelineRunner:
                     media = carry or {}
                     carry = TokenInputs(tokens=batch.tokens, positions=batch.positions, media=media.get("tokens"),
                                         vision_blocks=media.get("vision_blocks"))
-                out = run_stage(model, plan, s, carry, attention=attention, phase=phase, kv_store=store,
-                                keep_index=batch.last_index, return_routed=return_routed)
-                ids = out.routed[:, 0] if return_routed else None
+                verifying = phase == "verify"
+                out = run_stage(model, plan, s, carry, attention=attention,
+                                phase="prefill" if verifying else phase, kv_store=store,
+                                keep_index=None if verifying else batch.last_index, return_routed=return_routed)
+                ids = None if not return_routed else out.routed if verifying else out.routed[:, 0]
                 if not last:
                     return (out.activations, ids), store.cache, counts
+                if verifying:
+                    result, counts = verify_step_logits(out.logits, counts, batch, sampling, steps, num_logprobs)
+                    return (result, ids), store.cache, counts
                 result, counts = sample_step(out.logits[:, 0], counts, batch, sampling, steps, sample_rows,
                                              num_logprobs)
                 return (result, ids), store.cache, counts
@@ -117,7 +125,9 @@ class PipelineRunner:
             stage_routed.append(ids)
             if last:
                 counts = stage_counts
-        if self.return_routed:
+        if self.return_routed and phase == "verify":
+            carry = carry._replace(sample=carry.sample._replace(routed=tuple(stage_routed)))
+        elif self.return_routed:
             carry = carry._replace(routed=tuple(stage_routed))
         return carry, cache, counts
 
@@ -129,6 +139,10 @@ class PipelineRunner:
             results.append(result)
         self._count(len(microbatches), 1)
         return results, cache, counts
+
+    def verify(self, cache, counts, microbatches, num_logprobs: int):
+        """A speculative verify step of each micro-batch through the stages (see stage_fn's "verify")."""
+        return self.step(cache, counts, microbatches, num_logprobs, phase="verify")
 
     def multi(self, cache, counts, microbatches, num_logprobs: int, num_steps: int):
         """num_steps decode steps of every micro-batch, all enqueued at once: step t of micro-batch j feeds its

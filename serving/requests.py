@@ -29,6 +29,54 @@ class TokenLogprob:
 
 
 @dataclasses.dataclass
+class SpecDecodeStats:
+    """Speculative decoding counters (vLLM's spec_decode metrics), per request or summed over an engine.
+
+    num_drafts: verify steps in which rows had drafts; num_draft_tokens: tokens proposed; num_accepted_tokens: of
+    them accepted; accepted_per_pos[i]: drafts accepted at draft position i (the (i+1)-th draft of a step)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = dataclasses.field(default_factory=list)
+    proposed_per_pos: list[int] = dataclasses.field(default_factory=list)
+
+    def record(self, num_draft_tokens: int, num_accepted: int) -> None:
+        """One verify step of one row that proposed `num_draft_tokens` (>= 1) and accepted `num_accepted`."""
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        grow = num_draft_tokens - len(self.proposed_per_pos)
+        if grow > 0:
+            self.proposed_per_pos.extend([0] * grow)
+            self.accepted_per_pos.extend([0] * grow)
+        for i in range(num_draft_tokens):
+            self.proposed_per_pos[i] += 1
+            self.accepted_per_pos[i] += int(i < num_accepted)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed draft tokens (0 when none were proposed)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def acceptance_rate_per_pos(self) -> list[float]:
+        """For each draft position i: accepted / proposed at that position."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_per_pos, self.proposed_per_pos, strict=True)]
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verify step with drafts: 1 + accepted drafts per step (vLLM's mean acceptance
+        length); 0 when there was none."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def copy(self) -> SpecDecodeStats:
+        return dataclasses.replace(
+            self, accepted_per_pos=list(self.accepted_per_pos), proposed_per_pos=list(self.proposed_per_pos)
+        )
+
+
+@dataclasses.dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -42,6 +90,8 @@ class RequestOutput:
     # ids in every MoE layer for the input token whose logits produced token_ids[j] (the prompt's last token for
     # j = 0, then token_ids[j - 1]), highest weight first.
     routed_experts: np.ndarray | None = None
+    # Speculative decoding counters of this request (engine started with speculative decoding), else None.
+    spec_decode: SpecDecodeStats | None = None
 
 
 @dataclasses.dataclass(eq=False)  # identity: requests are compared and hashed as objects
@@ -69,6 +119,7 @@ class Request:
     media: mm_inputs.MediaInputs | None = None  # images / audio of the prompt (soft tokens cached once encoded)
     matcher: Any = None  # structured outputs: the request's llguidance matcher (structured.py), else None
     routed: list[np.ndarray] = dataclasses.field(default_factory=list)  # (L_moe, k) per generated token
+    spec: SpecDecodeStats = dataclasses.field(default_factory=SpecDecodeStats)  # speculative decoding counters
 
     @property
     def all_ids(self) -> list[int]:

@@ -21,7 +21,7 @@ from gemma4_jax.forward import MediaTokens, TokenInputs, forward
 from gemma4_jax.model import StaticGraph
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import CacheLayout, PagedKVStore, StepBatch
-from gemma4_jax.serving.sampling import SampleResult, SamplingBatch, sample
+from gemma4_jax.serving.sampling import SampleResult, SamplingBatch, VerifyResult, sample, verify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +131,51 @@ def decode_steps(graph: StaticGraph, state, cache, counts, batch: StepBatch, sam
     return results, cache, counts
 
 
+def verify_step_logits(logits, counts, batch, sampling, steps, num_logprobs) -> tuple[VerifyResult, dict | None]:
+    """Verify each row's drafts from the target's logits at all its positions (B, T, V) and advance the penalty
+    counts by the tokens it emits. A verify row holds [last token, d_1 .. d_n] (n = valid positions - 1; padding
+    rows have none and emit nothing that is kept). Shared with the pipeline's last stage."""
+    valid = batch.positions >= 0  # (B, T)
+    num_drafts = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    output_counts = prompt_mask = None
+    if counts is not None:
+        output_counts, prompt_mask = counts["output"][batch.slots], counts["prompt"][batch.slots]
+    result = verify(logits, sampling, steps, batch.tokens[:, 1:], num_drafts, output_counts, prompt_mask,
+                    num_logprobs=num_logprobs)
+    if counts is not None:
+        t = logits.shape[1]
+        emitted = (jnp.arange(t)[None, :] <= result.num_accepted[:, None]) & valid[:, :1]  # (B, T)
+        counts = dict(counts)
+        rows = jnp.broadcast_to(batch.slots[:, None], emitted.shape)
+        counts["output"] = counts["output"].at[rows, result.sample.tokens].add(emitted.astype(jnp.int32))
+    return result, counts
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graph", "layout", "attention", "num_logprobs", "return_routed"),
+    donate_argnames=("cache", "counts"),
+)
+def verify_step(graph: StaticGraph, state, cache, counts, batch: StepBatch, sampling: SamplingBatch,
+                steps: jax.Array, *, layout: CacheLayout, attention: AttentionPlan, num_logprobs: int,
+                return_routed: bool = False) -> tuple[VerifyResult, dict[str, jax.Array], dict | None]:
+    """A speculative verify step: rows of [last token, d_1 .. d_k] (B, T = k + 1) through the one forward
+    against the pools, logits at every position, then `verify_step_logits`.
+
+    All T tokens' K/V are written; the engine advances a row's context only past the accepted ones, so the
+    rejected ones are dead: paged slots beyond the context are rewritten by later steps, and the sliding rings
+    have k spare slots (CacheLayout.for_config(spare_ring_slots=k)) so they never overwrite a key still inside
+    the window. Runs with the "prefill" attention backends (T > 1 query tokens per row)."""
+    model = nnx.merge(graph.graphdef, state)
+    store = PagedKVStore(cache, batch, layout)
+    inputs = TokenInputs(tokens=batch.tokens, positions=batch.positions)
+    out = forward(model, inputs, attention=attention, phase="prefill", kv_store=store, return_routed=return_routed)
+    result, counts = verify_step_logits(out.logits, counts, batch, sampling, steps, num_logprobs)
+    if return_routed:  # the router's choices for every input token: (B, T, L_moe, k)
+        result = result._replace(sample=result.sample._replace(routed=(out.routed,)))
+    return result, store.cache, counts
+
+
 @functools.partial(jax.jit, donate_argnames=("counts",))
 def reset_slot_counts(counts, slot, prompt_tokens, prompt_len, output_tokens, output_len):
     """Rebuild one slot's penalty state from its history. prompt_tokens (Lp,), output_tokens (Lo,), padded."""
@@ -190,5 +235,16 @@ class Runner:
                                                      sampling, steps, layout=self.layout, attention=self.attention,
                                                      num_logprobs=num_logprobs, num_steps=num_steps,
                                                      return_routed=self.return_routed)
+                results.append(result)
+        return results, cache, counts
+
+    def verify(self, cache, counts, microbatches, num_logprobs: int):
+        """A speculative verify step of each micro-batch (rows [last, drafts...]): VerifyResults."""
+        results = []
+        with jax.set_mesh(self.mesh):
+            for batch, sampling, steps, _ in microbatches:
+                result, cache, counts = verify_step(self.model.static_graph, self.model.state, cache, counts, batch,
+                                                    sampling, steps, layout=self.layout, attention=self.attention,
+                                                    num_logprobs=num_logprobs, return_routed=self.return_routed)
                 results.append(result)
         return results, cache, counts

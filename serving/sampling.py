@@ -411,3 +411,70 @@ def sample(
             top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
             top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
     return SampleResult(tokens, token_logprobs, top_logprobs, top_ids.astype(jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Speculative verification
+# --------------------------------------------------------------------------------------------------------------
+
+
+class VerifyResult(NamedTuple):
+    """Output of `verify` for B rows of T = 1 + k positions: `sample` holds SampleResult fields with a T axis
+    (tokens (B, T), logprobs (B, T), top_logprobs / top_ids (B, T, n), routed per stage (B, T, L_s, k) or None);
+    num_accepted (B,) int32: how many drafts of each row were accepted (a). Row b emits tokens[b, : a + 1]."""
+
+    sample: SampleResult
+    num_accepted: jax.Array
+
+
+def verify(
+    logits: jax.Array,
+    batch: SamplingBatch,
+    steps: jax.Array,
+    drafts: jax.Array,
+    num_drafts: jax.Array,
+    output_counts: jax.Array | None = None,
+    prompt_mask: jax.Array | None = None,
+    num_logprobs: int = 0,
+) -> VerifyResult:
+    """Verify drafted tokens against the target's logits at every position of a row. Pure and jittable.
+
+    logits: (B, T, V) target logits, position j predicting the token after [last, d_1 .. d_j];
+    drafts: (B, T - 1) int32 drafted tokens d_1 .. d_{T-1} (padding beyond num_drafts (B,) is ignored);
+    steps: (B,) tokens generated so far per row; output_counts (B, V) / prompt_mask (B, V): penalty state before
+    this step (or None).
+
+    Position j is sampled exactly as plain decoding would sample the token at that position if d_1 .. d_j were
+    the tokens generated before it: its penalties count d_1 .. d_j as generated, its grammar mask is the row's
+    (constrained rows carry no drafts), and its randomness is `fold_in(key, steps + j)`, the key plain decoding
+    uses for that token. A draft is accepted while it equals the token sampled at its position; the first
+    position that disagrees (or the one after the last draft) contributes its sampled token and ends the row.
+
+    Why this is exact rejection sampling: the drafts of every proposer here are deterministic given the context
+    (p_draft one-hot), for which speculative sampling accepts d with probability p_target(d) and, on rejection,
+    samples from norm(max(0, p_target - onehot(d))) = p_target restricted to tokens != d. One Gumbel-max draw x
+    from p_target does both at once: P(x = d) = p_target(d), and given x != d, x follows that residual. So every
+    emitted token is the token plain decoding would sample with the same seed and context: the target's
+    distribution is kept exactly, seeds reproduce, and greedy rows emit the plain argmax.
+    """
+    b, t, vocab = logits.shape
+    flat = lambda a: jnp.repeat(a, t, axis=0)  # noqa: E731  (B, ...) -> (B * T, ...), position-major per row
+    position = jnp.arange(t, dtype=jnp.int32)[None, :]  # (1, T)
+    counts = None
+    if output_counts is not None:
+        is_draft = jnp.arange(t - 1)[None, :] < num_drafts[:, None]  # (B, T - 1)
+        onehot = jax.nn.one_hot(drafts, vocab, dtype=jnp.int32) * is_draft[..., None].astype(jnp.int32)
+        before = jnp.concatenate([jnp.zeros((b, 1, vocab), jnp.int32), jnp.cumsum(onehot, axis=1)], axis=1)
+        counts = (output_counts[:, None, :] + before).reshape(b * t, vocab)  # (B * T, V)
+    result = sample(
+        logits.reshape(b * t, vocab),
+        jax.tree.map(flat, batch),
+        (steps[:, None] + position).reshape(-1),
+        counts,
+        None if prompt_mask is None else flat(prompt_mask),
+        num_logprobs=num_logprobs,
+    )
+    result = jax.tree.map(lambda a: a.reshape(b, t, *a.shape[1:]), result)
+    agree = (result.tokens[:, :-1] == drafts) & (jnp.arange(t - 1)[None, :] < num_drafts[:, None])
+    num_accepted = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    return VerifyResult(result, num_accepted)
