@@ -14,6 +14,11 @@ import sys
 from typing import Any
 
 DEFAULT_PROMPT = "Hello, Gemma!"
+# EngineConfig's defaults for the limits the CLI leaves unset (kept in step with it by tests/test_cli_flags.py).
+ENGINE_DEFAULTS = {"max_num_seqs": 64, "max_num_batched_tokens": 512}
+# `serve` with the embedded demo model and a warm-up: limits that keep the warm-up to a few dozen step shapes (the
+# shapes multiply: rows x chunk tokens x context pages x logprobs; ~700 at the defaults). Flags given win.
+DEMO_SERVE_LIMITS = {"max_num_seqs": 4, "max_model_len": 256, "max_num_batched_tokens": 32}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -49,9 +54,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", "-q", default=None,
                    help="expected quantization of the checkpoint (modelopt, compressed-tensors, fp8); it is read "
                         "from the checkpoint, and a different one is refused")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"sequences in a batch (default {ENGINE_DEFAULTS['max_num_seqs']}; the demo model under "
+                        f"serve: {DEMO_SERVE_LIMITS['max_num_seqs']})")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's, at most 8192; the demo model under serve: "
+                        f"{DEMO_SERVE_LIMITS['max_model_len']})")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"tokens per step (default {ENGINE_DEFAULTS['max_num_batched_tokens']}; the demo model under "
+                        f"serve: {DEMO_SERVE_LIMITS['max_num_batched_tokens']})")
     g.add_argument("--block-size", type=int, default=16, help="KV cache page size in tokens")
     g.add_argument("--num-gpu-blocks-override", type=int, default=None,
                    help="KV cache pages (full-attention layers), instead of sizing from the memory budget")
@@ -72,6 +83,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="JAX's persistent compilation cache (default: $GEMMA4_JAX_COMPILATION_CACHE or "
                         "~/.cache/gemma4-jax/jax-compilation): a second start loads compiled steps instead")
     g.add_argument("--no-compilation-cache", action="store_true", help="leave the persistent cache off")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="serve: skip the start-up warm-up (vLLM's name; here nothing runs eagerly: each step shape "
+                        "compiles on the first request that needs it, so /health turns 200 sooner and early "
+                        "requests wait on compiles). generate and run-batch never warm up")
+    g.add_argument("--no-warmup", action="store_true", help="the same as --enforce-eager")
 
 
 def _bench_engine_args(p: argparse.ArgumentParser) -> None:
@@ -129,8 +145,14 @@ def build_llm(args: argparse.Namespace):
     from gemma4_jax.serving.demo import demo_model
 
     model_path = _model_path(args)
-    options = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                   max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
+    limits = {name: getattr(args, name) for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens")}
+    if model_path is None and getattr(args, "command", None) == "serve" and not (args.enforce_eager or args.no_warmup):
+        limits = {name: DEMO_SERVE_LIMITS[name] if value is None else value for name, value in limits.items()}
+        logging.getLogger(__name__).info("demo model: serving with max_num_seqs %d, max_model_len %d, "
+                                         "max_num_batched_tokens %d so the warm-up stays short (flags change them)",
+                                         *limits.values())
+    limits = {name: ENGINE_DEFAULTS.get(name) if value is None else value for name, value in limits.items()}
+    options = dict(**limits, attention_backend=args.attention_backend,
                    prefill_backend=args.prefill_attention_backend, decode_backend=args.decode_attention_backend,
                    page_size=args.block_size, compilation_cache=False if args.no_compilation_cache
                    else args.compilation_cache_dir)

@@ -88,6 +88,7 @@ class ServerState:
         self.metrics = ServerMetrics()
         self.draining = False
         self.load_error: str | None = None
+        self.warming_up = False  # loaded, compiling its step shapes (serving/warmup.py): still 503
         self.loop: asyncio.AbstractEventLoop | None = None
         # Host names the guard accepts; None: any. Set by make_server from the config and the bound address.
         self.allowed_hosts: list[str] | None = None if config.allowed_hosts is None else list(config.allowed_hosts)
@@ -156,7 +157,9 @@ class ServerState:
         if self.draining:
             raise APIError(503, "the server is shutting down", "service_unavailable", code="draining")
         if self.engine is None:
-            message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
+            message = (f"the model failed to load: {self.load_error}" if self.load_error else
+                       "the model is warming up (compiling its step shapes)" if self.warming_up else
+                       "the model is loading")
             raise APIError(503, message, "service_unavailable", code="not_ready")
         if not self.engine.alive:
             raise APIError(503, "the engine is not running", "service_unavailable", code="engine_stopped")

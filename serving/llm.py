@@ -31,6 +31,10 @@ class LLM:
     option, default pp) is how many decode micro-batches flow through the stages at once (docs/sharding.md).
     compilation_cache: JAX's persistent compilation cache directory, False to leave it off, None (default) for
     $GEMMA4_JAX_COMPILATION_CACHE or ~/.cache/gemma4-jax/jax-compilation (serving/compilation_cache.py).
+    warmup: compile every step shape of the engine's configuration now (serving/warmup.py; `LLM.warmup()` does it
+    later), so that no generate call waits on a compile. Off by default here: an offline batch meets few of the
+    shapes and compiles each once as it does, while warming every bucket of the default limits takes minutes on a
+    CPU. `gemma4-jax serve` warms up before it reports ready (unless --enforce-eager).
     Speculative decoding: `speculative_config` (engine option; vLLM's dict, e.g. {"method": "ngram",
     "num_speculative_tokens": 3, "prompt_lookup_max": 4}), or `draft_model` (the assistant checkpoint) with
     `num_speculative_tokens` (serving/speculative.py, docs/speculative.md).
@@ -39,7 +43,7 @@ class LLM:
     def __init__(self, path: str | os.PathLike | Model, dtype: Any = "auto", pp: int = 1, tp: int = 1,
                  draft_model: str | None = None, num_speculative_tokens: int = 0, tokenizer: Tokenizer | None = None,
                  moe_backend: str = "auto", dp: int = 1, compilation_cache: str | bool | None = None,
-                 **engine_options: Any):
+                 warmup: bool = False, **engine_options: Any):
         unknown = sorted(set(engine_options) - _ENGINE_FIELDS)
         if unknown:
             raise TypeError(f"unknown LLM option(s) {unknown}; engine options are {sorted(_ENGINE_FIELDS)}")
@@ -58,6 +62,15 @@ class LLM:
                 tokenizer = Tokenizer.from_dir(os.fspath(path))
         self.tokenizer = tokenizer
         self.engine = Engine(self.model, tokenizer, EngineConfig(**engine_options))
+        if warmup:
+            self.warmup()
+
+    def warmup(self, progress: bool = True):
+        """Compile (or load from the persistent compilation cache) every step shape the engine can run, with a
+        progress bar and the time per shape at INFO. Returns a `warmup.WarmupReport` (shapes, new compiles, s)."""
+        from gemma4_jax.serving.warmup import warm_up
+
+        return warm_up(self.engine, progress=progress)
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

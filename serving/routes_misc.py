@@ -27,7 +27,8 @@ router = APIRouter()
 async def health(state: State) -> Response:
     if state.ready:
         return Response(status_code=200)
-    reason = "draining" if state.draining else "the model failed to load" if state.load_error else "loading"
+    reason = ("draining" if state.draining else "the model failed to load" if state.load_error else
+              "warming up" if state.warming_up else "loading")
     return error_response(503, f"not ready: {reason}", "service_unavailable", "not_ready")
 
 

@@ -77,9 +77,13 @@ async def _freeze_after_compiles(state: ServerState, period_s: float = _REFREEZE
 
 
 def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], Any] | None = None,
-               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[str], None] | None = None, warmup: bool = False) -> FastAPI:
     """The FastAPI app serving `llm` (a `gemma4_jax.LLM`), or the one `load()` returns (run in a thread at start-up,
-    so /health answers 503 while the model loads)."""
+    so /health answers 503 while the model loads).
+
+    warmup: before the app reports ready, compile every step shape the engine can run (`LLM.warmup`,
+    serving/warmup.py), in the loading thread; /health answers 503 "warming up" meanwhile, so no request waits on a
+    compile. A failed warm-up is a failed load."""
     if (llm is None) == (load is None):
         raise ValueError("pass exactly one of llm and load")
     config = config or ServerConfig()
@@ -88,22 +92,30 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = state.loop = asyncio.get_running_loop()
-        if llm is not None:
+        if llm is not None and not warmup:
             freeze_heap()
             state.attach(llm, loop)
         else:
 
             def load_in_thread() -> None:
                 try:
-                    loaded = load()
+                    loaded = load() if llm is None else llm
+                    if warmup:
+                        state.warming_up = True
+                        loaded.warmup()
                 except Exception as e:  # reported by /health and every route
-                    log.exception("loading the model failed")
+                    log.exception("loading the model failed" if not state.warming_up else "the warm-up failed")
                     state.load_error = f"{type(e).__name__}: {e}"
                     if on_load_error is not None:  # `serve` exits non-zero instead of answering 503 forever
                         on_load_error(state.load_error)
                     return
                 freeze_heap()
-                loop.call_soon_threadsafe(state.attach, loaded, loop)
+                loop.call_soon_threadsafe(_ready, loaded)
+
+            def _ready(loaded) -> None:
+                state.attach(loaded, loop)
+                state.warming_up = False
+                log.info("ready: serving %r", state.config.served_model_name)
 
             threading.Thread(target=load_in_thread, name="gemma4-jax-load", daemon=True).start()
         refreeze = asyncio.create_task(_freeze_after_compiles(state))
@@ -283,7 +295,9 @@ def serve_cli(args, build_llm: Callable[[Any], Any]) -> int:
     )
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO))
     servers: list = []
-    app = create_app(load=lambda: build_llm(args), config=config,
+    # Warm-up (every step shape compiled before /health turns 200) unless --enforce-eager / --no-warmup.
+    warmup = not (getattr(args, "enforce_eager", False) or getattr(args, "no_warmup", False))
+    app = create_app(load=lambda: build_llm(args), config=config, warmup=warmup,
                      on_load_error=lambda _: setattr(servers[0], "should_exit", True))
     servers.append(make_server(app, args.host, args.port, args.log_level))
     servers[0].run()

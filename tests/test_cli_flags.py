@@ -55,3 +55,13 @@ def test_serve_exits_non_zero_when_the_model_cannot_load(tmp_path):
     out = run("serve", str(tmp_path), "--port", "0", timeout=180)
     assert out.returncode == 1, out.stderr[-2000:]
     assert "the model failed to load" in out.stderr
+
+
+def test_cli_limit_defaults_are_the_engine_defaults():
+    """The CLI leaves the limits unset and fills in EngineConfig's defaults (smaller ones for the demo under serve,
+    whose warm-up would otherwise compile ~700 shapes); the two tables must agree."""
+    from gemma4_jax.serving.engine import EngineConfig
+
+    for name, value in cli.ENGINE_DEFAULTS.items():
+        assert getattr(EngineConfig(), name) == value
+    assert set(cli.DEMO_SERVE_LIMITS) == {"max_num_seqs", "max_model_len", "max_num_batched_tokens"}

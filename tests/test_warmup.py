@@ -1,0 +1,129 @@
+"""Warm-up (serving/warmup.py): the server compiles every step shape before /health turns 200, and then a varied
+workload (chat, completions, n=3, logprobs 1..5, echo, tools, streaming, several prompt lengths) compiles nothing.
+
+Compiles are observed with JAX's own monitoring events (`/jax/core/compile/backend_compile_duration`: every XLA
+compile in the process, the engine's steps and anything else), not only the engine's count. Small limits (two
+sequences, 16-token steps, 64-token context) keep the plan to a couple of dozen shapes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from jax._src import monitoring
+from test_server import live_server
+
+import gemma4_jax
+from gemma4_jax.serving import warmup
+from gemma4_jax.serving.server import ServerConfig, create_app
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+LIMITS = dict(max_num_seqs=2, max_model_len=64, page_size=16, max_num_batched_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint(
+        "warmup_tiny", seed=5, tokenizer=True, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"]
+    ).path
+
+
+class CompileCounter:
+    """Counts XLA compiles (JAX monitoring events) from any thread while installed."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, duration: float, **kwargs) -> None:
+        if event == COMPILE_EVENT:
+            with self._lock:
+                self.count += 1
+
+    def __enter__(self):
+        monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        monitoring.unregister_event_duration_listener(self)
+
+
+def test_plan_follows_the_scheduler_buckets(checkpoint):
+    """The plan of a small configuration, spelled out: (B, T, P, top logprobs) of every step the scheduler can run,
+    then the prompt-logprob forwards. Infeasible ones are absent (two 16-token chunks exceed the 16-token budget)."""
+    llm = gemma4_jax.LLM(checkpoint, dtype="float32", compilation_cache=False, **LIMITS)
+    shapes = warmup.plan(llm.engine)
+    steps = sorted((s.kind, s.key[0][:4]) for s in shapes if s.kind != "prompt_logprobs")
+    expected = sorted(
+        [(kind, (b, 1, 4, lp)) for kind in ("prefill", "decode") for b in (1, 2) for lp in (0, 20)]
+        + [("prefill", (b, 16, 4, lp)) for b in (1, 2) for lp in (0, 20)]
+    )
+    assert steps == expected
+    assert [s.num_tokens for s in shapes if s.kind == "prompt_logprobs"] == [1, 2, 4, 8, 16, 32, 64]
+    bigger = gemma4_jax.LLM(
+        checkpoint,
+        dtype="float32",
+        compilation_cache=False,
+        max_num_seqs=4,
+        max_model_len=128,
+        page_size=16,
+        max_num_batched_tokens=32,
+    )
+    keys = {s.key[0][:3] for s in warmup.plan(bigger.engine) if s.kind == "prefill"}
+    assert {b for b, _, _ in keys} == {1, 2, 4} and {t for _, t, _ in keys} == {1, 16, 32}
+    assert {p for _, _, p in keys} == {4, 8}
+
+
+def test_served_workload_compiles_nothing_after_warmup(checkpoint):
+    llm = gemma4_jax.LLM(checkpoint, dtype="float32", compilation_cache=False, **LIMITS)
+    app = create_app(llm, ServerConfig(served_model_name="tiny", max_n=4), warmup=True)
+    state = app.state.server
+    with CompileCounter() as compiles, live_server(app) as (url, _, _):
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and "warming up" in health.json()["error"]["message"]
+        deadline = time.monotonic() + 600
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline and state.load_error is None, state.load_error
+            time.sleep(0.2)
+        assert compiles.count > 0 and state.compiles > 0  # the warm-up compiled
+        after_ready, engine_after_ready = compiles.count, state.compiles
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        chat = [{"role": "user", "content": "Hi there"}]
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "weather of a city",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ]
+        for k in range(1, 6):
+            out = client.completions.create(model="tiny", prompt="x" * (3 + 9 * k), max_tokens=3, logprobs=k)
+            assert len(out.choices[0].logprobs.top_logprobs[0]) == k
+        out = client.completions.create(model="tiny", prompt="echo me", max_tokens=2, echo=True, logprobs=2)
+        assert out.choices[0].text.startswith("echo me")
+        client.completions.create(
+            model="tiny",
+            prompt="a longer prompt of some forty tokens or so....",
+            max_tokens=4,
+            n=3,
+            temperature=1.0,
+            seed=3,
+        )
+        client.completions.create(model="tiny", prompt=["one", "two words", "three short words"], max_tokens=5)
+        client.chat.completions.create(model="tiny", messages=chat, max_tokens=4, n=3, temperature=0.7)
+        client.chat.completions.create(
+            model="tiny", messages=chat, max_tokens=3, tools=tools, logprobs=True, top_logprobs=4
+        )
+        stream = client.chat.completions.create(model="tiny", messages=chat * 3, max_tokens=6, stream=True)
+        assert sum(1 for _ in stream) > 1
+        stream = client.completions.create(model="tiny", prompt="stream " * 6, max_tokens=5, stream=True, logprobs=1)
+        assert sum(1 for _ in stream) > 1
+        assert compiles.count == after_ready, f"{compiles.count - after_ready} compiles after ready"
+        assert state.compiles == engine_after_ready
