@@ -39,6 +39,7 @@ import numpy as np
 
 from gemma4_jax.bench.hf_baseline import agreement, bench_hf, load_hf_model, make_hf_checkpoint
 from gemma4_jax.bench.offline import XlaCompiles, bench_ours
+from gemma4_jax.bench.peers import add_peer_arguments, cmd_peers
 from gemma4_jax.bench.presets import BENCH_PRESETS, bench_config, bench_preset_dict, random_prompts
 from gemma4_jax.bench.report import format_report, json_safe
 
@@ -130,6 +131,7 @@ def add_parser(
         )
     except argparse.ArgumentError:
         pass  # the shared engine options already provide it
+    add_peer_arguments(p)
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -279,6 +281,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """`gemma4-jax bench`: the offline run (tables, optional JSON), or serving mode when `--url` is given."""
+    if args.peers:
+        return cmd_peers(args)
     if args.url:
         return cmd_bench_serve(args)
     results = run_bench(args)
