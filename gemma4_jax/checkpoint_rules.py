@@ -87,6 +87,13 @@ TEXT_RULES: tuple[Rule, ...] = (
     rule(_L + r"(pre_feedforward_layernorm_2|post_feedforward_layernorm_2)\.weight", "layers.{0}.moe.{1}.weight"),
 )
 
+# The MTP assistant's own modules (Gemma4AssistantForCausalLM, keys without a prefix); its decoder is TEXT_RULES.
+ASSISTANT_RULES: tuple[Rule, ...] = (
+    rule(r"(pre_projection|post_projection)\.weight", "{0}.kernel", "linear"),
+    rule(r"masked_embedding\.centroids\.weight", "masked_embedding.centroids.kernel", "linear"),
+    rule(r"masked_embedding\.token_ordering", "masked_embedding.token_ordering"),
+)
+
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
 TOWER_PREFIXES = _TOWER_PREFIXES = (
     "model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
@@ -129,7 +136,7 @@ def map_key(key: str) -> tuple[str, Rule] | None:
     if key.startswith(_TOWER_PREFIXES):  # a tower key nobody maps (or a text-only load) is judged by `ignored`
         return map_vision_key(key) or map_audio_key(key)
     short = strip_prefix(key)
-    for r in TEXT_RULES:
+    for r in TEXT_RULES + ASSISTANT_RULES:
         m = r.pattern.match(short)
         if m:
             return r.path.format(*m.groups()), r

@@ -380,6 +380,9 @@ def config_from_dict(d: dict[str, Any], where: str = "config.json") -> ModelConf
         raise ConfigError(f"{where}: expected a JSON object")
     model_type = d.get("model_type")
     archs = d.get("architectures") or []
+    if model_type in ("gemma4_assistant", "gemma4_unified_assistant"):
+        raise ConfigError(f"{where}: an MTP assistant (drafter) config, not a model of its own: load it with "
+                          "gemma4_jax.from_pretrained / load_assistant, or assistant_config.load_assistant_config")
     if model_type not in ("gemma4", "gemma4_text"):
         raise ConfigError(
             f"{where}: model_type {model_type!r} / architectures {archs} is not a Gemma 4 model "

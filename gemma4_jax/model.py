@@ -7,6 +7,7 @@ module is rebuilt from them on demand (`module`). Step functions are pure functi
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from typing import Any
@@ -17,8 +18,16 @@ import numpy as np
 from flax import nnx
 
 from gemma4_jax import attention_backends, checkpoint, multimodal, orbax_io, pipeline, quant, sharding, towers
+from gemma4_jax.assistant import DraftOutput, Gemma4Assistant, TargetKV
+from gemma4_jax.assistant_config import (
+    AssistantConfig,
+    assistant_preset,
+    check_target,
+    is_assistant_dict,
+    load_assistant_config,
+)
 from gemma4_jax.attention_backends import AttentionPlan
-from gemma4_jax.config import ModelConfig, load_config, preset
+from gemma4_jax.config import ConfigError, ModelConfig, load_config, preset
 from gemma4_jax.decoder import Gemma4Text
 from gemma4_jax.forward import TokenInputs, forward
 
@@ -243,12 +252,18 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "bfloat16", pp: int = 
 
     pp: pipeline stages, tp: tensor/expert parallel degree, dp: data parallel degree, over the first pp*dp*tp
     devices (docs/sharding.md). Each tensor goes from the file straight to its stage's devices, sharded.
-    Quantized checkpoints (NVFP4, FP8) stay packed (docs/quantization.md). moe_backend: "auto", "xla" or
+    Quantized checkpoints (NVFP4, FP8) stay packed (docs/quantization.md). An MTP assistant checkpoint
+    (`gemma4_assistant`) gives an `AssistantModel` (`load_assistant`). moe_backend: "auto", "xla" or
     "fp4_pallas" (NVFP4 experts only); an unusable choice raises QuantizationError before any weight is read.
     attention_backend: what `Model.logits` runs ("auto", "xla", or a registered kernel; attention_backends.py);
     an unusable choice raises ValueError before any weight is read. The engine resolves its own choice.
     """
     path = os.fspath(path)
+    if _is_assistant(path):
+        if pp != 1:
+            raise ConfigError(f"{path}: an MTP assistant runs whole on one pipeline stage; pp={pp} is not supported "
+                              "for it (the target may be pipelined)")
+        return load_assistant(path, dtype=dtype, tp=tp, dp=dp, attention_backend=attention_backend)
     attention = attention_backends.resolve_attention(attention_backend, log_choice=log.debug)
     # A directory written by `gemma4-jax convert` (orbax_io.py): same model, parameters restored from orbax.
     meta = orbax_io.read_metadata(path) if orbax_io.looks_converted(path) else None
@@ -264,3 +279,143 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "bfloat16", pp: int = 
     else:
         state = checkpoint.load_state(path, cfg, abstract_state, _sharding_of(mesh), dt)
     return _make_model(cfg, graphdef, abstract_state, state, mesh, dt, attention, path=path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MTP assistants (drafters): docs/speculative.md
+
+
+def _is_assistant(path: str) -> bool:
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        return False
+    try:
+        with open(file) as f:
+            return is_assistant_dict(json.load(f))
+    except (OSError, json.JSONDecodeError):
+        return False  # load_config reports it
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "attention"))
+def _assistant_step(graph: StaticGraph, state: nnx.State, token_embedding: jax.Array, hidden: jax.Array,
+                    target_kv: TargetKV, position: jax.Array, *, attention: AttentionPlan) -> DraftOutput:
+    return nnx.merge(graph.graphdef, state)(token_embedding, hidden, target_kv, position, attention)
+
+
+class AssistantModel:
+    """An MTP assistant ready to draft: config, mesh, graphdef and (sharded) state, as `Model`.
+
+    Jitted callers merge `graphdef` / `state` (or take `static_graph`) and call `assistant.assistant_step` /
+    `assistant.draft` with the target's embedding function and K/V; `step` is the same for one eager call."""
+
+    def __init__(self, config: AssistantConfig, graphdef: nnx.GraphDef, state: nnx.State, mesh: jax.sharding.Mesh,
+                 dtype: jnp.dtype, path: str | None = None, attention: AttentionPlan | None = None):
+        self.config = config
+        self.graphdef = graphdef
+        self.static_graph = static_graph(graphdef)
+        self.state = state
+        self.mesh = mesh
+        self.dtype = dtype
+        self.path = path
+        self.attention = attention or attention_backends.resolve_attention("auto", log_choice=log.debug)
+
+    @property
+    def module(self) -> Gemma4Assistant:
+        return nnx.merge(self.graphdef, self.state)
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(self.state))
+
+    def check_target(self, target: Model | ModelConfig) -> dict[str, int]:
+        """Refuse (ConfigError) a target this assistant cannot draft for; returns the target layers whose K/V it
+        reads, {attention type: layer index}."""
+        cfg = target.config if isinstance(target, Model) else target
+        return check_target(self.config, cfg.text, where=self.path or "assistant")
+
+    def step(self, token_embedding: Any, hidden: Any, target_kv: TargetKV, position: Any) -> DraftOutput:
+        """One draft step (assistant.assistant_step) from the target's embedding of the token: token_embedding,
+        hidden (B, D_t); target_kv: the target's K/V; position (B,) int. -> DraftOutput(logits (B, V), hidden)."""
+        with jax.set_mesh(self.mesh):
+            return _assistant_step(self.static_graph, self.state, jnp.asarray(token_embedding),
+                                   jnp.asarray(hidden), target_kv, jnp.asarray(position, jnp.int32),
+                                   attention=self.attention)
+
+
+def _abstract_assistant(cfg: AssistantConfig, dtype: jnp.dtype, plan: quant.QuantPlan | None = None
+                        ) -> tuple[nnx.GraphDef, nnx.State]:
+    plan = plan or quant.QuantPlan()
+    if plan.experts:
+        raise ConfigError("an assistant has no experts, but the checkpoint has quantized expert tensors")
+    if cfg.use_ordered_embeddings and any(p == "lm_head" for p, _ in plan.linears):
+        raise ConfigError("a quantized lm_head with use_ordered_embeddings is not supported: the centroid-masked "
+                          "head gathers rows of the head's weight; keep lm_head unquantized")
+    abstract = nnx.eval_shape(
+        lambda: checkpoint.apply_quant_plan(Gemma4Assistant(cfg, dtype=dtype, rngs=nnx.Rngs(0)), plan))
+    return nnx.split(abstract)
+
+
+def abstract_assistant(config: AssistantConfig | str, dtype: Any = "bfloat16") -> tuple[nnx.GraphDef, nnx.State]:
+    """Shapes and dtypes of an assistant's parameters with no memory; `config` may be a preset name
+    ('e2b-assistant', 'e4b-assistant', '26b-a4b-assistant', '31b-assistant', 'tiny-assistant')."""
+    cfg = assistant_preset(config) if isinstance(config, str) else config
+    return _abstract_assistant(cfg, resolve_dtype(dtype))
+
+
+def _assistant_mesh(cfg: AssistantConfig, tp: int, dp: int, mesh: jax.sharding.Mesh | None) -> jax.sharding.Mesh:
+    if mesh is not None:
+        return mesh
+    sharding.validate(cfg.text, pp=1, tp=tp, dp=dp)
+    return sharding.make_mesh(pp=1, tp=tp, dp=dp)
+
+
+def assistant_from_config(config: AssistantConfig | str, dtype: Any = "bfloat16", seed: int = 0, tp: int = 1,
+                          dp: int = 1, mesh: jax.sharding.Mesh | None = None,
+                          attention_backend: str = "auto") -> AssistantModel:
+    """A randomly initialised assistant from an AssistantConfig or a preset name (token_ordering: the identity).
+    mesh: place it on this (pp=1) mesh instead of a new (1, dp, tp) one, e.g. the target's."""
+    cfg = assistant_preset(config) if isinstance(config, str) else config
+    dt = resolve_dtype(dtype)
+    attention = attention_backends.resolve_attention(attention_backend, log_choice=log.debug)
+    graphdef, abstract_state = _abstract_assistant(cfg, dt)
+    mesh = _assistant_mesh(cfg, tp, dp, mesh)
+    of = _sharding_of(mesh)
+    flat_abstract = list(nnx.to_flat_state(abstract_state))
+
+    @functools.partial(jax.jit, out_shardings=[of(v) for _, v in flat_abstract])
+    def init():
+        flat = dict(nnx.to_flat_state(nnx.split(Gemma4Assistant(cfg, dtype=dt, rngs=nnx.Rngs(seed)))[1]))
+        return [flat[p].get_value() for p, _ in flat_abstract]
+
+    with jax.set_mesh(mesh):
+        values = init()
+    state = nnx.from_flat_state([(p, v.replace(x)) for (p, v), x in zip(flat_abstract, values, strict=True)])
+    return AssistantModel(cfg, graphdef, state, mesh, dt, attention=attention)
+
+
+def load_assistant(path: str | os.PathLike, dtype: Any = "bfloat16", tp: int = 1, dp: int = 1,
+                   mesh: jax.sharding.Mesh | None = None, target: Model | ModelConfig | None = None,
+                   attention_backend: str = "auto") -> AssistantModel:
+    """Load an MTP assistant checkpoint directory (HF `Gemma4AssistantForCausalLM`: config.json + safetensors,
+    bf16 / float32 or the quantized formats `from_pretrained` reads) through the same key table and loader.
+
+    tp / dp: its own (1, dp, tp) mesh, or `mesh` (e.g. the target's). target: checked now (hidden size, vocabulary,
+    the K/V shapes of the target layers it reads), ConfigError otherwise. token_ordering must be a permutation of
+    the vocabulary (CheckpointError otherwise)."""
+    path = os.fspath(path)
+    cfg = load_assistant_config(path)
+    if target is not None:
+        check_target(cfg, (target.config if isinstance(target, Model) else target).text, where=path)
+    if orbax_io.looks_converted(path):
+        raise checkpoint.CheckpointError(f"{path}: `gemma4-jax convert` output is read for target models only; load "
+                                         "the assistant from its Hugging Face directory")
+    attention = attention_backends.resolve_attention(attention_backend, log_choice=log.debug)
+    dt = resolve_dtype(dtype)
+    graphdef, abstract_state = _abstract_assistant(cfg, dt, checkpoint.quant_plan(path, cfg))
+    mesh = _assistant_mesh(cfg, tp, dp, mesh)
+    state = checkpoint.load_state(path, cfg, abstract_state, _sharding_of(mesh), dt)
+    if cfg.use_ordered_embeddings:
+        ordering = np.asarray(state["masked_embedding"]["token_ordering"].get_value())
+        if not np.array_equal(np.sort(ordering), np.arange(cfg.text.vocab_size)):
+            raise checkpoint.CheckpointError(f"{path}: masked_embedding.token_ordering is not a permutation of the "
+                                             f"{cfg.text.vocab_size} token ids")
+    return AssistantModel(cfg, graphdef, state, mesh, dt, path=path, attention=attention)

@@ -268,3 +268,107 @@ def hf_multimodal_logits(model, input_ids: np.ndarray, **inputs) -> np.ndarray:
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long), use_cache=False, **tensors)
     return out.logits.float().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MTP assistants (Gemma4AssistantForCausalLM)
+
+# A drafter for a BASE_TEXT target (hidden 64, 2 KV heads of 16 / 32): every layer reads the target's K/V, so the
+# head dims and KV heads are the target's; a window of 6 keys, shorter than the test contexts, so the assistant's
+# sliding mask matters.
+BASE_ASSISTANT_TEXT = dict(
+    vocab_size=BASE_TEXT["vocab_size"],
+    vocab_size_per_layer_input=0,
+    hidden_size_per_layer_input=0,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    sliding_window=6,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    num_kv_shared_layers=3,
+    final_logit_softcapping=None,
+    max_position_embeddings=1024,
+    rope_parameters=BASE_TEXT["rope_parameters"],
+)
+# Ordered embeddings: 8 clusters of 48 tokens (vocab 384), the top 3 scored.
+ORDERED = dict(use_ordered_embeddings=True, num_centroids=8, centroid_intermediate_top_k=3)
+
+
+def assistant_kv_sharing_patch():
+    """A context manager under which transformers 5.23 can build an assistant: its `Gemma4TextConfig.kv_sharing_modes`
+    raises when every layer is KV-shared (no layer produces a cache), which is exactly the assistant's case (its
+    layers read the target's K/V); inside, such a config answers "reuse" for every layer."""
+    import contextlib
+
+    from transformers import Gemma4TextConfig
+
+    original = Gemma4TextConfig.kv_sharing_modes
+
+    def modes(self):
+        if self.num_kv_shared_layers == self.num_hidden_layers:
+            return ["reuse"] * self.num_hidden_layers
+        return original.fget(self)
+
+    @contextlib.contextmanager
+    def patched():
+        Gemma4TextConfig.kv_sharing_modes = property(modes)
+        try:
+            yield
+        finally:
+            Gemma4TextConfig.kv_sharing_modes = original
+
+    return patched()
+
+
+def make_assistant_checkpoint(path: str, seed: int = 0, backbone_hidden_size: int = BASE_TEXT["hidden_size"],
+                              use_ordered_embeddings: bool = False, num_centroids: int = 8,
+                              centroid_intermediate_top_k: int = 3, tie_word_embeddings: bool = True,
+                              **text_overrides):
+    """Save a random Gemma4AssistantForCausalLM to `path` (float32, eager attention) and return it.
+
+    Every parameter is randomised (randomize_); with ordered embeddings, token_ordering is a random permutation of
+    the vocabulary (HF initialises it to zeros)."""
+    import torch
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
+
+    torch.manual_seed(seed)
+    with assistant_kv_sharing_patch():
+        cfg = Gemma4AssistantConfig(text_config={"model_type": "gemma4_text", **BASE_ASSISTANT_TEXT, **text_overrides},
+                                    backbone_hidden_size=backbone_hidden_size,
+                                    use_ordered_embeddings=use_ordered_embeddings, num_centroids=num_centroids,
+                                    centroid_intermediate_top_k=centroid_intermediate_top_k,
+                                    tie_word_embeddings=tie_word_embeddings)
+        model = Gemma4AssistantForCausalLM(cfg).float().eval()
+        model.config._attn_implementation = "eager"
+        model.config.get_text_config()._attn_implementation = "eager"
+        randomize_(model, seed)
+        if use_ordered_embeddings:
+            g = torch.Generator().manual_seed(seed + 1)
+            vocab = cfg.get_text_config().vocab_size
+            model.masked_embedding.token_ordering.copy_(torch.randperm(vocab, generator=g))
+        model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def hf_assistant_step(model, token_embedding, hidden, shared_kv, position, attention_mask=None):
+    """HF's assistant forward for one draft step, batch 1 (HF's assisted generation runs batch 1; its centroid head
+    takes the masked value over the whole batch).
+
+    token_embedding, hidden: (D_t,); shared_kv: {"sliding_attention" | "full_attention": (k, v)} as numpy
+    (1, K, S, H) in HF's layout; position: int. Inputs are cast to the model's dtype. Returns (logits (V,), next
+    hidden (D_t,)) as float32 numpy."""
+    import torch
+
+    dtype = next(model.parameters()).dtype  # inputs in the model's dtype (a bfloat16 copy takes bfloat16)
+    t = lambda a: torch.as_tensor(np.asarray(a, np.float32)).to(dtype)  # noqa: E731
+    inputs = torch.cat([t(token_embedding), t(hidden)])[None, None]
+    kv = {kind: (t(k), t(v)) for kind, (k, v) in shared_kv.items()}
+    mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+    with torch.no_grad(), assistant_kv_sharing_patch():
+        out = model(inputs_embeds=inputs, position_ids=torch.tensor([[position]]), shared_kv_states=kv,
+                    attention_mask=mask, use_cache=False)
+    return out.logits[0, 0].float().numpy(), out.last_hidden_state[0, 0].float().numpy()
