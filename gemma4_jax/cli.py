@@ -295,6 +295,9 @@ def _serve_parser(sub) -> None:
     g.add_argument("--timeout-keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection lives")
     g.add_argument("--h11-max-incomplete-event-size", type=int, default=16 * 1024,
                    help="most bytes of request line and headers (400 beyond)")
+    g.add_argument("--reasoning-parser", default=None, choices=["gemma4"],
+                   help="split Gemma 4's thought channel into reasoning_content; structured outputs and forced "
+                   "tool calls then bind the answer after the thinking (vLLM's name)")
     g.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
 

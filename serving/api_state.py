@@ -26,6 +26,7 @@ from gemma4_jax.serving import mm_inputs
 from gemma4_jax.serving.async_engine import AsyncEngine
 from gemma4_jax.serving.metrics import ServerMetrics
 from gemma4_jax.serving.protocol import APIError
+from gemma4_jax.serving.reasoning import REASONING_PARSERS
 
 T = TypeVar("T")
 
@@ -63,6 +64,7 @@ class ServerConfig:
     body_timeout_s: float = 30.0  # for the whole body, from the end of the headers
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_header_bytes: int = 16 * 1024  # request line + headers; h11 answers 400 beyond
+    reasoning_parser: str | None = None  # "gemma4": thought channel -> reasoning_content (serving/reasoning.py)
 
     def __post_init__(self):
         if self.api_key is not None:
@@ -73,6 +75,9 @@ class ServerConfig:
                 )
             if self.api_key != self.api_key.strip() or any(c.isspace() for c in self.api_key):
                 raise ValueError("the API key contains whitespace, which no 'Authorization: Bearer' header can carry")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser {self.reasoning_parser!r} is not available; available: "
+                             f"{list(REASONING_PARSERS)}")
         for name in ("max_queue", "max_body_bytes", "max_n", "max_tokenize_tokens", "prep_threads"):
             if getattr(self, name) < (0 if name == "max_queue" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

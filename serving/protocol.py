@@ -331,6 +331,7 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = _advertised(minimum=0, maximum=MAX_LOGPROBS, description="needs logprobs=true")
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call (default: several)")
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = _template_kwargs()
 

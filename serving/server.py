@@ -292,6 +292,7 @@ def serve_cli(args, build_llm: Callable[[Any], Any]) -> int:
         body_timeout_s=args.body_timeout,
         keep_alive_s=args.timeout_keep_alive,
         max_header_bytes=args.h11_max_incomplete_event_size,
+        reasoning_parser=args.reasoning_parser,
     )
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO))
     servers: list = []

@@ -11,6 +11,11 @@ ValueError naming it). Each step the engine asks `Grammars.fill` for the rows' b
 (unconstrained rows allow everything), the jitted sampler drops disallowed tokens (sampling.py), and the sampled
 token is fed back with `consume_token`. When no row is constrained the step gets no mask at all and runs exactly
 as before.
+
+Two Gemma 4 shapes ride on the same machinery: `tool_calls` (forced tool calls in Gemma 4's syntax, built by
+`tool_grammar.py`) and `reasoning` (any constraint applied to the answer after an optional thought channel,
+`reasoning.thought_grammar`). Their markers are special tokens, referenced by id once the engine's tokenizer is known
+(`Grammars`), and as text when a grammar is checked without one.
 """
 
 from __future__ import annotations
@@ -22,7 +27,11 @@ from typing import Any
 
 import numpy as np
 
-_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+from gemma4_jax.serving.reasoning import ANSWER_RULE, thought_grammar
+from gemma4_jax.serving.tool_grammar import MarkerFn, marker_for, text_marker, tool_call_grammar
+
+_KINDS = ("json", "json_object", "regex", "choice", "grammar", "tool_calls")
+_TOOL_CALL_FIELDS = {"tools", "name", "parallel"}
 # JSON as `json.dumps` writes it (", " and ": " separators, no other whitespace): free whitespace lets a model
 # (or random weights) wander in blanks until max_tokens instead of closing the structure. A schema may still
 # override it with its own "x-guidance" options.
@@ -36,7 +45,12 @@ class StructuredOutputs:
     json: a JSON schema (dict or JSON text; kept as canonical JSON text so the params stay hashable);
     json_object: any JSON object; regex: a regular expression (Rust regex syntax) the whole output matches;
     choice: the output is exactly one of these strings; grammar: a Lark grammar (llguidance's dialect, with a
-    `start` rule) or a GBNF / EBNF one (`root ::= ...`, as llama.cpp and vLLM's xgrammar take).
+    `start` rule) or a GBNF / EBNF one (`root ::= ...`, as llama.cpp and vLLM's xgrammar take);
+    tool_calls: forced Gemma 4 tool calls, {"tools": OpenAI tools, "name": a named tool_choice or None for
+    "required", "parallel": several calls allowed (default true)} (kept as canonical JSON text).
+
+    reasoning: a modifier, not a kind: the constraint applies after an optional Gemma 4 thought channel
+    (`<|channel>thought ... <channel|>`), so a thinking model reasons freely and then answers in the structure.
     """
 
     json: str | None = None
@@ -44,6 +58,8 @@ class StructuredOutputs:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
+    tool_calls: str | None = None
+    reasoning: bool = False
 
     def __post_init__(self):
         if self.json is not None and not isinstance(self.json, str):
@@ -64,6 +80,10 @@ class StructuredOutputs:
             if not all(isinstance(c, str) for c in self.choice):
                 raise ValueError("structured_outputs.choice must hold strings only")
             object.__setattr__(self, "choice", tuple(self.choice))
+        if self.tool_calls is not None:
+            object.__setattr__(self, "tool_calls", _canonical_tool_calls(self.tool_calls))
+        if not isinstance(self.reasoning, bool):
+            raise ValueError(f"structured_outputs.reasoning must be a bool, got {self.reasoning!r}")
         if not isinstance(self.json_object, bool):
             raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
         for name in ("regex", "grammar"):
@@ -84,18 +104,49 @@ class StructuredOutputs:
             raise ValueError(f"structured_outputs must be a dict or StructuredOutputs, got {type(value).__name__}")
         unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"structured_outputs: unsupported field(s) {unknown}; supported: {list(_KINDS)}")
+            raise ValueError(f"structured_outputs: unsupported field(s) {unknown}; supported: "
+                             f"{[*_KINDS, 'reasoning']}")
         return cls(**{k: v for k, v in value.items() if v is not None})
 
     @property
     def kind(self) -> str:
         return next(k for k in _KINDS if getattr(self, k) not in (None, False))
 
-    def grammar_text(self) -> str:
-        """The llguidance grammar for this constraint."""
+    def grammar_text(self, marker: MarkerFn = text_marker) -> str:
+        """The llguidance grammar for this constraint; `marker` writes Gemma 4's markers (tool calls, thought
+        channel): token references for a tokenizer that has them as special tokens, else text."""
+        if not self.reasoning:
+            return self._answer_grammar(marker)
+        inline = self._inline_answer(marker)
+        return thought_grammar(inline if inline is not None else self._answer_grammar(marker), marker,
+                               inline=inline is not None)
+
+    def _inline_answer(self, marker: MarkerFn) -> str | None:
+        """The answer as Lark rules under `ANSWER_RULE`, for the kinds that have one (all but a user grammar, which
+        goes in as a named subgrammar): one grammar keeps one lexer, so markers shared by the thought and the answer
+        (`<|...` as text) lex the same way."""
+        from llguidance import LLMatcher, regex_to_lark
+
+        if self.tool_calls is not None:
+            spec = json.loads(self.tool_calls)
+            return tool_call_grammar(spec["tools"], spec["name"], spec["parallel"], marker, start=ANSWER_RULE)
+        if self.json is not None or self.json_object:
+            schema = json.loads(self.json) if self.json is not None else {"type": "object"}
+            compiled = json.loads(LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS))
+            return f"{ANSWER_RULE}: %json {json.dumps(compiled['grammars'][0]['json_schema'])}\n"
+        if self.regex is not None:
+            return f"{ANSWER_RULE}: /{regex_to_lark(self.regex)}/\n"
+        if self.choice is not None:
+            return f"{ANSWER_RULE}: " + " | ".join(json.dumps(c) for c in self.choice) + "\n"
+        return None
+
+    def _answer_grammar(self, marker: MarkerFn) -> str:
         from llguidance import LLMatcher
         from llguidance.gbnf_to_lark import gbnf_to_lark
 
+        if self.tool_calls is not None:
+            spec = json.loads(self.tool_calls)
+            return tool_call_grammar(spec["tools"], spec["name"], spec["parallel"], marker)
         if self.json is not None:
             return LLMatcher.grammar_from_json_schema(self.json, defaults=_JSON_OPTIONS)
         if self.json_object:
@@ -112,6 +163,29 @@ class StructuredOutputs:
             except Exception as e:  # GbnfToLarkError, or a plain exception from its parser
                 raise ValueError(f"structured_outputs.grammar: cannot read the GBNF grammar ({e})") from None
         return LLMatcher.grammar_from_lark(text)
+
+
+def _canonical_tool_calls(value: Any) -> str:
+    """The tool_calls field as canonical JSON text {"tools": [...], "name": str | None, "parallel": bool}."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"structured_outputs.tool_calls is not valid JSON: {e}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError("structured_outputs.tool_calls must be an object with 'tools' (and 'name', 'parallel')")
+    unknown = sorted(set(value) - _TOOL_CALL_FIELDS)
+    if unknown:
+        raise ValueError(f"structured_outputs.tool_calls: unsupported field(s) {unknown}; supported: "
+                         f"{sorted(_TOOL_CALL_FIELDS)}")
+    tools, name, parallel = value.get("tools"), value.get("name"), value.get("parallel", True)
+    if isinstance(tools, str | bytes) or not isinstance(tools, Sequence) or not tools:
+        raise ValueError("structured_outputs.tool_calls.tools must be a non-empty list of OpenAI tools")
+    if name is not None and not isinstance(name, str):
+        raise ValueError("structured_outputs.tool_calls.name must be a function name or null")
+    if not isinstance(parallel, bool):
+        raise ValueError("structured_outputs.tool_calls.parallel must be a bool")
+    return json.dumps({"tools": list(tools), "name": name, "parallel": parallel})
 
 
 def check_grammar(spec: StructuredOutputs) -> str:
@@ -148,13 +222,14 @@ class Grammars:
         self.words = (vocab_size + 31) // 32
         self._executor = llguidance.LLExecutor()
         self._checked: dict[StructuredOutputs, str] = {}
+        self._marker = marker_for(tokenizer)  # Gemma 4's markers as token references where they are special
 
     def grammar(self, spec: StructuredOutputs) -> str:
         """The compiled-and-checked grammar text of a constraint (cached); ValueError when it does not compile."""
         from llguidance import LLMatcher
 
         if spec not in self._checked:
-            text = spec.grammar_text()
+            text = spec.grammar_text(self._marker)
             is_error, messages = LLMatcher.validate_grammar_with_warnings(text, self.tokenizer)
             if is_error:
                 raise ValueError(f"structured_outputs.{spec.kind}: the grammar does not compile: {messages[0]}")

@@ -164,11 +164,12 @@ class ToolCallParser:
     tool calls completed since the last one. Text that may be the start of a call is held back until known. A call
     that does not parse stays in the content as text (the client sees what the model wrote, never an error), and
     so does an unfinished call at the end. Anything after `<|tool_response>` (where the model hands over to the
-    tool) is dropped.
+    tool) is dropped, and so is anything after the `max_calls`-th call (`parallel_tool_calls: false`).
     """
 
-    def __init__(self, prefix: str = ""):
-        self.prefix = prefix  # text forced into the model turn before generation (tool_choice required / named)
+    def __init__(self, prefix: str = "", max_calls: int | None = None):
+        self.prefix = prefix  # text already in the model turn before generation
+        self.max_calls = max_calls
         self._done = 0  # characters of prefix + text consumed
         self._ended = False
         self.calls: list[ToolCall] = []
@@ -205,6 +206,9 @@ class ToolCallParser:
             except ToolCallSyntaxError:
                 content.append(rest[start : end + len(TOOL_CALL_END)])
             self._done += end + len(TOOL_CALL_END)
+            if self.max_calls is not None and len(self.calls) + len(calls) >= self.max_calls:
+                final = True  # one call was asked for: the rest of the turn is not the client's
+                break
         if final:
             self._ended = True
         delta = "".join(content)
