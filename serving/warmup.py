@@ -16,8 +16,8 @@ shapes; without a warm-up each one compiles on the request that first meets it (
 What a request may vary without a compile after this: the prompt length, `n`, `echo`, tools (chat templates only),
 streaming, any sampling value, `logprobs` 0..20 (one static count, `engine._num_logprobs`). What still compiles on
 first use, and is logged as it does: penalties (the first request with one allocates the token counts, a second
-family of shapes), structured outputs (a token mask), images and audio (their encoders and soft-token counts),
-speculative verify steps.
+family of shapes), structured outputs (a token mask), images and audio (their encoders and soft-token counts), a
+draft model's own programs. Speculative verify steps (k + 1 tokens per row) are warmed when speculation is on.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class WarmupShape:
-    """One compiled program to warm: a step `kind` ("prefill", "decode", "multi" or "prompt_logprobs") over `rows`
-    rows whose longest new chunk is `num_tokens` tokens spanning `pages` KV pages, with or without top logprobs.
-    `key` is the engine's shape key (what `Engine._timed` counts compiles by)."""
+    """One compiled program to warm: a step `kind` ("prefill", "decode", "multi", "verify" or "prompt_logprobs")
+    over `rows` rows whose longest new chunk is `num_tokens` tokens spanning `pages` KV pages, with or without top
+    logprobs. `key` is the engine's shape key (what `Engine._timed` counts compiles by)."""
 
     kind: str
     rows: int
@@ -122,9 +122,9 @@ def plan(engine: Engine) -> list[WarmupShape]:
     max_len, budget, max_seqs = engine.max_model_len, config.max_num_batched_tokens, config.max_num_seqs
     max_pages = pages_needed(max_len, page)
 
-    def key_of(rows, num_tokens, pages, logprobs, decoding, lookahead=0):
+    def key_of(rows, num_tokens, pages, logprobs, decoding, lookahead=0, verify=False):
         built = _rows(engine, rows, num_tokens, pages, logprobs, decoding, lookahead)
-        return engine._microbatches(built, num_tokens, lookahead)[3]
+        return engine._microbatches(built, num_tokens, lookahead, verify=verify)[3]
 
     # Chunk lengths grouped by their token bucket (smallest of each: the most rows fit beside it in the budget), and
     # context lengths by their page bucket (largest of each: the longest chunk fits in it).
@@ -153,6 +153,8 @@ def plan(engine: Engine) -> list[WarmupShape]:
                     if r - 1 + n <= budget:
                         candidates.append(("prefill", r, n, m, logprobs))
     steps = config.num_scheduler_steps
+    # Speculative decoding: a decode batch with drafts runs as a verify step of exactly k + 1 tokens per row.
+    verify_tokens = engine.speculative.num_speculative_tokens + 1 if engine.speculative is not None else 0
     shapes: dict[tuple, WarmupShape] = {}
     for kind, rows, n, m, logprobs in candidates:
         key = (kind, key_of(rows, n, m, logprobs, kind == "decode"))
@@ -160,6 +162,9 @@ def plan(engine: Engine) -> list[WarmupShape]:
         if kind == "decode" and steps > 1 and m * page >= steps:
             multi = ("multi", key_of(rows, 1, m, logprobs, True, steps - 1))
             shapes.setdefault(multi, WarmupShape("multi", rows, 1, m, logprobs, multi[1]))
+        if kind == "decode" and engine.speculative is not None and m * page >= verify_tokens:
+            verify = ("verify", key_of(rows, verify_tokens, m, logprobs, True, verify=True))
+            shapes.setdefault(verify, WarmupShape("verify", rows, verify_tokens, m, logprobs, verify[1]))
     out = sorted(shapes.values(), key=lambda s: (s.pages, s.num_tokens, s.rows, s.kind, s.logprobs))
     # Echo with logprobs: one full forward of the prompt, padded to a power of two (async_engine.score_prompt).
     out += [
@@ -189,7 +194,11 @@ def _run_shape(engine: Engine, shape: WarmupShape) -> None:
         rows = _rows(engine, shape.rows, 1, shape.pages, shape.logprobs, True, steps - 1)
         engine._run_multi([req for req, _, _ in rows], steps)
         return
-    rows = _rows(engine, shape.rows, shape.num_tokens, shape.pages, shape.logprobs, shape.kind == "decode")
+    rows = _rows(engine, shape.rows, shape.num_tokens, shape.pages, shape.logprobs, shape.kind != "prefill")
+    if shape.kind == "verify":  # as Engine._run_verify runs it, without appending the sampled tokens
+        _, built, num_logprobs, key = engine._microbatches(rows, shape.num_tokens, verify=True)
+        engine._timed(("verify", key), engine.runner.verify, built, num_logprobs)
+        return
     engine._run(rows, shape.num_tokens, shape.kind)
 
 

@@ -76,6 +76,18 @@ def test_plan_follows_the_scheduler_buckets(checkpoint):
     keys = {s.key[0][:3] for s in warmup.plan(bigger.engine) if s.kind == "prefill"}
     assert {b for b, _, _ in keys} == {1, 2, 4} and {t for _, t, _ in keys} == {1, 16, 32}
     assert {p for _, _, p in keys} == {4, 8}
+    speculative = gemma4_jax.LLM(
+        checkpoint,
+        dtype="float32",
+        compilation_cache=False,
+        num_scheduler_steps=4,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 2},
+        **LIMITS,
+    )
+    extra = sorted((s.kind, s.key[0][:4]) for s in warmup.plan(speculative.engine) if s.kind in ("verify", "multi"))
+    assert extra == sorted(
+        (kind, (b, t, 4, lp)) for kind, t in (("multi", 1), ("verify", 3)) for b in (1, 2) for lp in (0, 20)
+    )
 
 
 def test_served_workload_compiles_nothing_after_warmup(checkpoint):
