@@ -103,8 +103,9 @@ def test_centroid_head_scores_only_the_selected_clusters(assistant):
     if not ours.config.use_ordered_embeddings:
         pytest.skip("plain head")
     rng = np.random.RandomState(1)
-    target_kv, _ = _target_kv(rng, [9, 4], slots=12)
-    out = ours.step(rng.randn(2, D_TARGET), rng.randn(2, D_TARGET), target_kv, np.array([9, 4]))
+    positions = [13, 5, 1]  # the shapes of test_step_matches_hf: its compiled step is reused
+    target_kv, _ = _target_kv(rng, positions, slots=16)
+    out = ours.step(rng.randn(3, D_TARGET), rng.randn(3, D_TARGET), target_kv, np.array(positions))
     cfg = ours.config
     scored = cfg.centroid_intermediate_top_k * cfg.vocab_size_per_centroid
     for row in np.asarray(out.logits):
