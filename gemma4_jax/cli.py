@@ -83,6 +83,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="JAX's persistent compilation cache (default: $GEMMA4_JAX_COMPILATION_CACHE or "
                         "~/.cache/gemma4-jax/jax-compilation): a second start loads compiled steps instead")
     g.add_argument("--no-compilation-cache", action="store_true", help="leave the persistent cache off")
+    g = p.add_argument_group("speculative decoding (docs/speculative.md)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='vLLM\'s form, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\'')
+    g.add_argument("--draft-model", default=None, metavar="DIR", help="the assistant (drafter) checkpoint")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K", help="drafts per step")
     g.add_argument("--enforce-eager", action="store_true",
                    help="serve: skip the start-up warm-up (vLLM's name; here nothing runs eagerly: each step shape "
                         "compiles on the first request that needs it, so /health turns 200 sooner and early "
@@ -158,6 +163,16 @@ def build_llm(args: argparse.Namespace):
                    else args.compilation_cache_dir)
     if args.num_gpu_blocks_override is not None:
         options["num_pages"] = args.num_gpu_blocks_override + 1  # plus the trash page
+    if args.speculative_config or args.draft_model or args.num_speculative_tokens:
+        from gemma4_jax.serving.speculative import SpeculativeConfig
+
+        try:
+            spec = json.loads(args.speculative_config) if args.speculative_config else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--speculative-config is not valid JSON: {e}") from None
+        if spec is not None and not isinstance(spec, dict):
+            raise ValueError("--speculative-config must be a JSON object")
+        options["speculative_config"] = SpeculativeConfig.resolve(spec, args.draft_model, args.num_speculative_tokens)
     tokenizer = None
     if args.tokenizer is not None or args.chat_template is not None:
         from gemma4_jax.serving.tokenizer import Tokenizer

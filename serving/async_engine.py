@@ -501,6 +501,7 @@ class AsyncEngine:
         m.kv_pages_used.set(used)
         m.kv_usage.set(used / total if total else 0.0)
         m.compiles.set(e.stats.get("compiles", 0))
+        m.update_spec_decode(e.spec_stats)
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from gemma4_jax.serving.requests import SpecDecodeStats
+
 # Seconds. Wide at both ends: a tiny CPU model answers in milliseconds, a cold compile takes tens of seconds.
 _LATENCY_BUCKETS = (
     0.001,
@@ -87,6 +89,31 @@ class ServerMetrics:
         self.queue_time = Histogram(
             p + "request_queue_time_seconds", "Arrival to first scheduled.", buckets=_LATENCY_BUCKETS, registry=r
         )
+
+        # Speculative decoding (vLLM's spec_decode_* counters); they stay at 0 when the engine does not speculate.
+        self.spec_drafts = Counter(p + "spec_decode_num_drafts", "Verify steps of a request with drafts.", registry=r)
+        self.spec_draft_tokens = Counter(p + "spec_decode_num_draft_tokens", "Draft tokens proposed.", registry=r)
+        self.spec_accepted_tokens = Counter(p + "spec_decode_num_accepted_tokens", "Draft tokens accepted.", registry=r)
+        self.spec_accepted_per_pos = Counter(
+            p + "spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by draft position.",
+            ["position"],
+            registry=r,
+        )
+        self._spec_seen = SpecDecodeStats()
+
+    def update_spec_decode(self, stats: SpecDecodeStats | None) -> None:
+        """Advance the spec_decode counters to the engine's totals (engine.spec_stats; None: not speculating)."""
+        if stats is None:
+            return
+        seen = self._spec_seen
+        self.spec_drafts.inc(stats.num_drafts - seen.num_drafts)
+        self.spec_draft_tokens.inc(stats.num_draft_tokens - seen.num_draft_tokens)
+        self.spec_accepted_tokens.inc(stats.num_accepted_tokens - seen.num_accepted_tokens)
+        for pos, accepted in enumerate(stats.accepted_per_pos):
+            before = seen.accepted_per_pos[pos] if pos < len(seen.accepted_per_pos) else 0
+            self.spec_accepted_per_pos.labels(str(pos)).inc(accepted - before)
+        self._spec_seen = stats.copy()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
