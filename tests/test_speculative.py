@@ -248,3 +248,23 @@ def test_ngram_lookup():
     assert ngram.lookup(np.array([1, 2, 3, 1, 2, 3, 1, 2]), 5) == [3, 1, 2]
     assert ngram.lookup(np.array([1, 2, 3, 4]), 3) == []  # nothing recurs
     assert NgramProposer(2, 2).lookup(np.array([5, 6, 1, 9, 6]), 2) == []  # only a 1-gram recurs
+
+
+def test_spec_decode_counters_and_metrics():
+    from gemma4_jax.serving.metrics import ServerMetrics
+    from gemma4_jax.serving.requests import SpecDecodeStats
+
+    stats = SpecDecodeStats()
+    stats.record(3, 2)
+    stats.record(1, 0)
+    assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == (2, 4, 2)
+    assert stats.accepted_per_pos == [1, 1, 0] and stats.acceptance_rate_per_pos == [0.5, 1.0, 0.0]
+    assert stats.mean_accepted_length == 2.0 and stats.acceptance_rate == 0.5
+    metrics = ServerMetrics()
+    metrics.update_spec_decode(stats)
+    stats.record(2, 2)
+    metrics.update_spec_decode(stats)  # only the increase is added
+    body = metrics.render().decode()
+    assert "gemma4_jax_spec_decode_num_draft_tokens_total 6.0" in body
+    assert "gemma4_jax_spec_decode_num_accepted_tokens_total 4.0" in body
+    assert 'gemma4_jax_spec_decode_num_accepted_tokens_per_pos_total{position="1"} 2.0' in body

@@ -1,0 +1,108 @@
+"""Speculative decoding benchmark: tokens per target step and speed-up over plain decoding (docs/speculative.md).
+
+Random weights give the n-gram drafter little to accept, so the oracle drafter (speculative.OracleProposer: the
+target's own plain greedy output) measures the verify path at full acceptance, beside the (k + 1)x ideal. Each
+configuration runs once to compile and once timed; the decode phase alone is timed (the prompts are prefilled by
+a first step that every variant shares).
+
+Usage: python benchmarks/speculative.py [--preset tiny] [--batch-sizes 1,8] [--ks 2,4] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from gemma4_jax.bench.presets import random_prompts
+from gemma4_jax.model import from_config
+from gemma4_jax.serving.engine import Engine, EngineConfig
+from gemma4_jax.serving.sampling import SamplingParams
+from gemma4_jax.serving.speculative import NgramProposer, OracleProposer, SpeculativeConfig
+
+
+class _Timed:
+    """Wraps a proposer and adds up the host time it spends drafting."""
+
+    def __init__(self, proposer):
+        self.proposer, self.seconds = proposer, 0.0
+
+    def propose(self, requests, limits):
+        t0 = time.perf_counter()
+        drafts = self.proposer.propose(requests, limits)
+        self.seconds += time.perf_counter() - t0
+        return drafts
+
+
+def _decode(model, prompts, new_tokens, engine_kw, k=0, proposer=None):
+    """(decode seconds, outputs, engine, proposer) of one timed run after a compile run."""
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    for _run in range(2):  # the first run compiles, the second is timed
+        timer = _Timed(proposer) if proposer is not None else None
+        spec = SpeculativeConfig.custom(k) if proposer is not None else None
+        engine = Engine(model, None, EngineConfig(**engine_kw, speculative_config=spec), proposer=timer)
+        ids = [engine.add_request(p, params) for p in prompts]
+        engine.step()  # the prefill (and first token) of every prompt
+        t0 = time.perf_counter()
+        engine.run_until_done()
+        seconds = time.perf_counter() - t0
+        outs = [engine.release(i) for i in ids]
+    return seconds, outs, engine, timer
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--ks", default="2,4")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--output", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    model = from_config(args.preset, dtype=args.dtype, seed=0)
+    vocab = model.config.text.vocab_size
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts = random_prompts(batch, args.prompt_len, vocab, seed=batch)
+        engine_kw = dict(max_num_seqs=max(batch, 1), max_model_len=args.prompt_len + args.new_tokens + 8,
+                         max_num_batched_tokens=max(batch * args.prompt_len, 16), page_size=16)
+        plain_s, plain, engine, _ = _decode(model, prompts, args.new_tokens, engine_kw)
+        decoded = sum(len(o.token_ids) - 1 for o in plain)
+        plain_step = plain_s / max(engine.stats["steps"] - 1, 1)
+        rows.append(dict(batch=batch, drafter="none", k=0, tokens_per_step=1.0, seconds=plain_s,
+                         tokens_per_s=decoded / plain_s, speedup=1.0, ideal=1.0, draft_cost_ratio=0.0))
+        greedy = {tuple(p): o.token_ids for p, o in zip(prompts, plain, strict=True)}
+        for k in [int(k) for k in args.ks.split(",")]:
+            for name, proposer in (("oracle", OracleProposer(greedy)), ("ngram", NgramProposer(1, 3))):
+                seconds, outs, engine, timer = _decode(model, prompts, args.new_tokens, engine_kw, k, proposer)
+                if [o.token_ids for o in outs] != [o.token_ids for o in plain]:
+                    raise AssertionError(f"{name} k={k} batch {batch}: speculative greedy differs from plain")
+                stats = engine.spec_stats
+                target_step = (seconds - timer.seconds) / max(engine.stats["steps"] - 1, 1)
+                rows.append(dict(batch=batch, drafter=name, k=k, tokens_per_step=stats.mean_accepted_length,
+                                 acceptance=stats.acceptance_rate, seconds=seconds, tokens_per_s=decoded / seconds,
+                                 speedup=plain_s / seconds, ideal=float(k + 1) if name == "oracle" else None,
+                                 verify_vs_decode_step=target_step / plain_step,
+                                 draft_cost_ratio=timer.seconds / max(seconds - timer.seconds, 1e-9)))
+    load = os.getloadavg()
+    result = dict(preset=args.preset, dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                  load_average=load, rows=rows)
+    print(f"preset {args.preset} ({args.dtype}), prompt {args.prompt_len}, {args.new_tokens} new tokens; "
+          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print(f"{'batch':>5} {'drafter':>7} {'k':>2} {'tok/step':>8} {'accept':>6} {'tok/s':>8} {'speedup':>7} "
+          f"{'ideal':>5} {'verify/decode':>13} {'draft/target':>12}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['drafter']:>7} {r['k']:>2} {r['tokens_per_step']:>8.2f} "
+              f"{r.get('acceptance', 1.0):>6.2f} {r['tokens_per_s']:>8.1f} {r['speedup']:>7.2f} "
+              f"{r['ideal'] or float('nan'):>5.1f} {r.get('verify_vs_decode_step', 1.0):>13.2f} "
+              f"{r['draft_cost_ratio']:>12.4f}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
