@@ -363,6 +363,10 @@ def abstract_assistant(config: AssistantConfig | str, dtype: Any = "bfloat16") -
 
 def _assistant_mesh(cfg: AssistantConfig, tp: int, dp: int, mesh: jax.sharding.Mesh | None) -> jax.sharding.Mesh:
     if mesh is not None:
+        if mesh.shape["pp"] != 1:
+            raise ConfigError(f"an assistant runs on one pipeline stage; given a mesh with pp={mesh.shape['pp']}, "
+                              "pass one stage's sub-mesh (sharding.stage_meshes(mesh)[s])")
+        sharding.validate(cfg.text, pp=1, tp=mesh.shape["tp"], dp=mesh.shape["dp"])
         return mesh
     sharding.validate(cfg.text, pp=1, tp=tp, dp=dp)
     return sharding.make_mesh(pp=1, tp=tp, dp=dp)

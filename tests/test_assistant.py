@@ -24,9 +24,10 @@ from flax import nnx
 
 import gemma4_jax
 from gemma4_jax import assistant_config as ac
+from gemma4_jax import sharding
 from gemma4_jax.assistant import TargetKV, draft
 from gemma4_jax.config import ConfigError, preset
-from gemma4_jax.model import AssistantModel, abstract_assistant
+from gemma4_jax.model import AssistantModel, abstract_assistant, load_assistant
 from helpers import flat_state
 from hf_reference import (
     BASE_ASSISTANT_TEXT,
@@ -266,6 +267,25 @@ def test_token_ordering_must_be_a_permutation(assistant, tmp_path):
 def test_pipelined_assistant_refused(assistant):
     with pytest.raises(ConfigError, match="one pipeline stage"):
         gemma4_jax.from_pretrained(assistant[1].path, dtype="float32", pp=2)
+    with pytest.raises(ConfigError, match="stage_meshes"):
+        load_assistant(assistant[1].path, dtype="float32", mesh=sharding.make_mesh(pp=2, tp=1))
+
+
+def test_tensor_parallel_equals_one_device(assistant):
+    """tp=2 (query heads, MLP and the vocabulary split over two devices) drafts what one device drafts."""
+    _, ours = assistant
+    if not ours.config.use_ordered_embeddings:
+        pytest.skip("one variant is enough (the ordered one has every module)")
+    sharded = load_assistant(ours.path, dtype="float32", mesh=sharding.make_mesh(pp=1, tp=2, dp=1))
+    kernel = sharded.state["layers"][0]["mlp"]["up_proj"]["kernel"].get_value()
+    assert len(kernel.sharding.device_set) == 2
+    rng = np.random.RandomState(6)
+    positions = [13, 5, 1]
+    target_kv, _ = _target_kv(rng, positions, slots=16)
+    e, h = rng.randn(3, D_TARGET), rng.randn(3, D_TARGET)
+    one, two = ours.step(e, h, target_kv, np.array(positions)), sharded.step(e, h, target_kv, np.array(positions))
+    np.testing.assert_allclose(np.asarray(two.logits), np.asarray(one.logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(two.hidden), np.asarray(one.hidden), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
