@@ -1,5 +1,5 @@
-"""The `gemma4-jax` command: generate (batch jobs), serve (OpenAI-compatible HTTP), bench (offline throughput/latency),
-convert (Hugging Face -> sharded orbax checkpoint).
+"""The `gemma4-jax` command: generate (batch jobs), serve (OpenAI-compatible HTTP), run-batch (OpenAI batch files),
+bench (offline throughput/latency), convert (Hugging Face -> sharded orbax checkpoint).
 
 `gemma4-jax generate` with no `--model` runs an embedded tiny model (random weights, byte-level tokenizer), so a
 fresh install runs end to end with no download; its output is noise and it says so.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -317,6 +318,35 @@ def _serve_parser(sub) -> None:
     srv.set_defaults(func=cmd_serve)
 
 
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    from gemma4_jax.serving.batch_file import run_batch
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not os.path.isfile(args.input_file):
+        raise FileNotFoundError(f"--input-file {args.input_file} is not a file")
+    llm = build_llm(args)
+    summary = run_batch(llm, args.input_file, args.output_file, served_model_name=args.served_model_name,
+                        max_concurrency=args.max_concurrency, progress=not args.quiet)
+    print(f"done: {summary.ran} line(s) run ({summary.failed} with an error), {summary.skipped} already in "
+          f"{args.output_file}; {llm.engine.stats['compiles']} compilations", file=sys.stderr)
+    return 0
+
+
+def _run_batch_parser(sub) -> None:
+    rb = sub.add_parser("run-batch", help="run an OpenAI batch file (JSONL of /v1/chat/completions and "
+                        "/v1/completions requests) offline, as vllm run-batch")
+    rb.add_argument("-i", "--input-file", required=True, help="JSONL: {custom_id, method, url, body} per line")
+    rb.add_argument("-o", "--output-file", required=True,
+                    help="JSONL results, appended as they finish; custom_ids already there are skipped (resume)")
+    rb.add_argument("--served-model-name", default=None,
+                    help="the model name lines must give (default: the one the first line gives)")
+    rb.add_argument("--max-concurrency", type=int, default=None, help="lines in flight (default 4 x max-num-seqs)")
+    rb.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    _engine_args(rb)
+    rb.set_defaults(func=cmd_run_batch)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from gemma4_jax.convert import convert
 
@@ -354,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     _sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
     _serve_parser(sub)
+    _run_batch_parser(sub)
     _convert_parser(sub)
     try:
         from gemma4_jax.bench.cli import add_parser as add_bench_parser
