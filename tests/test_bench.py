@@ -78,4 +78,35 @@ def test_bench_hf_baseline(tmp_path):
     assert set(results["ratios"]) == {"ours@4 / hf@1", "ours@4 / hf@2"}
     assert all(v > 0 for v in results["ratios"].values())
     # Same checkpoint, float32, greedy: both sides pick the same tokens.
+    assert results["config"]["hf"]["dtype"] == results["config"]["dtype"] == "float32"
     assert results["greedy_agreement"] == {"ours@4 vs hf@1": 1.0, "ours@4 vs hf@2": 1.0}
+
+
+def test_hf_baseline_runs_in_our_dtype(tiny_checkpoint):
+    """The HF side is loaded in the dtype ours runs in (a bfloat16 run was compared with float32 HF before)."""
+    from gemma4_jax.bench.hf_baseline import load_hf_model
+
+    path = tiny_checkpoint("bench_hf_dtype", seed=2).path
+    assert str(next(load_hf_model(path, "bfloat16").parameters()).dtype) == "torch.bfloat16"
+    assert str(next(load_hf_model(path).parameters()).dtype) == "torch.float32"
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        load_hf_model(path, "int8")
+
+
+def test_report_says_what_each_figure_means(tmp_path):
+    """Every printed figure has its meaning beside it; a dtype mismatch with HF is said loudly."""
+    from gemma4_jax.bench.report import format_report
+
+    results = _run(tmp_path, "--concurrency", "2")
+    results["config"]["hf"] = {"dtype": "float32"}
+    results["config"]["dtype"] = "bfloat16"
+    results["hf"] = [dict(batch_size=2, output_tok_s=1.0, total_tok_s=2.0, wall_s=3.0, torch_threads=1,
+                          cpu_utilization=1.0, load_avg_1m=0.5, peak_rss_mb=10.0)]
+    results["ratios"] = {"ours@2 / hf@2": 3.0}
+    results["greedy_agreement"] = {"ours@2 vs hf@2": 0.01}
+    text = format_report(results)
+    for meaning in ("out_tok/s: generated tokens per wall second", "ttft_*:", "tpot_ms:", "decode_step_ms:",
+                    "peak_rss_MiB:", "hf_batch: prompts per generate call", "ratio > 1:",
+                    "counting each sequence only up to its first different token"):
+        assert meaning in text, meaning
+    assert "NOT the dtype of ours (bfloat16)" in text and "DIFFERENT dtypes" in text

@@ -99,7 +99,7 @@ def add_parser(
     g.add_argument(
         "--hf-baseline",
         action="store_true",
-        help="also time HF transformers generate on the same (HF-made random) checkpoint",
+        help="also time HF transformers generate on the same (HF-made random) checkpoint, in the same dtype as ours",
     )
     g.add_argument(
         "--hf-batch-sizes",
@@ -209,11 +209,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
             del model
             gc.collect()
-            hf = load_hf_model(hf_path)
+            hf = load_hf_model(hf_path, dtype)  # the same dtype as ours: a bf16 run is never compared with f32
+            hf_dtype = str(next(hf.parameters()).dtype).removeprefix("torch.")
+            if hf_dtype != dtype:
+                print(f"WARNING: the HF baseline runs in {hf_dtype} and ours in {dtype}: the ratios and the greedy "
+                      "agreement compare different precisions", file=sys.stderr, flush=True)
             n_hf = min(args.hf_num_prompts or args.num_prompts, args.num_prompts)
             results["config"]["hf"] = {
                 "transformers": transformers.__version__,
                 "torch": torch.__version__,
+                "dtype": hf_dtype,
                 "num_prompts": n_hf,
                 "attn_implementation": hf.config._attn_implementation,
             }
@@ -228,7 +233,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 for o in results["ours"]
                 for h in results["hf"]
             }
-            # Same checkpoint, float32, greedy: the sequences should agree but for rare near-ties.
+            # Same checkpoint, same dtype, greedy: the sequences agree but for near-ties (hf_baseline.agreement).
             results["greedy_agreement"] = {
                 f"ours@{c} vs hf@{b}": agreement(our_tokens[c], hf_tokens[b]) for c in our_tokens for b in hf_tokens
             }

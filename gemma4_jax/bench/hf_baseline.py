@@ -1,8 +1,10 @@
 """The Hugging Face transformers baseline: the same checkpoint, timed with HF `generate` in the same process.
 
 With `--hf-baseline` the random weights are made by transformers (`make_hf_checkpoint`), saved with
-`save_pretrained` and loaded back by both sides, so ours and HF run the very same float32 checkpoint; `agreement`
-then compares the greedy sequences. torch and transformers are imported only when a function here runs.
+`save_pretrained` and loaded back by both sides, so ours and HF run the very same checkpoint, and HF runs it in the
+same dtype as ours (`load_hf_model(path, dtype)`: a bfloat16 run of ours is compared with a bfloat16 HF, never
+with float32). `agreement` then compares the greedy sequences. torch and transformers are imported only when a
+function here runs.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ def make_hf_checkpoint(config_dict: dict[str, Any], path: str, seed: int) -> Non
     gc.collect()
 
 
-def load_hf_model(path: str):
-    """Load a saved HF Gemma4ForCausalLM in float32, in eval mode."""
+def load_hf_model(path: str, dtype: str = "float32"):
+    """Load a saved HF Gemma4ForCausalLM in eval mode, its weights cast to `dtype` ("float32", "bfloat16" or
+    "float16": the dtype our side runs in, so the two timings and token streams are comparable)."""
     import torch
     from transformers import Gemma4ForCausalLM
 
-    model = Gemma4ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"the HF baseline runs in float32, bfloat16 or float16, not {dtype!r}")
+    model = Gemma4ForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
     return model
 
 
@@ -85,7 +91,13 @@ def bench_hf(
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
-    """Fraction of generated positions where both greedy sequences agree up to their first divergence."""
+    """Fraction of generated positions where both greedy sequences agree up to their first divergence.
+
+    1.0: identical greedy tokens. After a first differing token the two continue from different contexts, so
+    every later position counts as disagreeing: one near-tie early in a sequence costs the rest of it. Random
+    weights give near-flat logits (many near-ties), and bfloat16 rounds them differently in each implementation, so
+    a low figure there (0.01 was seen for bfloat16 on the random bench-100m) says "near-ties", not "wrong model";
+    numerical parity is tested at float32 (tests/test_parity_text.py)."""
     same = total = 0
     for a, b in zip(ours, theirs, strict=False):
         total += len(b)

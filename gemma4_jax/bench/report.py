@@ -72,20 +72,39 @@ def format_report(results: dict[str, Any]) -> str:
         f"model {c['model']}  ({c['num_params'] / 1e6:.1f}M params, {c['dtype']})  {c['num_prompts']} prompts x "
         f"{c['input_len']} tokens -> {c['output_len']} new tokens  [{c['machine']}]",
         "",
+        "gemma4-jax (ours), one row per concurrency (max_num_seqs):",
         _columns_table(_OUR_COLUMNS, results["ours"]),
         "(compile_s: the engine's first-call time of each new step shape in the warm-up; xla_compile_s: XLA "
-        "backend compile time in the warm-up. timed_compiles: engine shape compiles / XLA compiles during the "
-        "timed run, both must be 0; '*': the first timed run compiled and was timed again. cpu_util: process CPU "
-        "seconds per wall second; load_1m: the machine's load average, other jobs make figures noisy)",
+        "backend compile time in the warm-up. warmup_s: wall time of the untimed first pass over the workload. "
+        "timed_compiles: engine shape compiles / XLA compiles during the timed run, both must be 0; '*': the first "
+        "timed run compiled and was timed again. out_tok/s: generated tokens per wall second of the timed run; "
+        "total_tok/s: prompt + generated tokens per wall second. ttft_*: time from submitting all prompts at once "
+        "to a request's first token (queueing included), mean / median / 99th percentile; tpot_ms: mean time per "
+        "output token after the first, per request; decode_step_ms: mean wall time of an engine step with no "
+        "prefill. cpu_util: process CPU seconds per wall second; load_1m: the machine's load average (other jobs "
+        "make figures noisy); peak_rss_MiB: the process's peak resident memory)",
     ]
     if results.get("hf"):
-        out += ["", _columns_table(_HF_COLUMNS, results["hf"])]
+        hf_dtype = c.get("hf", {}).get("dtype", "float32")
+        same = hf_dtype == c["dtype"]
+        out += ["", f"HF transformers generate, greedy, {hf_dtype}"
+                + (" (the same dtype as ours)" if same else f" -- NOT the dtype of ours ({c['dtype']})") + ":"]
+        out += [_columns_table(_HF_COLUMNS, results["hf"])]
+        out += ["(hf_batch: prompts per generate call; out_tok/s, total_tok/s: as above; wall_s: the timed run; "
+                "torch_threads: torch's intra-op threads)"]
         out += ["", _table(["ours/hf (output tok/s)", "ratio"], sorted(results["ratios"].items()))]
+        out += ["(ratio > 1: ours generates that many times more tokens per second than HF at those batch sizes, "
+                "same process, same checkpoint" + (", same dtype)" if same else ", DIFFERENT dtypes)")]
     agreement = {**results.get("greedy_agreement", {}), **results.get("self_agreement", {})}
     if agreement:
         out.append(
-            "greedy agreement (fraction of tokens before the first divergence): "
+            "greedy agreement: "
             + ", ".join(f"{k}: {v:.3f}" for k, v in agreement.items())
+            + " (the fraction of generated tokens that match, counting each sequence only up to its first "
+            "different token; 1.000 = identical. Random weights give near-flat logits, so a near-tie flips one "
+            "token and the rest of that sequence counts as different: low figures on random weights, especially "
+            "in bfloat16, mean near-ties, not a wrong model; parity is tested at float32 in "
+            "tests/test_parity_text.py)"
         )
     if results["ours"] and results["ours"][0].get("device_memory"):
         out.append(f"device memory: {results['ours'][0]['device_memory']}")
