@@ -123,9 +123,9 @@ class Proposer(Protocol):
 
 
 class NgramProposer:
-    """Prompt lookup: for n = max .. min, find the latest earlier occurrence of the context's last n tokens and
-    propose the tokens that followed it (up to the row's limit). The longest matching n wins; the latest
-    occurrence because recent context repeats most (code edits, quoted passages, lists)."""
+    """Prompt lookup: for n = max .. min, find the latest earlier occurrence of the context's last n tokens that
+    has `limit` tokens after it (else the earliest occurrence) and propose the tokens that followed it. The longest
+    matching n wins; the latest occurrence because recent context repeats most (code edits, quoted passages)."""
 
     def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int):
         if not 1 <= prompt_lookup_min <= prompt_lookup_max:
@@ -148,7 +148,10 @@ class NgramProposer:
             windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)  # (L - n, n)
             hits = np.flatnonzero(np.all(windows == tokens[length - n :], axis=1))
             if hits.size:
-                start = int(hits[-1]) + n
+                # The latest occurrence with `limit` tokens after it; else the earliest (the most tokens after it):
+                # in a repeating run the latest match abuts the suffix and would leave a single token to propose.
+                roomy = hits[hits + n + limit <= length]
+                start = int(roomy[-1] if roomy.size else hits[0]) + n
                 return tokens[start : start + limit].tolist()
         return []
 

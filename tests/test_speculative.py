@@ -246,6 +246,7 @@ def test_ngram_lookup():
     # The longest suffix n-gram that recurs wins ("8 9"; "6 8 9" does not recur), at its latest occurrence.
     assert ngram.lookup(np.array([7, 8, 9, 1, 2, 7, 8, 9, 4, 5, 6, 8, 9]), 3) == [4, 5, 6]
     assert ngram.lookup(np.array([1, 2, 3, 1, 2, 3, 1, 2]), 5) == [3, 1, 2]
+    assert ngram.lookup(np.array([5, 5, 5, 5, 5, 5]), 3) == [5, 5, 5]  # a run: not the match abutting the suffix
     assert ngram.lookup(np.array([1, 2, 3, 4]), 3) == []  # nothing recurs
     assert NgramProposer(2, 2).lookup(np.array([5, 6, 1, 9, 6]), 2) == []  # only a 1-gram recurs
 
