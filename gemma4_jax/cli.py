@@ -19,7 +19,7 @@ DEFAULT_PROMPT = "Hello, Gemma!"
 ENGINE_DEFAULTS = {"max_num_seqs": 64, "max_num_batched_tokens": 512}
 # `serve` with the embedded demo model and a warm-up: limits that keep the warm-up to a few dozen step shapes (the
 # shapes multiply: rows x chunk tokens x context pages x logprobs; ~700 at the defaults). Flags given win.
-DEMO_SERVE_LIMITS = {"max_num_seqs": 4, "max_model_len": 256, "max_num_batched_tokens": 32}
+DEMO_SERVE_LIMITS = {"max_num_seqs": 4, "max_model_len": 256, "max_num_batched_tokens": 16}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -36,6 +36,10 @@ from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingParams, request_ke
 
 log = logging.getLogger(__name__)
 
+# async_engine.score_prompt pads a prompt to a power of two of at least this many tokens (a smaller floor there
+# would leave short echo prompts to compile after the warm-up: tests/test_warmup.py sends one).
+PROMPT_LOGPROBS_MIN_PAD = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class WarmupShape:
@@ -166,10 +170,10 @@ def plan(engine: Engine) -> list[WarmupShape]:
             verify = ("verify", key_of(rows, verify_tokens, m, logprobs, True, verify=True))
             shapes.setdefault(verify, WarmupShape("verify", rows, verify_tokens, m, logprobs, verify[1]))
     out = sorted(shapes.values(), key=lambda s: (s.pages, s.num_tokens, s.rows, s.kind, s.logprobs))
-    # Echo with logprobs: one full forward of the prompt, padded to a power of two (async_engine.score_prompt).
-    out += [
-        WarmupShape("prompt_logprobs", 1, n, pages_needed(n, page), True, ()) for n in _powers_of_two_up_to(max_len)
-    ]
+    # Echo with logprobs: one full forward of the prompt, padded to a power of two of at least 16 tokens
+    # (async_engine.score_prompt): one representative per padded length.
+    lengths = [n for n in _powers_of_two_up_to(max_len) if n >= min(PROMPT_LOGPROBS_MIN_PAD, max_len)]
+    out += [WarmupShape("prompt_logprobs", 1, n, pages_needed(n, page), True, ()) for n in lengths]
     return out
 
 
