@@ -1,14 +1,17 @@
 """Attention backends: the seam between the one forward and the attention op (DESIGN.md decision 4).
 
-The forward (forward.py) computes q, k, v and key positions per layer and hands them to the backend that the
-`AttentionPlan` names for the step's phase ("prefill": a full-sequence forward or a prefill chunk; "decode": one
+The forward (forward.py) computes q per layer, has the K/V store write k, v and return a view of the keys the layer
+attends over (kv_view.py: dense, paged pool or ring, read in place by a kernel), and hands both to the backend that
+the `AttentionPlan` names for the step's phase ("prefill": a full-sequence forward or a prefill chunk; "decode": one
 new token per row) and the layer's kind (sliding or full). A backend gets positions, not a mask, so a kernel can
 build causal / window / bidirectional-block masking inside its tiles instead of reading a (B, T, S) mask.
 
-`xla` (plain XLA einsums over the gathered keys) is the reference and runs everywhere. Kernel backends join the
-registry with `register`; `resolve_attention` turns a user's choice (auto, one name, or separate prefill and decode
-names, as SGLang's --prefill-attention-backend / --decode-attention-backend) into a plan, refusing at start-up a
-name that is unknown or cannot run on this platform, and logging what `auto` picked and why.
+`xla` (plain XLA einsums over the gathered keys, `KVView.dense()`) is the reference and runs everywhere; `pallas`
+(pallas_attention.py: the paged-attention kernel reading the pools in place) is auto's choice on GPU and
+`pallas-interpret` runs that kernel in interpret mode anywhere. Other backends join the registry with `register`;
+`resolve_attention` turns a user's choice (auto, one name, or separate prefill and decode names, as SGLang's
+--prefill-attention-backend / --decode-attention-backend) into a plan, refusing at start-up a name that is unknown
+or cannot run on this platform, and logging what `auto` picked and why.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Callable
 import jax
 
 from gemma4_jax.attention import attention_mask, reference_attention
+from gemma4_jax.kv_view import AttentionBackend, KVView  # noqa: F401 (re-exported: the interface lives with the views)
+from gemma4_jax.pallas_attention import PallasAttention
 
 log = logging.getLogger(__name__)
 
@@ -27,34 +32,17 @@ PHASES = ("prefill", "decode")
 KINDS = ("sliding", "full")
 
 
-class AttentionBackend:
-    """One attention implementation. Subclasses are frozen dataclasses (hashable: they are static arguments of
-    the jitted steps, so two backends never share a compiled program)."""
-
-    name: str = "?"
-
-    def unavailable(self, platform: str, phase: str, kind: str) -> str | None:
-        """Why this backend cannot serve (platform, phase, layer kind), or None when it can."""
-        return None
-
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
-                 *, sliding_window: int | None, blocks: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-        """q: (B, T, N, H); k, v: (B, S, K, H) (N a multiple of K); q_positions (B, T), kv_positions (B, S) int32
-        (negative: padding query / empty key slot). Causal by position, bounded by `sliding_window` when given;
-        blocks: (query (B, T), key (B, S)) vision block ids (-1 none): a query also sees later keys of its block.
-        Softmax scale 1 (Gemma 4 folds the scale into the q norm). Returns (B, T, N, H) in v's dtype."""
-        raise NotImplementedError
-
-
 @dataclasses.dataclass(frozen=True)
 class XlaAttention(AttentionBackend):
-    """The reference: a (B, T, S) mask from positions and `reference_attention` (float32 logits and softmax)."""
+    """The reference: the view gathered (`KVView.dense()`), a (B, T, S) mask from positions and
+    `reference_attention` (float32 logits and softmax)."""
 
     name: str = "xla"
 
-    def __call__(self, q, k, v, q_positions, kv_positions, *, sliding_window, blocks):
-        mask = attention_mask(q_positions, kv_positions, sliding_window, blocks)
-        return reference_attention(q, k, v, mask, scale=1.0)
+    def __call__(self, q, kv, q_positions, *, sliding_window, blocks):
+        dense = kv.dense()
+        mask = attention_mask(q_positions, dense.positions, sliding_window, blocks)
+        return reference_attention(q, dense.k, dense.v, mask, scale=1.0)
 
 
 _REGISTRY: dict[str, AttentionBackend] = {}
@@ -91,6 +79,10 @@ def get(name: str) -> AttentionBackend:
 
 register(XlaAttention(), auto=False)
 _AUTO_ORDER.append("xla")
+# The Pallas kernels: `pallas` is auto's first choice wherever it can run (GPU, or interpret mode on request);
+# `pallas-interpret` runs the same kernel in interpret mode anywhere, for tests, and only when named.
+register(PallasAttention())
+register(PallasAttention(name="pallas-interpret", interpret=True), auto=False)
 
 
 @dataclasses.dataclass(frozen=True)

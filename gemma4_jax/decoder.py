@@ -7,8 +7,8 @@ the per-layer-input gate; finally the whole stream is multiplied by `layer_scala
 This file declares the modules and the math of one layer. The loop over layers (embedding, a range of layers
 against a K/V store with an attention backend, the head) is forward.py, the one forward every caller runs. The
 K/V store is pluggable (`KVStore`): the full-sequence forward uses the identity store, the serving engine its
-paged/windowed pools. KV-shared layers read the K/V (and key positions) that their source layer produced in the
-same forward.
+paged/windowed pools; either returns a K/V view (kv_view.py) that the attention backend reads. KV-shared layers read
+the view that their source layer's store returned in the same forward.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from flax import nnx
 
 from gemma4_jax.attention import Attention
 from gemma4_jax.config import LayerSpec, TextConfig
+from gemma4_jax.kv_view import DenseKV, KVView
 from gemma4_jax.layers import Embed, Linear, RMSNorm, activation, param
 from gemma4_jax.mlp import MLP
 from gemma4_jax.moe import MoEBlock
@@ -30,18 +31,18 @@ from gemma4_jax.moe import MoEBlock
 class KVStore(Protocol):
     """Where a layer's new K/V go and what the layer attends over.
 
-    update(layer, k, v, positions) -> (k_all (B, S, K, H), v_all (B, S, K, H), kv_positions (B, S)), where
-    kv_positions < 0 marks empty slots. The full-sequence store returns its inputs unchanged.
+    update(layer, k (B, T, K, H), v, positions (B, T)) -> a KVView of every key the layer attends over (this
+    step's included; key positions < 0 mark empty slots). The full-sequence store returns its inputs as a DenseKV.
     """
 
-    def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]: ...
+    def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVView: ...
 
 
 class SequenceKV:
     """Identity K/V store: attention over exactly the tokens of this forward."""
 
-    def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
-        return k, v, positions
+    def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> DenseKV:
+        return DenseKV(k, v, positions)
 
 
 class DecoderLayer(nnx.Module):
@@ -71,7 +72,7 @@ class DecoderLayer(nnx.Module):
         positions: jax.Array,
         per_layer_input: jax.Array | None,
         kv_store: Any,
-        shared_kv: dict[int, tuple[jax.Array, jax.Array, jax.Array]],
+        shared_kv: dict[int, KVView],
         attend: Any,
         vision_blocks: tuple[jax.Array, Callable[[jax.Array], jax.Array]] | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
@@ -87,16 +88,16 @@ class DecoderLayer(nnx.Module):
         with jax.named_scope("attention"):
             q = self.self_attn.query(h, positions)
             if spec.is_kv_shared:
-                k_all, v_all, kv_pos = shared_kv[spec.kv_source_layer]
+                kv = shared_kv[spec.kv_source_layer]
             else:
                 k, v = self.self_attn.key_value(h, positions)
-                k_all, v_all, kv_pos = kv_store.update(spec.index, k, v, positions)
+                kv = kv_store.update(spec.index, k, v, positions)
                 if spec.kv_sharing == "store":
-                    shared_kv[spec.index] = (k_all, v_all, kv_pos)
+                    shared_kv[spec.index] = kv
             blocks = None
             if vision_blocks is not None and spec.is_sliding:  # key blocks are found by key position
-                blocks = (vision_blocks[0], vision_blocks[1](kv_pos))
-            attn = attend(q, k_all, v_all, positions, kv_pos, sliding_window=spec.sliding_window, blocks=blocks)
+                blocks = (vision_blocks[0], vision_blocks[1](kv.key_positions()))
+            attn = attend(q, kv, positions, sliding_window=spec.sliding_window, blocks=blocks)
             h = self.self_attn.output(attn)
         x = residual + self.post_attention_layernorm(h)
 

@@ -57,8 +57,9 @@ class Activations:
     """The residual stream and what travels with it between layer ranges (pipeline stage boundaries).
 
     x: (B, T, D); positions: (B, T); ple: (B, T, L', P) per-layer inputs of layers ple_offset.. (None without PLE);
-    shared: {source layer: (k (B, S, K, H), v, kv positions (B, S))} of KV-sharing sources whose readers are still
-    to come; vision_blocks: (B, T) or None; narrowed: rows already cut to their kept token (static).
+    shared: {source layer: its K/V view (kv_view.py)} of KV-sharing sources whose readers are still to come (a
+    DenseKV once it leaves the forward that made it: see `forward`); vision_blocks: (B, T) or None; narrowed: rows
+    already cut to their kept token (static).
     """
 
     x: jax.Array
@@ -163,4 +164,8 @@ def forward(model: Any, inputs: TokenInputs | Activations, *, attention: Attenti
         routed_ids = jnp.zeros((b, t, 0, k), jnp.int32)
     if head:
         return ForwardOutput(logits=model.head(act.x), activations=None, routed=routed_ids)
+    # Views that leave this forward (to a later pipeline stage, on other devices) travel gathered: a paged or ring
+    # view holds the whole pool, which must not be copied across stages (views that do not cross are dropped by
+    # the caller inside the same jitted program, so their gathers cost nothing).
+    shared = {src: view.dense() for src, view in shared.items()}
     return ForwardOutput(logits=None, activations=act.replace(shared=shared), routed=routed_ids)

@@ -21,6 +21,7 @@ import numpy as np
 from flax import struct
 
 from gemma4_jax.config import TextConfig
+from gemma4_jax.kv_view import DenseKV, KVView, PagedKV, RingKV
 
 TRASH_PAGE = 0
 
@@ -87,7 +88,9 @@ class StepBatch:
 
 
 class PagedKVStore:
-    """The decoder's KV store during a step: attends over cache + new tokens, then writes the new tokens.
+    """The decoder's KV store during a step: writes each layer's new tokens into its pool and returns a view
+    (kv_view.py) of the keys the layer attends over: a `PagedKV` of the updated pool for full layers, a `RingKV`
+    for sliding layers (the updated ring in decode; the ring before the chunk plus the chunk in a prefill chunk).
 
     Mutates `self.cache` (a dict of traced arrays) functionally; the step returns it.
     """
@@ -97,13 +100,13 @@ class PagedKVStore:
         self.batch = batch
         self.layout = layout
 
-    def _paged(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
+    def _paged(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> PagedKV:
         b = self.batch
         page = self.layout.page_size
         kc, vc = self.cache[f"k{layer}"], self.cache[f"v{layer}"]
         num_p = b.page_table.shape[1]
-        # Write the new tokens first (padding goes to the trash page), then read the whole context back: pages
-        # never evict, so this is exact and spares a copy of the context per layer.
+        # Write the new tokens first (padding goes to the trash page), then attend over the pool in place: pages
+        # never evict, so the pool holds exactly the context plus this step's tokens.
         valid = positions >= 0
         safe = jnp.maximum(positions, 0)
         phys = jnp.take_along_axis(b.page_table, jnp.minimum(safe // page, num_p - 1), axis=1)
@@ -112,18 +115,13 @@ class PagedKVStore:
         kc = kc.at[phys, off].set(k.astype(kc.dtype))
         vc = vc.at[phys, off].set(v.astype(vc.dtype))
         self.cache[f"k{layer}"], self.cache[f"v{layer}"] = kc, vc
-        # (B, P * page, K, H); logical index == position.
-        all_k = kc[b.page_table].reshape(b.tokens.shape[0], num_p * page, *kc.shape[2:])
-        all_v = vc[b.page_table].reshape(all_k.shape)
-        idx = jnp.arange(num_p * page, dtype=jnp.int32)[None, :]
-        end = b.context_lens[:, None] + jnp.sum(valid, axis=1, keepdims=True)
-        return all_k.astype(k.dtype), all_v.astype(v.dtype), jnp.where(idx < end, idx, -1)
+        end = b.context_lens + jnp.sum(valid, axis=1)
+        return PagedKV(kc, vc, b.page_table, end, dtype=k.dtype)
 
-    def _ring(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
+    def _ring(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> RingKV:
         b = self.batch
         w = self.layout.ring_len
         kc, vc = self.cache[f"k{layer}"], self.cache[f"v{layer}"]
-        j = jnp.arange(w, dtype=jnp.int32)[None, :]
         valid = positions >= 0
         end = b.context_lens[:, None] + jnp.sum(valid, axis=1, keepdims=True)
         # Only the last R tokens of the chunk survive in the ring: earlier ones would collide with them.
@@ -133,21 +131,14 @@ class PagedKVStore:
         new_kc = kc.at[rows, cols].set(k.astype(kc.dtype))
         new_vc = vc.at[rows, cols].set(v.astype(vc.dtype))
         self.cache[f"k{layer}"], self.cache[f"v{layer}"] = new_kc, new_vc
-
-        def ring_positions(length):  # ring slot j holds the latest position p < length with p % R == j
-            last = length - 1
-            pos = last - jnp.mod(last - j, w)
-            return jnp.where((pos >= 0) & (length > 0), pos, -1)
-
         if k.shape[1] == 1:
-            # Decode: writing first evicts only a key outside every window, so read the updated ring alone.
-            return new_kc[b.slots].astype(k.dtype), new_vc[b.slots].astype(v.dtype), ring_positions(end)
+            # Decode: writing first evicts only a key outside every window, so attend over the updated ring alone.
+            return RingKV(new_kc, new_vc, b.slots, end[:, 0], chunk=None, dtype=k.dtype)
         # A chunk may evict keys its own earlier tokens still need: attend over the old ring plus the chunk.
-        old_k, old_v = kc[b.slots], vc[b.slots]  # (B, R, K, H)
-        return (jnp.concatenate([old_k.astype(k.dtype), k], 1), jnp.concatenate([old_v.astype(v.dtype), v], 1),
-                jnp.concatenate([ring_positions(b.context_lens[:, None]), positions], 1))
+        return RingKV(kc, vc, b.slots, b.context_lens, chunk=DenseKV(k, v, positions), dtype=k.dtype)
 
-    def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
+    def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVView:
+        """Write this step's k, v (B, T, K, H) at positions (B, T) and return the view the layer attends over."""
         if layer in self.layout.sliding_layers:
             return self._ring(layer, k, v, positions)
         return self._paged(layer, k, v, positions)

@@ -3,7 +3,8 @@
 A recording backend (the xla math plus a host callback that logs its name, the layer kind and the query length
 at run time) is registered under two names; an explicit choice, and a split prefill/decode choice, must be what
 runs in `Model.logits`, in the engine (single-program and multi-step decode) and in a pipelined model, with the
-same greedy tokens as `xla`. `auto` picks xla on CPU; an unknown or unavailable choice fails at start-up.
+same greedy tokens as `xla`. `auto` picks xla on CPU and pallas on GPU; an unknown or unavailable choice fails at
+start-up. The Pallas kernels in interpret mode give the engine the tokens of `xla`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import gemma4_jax
 from gemma4_jax import SamplingParams, attention_backends
 from gemma4_jax.attention_backends import AttentionBackend, XlaAttention, resolve_attention
+from gemma4_jax.pallas_attention import INTERPRET_ENV
 
 CALLS: list[tuple[str, str, int]] = []  # (backend name, layer kind, query length) per layer call, at run time
 
@@ -25,11 +27,11 @@ CALLS: list[tuple[str, str, int]] = []  # (backend name, layer kind, query lengt
 class RecordingAttention(AttentionBackend):
     name: str = "recording"
 
-    def __call__(self, q, k, v, q_positions, kv_positions, *, sliding_window, blocks):
+    def __call__(self, q, kv, q_positions, *, sliding_window, blocks):
         kind = "sliding" if sliding_window is not None else "full"
         t = q.shape[1]
         jax.debug.callback(lambda: CALLS.append((self.name, kind, t)))
-        return XlaAttention()(q, k, v, q_positions, kv_positions, sliding_window=sliding_window, blocks=blocks)
+        return XlaAttention()(q, kv, q_positions, sliding_window=sliding_window, blocks=blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,18 @@ def test_auto_picks_xla_on_cpu():
     plan = resolve_attention("auto")
     assert {plan.backend(p, s).name for p in ("prefill", "decode") for s in (True, False)} == {"xla"}
     assert gemma4_jax.from_config("tiny", dtype="float32").attention == plan
+
+
+def test_pallas_is_autos_choice_on_gpu_and_refused_on_cpu_unless_interpreted(monkeypatch):
+    monkeypatch.delenv(INTERPRET_ENV, raising=False)
+    plan = resolve_attention("auto", platform="gpu")
+    assert {plan.backend(p, s).name for p in ("prefill", "decode") for s in (True, False)} == {"pallas"}
+    with pytest.raises(ValueError, match=r"decode attention backend 'pallas' is not supported on cpu .*need a GPU"):
+        resolve_attention("xla", decode_backend="pallas", platform="cpu")
+    assert "pallas" not in attention_backends.supported_names("cpu")
+    assert resolve_attention("pallas-interpret", platform="cpu").decode_full.interpret
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+    assert resolve_attention("pallas", platform="cpu").prefill_sliding.name == "pallas"
 
 
 def test_unknown_or_unavailable_choice_fails_at_start(model):
@@ -142,3 +156,19 @@ def test_pipelined_model_runs_the_choice(pipelined, model, xla_tokens):
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == xla_tokens
     assert _names(lambda t: t > 1) == {"rec_b"}
     assert all(name == "rec_a" for name, _, t in CALLS if t == 1 and name != "rec_b") and "rec_a" in _names()
+
+
+def test_model_logits_with_the_pallas_kernels(model):
+    """The kernel behind the identity store (dense views, prefill tiles, vision-free causal and window masks)."""
+    ids = np.array([PROMPTS[0], [*PROMPTS[1], *range(50, 71)]])
+    chosen = gemma4_jax.from_config("tiny", dtype="float32", seed=3, attention_backend="pallas-interpret")
+    np.testing.assert_allclose(np.asarray(chosen.logits(ids)), np.asarray(model.logits(ids)), rtol=5e-4, atol=5e-4)
+
+
+@pytest.mark.slow
+def test_engine_with_the_pallas_kernels_gives_the_xla_tokens(model, xla_tokens):
+    """The kernel backend end to end (interpret mode): chunked prefill over the paged pools and the rings (ring plus
+    chunk past the window), then decode, with the greedy tokens of xla."""
+    llm = gemma4_jax.LLM(model, attention_backend="pallas-interpret", **ENGINE)
+    assert llm.engine.backends == ("pallas-interpret", "pallas-interpret")
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == xla_tokens

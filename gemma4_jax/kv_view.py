@@ -1,0 +1,152 @@
+"""What crosses the attention seam: the K/V a layer attends over, as a typed view, and the backend interface.
+
+A K/V store (decoder.KVStore) writes a layer's new tokens and returns a *view* of everything the layer attends
+over, instead of gathered arrays, so that a kernel can read the pools in place:
+
+- `DenseKV`: keys already laid out per row (B, S, K, H) with their positions: the full-sequence forward (the
+  identity store) and K/V that crossed a pipeline-stage boundary.
+- `PagedKV`: a paged pool (num_pages, page_size, K, H) and each row's page table (B, P); the logical key index
+  (page slot * page_size + offset) is the token position, keys at index >= lengths[b] are empty.
+- `RingKV`: a per-sequence ring (rows, R, K, H) read at row slots[b]; ring slot j holds the latest position
+  p < lengths[b] with p % R == j. `chunk` (a DenseKV) optionally follows the ring on the key axis: a prefill
+  chunk attends over the ring as it was before the chunk plus the chunk's own keys (the chunk may evict keys its
+  earlier tokens still need).
+
+Every view has the same *logical key axis* S (the concatenation of its `sources()`), the layout that `dense()`
+gathers and that `key_positions()` and vision key-block ids index. `dense()` gathers exactly what the stores
+gathered before views existed, so the `xla` reference backend is unchanged bit for bit. KV-shared layers receive
+their source layer's view. Views are pytrees (flax struct dataclasses): they live inside one jitted step.
+
+`AttentionBackend` is here rather than in attention_backends.py so that a kernel backend module
+(pallas_attention.py) can subclass it and attention_backends.py can still register that backend without a cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySource:
+    """One contiguous stretch of a view's logical key axis, as a kernel reads it: keys of row b at logical index
+    i (0 <= i < P * page_size) live in pool page page_table[b, i // page_size], offset i % page_size.
+
+    k_pages, v_pages: (num_pages, page_size, K, H) (a dense (B, S, K, H) is its own pool with one page per row);
+    page_table: (B, P) int32; positions: (B, P * page_size) int32, -1 for empty slots."""
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    page_table: jax.Array
+    positions: jax.Array
+
+
+@struct.dataclass
+class DenseKV:
+    """k, v: (B, S, K, H); positions: (B, S) int32 (negative: empty slot)."""
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+
+    def key_positions(self) -> jax.Array:
+        return self.positions
+
+    def dense(self) -> DenseKV:
+        return self
+
+    def sources(self) -> tuple[KeySource, ...]:
+        b = self.k.shape[0]
+        return (KeySource(self.k, self.v, jnp.arange(b, dtype=jnp.int32)[:, None], self.positions),)
+
+
+@struct.dataclass
+class PagedKV:
+    """k_pages, v_pages: (num_pages, page_size, K, H) pools that already hold this step's tokens; page_table:
+    (B, P) int32; lengths: (B,) int32 keys per row (context + this step's valid tokens). Logical index ==
+    position. dtype: the compute dtype that `dense()` casts the pool's keys to (static)."""
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    page_table: jax.Array
+    lengths: jax.Array
+    dtype: jnp.dtype = struct.field(pytree_node=False)
+
+    @property
+    def num_keys(self) -> int:
+        return self.page_table.shape[1] * self.k_pages.shape[1]
+
+    def key_positions(self) -> jax.Array:
+        idx = jnp.arange(self.num_keys, dtype=jnp.int32)[None, :]
+        return jnp.where(idx < self.lengths[:, None], idx, -1)
+
+    def dense(self) -> DenseKV:
+        b = self.page_table.shape[0]
+        all_k = self.k_pages[self.page_table].reshape(b, self.num_keys, *self.k_pages.shape[2:])
+        all_v = self.v_pages[self.page_table].reshape(all_k.shape)
+        return DenseKV(all_k.astype(self.dtype), all_v.astype(self.dtype), self.key_positions())
+
+    def sources(self) -> tuple[KeySource, ...]:
+        return (KeySource(self.k_pages, self.v_pages, self.page_table, self.key_positions()),)
+
+
+@struct.dataclass
+class RingKV:
+    """k_ring, v_ring: (rows, R, K, H); slots: (B,) int32 ring row per sequence; lengths: (B,) int32, the
+    positions < lengths[b] that have been written to the ring; chunk: keys that follow the ring on the key axis
+    (B, T, K, H), or None. dtype: the compute dtype (static)."""
+
+    k_ring: jax.Array
+    v_ring: jax.Array
+    slots: jax.Array
+    lengths: jax.Array
+    chunk: DenseKV | None
+    dtype: jnp.dtype = struct.field(pytree_node=False)
+
+    def ring_positions(self) -> jax.Array:
+        """(B, R): ring slot j holds the latest position p < length with p % R == j (-1: never written)."""
+        ring_len = self.k_ring.shape[1]
+        j = jnp.arange(ring_len, dtype=jnp.int32)[None, :]
+        last = self.lengths[:, None] - 1
+        pos = last - jnp.mod(last - j, ring_len)
+        return jnp.where((pos >= 0) & (last >= 0), pos, -1)
+
+    def key_positions(self) -> jax.Array:
+        ring = self.ring_positions()
+        return ring if self.chunk is None else jnp.concatenate([ring, self.chunk.positions], 1)
+
+    def dense(self) -> DenseKV:
+        k, v = self.k_ring[self.slots].astype(self.dtype), self.v_ring[self.slots].astype(self.dtype)
+        if self.chunk is None:
+            return DenseKV(k, v, self.ring_positions())
+        return DenseKV(jnp.concatenate([k, self.chunk.k], 1), jnp.concatenate([v, self.chunk.v], 1),
+                       self.key_positions())
+
+    def sources(self) -> tuple[KeySource, ...]:
+        ring = KeySource(self.k_ring, self.v_ring, self.slots[:, None], self.ring_positions())
+        return (ring,) if self.chunk is None else (ring, *self.chunk.sources())
+
+
+KVView = DenseKV | PagedKV | RingKV
+
+
+class AttentionBackend:
+    """One attention implementation. Subclasses are frozen dataclasses (hashable: they are static arguments of
+    the jitted steps, so two backends never share a compiled program)."""
+
+    name: str = "?"
+
+    def unavailable(self, platform: str, phase: str, kind: str) -> str | None:
+        """Why this backend cannot serve (platform, phase, layer kind), or None when it can."""
+        return None
+
+    def __call__(self, q: jax.Array, kv: KVView, q_positions: jax.Array, *, sliding_window: int | None,
+                 blocks: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+        """q: (B, T, N, H) (N a multiple of the view's K); kv: the layer's K/V view (logical key axis S);
+        q_positions (B, T) int32 (negative: padding query). Causal by position, bounded by `sliding_window` when
+        given; blocks: (query (B, T), key (B, S)) vision block ids (-1 none): a query also sees later keys of its
+        block. Softmax scale 1 (Gemma 4 folds the scale into the q norm). Returns (B, T, N, H) in q's dtype."""
+        raise NotImplementedError(f"attention backend {self.name!r} does not define __call__")

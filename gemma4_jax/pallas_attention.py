@@ -1,0 +1,71 @@
+"""The `pallas` attention backend: the paged-attention kernel (kernels/paged_attention) behind the backend seam.
+
+The K/V view a layer receives (kv_view.py) is handed to the kernel as key sources read in place: a paged
+full-attention pool through its page table, a sliding-window ring through each sequence's ring row (plus a
+prefill chunk's own keys after it), dense keys as their own pool. Nothing is gathered outside the kernel. The
+same kernel serves both phases: decode rows (T >= 1 tokens, speculative verify included) split the key axis when
+the batch is small, prefill chunks are tiled by query and skip key blocks no query of a tile can see.
+
+Two registered names:
+- `pallas`: the kernel compiled for the GPU (Triton lowering). `auto` prefers it on GPU for both phases and both
+  layer kinds. Elsewhere it is unavailable unless GEMMA4_JAX_PALLAS_INTERPRET=1, which runs it in interpret mode.
+- `pallas-interpret`: the kernel in Pallas interpret mode on any platform (tests: the engine with the kernel gives
+  the tokens of `xla`). Slow; never picked by `auto`.
+
+The kernel is a plain `pallas_call`, not partitioned by XLA: on a mesh that shards KV heads it would be handed
+whole arrays. docs/kernels.md says where that stands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+from gemma4_jax.kernels.paged_attention import KVSource, paged_attention
+from gemma4_jax.kv_view import AttentionBackend, KVView
+
+INTERPRET_ENV = "GEMMA4_JAX_PALLAS_INTERPRET"
+
+
+def interpret_requested() -> bool:
+    """GEMMA4_JAX_PALLAS_INTERPRET=1 (or true/yes): run `pallas` in interpret mode where there is no GPU."""
+    return os.environ.get(INTERPRET_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def kernel_sources(kv: KVView, key_blocks: jax.Array | None) -> list[KVSource]:
+    """The view's key sources as the kernel takes them, with the vision key-block ids (B, S) of the view's logical
+    key axis cut into each source's stretch."""
+    sources, offset = [], 0
+    for src in kv.sources():
+        width = src.positions.shape[1]
+        blocks = None if key_blocks is None else key_blocks[:, offset:offset + width]
+        sources.append(KVSource(src.k_pages, src.v_pages, src.page_table, src.positions, blocks))
+        offset += width
+    return sources
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasAttention(AttentionBackend):
+    """interpret: always run the kernel in Pallas interpret mode (any platform); otherwise the GPU kernel, or
+    interpret mode off GPU when GEMMA4_JAX_PALLAS_INTERPRET is set."""
+
+    name: str = "pallas"
+    interpret: bool = False
+
+    def unavailable(self, platform: str, phase: str, kind: str) -> str | None:
+        if self.interpret or platform == "gpu" or interpret_requested():
+            return None
+        return (f"the Pallas kernels need a GPU (Triton lowering); on {platform} use 'pallas-interpret' or set "
+                f"{INTERPRET_ENV}=1 to run them in interpret mode")
+
+    def __call__(self, q, kv, q_positions, *, sliding_window, blocks):
+        interpret = self.interpret or jax.default_backend() != "gpu"
+        if interpret and not (self.interpret or interpret_requested()):
+            raise ValueError(f"attention backend {self.name!r} needs a GPU; set {INTERPRET_ENV}=1 or choose "
+                             "'pallas-interpret' to run it in interpret mode")
+        q_blocks, key_blocks = (None, None) if blocks is None else blocks
+        out, _ = paged_attention(q, kernel_sources(kv, key_blocks), q_positions, sliding_window=sliding_window,
+                                 q_blocks=q_blocks, interpret=interpret)
+        return out
