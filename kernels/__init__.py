@@ -6,4 +6,5 @@ Each op has one dispatch function that picks the kernel on GPU and the reference
 describes layouts, tiling and dispatch.
 
 - `fp4_grouped_matmul/`: MoE grouped matmul against packed NVFP4 experts.
+- `paged_attention/`: decode and prefill attention over paged K/V pools and sliding-window rings, read in place.
 """

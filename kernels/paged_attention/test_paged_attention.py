@@ -8,7 +8,8 @@
   plus the chunk's own keys), bf16 and float32;
 - the key-block ranges against a brute-force visibility check (every needed block inside, the causal upper
   triangle and out-of-window blocks outside);
-- the Triton lowering for CUDA at real Gemma 4 shapes (no GPU needed);
+- the Triton lowering for CUDA at real Gemma 4 shapes (no GPU needed), and on a GPU the compiled kernel at those
+  shapes (`-k gpu`; skipped without one);
 - validation errors.
 Interpret mode compiles one program per shape, so each case packs many rows into one call.
 """
@@ -253,6 +254,50 @@ def test_tile_ranges_cover_every_visible_key_and_skip_the_rest():
             np.testing.assert_array_equal(lo[0], [0, 0, 0, 1] if window else [0, 0, 0, 0])  # keys > q - 20
         else:  # the image (rows 10..39) reaches forward to key 39, block 2
             assert hi[0, 0] == 3 and hi[0, 1] == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On a GPU: the compiled kernel (skipped elsewhere; select with -k gpu)
+# ---------------------------------------------------------------------------------------------------------------
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU (the compiled Triton kernel)")
+def test_gpu_decode_and_verify_at_gemma4_shapes():
+    """31B full layer (H 512, G 8, K 4, 16-token pages): ragged contexts up to 3000, T 1 and T 4."""
+    rng = np.random.default_rng(20)
+    context = [0, 1, 15, 16, 17, 700, 2047, 3000]
+    for t in (1, 4):
+        q, src, q_pos = paged_case(rng, context, t, 8, 4, 512, 16, jnp.bfloat16)
+        want, want_lse = paged_attention_reference(q, [src], q_pos)
+        got, got_lse = paged_attention(q, [src], q_pos)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=3e-2, atol=3e-2)
+        np.testing.assert_allclose(np.asarray(got_lse), np.asarray(want_lse), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU (the compiled Triton kernel)")
+def test_gpu_prefill_chunk_over_ring_and_paged_context():
+    """31B sliding layer (H 256, G 2, K 16): a 256-token chunk over its ring (1024) plus itself, window 1024,
+    with an image; and a full layer's chunk after 1500 cached tokens."""
+    rng = np.random.default_rng(21)
+    context, t, ring_len = [0, 900, 2500], 256, 1024
+    ring = ring_source(rng, context, ring_len, 16, 256, jnp.bfloat16)
+    q_pos = jnp.asarray(np.array(context)[:, None] + np.arange(t)[None, :], jnp.int32)
+    blocks = np.full((3, t), -1)
+    blocks[1, 10:74] = 0
+    blocks = jnp.asarray(blocks, jnp.int32)
+    chunk = dense_source(_normal(rng, (3, t, 16, 256), jnp.bfloat16), _normal(rng, (3, t, 16, 256), jnp.bfloat16),
+                         q_pos, blocks)
+    ring = ring._replace(blocks=jnp.full(ring.positions.shape, -1, jnp.int32))
+    q = _normal(rng, (3, t, 32, 256), jnp.bfloat16)
+    want, _ = paged_attention_reference(q, [ring, chunk], q_pos, sliding_window=ring_len, q_blocks=blocks)
+    got, _ = paged_attention(q, [ring, chunk], q_pos, sliding_window=ring_len, q_blocks=blocks)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=3e-2, atol=3e-2)
+    q, src, q_pos = paged_case(rng, [1500, 0], 256, 8, 4, 512, 16, jnp.bfloat16)
+    want, _ = paged_attention_reference(q, [src], q_pos)
+    got, _ = paged_attention(q, [src], q_pos)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=3e-2, atol=3e-2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
