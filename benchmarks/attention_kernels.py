@@ -54,9 +54,11 @@ def full_cases() -> list[Case]:
 
 
 def reduced_cases() -> list[Case]:
-    return [Case("decode full b2 ctx40", "full", 2, 1, 40, 4, 1, 32, page_size=4),
-            Case("decode sliding b2 ctx40", "sliding", 2, 1, 40, 4, 2, 16, window=16),
-            Case("prefill chunk 8 sliding b1 ctx20", "sliding", 1, 8, 20, 4, 2, 16, window=16)]
+    return [
+        Case("decode full b2 ctx40", "full", 2, 1, 40, 4, 1, 32, page_size=4),
+        Case("decode sliding b2 ctx40", "sliding", 2, 1, 40, 4, 2, 16, window=16),
+        Case("prefill chunk 8 sliding b1 ctx20", "sliding", 1, 8, 20, 4, 2, 16, window=16),
+    ]
 
 
 def build(case: Case, dtype, seed: int = 0):
@@ -84,8 +86,11 @@ def build(case: Case, dtype, seed: int = 0):
         slots = jnp.asarray(rng.permutation(b), jnp.int32)
         chunk = None
         if t > 1:  # a prefill chunk: the ring before the chunk plus the chunk's own keys
-            chunk = DenseKV(jax.random.normal(jax.random.key(seed + 3), (b, t, kv, h), dtype),
-                            jax.random.normal(jax.random.key(seed + 4), (b, t, kv, h), dtype), q_pos)
+            chunk = DenseKV(
+                jax.random.normal(jax.random.key(seed + 3), (b, t, kv, h), dtype),
+                jax.random.normal(jax.random.key(seed + 4), (b, t, kv, h), dtype),
+                q_pos,
+            )
             lengths = context
         view = RingKV(k, v, slots, jnp.asarray(lengths, jnp.int32), chunk=chunk, dtype=jnp.dtype(dtype))
         keys = int(np.minimum(lengths, case.window).sum()) + (b * t if t > 1 else 0)
@@ -139,10 +144,18 @@ def main(argv=None) -> dict:
         row["roofline_ms"] = 1e3 * row["xla"]["kv_bytes"] / (bandwidth * 1e9)
         row["speedup"] = row["xla"]["step_ms"] / row["pallas"]["step_ms"]
         rows.append(row)
-        print(f"{case.name:36s} xla {row['xla']['step_ms']:9.3f} ms  pallas {row['pallas']['step_ms']:9.3f} ms  "
-              f"roofline {row['roofline_ms']:8.3f} ms  x{row['speedup']:.2f}", flush=True)
-    result = {"device": str(jax.devices()[0]), "reduced": reduced, "dtype": dtype.name,
-              "copy_gb_s": bandwidth, "rows": rows}
+        print(
+            f"{case.name:36s} xla {row['xla']['step_ms']:9.3f} ms  pallas {row['pallas']['step_ms']:9.3f} ms  "
+            f"roofline {row['roofline_ms']:8.3f} ms  x{row['speedup']:.2f}",
+            flush=True,
+        )
+    result = {
+        "device": str(jax.devices()[0]),
+        "reduced": reduced,
+        "dtype": dtype.name,
+        "copy_gb_s": bandwidth,
+        "rows": rows,
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
@@ -151,14 +164,20 @@ def main(argv=None) -> dict:
 
 def markdown(result: dict) -> str:
     """The results as a markdown table (gpu_check.py writes it beside the JSON)."""
-    lines = [f"Device: {result['device']} ({result['dtype']}; copy bandwidth {result['copy_gb_s']:.0f} GB/s"
-             + ("; reduced: interpret mode, times meaningless" if result["reduced"] else "") + ")", "",
-             "| case | xla ms | pallas ms | K/V roofline ms | pallas GB/s | speed-up | compile xla / pallas s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {result['device']} ({result['dtype']}; copy bandwidth {result['copy_gb_s']:.0f} GB/s"
+        + ("; reduced: interpret mode, times meaningless" if result["reduced"] else "")
+        + ")",
+        "",
+        "| case | xla ms | pallas ms | K/V roofline ms | pallas GB/s | speed-up | compile xla / pallas s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['case']} | {r['xla']['step_ms']:.3f} | {r['pallas']['step_ms']:.3f} | "
-                     f"{r['roofline_ms']:.3f} | {r['pallas_gb_s']:.0f} | {r['speedup']:.2f} | "
-                     f"{r['xla']['compile_s']:.1f} / {r['pallas']['compile_s']:.1f} |")
+        lines.append(
+            f"| {r['case']} | {r['xla']['step_ms']:.3f} | {r['pallas']['step_ms']:.3f} | "
+            f"{r['roofline_ms']:.3f} | {r['pallas_gb_s']:.0f} | {r['speedup']:.2f} | "
+            f"{r['xla']['compile_s']:.1f} / {r['pallas']['compile_s']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -27,8 +27,18 @@ import attention_kernels  # noqa: E402 (the benchmark beside this file)
 
 def run_gpu_tests(timeout: int) -> dict:
     """pytest -k gpu over the kernel folders: {"returncode", "seconds", "summary"}."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k", "gpu",
-           os.path.join(ROOT, "kernels")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-rs",
+        "-k",
+        "gpu",
+        os.path.join(ROOT, "kernels"),
+    ]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -54,8 +64,10 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=1)
     table = attention_kernels.markdown(bench)
     status = tests["returncode"]
-    md = (f"# Device check\n\nGPU tests (`pytest -k gpu kernels/`): exit {status}, {tests['seconds']:.0f} s\n\n"
-          f"## Attention: pallas vs xla, one layer\n\n{table}")
+    md = (
+        f"# Device check\n\nGPU tests (`pytest -k gpu kernels/`): exit {status}, {tests['seconds']:.0f} s\n\n"
+        f"## Attention: pallas vs xla, one layer\n\n{table}"
+    )
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
         f.write(md)
     print(md)

@@ -122,8 +122,9 @@ class RingKV:
         k, v = self.k_ring[self.slots].astype(self.dtype), self.v_ring[self.slots].astype(self.dtype)
         if self.chunk is None:
             return DenseKV(k, v, self.ring_positions())
-        return DenseKV(jnp.concatenate([k, self.chunk.k], 1), jnp.concatenate([v, self.chunk.v], 1),
-                       self.key_positions())
+        return DenseKV(
+            jnp.concatenate([k, self.chunk.k], 1), jnp.concatenate([v, self.chunk.v], 1), self.key_positions()
+        )
 
     def sources(self) -> tuple[KeySource, ...]:
         ring = KeySource(self.k_ring, self.v_ring, self.slots[:, None], self.ring_positions())
@@ -143,8 +144,15 @@ class AttentionBackend:
         """Why this backend cannot serve (platform, phase, layer kind), or None when it can."""
         return None
 
-    def __call__(self, q: jax.Array, kv: KVView, q_positions: jax.Array, *, sliding_window: int | None,
-                 blocks: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    def __call__(
+        self,
+        q: jax.Array,
+        kv: KVView,
+        q_positions: jax.Array,
+        *,
+        sliding_window: int | None,
+        blocks: tuple[jax.Array, jax.Array] | None,
+    ) -> jax.Array:
         """q: (B, T, N, H) (N a multiple of the view's K); kv: the layer's K/V view (logical key axis S);
         q_positions (B, T) int32 (negative: padding query). Causal by position, bounded by `sliding_window` when
         given; blocks: (query (B, T), key (B, S)) vision block ids (-1 none): a query also sees later keys of its

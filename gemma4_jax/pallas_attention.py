@@ -40,7 +40,7 @@ def kernel_sources(kv: KVView, key_blocks: jax.Array | None) -> list[KVSource]:
     sources, offset = [], 0
     for src in kv.sources():
         width = src.positions.shape[1]
-        blocks = None if key_blocks is None else key_blocks[:, offset:offset + width]
+        blocks = None if key_blocks is None else key_blocks[:, offset : offset + width]
         sources.append(KVSource(src.k_pages, src.v_pages, src.page_table, src.positions, blocks))
         offset += width
     return sources
@@ -57,15 +57,25 @@ class PallasAttention(AttentionBackend):
     def unavailable(self, platform: str, phase: str, kind: str) -> str | None:
         if self.interpret or platform == "gpu" or interpret_requested():
             return None
-        return (f"the Pallas kernels need a GPU (Triton lowering); on {platform} use 'pallas-interpret' or set "
-                f"{INTERPRET_ENV}=1 to run them in interpret mode")
+        return (
+            f"the Pallas kernels need a GPU (Triton lowering); on {platform} use 'pallas-interpret' or set "
+            f"{INTERPRET_ENV}=1 to run them in interpret mode"
+        )
 
     def __call__(self, q, kv, q_positions, *, sliding_window, blocks):
         interpret = self.interpret or jax.default_backend() != "gpu"
         if interpret and not (self.interpret or interpret_requested()):
-            raise ValueError(f"attention backend {self.name!r} needs a GPU; set {INTERPRET_ENV}=1 or choose "
-                             "'pallas-interpret' to run it in interpret mode")
+            raise ValueError(
+                f"attention backend {self.name!r} needs a GPU; set {INTERPRET_ENV}=1 or choose "
+                "'pallas-interpret' to run it in interpret mode"
+            )
         q_blocks, key_blocks = (None, None) if blocks is None else blocks
-        out, _ = paged_attention(q, kernel_sources(kv, key_blocks), q_positions, sliding_window=sliding_window,
-                                 q_blocks=q_blocks, interpret=interpret)
+        out, _ = paged_attention(
+            q,
+            kernel_sources(kv, key_blocks),
+            q_positions,
+            sliding_window=sliding_window,
+            q_blocks=q_blocks,
+            interpret=interpret,
+        )
         return out

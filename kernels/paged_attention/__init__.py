@@ -25,6 +25,14 @@ from gemma4_jax.kernels.paged_attention.reference import (
 )
 
 __all__ = [
-    "KVSource", "combine", "default_splits", "default_tiles", "dense_source", "gather_source", "paged_attention",
-    "paged_attention_reference", "tile_ranges", "visible",
+    "KVSource",
+    "combine",
+    "default_splits",
+    "default_tiles",
+    "dense_source",
+    "gather_source",
+    "paged_attention",
+    "paged_attention_reference",
+    "tile_ranges",
+    "visible",
 ]

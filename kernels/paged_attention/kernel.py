@@ -95,8 +95,13 @@ def _kernel(
         logits = jax.lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )  # (TQ, TK) float32
-        sees = visible(q_pos[:, None], key_pos[None, :], sliding_window,
-                       None if q_blk is None else q_blk[:, None], None if key_blk is None else key_blk[None, :])
+        sees = visible(
+            q_pos[:, None],
+            key_pos[None, :],
+            sliding_window,
+            None if q_blk is None else q_blk[:, None],
+            None if key_blk is None else key_blk[None, :],
+        )
         logits = jnp.where(sees, logits, _MASK)
         new_peak = jnp.maximum(peak, jnp.max(logits, axis=1))
         correction = jnp.exp(peak - new_peak)
@@ -105,12 +110,15 @@ def _kernel(
         v = plgpu.load(v_ref.at[pool_row, kv_head, cols], mask=lane_ok[:, None], other=0).astype(q.dtype)
         # Probabilities in the values' dtype for the tensor-core product (as the reference casts them).
         acc = acc * correction[:, None] + jax.lax.dot_general(
-            probs.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-            preferred_element_type=jnp.float32)
+            probs.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
         return acc, new_peak, total
 
-    init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), _MASK, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
+    init = (
+        jnp.zeros((block_q, head_dim), jnp.float32),
+        jnp.full((block_q,), _MASK, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
     acc, peak, total = jax.lax.fori_loop(start, stop, body, init)
     seen = total > 0
     safe_total = jnp.where(seen, total, 1.0)
@@ -142,8 +150,16 @@ def default_splits(programs: int, num_key_blocks: int) -> int:
     return max(1, min(pl.cdiv(_TARGET_PROGRAMS, programs), num_key_blocks // 2, 16))
 
 
-def tile_ranges(q_pos_rows: jax.Array, q_blk_rows: jax.Array | None, key_pos: jax.Array, key_blk: jax.Array | None,
-                *, block_q: int, block_k: int, sliding_window: int | None) -> tuple[jax.Array, jax.Array]:
+def tile_ranges(
+    q_pos_rows: jax.Array,
+    q_blk_rows: jax.Array | None,
+    key_pos: jax.Array,
+    key_blk: jax.Array | None,
+    *,
+    block_q: int,
+    block_k: int,
+    sliding_window: int | None,
+) -> tuple[jax.Array, jax.Array]:
     """For each query tile, the range [lo, hi) of key blocks that may hold a key one of its rows sees. From
     position bounds only, so it holds for any key order (a ring, a dense row): a block is needed when its lowest
     position is <= the tile's highest (causal) or their vision-block ids overlap, and, with a window W, its
@@ -157,8 +173,11 @@ def tile_ranges(q_pos_rows: jax.Array, q_blk_rows: jax.Array | None, key_pos: ja
 
     def bounds(values, valid, shape):
         values, valid = values.reshape(shape), valid.reshape(shape)
-        return (jnp.min(jnp.where(valid, values, big), -1), jnp.max(jnp.where(valid, values, -1), -1),
-                jnp.any(valid, -1))
+        return (
+            jnp.min(jnp.where(valid, values, big), -1),
+            jnp.max(jnp.where(valid, values, -1), -1),
+            jnp.any(valid, -1),
+        )
 
     pad = num_blocks * block_k - num_keys
     key_pos = jnp.pad(key_pos, ((0, 0), (0, pad)), constant_values=-1)
@@ -171,8 +190,12 @@ def tile_ranges(q_pos_rows: jax.Array, q_blk_rows: jax.Array | None, key_pos: ja
         key_blk = jnp.pad(key_blk, ((0, 0), (0, pad)), constant_values=-1)
         kb_min, kb_max, kb_any = bounds(key_blk, key_valid & (key_blk >= 0), k_shape)
         qb_min, qb_max, qb_any = bounds(q_blk_rows, (q_pos_rows >= 0) & (q_blk_rows >= 0), q_shape)
-        reach |= (kb_any[:, None, :] & qb_any[:, :, None] & (kb_min[:, None, :] <= qb_max[:, :, None])
-                  & (qb_min[:, :, None] <= kb_max[:, None, :]))
+        reach |= (
+            kb_any[:, None, :]
+            & qb_any[:, :, None]
+            & (kb_min[:, None, :] <= qb_max[:, :, None])
+            & (qb_min[:, :, None] <= kb_max[:, None, :])
+        )
     needed = k_any[:, None, :] & q_any[:, :, None] & reach  # (B, n_q_tiles, n_key_blocks)
     if sliding_window is not None:
         needed &= k_max[:, None, :] > q_min[:, :, None] - sliding_window
@@ -205,10 +228,13 @@ def combine(outs: jax.Array, lses: jax.Array) -> tuple[jax.Array, jax.Array]:
     return out, jnp.where(total > 0, peak + jnp.log(safe), -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "num_splits", "block_q", "block_k", "interpret",
-                                             "num_warps", "num_stages"))
-def _paged_attention(q, sources, q_positions, q_blocks, *, sliding_window, num_splits, block_q, block_k, interpret,
-                     num_warps, num_stages):
+@functools.partial(
+    jax.jit,
+    static_argnames=("sliding_window", "num_splits", "block_q", "block_k", "interpret", "num_warps", "num_stages"),
+)
+def _paged_attention(
+    q, sources, q_positions, q_blocks, *, sliding_window, num_splits, block_q, block_k, interpret, num_warps, num_stages
+):
     groups, kv_heads = check_sources(q, sources, q_positions, q_blocks)
     b, t, n, h = q.shape
     rows = t * groups
@@ -229,15 +255,34 @@ def _paged_attention(q, sources, q_positions, q_blocks, *, sliding_window, num_s
         num_keys = src.positions.shape[1]
         key_pos = src.positions.astype(jnp.int32)
         key_blk = None if src.blocks is None else src.blocks.astype(jnp.int32)
-        lo, hi = tile_ranges(q_pos_rows, q_blk_rows, key_pos, key_blk, block_q=block_q, block_k=block_k,
-                             sliding_window=sliding_window)
+        lo, hi = tile_ranges(
+            q_pos_rows, q_blk_rows, key_pos, key_blk, block_q=block_q, block_k=block_k, sliding_window=sliding_window
+        )
         kernel = functools.partial(
-            _kernel, block_q=block_q, block_k=block_k, page_size=page_size, num_keys=num_keys,
-            num_splits=num_splits, sliding_window=sliding_window, precision=precision)
+            _kernel,
+            block_q=block_q,
+            block_k=block_k,
+            page_size=page_size,
+            num_keys=num_keys,
+            num_splits=num_splits,
+            sliding_window=sliding_window,
+            precision=precision,
+        )
         flat = (pages * page_size, kv_heads, h)
-        operands = (lo, hi, src.page_table.astype(jnp.int32), q_rows, q_pos_rows, q_blk_rows,
-                    src.k_pages.reshape(flat), src.v_pages.reshape(flat), key_pos, key_blk)
+        operands = (
+            lo,
+            hi,
+            src.page_table.astype(jnp.int32),
+            q_rows,
+            q_pos_rows,
+            q_blk_rows,
+            src.k_pages.reshape(flat),
+            src.v_pages.reshape(flat),
+            key_pos,
+            key_blk,
+        )
         present = [x is not None for x in operands]
+
         # None operands (no vision blocks) are left out of the call and passed to the kernel as None.
         def kernel_with_gaps(*refs, kernel=kernel, present=present):
             refs = iter(refs)
@@ -246,8 +291,10 @@ def _paged_attention(q, sources, q_positions, q_blocks, *, sliding_window, num_s
 
         out, lse = pl.pallas_call(
             kernel_with_gaps,
-            out_shape=(jax.ShapeDtypeStruct((num_splits, b, kv_heads, num_rows, h), out_dtype),
-                       jax.ShapeDtypeStruct((num_splits, b, kv_heads, num_rows), jnp.float32)),
+            out_shape=(
+                jax.ShapeDtypeStruct((num_splits, b, kv_heads, num_rows, h), out_dtype),
+                jax.ShapeDtypeStruct((num_splits, b, kv_heads, num_rows), jnp.float32),
+            ),
             grid=(b, kv_heads, num_q_tiles, num_splits),
             compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
             interpret=interpret,
@@ -266,10 +313,20 @@ def _paged_attention(q, sources, q_positions, q_blocks, *, sliding_window, num_s
     return out.astype(q.dtype), lse
 
 
-def paged_attention(q: jax.Array, sources, q_positions: jax.Array, *, sliding_window: int | None = None,
-                    q_blocks: jax.Array | None = None, num_splits: int | None = None, block_q: int | None = None,
-                    block_k: int | None = None, interpret: bool = False, num_warps: int | None = None,
-                    num_stages: int = 2) -> tuple[jax.Array, jax.Array]:
+def paged_attention(
+    q: jax.Array,
+    sources,
+    q_positions: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    q_blocks: jax.Array | None = None,
+    num_splits: int | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool = False,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> tuple[jax.Array, jax.Array]:
     """Attention of q (B, T, N, H) over key sources (reference.KVSource, concatenated on the key axis) read in
     place. Same result as `paged_attention_reference`: (out (B, T, N, H) in q's dtype, lse (B, T, N) float32).
 
@@ -294,6 +351,16 @@ def paged_attention(q: jax.Array, sources, q_positions: jax.Array, *, sliding_wi
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    return _paged_attention(q, sources, q_positions, q_blocks, sliding_window=sliding_window, num_splits=num_splits,
-                            block_q=block_q, block_k=block_k, interpret=bool(interpret),
-                            num_warps=num_warps or (8 if h >= 512 else 4), num_stages=num_stages)
+    return _paged_attention(
+        q,
+        sources,
+        q_positions,
+        q_blocks,
+        sliding_window=sliding_window,
+        num_splits=num_splits,
+        block_q=block_q,
+        block_k=block_k,
+        interpret=bool(interpret),
+        num_warps=num_warps or (8 if h >= 512 else 4),
+        num_stages=num_stages,
+    )

@@ -60,8 +60,9 @@ def check_sources(q: jax.Array, sources, q_positions: jax.Array, q_blocks: jax.A
             raise ValueError(f"source {i}: page_table must be (B={b}, P), got {src.page_table.shape}")
         keys = src.page_table.shape[1] * page_size
         if src.positions.shape != (b, keys):
-            raise ValueError(f"source {i}: positions must be (B, P * page_size) = {(b, keys)}, "
-                             f"got {src.positions.shape}")
+            raise ValueError(
+                f"source {i}: positions must be (B, P * page_size) = {(b, keys)}, got {src.positions.shape}"
+            )
         if (src.blocks is None) != (q_blocks is None):
             raise ValueError(f"source {i}: vision blocks must be given for the queries and every source, or none")
         if src.blocks is not None and src.blocks.shape != (b, keys):
@@ -87,8 +88,14 @@ def gather_source(src: KVSource) -> tuple[jax.Array, jax.Array]:
     return src.k_pages[src.page_table].reshape(shape), src.v_pages[src.page_table].reshape(shape)
 
 
-def paged_attention_reference(q: jax.Array, sources, q_positions: jax.Array, *, sliding_window: int | None = None,
-                              q_blocks: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def paged_attention_reference(
+    q: jax.Array,
+    sources,
+    q_positions: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    q_blocks: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Attention of q (B, T, N, H) over the concatenated key sources. Returns (out (B, T, N, H) in q's dtype,
     lse (B, T, N) float32: the log-sum-exp of each query's visible logits, -inf when it sees none).
 
@@ -102,20 +109,26 @@ def paged_attention_reference(q: jax.Array, sources, q_positions: jax.Array, *, 
     v = jnp.concatenate([g[1] for g in gathered], 1).astype(q.dtype)
     key_pos = jnp.concatenate([src.positions for src in sources], 1)
     key_blk = None if q_blocks is None else jnp.concatenate([src.blocks for src in sources], 1)
-    mask = visible(q_positions[:, :, None], key_pos[:, None, :], sliding_window,
-                   None if q_blocks is None else q_blocks[:, :, None],
-                   None if key_blk is None else key_blk[:, None, :])  # (B, T, S)
+    mask = visible(
+        q_positions[:, :, None],
+        key_pos[:, None, :],
+        sliding_window,
+        None if q_blocks is None else q_blocks[:, :, None],
+        None if key_blk is None else key_blk[:, None, :],
+    )  # (B, T, S)
     qg = q.reshape(b, t, kv_heads, groups, h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32,
-                        precision=jax.lax.Precision.HIGHEST)
+    logits = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
+    )
     logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
     weights = jnp.exp(logits - peak)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     probs = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32,
-                     precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum(
+        "BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
+    )
     lse = jnp.where(total[..., 0] > 0, peak[..., 0] + jnp.log(total[..., 0]), -jnp.inf)  # (B, K, G, T)
     lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n)
     return out.reshape(b, t, n, h).astype(q.dtype), lse

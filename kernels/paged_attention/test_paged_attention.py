@@ -49,14 +49,18 @@ def paged_case(rng, context, t, groups, kv_heads, head_dim, page_size, dtype, pa
     num_pages = b * pages_per_row + 2  # + the trash page 0 and one never referenced
     table = rng.permutation(np.arange(1, num_pages))[: b * pages_per_row].reshape(b, pages_per_row)
     for i, n in enumerate(lengths):
-        table[i, -(-n // page_size):] = 0  # unused slots point at the trash page
+        table[i, -(-n // page_size) :] = 0  # unused slots point at the trash page
     idx = np.arange(pages_per_row * page_size)[None, :]
     key_pos = np.where(idx < lengths[:, None], idx, -1)
     q_pos = np.array(context)[:, None] + np.arange(t)[None, :]
     q_pos[list(padding_rows)] = -1
     shape = (num_pages, page_size, kv_heads, head_dim)
-    src = KVSource(_normal(rng, shape, dtype), _normal(rng, shape, dtype), jnp.asarray(table, jnp.int32),
-                   jnp.asarray(key_pos, jnp.int32))
+    src = KVSource(
+        _normal(rng, shape, dtype),
+        _normal(rng, shape, dtype),
+        jnp.asarray(table, jnp.int32),
+        jnp.asarray(key_pos, jnp.int32),
+    )
     q = _normal(rng, (b, t, kv_heads * groups, head_dim), dtype)
     return q, src, jnp.asarray(q_pos, jnp.int32)
 
@@ -75,8 +79,12 @@ def ring_source(rng, lengths, ring_len, kv_heads, head_dim, dtype):
     b = len(lengths)
     shape = (b + 1, ring_len, kv_heads, head_dim)
     slots = rng.permutation(b + 1)[:b]
-    return KVSource(_normal(rng, shape, dtype), _normal(rng, shape, dtype), jnp.asarray(slots[:, None], jnp.int32),
-                    jnp.asarray(ring_positions(lengths, ring_len), jnp.int32))
+    return KVSource(
+        _normal(rng, shape, dtype),
+        _normal(rng, shape, dtype),
+        jnp.asarray(slots[:, None], jnp.int32),
+        jnp.asarray(ring_positions(lengths, ring_len), jnp.int32),
+    )
 
 
 def check(q, sources, q_pos, *, dtype=None, **kwargs):
@@ -216,8 +224,9 @@ def test_chunked_prefill_ring_plus_chunk_with_blocks():
     blocks = np.full((3, t), -1)
     blocks[2, 2:6] = 4
     blocks = jnp.asarray(blocks, jnp.int32)
-    chunk = dense_source(_normal(rng, (3, t, 2, 32), jnp.float32), _normal(rng, (3, t, 2, 32), jnp.float32),
-                         q_pos, blocks)
+    chunk = dense_source(
+        _normal(rng, (3, t, 2, 32), jnp.float32), _normal(rng, (3, t, 2, 32), jnp.float32), q_pos, blocks
+    )
     ring = ring._replace(blocks=jnp.full(ring.positions.shape, -1, jnp.int32))
     q = _normal(rng, (3, t, 6, 32), jnp.float32)
     check(q, [ring, chunk], q_pos, sliding_window=ring_len, q_blocks=blocks, block_q=16, block_k=16)
@@ -243,8 +252,15 @@ def test_tile_ranges_cover_every_visible_key_and_skip_the_rest():
         qb, kb = (None, None) if blocks is None else blocks
         lo, hi = tile_ranges(q_pos, qb, key_pos, kb, block_q=block_q, block_k=block_k, sliding_window=window)
         lo, hi = np.asarray(lo), np.asarray(hi)
-        sees = np.asarray(visible(q_pos[:, :, None], key_pos[:, None, :], window,
-                                  None if qb is None else qb[:, :, None], None if kb is None else kb[:, None, :]))
+        sees = np.asarray(
+            visible(
+                q_pos[:, :, None],
+                key_pos[:, None, :],
+                window,
+                None if qb is None else qb[:, :, None],
+                None if kb is None else kb[:, None, :],
+            )
+        )
         sees = np.pad(sees, ((0, 0), (0, 0), (0, num_blocks * block_k - sees.shape[2])))
         needed = sees.reshape(2, t // block_q, block_q, num_blocks, block_k).any((2, 4))  # (B, q tiles, blocks)
         for b, tile, j in zip(*np.nonzero(needed), strict=True):
@@ -287,8 +303,9 @@ def test_gpu_prefill_chunk_over_ring_and_paged_context():
     blocks = np.full((3, t), -1)
     blocks[1, 10:74] = 0
     blocks = jnp.asarray(blocks, jnp.int32)
-    chunk = dense_source(_normal(rng, (3, t, 16, 256), jnp.bfloat16), _normal(rng, (3, t, 16, 256), jnp.bfloat16),
-                         q_pos, blocks)
+    chunk = dense_source(
+        _normal(rng, (3, t, 16, 256), jnp.bfloat16), _normal(rng, (3, t, 16, 256), jnp.bfloat16), q_pos, blocks
+    )
     ring = ring._replace(blocks=jnp.full(ring.positions.shape, -1, jnp.int32))
     q = _normal(rng, (3, t, 32, 256), jnp.bfloat16)
     want, _ = paged_attention_reference(q, [ring, chunk], q_pos, sliding_window=ring_len, q_blocks=blocks)
@@ -306,8 +323,11 @@ def test_gpu_prefill_chunk_over_ring_and_paged_context():
 
 
 def _lower_for_cuda(fn, *specs) -> str:
-    exported = export.export(jax.jit(fn), platforms=["cuda"],
-                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    exported = export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )
     return exported(*specs).mlir_module()
 
 
@@ -320,9 +340,15 @@ def test_kernel_lowers_to_triton_for_cuda_at_gemma4_shapes():
     def decode(q, kp, vp, table, key_pos, q_pos):
         return paged_attention(q, [KVSource(kp, vp, table, key_pos)], q_pos)
 
-    text = _lower_for_cuda(decode, spec((b, 1, 32, 512), jnp.bfloat16), spec((pages, ps, 4, 512), jnp.bfloat16),
-                           spec((pages, ps, 4, 512), jnp.bfloat16), spec((b, p), jnp.int32),
-                           spec((b, p * ps), jnp.int32), spec((b, 1), jnp.int32))
+    text = _lower_for_cuda(
+        decode,
+        spec((b, 1, 32, 512), jnp.bfloat16),
+        spec((pages, ps, 4, 512), jnp.bfloat16),
+        spec((pages, ps, 4, 512), jnp.bfloat16),
+        spec((b, p), jnp.int32),
+        spec((b, p * ps), jnp.int32),
+        spec((b, 1), jnp.int32),
+    )
     assert text.count("__gpu$xla.gpu.triton") == 1 and 'name = "paged_attention"' in text
     assert f"tensor<{pages}x{ps}x4x512xbf16>" in text  # the pool goes in whole: no gather outside the kernel
 
@@ -332,24 +358,34 @@ def test_kernel_lowers_to_triton_for_cuda_at_gemma4_shapes():
         sources = [KVSource(kr, vr, slots, ring_pos), dense_source(kc, vc, q_pos)]
         return paged_attention(q, sources, q_pos, sliding_window=1024)
 
-    text = _lower_for_cuda(prefill, spec((b, t, 32, 256), jnp.bfloat16), spec((9, ring, 16, 256), jnp.bfloat16),
-                           spec((9, ring, 16, 256), jnp.bfloat16), spec((b, 1), jnp.int32), spec((b, ring), jnp.int32),
-                           spec((b, t, 16, 256), jnp.bfloat16), spec((b, t, 16, 256), jnp.bfloat16),
-                           spec((b, t), jnp.int32))
+    text = _lower_for_cuda(
+        prefill,
+        spec((b, t, 32, 256), jnp.bfloat16),
+        spec((9, ring, 16, 256), jnp.bfloat16),
+        spec((9, ring, 16, 256), jnp.bfloat16),
+        spec((b, 1), jnp.int32),
+        spec((b, ring), jnp.int32),
+        spec((b, t, 16, 256), jnp.bfloat16),
+        spec((b, t, 16, 256), jnp.bfloat16),
+        spec((b, t), jnp.int32),
+    )
     assert text.count("__gpu$xla.gpu.triton") == 2
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a: a.update(q=a["q"][0]), r"q must be \(B, T, N, H\)"),
-    (lambda a: a.update(q_pos=a["q_pos"][:1]), r"q_positions must be \(B, T\)"),
-    (lambda a: a.update(q=a["q"][..., :3, :]), "do not fit q heads"),
-    (lambda a: a.update(src=a["src"]._replace(positions=a["src"].positions[:, 1:])), "positions must be"),
-    (lambda a: a.update(src=a["src"]._replace(v_pages=a["src"].v_pages[:1])), "v_pages"),
-    (lambda a: a.update(kwargs={"q_blocks": jnp.zeros_like(a["q_pos"])}), "vision blocks must be given"),
-    (lambda a: a.update(kwargs={"block_k": 24}), "block_k=24 must be a power of two"),
-    (lambda a: a.update(kwargs={"num_splits": 0}), "num_splits must be >= 1"),
-    (lambda a: a.update(kwargs={"sliding_window": 0}), "sliding_window must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(q=a["q"][0]), r"q must be \(B, T, N, H\)"),
+        (lambda a: a.update(q_pos=a["q_pos"][:1]), r"q_positions must be \(B, T\)"),
+        (lambda a: a.update(q=a["q"][..., :3, :]), "do not fit q heads"),
+        (lambda a: a.update(src=a["src"]._replace(positions=a["src"].positions[:, 1:])), "positions must be"),
+        (lambda a: a.update(src=a["src"]._replace(v_pages=a["src"].v_pages[:1])), "v_pages"),
+        (lambda a: a.update(kwargs={"q_blocks": jnp.zeros_like(a["q_pos"])}), "vision blocks must be given"),
+        (lambda a: a.update(kwargs={"block_k": 24}), "block_k=24 must be a power of two"),
+        (lambda a: a.update(kwargs={"num_splits": 0}), "num_splits must be >= 1"),
+        (lambda a: a.update(kwargs={"sliding_window": 0}), "sliding_window must be >= 1"),
+    ],
+)
 def test_validation_errors(change, message):
     rng = np.random.default_rng(9)
     q, src, q_pos = paged_case(rng, [2, 3], 1, 2, 2, 16, 4, jnp.float32)
@@ -359,4 +395,3 @@ def test_validation_errors(change, message):
         paged_attention(args["q"], [args["src"]], args["q_pos"], interpret=True, **args["kwargs"])
     with pytest.raises(ValueError, match="at least one key source"):
         paged_attention(q, [], q_pos, interpret=True)
-
