@@ -65,3 +65,68 @@ def test_cli_limit_defaults_are_the_engine_defaults():
     for name, value in cli.ENGINE_DEFAULTS.items():
         assert getattr(EngineConfig(), name) == value
     assert set(cli.DEMO_SERVE_LIMITS) == {"max_num_seqs", "max_model_len", "max_num_batched_tokens"}
+
+
+def test_demo_serve_limits_and_enforce_eager(monkeypatch):
+    """serve on the demo model warms up with small limits (flags given win); --enforce-eager keeps the engine's
+    defaults (nothing is compiled up front, so the limits cost nothing at start-up)."""
+    import functools
+
+    from gemma4_jax.serving import demo
+
+    monkeypatch.setattr(demo, "demo_model", functools.lru_cache(demo.demo_model))  # built once (its init compiles)
+    parser_args = ["serve", "--port", "0"]
+    captured = {}
+
+    def fake_serve_cli(args, build_llm):
+        captured["llm"] = build_llm(args)
+        captured["warmup"] = not (args.enforce_eager or args.no_warmup)
+        return 0
+
+    import gemma4_jax.serving.server as server
+
+    original = server.serve_cli
+    server.serve_cli = fake_serve_cli
+    try:
+        assert cli.main(parser_args) == 0
+        config = captured["llm"].engine.config
+        assert captured["warmup"] and (config.max_num_seqs, config.max_model_len, config.max_num_batched_tokens) == (
+            4, 256, 16)
+        assert cli.main([*parser_args, "--max-num-seqs", "2"]) == 0
+        assert captured["llm"].engine.config.max_num_seqs == 2
+        assert cli.main([*parser_args, "--enforce-eager"]) == 0
+        config = captured["llm"].engine.config
+        assert not captured["warmup"] and (config.max_num_seqs, config.max_num_batched_tokens) == (64, 512)
+    finally:
+        server.serve_cli = original
+
+
+def test_failed_warmup_is_a_failed_load():
+    """A warm-up that raises is reported like a load failure (serve then exits non-zero)."""
+    import httpx
+
+    from gemma4_jax.serving.server import create_app
+
+    class BrokenLLM:
+        def warmup(self):
+            raise RuntimeError("no memory for the step")
+
+    errors = []
+    app = create_app(BrokenLLM(), warmup=True, on_load_error=errors.append)
+
+    async def check():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+                for _ in range(100):
+                    if errors:
+                        break
+                    await asyncio.sleep(0.05)
+                health = await client.get("/health")
+        return health
+
+    import asyncio
+
+    health = asyncio.run(check())
+    assert errors == ["RuntimeError: no memory for the step"]
+    assert health.status_code == 503 and "failed to load" in health.json()["error"]["message"]
