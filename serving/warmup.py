@@ -28,6 +28,8 @@ import logging
 import time
 from collections.abc import Iterator
 
+import jax
+
 from gemma4_jax.serving.async_engine import score_prompt
 from gemma4_jax.serving.engine import Engine
 from gemma4_jax.serving.kv_cache import TRASH_PAGE, pages_needed
@@ -245,11 +247,16 @@ def warm_up(engine: Engine, progress: bool = True) -> WarmupReport:
             bar.close()
     seconds = time.perf_counter() - t_start
     report = WarmupReport(len(shapes), engine.stats["compiles"] - compiles_before, seconds)
+    cache = (
+        "compiled or loaded from the persistent compilation cache"
+        if jax.config.jax_compilation_cache_dir
+        else "compiled; the persistent compilation cache is off"
+    )
     log.info(
-        "warm-up done: %d shapes in %.1f s (%d new step compiles; the rest came from the compilation cache "
-        "or were compiled before)",
+        "warm-up done: %d shapes in %.1f s (%s; %d engine step shapes new to this process)",
         report.shapes,
         seconds,
+        cache,
         report.compiles,
     )
     return report
