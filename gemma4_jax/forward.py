@@ -74,11 +74,13 @@ class Activations:
 @struct.dataclass
 class ForwardOutput:
     """logits: float32 (B, T, V) when the head ran, else None (then `activations` holds the stream);
-    routed: int32 (B, T, L_r, k) router ids of the range's MoE layers when asked for, else None."""
+    routed: int32 (B, T, L_r, k) router ids of the range's MoE layers when asked for, else None;
+    hidden: (B, T, D) the final-normed stream (the LM head's input) when asked for with the head, else None."""
 
     logits: jax.Array | None
     activations: Activations | None
     routed: jax.Array | None
+    hidden: jax.Array | None = None
 
 
 def take_tokens(index: jax.Array, a: jax.Array | None) -> jax.Array | None:
@@ -121,7 +123,7 @@ def _narrow(act: Activations, keep_index: jax.Array) -> Activations:
 
 def forward(model: Any, inputs: TokenInputs | Activations, *, attention: AttentionPlan, phase: str = "prefill",
             kv_store: Any = None, layers: range | None = None, keep_index: jax.Array | None = None,
-            head: bool = True, return_routed: bool = False) -> ForwardOutput:
+            head: bool = True, return_routed: bool = False, return_hidden: bool = False) -> ForwardOutput:
     """Run `model` (a merged Gemma4Text / Gemma4Multimodal) from tokens or from a previous range's activations.
 
     attention, phase: the plan and the phase whose backends the layers call (per layer kind).
@@ -129,6 +131,8 @@ def forward(model: Any, inputs: TokenInputs | Activations, *, attention: Attenti
     layers: a contiguous range of layer indices (a pipeline stage); None = all.
     keep_index: (B,) index in T of each row's kept token (see the module docstring), or None.
     head: apply the final norm, LM head and soft-capping -> logits; False -> the activations for the next range.
+    return_hidden: with the head, also return the final-normed stream (B, T, D) (T = 1 with keep_index): the MTP
+    assistant drafter's recurrent input (assistant.py). Static; off, the program is unchanged.
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
@@ -163,7 +167,9 @@ def forward(model: Any, inputs: TokenInputs | Activations, *, attention: Attenti
         b, t = act.x.shape[:2]
         routed_ids = jnp.zeros((b, t, 0, k), jnp.int32)
     if head:
-        return ForwardOutput(logits=model.head(act.x), activations=None, routed=routed_ids)
+        # model.head norms again; XLA's common-subexpression pass computes the norm once.
+        hidden = model.norm(act.x) if return_hidden else None
+        return ForwardOutput(logits=model.head(act.x), activations=None, routed=routed_ids, hidden=hidden)
     # Views that leave this forward (to a later pipeline stage, on other devices) travel gathered: a paged or ring
     # view holds the whole pool, which must not be copied across stages (views that do not cross are dropped by
     # the caller inside the same jitted program, so their gathers cost nothing).

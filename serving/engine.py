@@ -38,7 +38,14 @@ from gemma4_jax.serving.pipeline_runner import PipelineRunner
 from gemma4_jax.serving.requests import Request, RequestOutput, SpecDecodeStats, Status, TokenLogprob
 from gemma4_jax.serving.runner import Runner, reset_slot_counts
 from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingBatch, SamplingParams, request_key
-from gemma4_jax.serving.speculative import Proposer, SpeculativeConfig, build_proposer
+from gemma4_jax.serving.speculative import (
+    AssistantProposer,
+    Proposer,
+    SpeculativeConfig,
+    assistant_ring_slots,
+    build_proposer,
+    load_drafter,
+)
 from gemma4_jax.serving.structured import Grammars
 
 log = logging.getLogger(__name__)
@@ -109,11 +116,17 @@ class Engine:
             raise ValueError("Engine(proposer=...) goes with speculative_config=SpeculativeConfig.custom(k), and "
                              f"method {self.speculative.method!r} takes no proposer object")
         self.proposer = None
-        if self.speculative is not None:
+        assistant = None  # the MTP assistant drafter ("draft_model" / "mtp"): built once the pools are laid out
+        if self.speculative is not None and self.speculative.method in ("draft_model", "mtp"):
+            assistant = load_drafter(self.speculative.model, model)
+        elif self.speculative is not None:
             self.proposer = proposer if proposer is not None else build_proposer(self.speculative)
         # Rejected drafts' K/V are written to ring slots that hold keys older than the window; k spare slots per
-        # ring keep every key inside the window intact (kv_cache.CacheLayout.for_config).
+        # ring keep every key inside the window intact (kv_cache.CacheLayout.for_config), k + 1 with the assistant,
+        # which reads one key further back (speculative.assistant_ring_slots).
         spare = self.speculative.num_speculative_tokens if self.speculative is not None else 0
+        if assistant is not None:
+            spare = assistant_ring_slots(assistant, model, spare)
         self.layout = CacheLayout.for_config(cfg, config.page_size, num_pages, config.max_num_seqs,
                                              spare_ring_slots=spare)
         # The runner runs the steps: one program over the mesh, or the pipeline's stages (pp > 1), whose pools
@@ -125,7 +138,11 @@ class Engine:
             self.runner = PipelineRunner(model, self.layout, self.attention, config.pipeline_microbatches,
                                          return_routed)
         else:
-            self.runner = Runner(model, self.layout, self.attention, return_routed)
+            self.runner = Runner(model, self.layout, self.attention, return_routed,
+                                 return_hidden=assistant is not None)
+        if assistant is not None:
+            self.proposer = AssistantProposer(assistant, model, self.layout, self.attention,
+                                              self.speculative.num_speculative_tokens)
         self.cache = self.runner.allocate()
         self.counts: dict[str, jax.Array] | None = None  # penalty state, allocated on first use
         self.allocator = PageAllocator(num_pages)
@@ -428,6 +445,10 @@ class Engine:
         its time. Returns the per-micro-batch SampleResults on the host."""
         t0 = time.perf_counter()
         results, self.cache, self.counts = fn(self.cache, self.counts, microbatches, num_logprobs, **kwargs)
+        if isinstance(self.proposer, AssistantProposer):
+            # The drafter's next input, by slot, without leaving the device.
+            for (batch, *_), hidden in zip(microbatches, self.runner.hidden, strict=False):
+                self.proposer.record(batch.slots, hidden)
         results = jax.device_get(results)
         if shape_key not in self._shapes_seen:
             self._shapes_seen.add(shape_key)
@@ -487,8 +508,12 @@ class Engine:
         if not any(limits):
             return None
         vocab, page = self.text_config.vocab_size, self.layout.page_size
+        if isinstance(self.proposer, AssistantProposer):
+            proposals = self.proposer.propose_from(self.cache, decode, limits)
+        else:
+            proposals = self.proposer.propose(decode, limits)
         drafts = []
-        for req, limit, proposed in zip(decode, limits, self.proposer.propose(decode, limits), strict=True):
+        for req, limit, proposed in zip(decode, limits, proposals, strict=True):
             draft = []
             for token in list(proposed)[:limit]:
                 if not 0 <= int(token) < vocab:
@@ -527,6 +552,8 @@ class Engine:
         k = self.config.num_scheduler_steps
         if k <= 1 or self.waiting or any(not r.in_decode for r in self.running):
             return 1
+        if isinstance(self.proposer, AssistantProposer):
+            return 1  # the drafter needs each step's hidden states, which the multi-step scan does not return
         if any(r.matcher is not None for r in decode):
             return 1  # each token of a constrained row needs its grammar's mask from the host
         if any(r.params.max_tokens - len(r.output_ids) < k for r in decode):

@@ -144,6 +144,23 @@ class PagedKVStore:
         return self._paged(layer, k, v, positions)
 
 
+def context_view(cache: dict[str, jax.Array], layout: CacheLayout, layer: int, page_table: jax.Array,
+                 slots: jax.Array, lengths: jax.Array, dtype) -> KVView:
+    """A read-only view of one owner layer's pool as it stands, for a reader outside a step's forward (the MTP
+    assistant drafter reads the target's last full and sliding layer). Writes nothing.
+
+    page_table: (B, P) int32; slots: (B,) int32 ring rows; lengths: (B,) int32 keys per row (the context after a
+    verify step's rollback: positions >= lengths[b], e.g. rejected drafts still in the pool, are outside the view).
+    Full layers -> PagedKV; sliding layers -> RingKV (its slot labels come from lengths, so the ring must hold the
+    reader's window plus the rejected writes: CacheLayout.for_config(spare_ring_slots=...))."""
+    k, v = cache[f"k{layer}"], cache[f"v{layer}"]
+    if layer in layout.sliding_layers:
+        return RingKV(k, v, slots, lengths, chunk=None, dtype=dtype)
+    if layer not in layout.full_layers:
+        raise ValueError(f"layer {layer} owns no K/V pool (a KV-shared layer reads its source's)")
+    return PagedKV(k, v, page_table, lengths, dtype=dtype)
+
+
 class PageAllocator:
     """Host-side free list of physical pages (page 0 is the trash page and never handed out)."""
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from gemma4_jax.model import Model, from_pretrained
+from gemma4_jax.model import AssistantModel, Model, from_pretrained
 from gemma4_jax.serving import compilation_cache as compilation_cache_lib
 from gemma4_jax.serving.engine import Engine, EngineConfig, RequestOutput
 from gemma4_jax.serving.media_decode import has_media_parts
@@ -36,12 +36,14 @@ class LLM:
     shapes and compiles each once as it does, while warming every bucket of the default limits takes minutes on a
     CPU. `gemma4-jax serve` warms up before it reports ready (unless --enforce-eager).
     Speculative decoding: `speculative_config` (engine option; vLLM's dict, e.g. {"method": "ngram",
-    "num_speculative_tokens": 3, "prompt_lookup_max": 4}), or `draft_model` (the assistant checkpoint) with
-    `num_speculative_tokens` (serving/speculative.py, docs/speculative.md).
+    "num_speculative_tokens": 3, "prompt_lookup_max": 4}), or `draft_model` (the MTP assistant: its checkpoint
+    directory or a loaded AssistantModel on the target's mesh) with `num_speculative_tokens`
+    (serving/speculative.py, docs/speculative.md).
     """
 
     def __init__(self, path: str | os.PathLike | Model, dtype: Any = "auto", pp: int = 1, tp: int = 1,
-                 draft_model: str | None = None, num_speculative_tokens: int = 0, tokenizer: Tokenizer | None = None,
+                 draft_model: str | os.PathLike | AssistantModel | None = None, num_speculative_tokens: int = 0,
+                 tokenizer: Tokenizer | None = None,
                  moe_backend: str = "auto", dp: int = 1, compilation_cache: str | bool | None = None,
                  warmup: bool = False, **engine_options: Any):
         unknown = sorted(set(engine_options) - _ENGINE_FIELDS)
@@ -50,7 +52,8 @@ class LLM:
         if draft_model is not None or num_speculative_tokens:
             # One config from both forms; contradictions raise here, before anything loads.
             engine_options["speculative_config"] = SpeculativeConfig.resolve(
-                engine_options.get("speculative_config"), os.fspath(draft_model) if draft_model else None,
+                engine_options.get("speculative_config"),
+                os.fspath(draft_model) if isinstance(draft_model, (str, os.PathLike)) else draft_model,
                 num_speculative_tokens)
         # Before anything compiles: a second start loads the executables instead (compilation_cache.py).
         self.compilation_cache_dir = compilation_cache_lib.enable(compilation_cache)

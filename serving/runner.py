@@ -21,7 +21,7 @@ from gemma4_jax.forward import MediaTokens, TokenInputs, forward
 from gemma4_jax.model import StaticGraph
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import CacheLayout, PagedKVStore, StepBatch
-from gemma4_jax.serving.sampling import SampleResult, SamplingBatch, VerifyResult, sample, verify
+from gemma4_jax.serving.sampling import SamplingBatch, VerifyResult, sample, verify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,22 +51,24 @@ def sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprob
 
 
 def _step(graph, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
-          attention, phase, num_logprobs, return_routed=False):
+          attention, phase, num_logprobs, return_routed=False, return_hidden=False):
     model = nnx.merge(graph.graphdef, state)
     store = PagedKVStore(cache, batch, layout)
     inputs = TokenInputs(tokens=batch.tokens, positions=batch.positions, media=media, vision_blocks=vision_blocks)
     out = forward(model, inputs, attention=attention, phase=phase, kv_store=store, keep_index=batch.last_index,
-                  return_routed=return_routed)
+                  return_routed=return_routed, return_hidden=return_hidden)
     logits = out.logits[:, 0]  # (B, V): only each row's last token reaches the KV-shared layers and the head
     result, counts = sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprobs)
     if return_routed:  # the router's choices for each row's last token: (B, L_moe, k)
         result = result._replace(routed=(out.routed[:, 0],))
+    if return_hidden:  # the kept token's final-normed state (B, D): the assistant drafter's next input
+        return result, store.cache, counts, out.hidden[:, 0]
     return result, store.cache, counts
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graph", "layout", "attention", "phase", "num_logprobs", "return_routed"),
+    static_argnames=("graph", "layout", "attention", "phase", "num_logprobs", "return_routed", "return_hidden"),
     donate_argnames=("cache", "counts"),
 )
 def model_step(
@@ -86,7 +88,8 @@ def model_step(
     phase: str,
     num_logprobs: int,
     return_routed: bool = False,
-) -> tuple[SampleResult, dict[str, jax.Array], dict[str, jax.Array] | None]:
+    return_hidden: bool = False,
+) -> tuple:
     """Run B rows of T tokens through the model against the pools and sample one token per row.
 
     graph: the model's `StaticGraph` (its GraphDef, hashed once: see model.StaticGraph).
@@ -96,9 +99,11 @@ def model_step(
     media: a prefill chunk's soft tokens (slots into the (B*T) tokens, (M, D)), vision_blocks (B, T): see
     forward.TokenInputs. attention, phase: the engine's resolved plan and this step's phase.
     return_routed: also return the router's top-k expert ids of each row's last token (SampleResult.routed).
+    Returns (SampleResult, cache, counts), and with return_hidden a fourth output: the kept token's final-normed
+    hidden state (B, D) (the assistant drafter's input; off, the program is the one without it).
     """
     return _step(graph, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
-                 attention, phase, num_logprobs, return_routed)
+                 attention, phase, num_logprobs, return_routed, return_hidden)
 
 
 @functools.partial(
@@ -153,26 +158,33 @@ def verify_step_logits(logits, counts, batch, sampling, steps, num_logprobs) -> 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graph", "layout", "attention", "num_logprobs", "return_routed"),
+    static_argnames=("graph", "layout", "attention", "num_logprobs", "return_routed", "return_hidden"),
     donate_argnames=("cache", "counts"),
 )
 def verify_step(graph: StaticGraph, state, cache, counts, batch: StepBatch, sampling: SamplingBatch,
                 steps: jax.Array, *, layout: CacheLayout, attention: AttentionPlan, num_logprobs: int,
-                return_routed: bool = False) -> tuple[VerifyResult, dict[str, jax.Array], dict | None]:
+                return_routed: bool = False, return_hidden: bool = False) -> tuple:
     """A speculative verify step: rows of [last token, d_1 .. d_k] (B, T = k + 1) through the one forward
     against the pools, logits at every position, then `verify_step_logits`.
 
     All T tokens' K/V are written; the engine advances a row's context only past the accepted ones, so the
     rejected ones are dead: paged slots beyond the context are rewritten by later steps, and the sliding rings
     have k spare slots (CacheLayout.for_config(spare_ring_slots=k)) so they never overwrite a key still inside
-    the window. Runs with the "prefill" attention backends (T > 1 query tokens per row)."""
+    the window. Runs with the "prefill" attention backends (T > 1 query tokens per row).
+    Returns (VerifyResult, cache, counts), and with return_hidden a fourth output (B, D): each row's final-normed
+    hidden state at index num_accepted (the token whose logits gave the emitted bonus token), the assistant
+    drafter's input for the next round."""
     model = nnx.merge(graph.graphdef, state)
     store = PagedKVStore(cache, batch, layout)
     inputs = TokenInputs(tokens=batch.tokens, positions=batch.positions)
-    out = forward(model, inputs, attention=attention, phase="prefill", kv_store=store, return_routed=return_routed)
+    out = forward(model, inputs, attention=attention, phase="prefill", kv_store=store, return_routed=return_routed,
+                  return_hidden=return_hidden)
     result, counts = verify_step_logits(out.logits, counts, batch, sampling, steps, num_logprobs)
     if return_routed:  # the router's choices for every input token: (B, T, L_moe, k)
         result = result._replace(sample=result.sample._replace(routed=(out.routed,)))
+    if return_hidden:
+        hidden = jnp.take_along_axis(out.hidden, result.num_accepted[:, None, None], axis=1)[:, 0]
+        return result, store.cache, counts, hidden
     return result, store.cache, counts
 
 
@@ -198,12 +210,23 @@ class Runner:
     microbatches = 1
     num_stages = 1
 
-    def __init__(self, model, layout: CacheLayout, attention: AttentionPlan, return_routed: bool = False):
+    def __init__(self, model, layout: CacheLayout, attention: AttentionPlan, return_routed: bool = False,
+                 return_hidden: bool = False):
+        """return_hidden: steps and verify steps also give each row's final-normed hidden state, kept on the device
+        in `hidden` (one (B, D) array per micro-batch of the last call) for the assistant drafter."""
         self.model = model
         self.layout = layout
         self.attention = attention
         self.mesh = model.mesh
         self.return_routed = return_routed
+        self.return_hidden = return_hidden
+        self.hidden: list[jax.Array] = []
+
+    def _keep_hidden(self, outputs: tuple) -> tuple:
+        """(result, cache, counts[, hidden]) -> (result, cache, counts), the hidden state appended to `hidden`."""
+        if self.return_hidden:
+            self.hidden.append(outputs[3])
+        return outputs[:3]
 
     def allocate(self) -> dict[str, jax.Array]:
         """Zeroed pools on the mesh, each sharded by KV head where tp divides its head count."""
@@ -218,17 +241,19 @@ class Runner:
         """One step of each micro-batch. phase: "prefill" | "decode"; media: a prefill chunk's soft tokens."""
         results = []
         tokens, blocks = (None, None) if media is None else (media.tokens, media.vision_blocks)
+        self.hidden = []
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, sample_rows in microbatches:
-                result, cache, counts = model_step(self.model.static_graph, self.model.state, cache, counts, batch,
-                                                   sampling, steps, sample_rows, tokens, blocks, layout=self.layout,
-                                                   attention=self.attention, phase=phase,
-                                                   num_logprobs=num_logprobs, return_routed=self.return_routed)
+                result, cache, counts = self._keep_hidden(model_step(
+                    self.model.static_graph, self.model.state, cache, counts, batch, sampling, steps, sample_rows,
+                    tokens, blocks, layout=self.layout, attention=self.attention, phase=phase,
+                    num_logprobs=num_logprobs, return_routed=self.return_routed, return_hidden=self.return_hidden))
                 results.append(result)
         return results, cache, counts
 
     def multi(self, cache, counts, microbatches, num_logprobs: int, num_steps: int):
         results = []
+        self.hidden = []  # not returned by the multi-step scan (the engine does not run it for the assistant)
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, _ in microbatches:
                 result, cache, counts = decode_steps(self.model.static_graph, self.model.state, cache, counts, batch,
@@ -241,10 +266,12 @@ class Runner:
     def verify(self, cache, counts, microbatches, num_logprobs: int):
         """A speculative verify step of each micro-batch (rows [last, drafts...]): VerifyResults."""
         results = []
+        self.hidden = []
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, _ in microbatches:
-                result, cache, counts = verify_step(self.model.static_graph, self.model.state, cache, counts, batch,
-                                                    sampling, steps, layout=self.layout, attention=self.attention,
-                                                    num_logprobs=num_logprobs, return_routed=self.return_routed)
+                result, cache, counts = self._keep_hidden(verify_step(
+                    self.model.static_graph, self.model.state, cache, counts, batch, sampling, steps,
+                    layout=self.layout, attention=self.attention, num_logprobs=num_logprobs,
+                    return_routed=self.return_routed, return_hidden=self.return_hidden))
                 results.append(result)
         return results, cache, counts

@@ -9,6 +9,9 @@ exact). A proposer sees only token ids and returns drafts; it never touches the 
   the context's last n tokens, n from `prompt_lookup_max` down to `prompt_lookup_min`.
 - `OracleProposer`: test and benchmark only. Proposes a known continuation (e.g. the target's own plain greedy
   output), so the verify path can be measured at full acceptance with random weights.
+- `AssistantProposer`: the Gemma 4 MTP assistant (gemma4_jax/assistant.py). Unlike the others it reads the target:
+  the final-normed hidden state each step leaves per row (kept on the device, by sequence slot) and, read-only,
+  the K/V pools of the target's last full and last sliding layer. It drafts k tokens greedily in one jitted call.
 
 Configuration: `SpeculativeConfig.resolve` accepts vLLM's dict form ({"method": "ngram", "num_speculative_tokens":
 k, "prompt_lookup_max": n, "prompt_lookup_min": m}, or {"method": "draft_model" | "mtp", "model": DIR, ...}) and
@@ -18,11 +21,23 @@ the shorthand of `LLM(draft_model=DIR, num_speculative_tokens=k)`, and refuses a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from gemma4_jax import sharding
+from gemma4_jax.assistant import TargetKV, draft
+from gemma4_jax.attention_backends import AttentionPlan
+from gemma4_jax.config import FULL, SLIDING
+from gemma4_jax.model import AssistantModel, Model, StaticGraph, load_assistant, static_graph
+from gemma4_jax.serving.kv_cache import CacheLayout, bucket, context_view, pages_needed
 from gemma4_jax.serving.requests import Request
 
 METHODS = ("ngram", "draft_model", "mtp")
@@ -36,14 +51,15 @@ CUSTOM = "custom"
 class SpeculativeConfig:
     """What to draft with and how many tokens per step.
 
-    method: "ngram" (prompt lookup, no draft model), "draft_model" / "mtp" (the Gemma 4 assistant checkpoint at
-    `model`), or "custom" (a proposer object given to the engine). num_speculative_tokens: k >= 1 drafts per row
+    method: "ngram" (prompt lookup, no draft model), "draft_model" / "mtp" (the Gemma 4 assistant: `model` is its
+    checkpoint directory or a loaded gemma4_jax.model.AssistantModel), or "custom" (a proposer object given to the
+    engine). num_speculative_tokens: k >= 1 drafts per row
     and step. prompt_lookup_min / _max: the n-gram sizes tried ("ngram" only).
     """
 
     method: str
     num_speculative_tokens: int
-    model: str | None = None
+    model: str | AssistantModel | None = None
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
 
@@ -176,13 +192,147 @@ class OracleProposer:
 
 
 def build_proposer(config: SpeculativeConfig) -> Proposer:
-    """The proposer a config names. "draft_model" / "mtp" are refused until the assistant drafter is wired in;
-    "custom" needs the proposer object itself (Engine(proposer=...))."""
+    """The proposer a config names that needs nothing from the engine ("ngram"). "draft_model" / "mtp" read the
+    target's state: the engine builds them (`load_drafter`, `AssistantProposer`); "custom" needs the proposer
+    object itself (Engine(proposer=...))."""
     if config.method == "ngram":
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.method == CUSTOM:
         raise ValueError("speculative method 'custom' needs the proposer object: Engine(..., proposer=...)")
-    raise ValueError(
-        f"speculative method {config.method!r} (the Gemma 4 assistant drafter) is not wired into the "
-        "engine yet; use {'method': 'ngram', ...}"
-    )
+    raise ValueError(f"speculative method {config.method!r} drafts from the target's state: the engine builds it "
+                     "(load_drafter, AssistantProposer)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The MTP assistant drafter
+
+
+def load_drafter(model: str | os.PathLike | AssistantModel, target: Model) -> AssistantModel:
+    """The assistant of a "draft_model" / "mtp" config, on the target's mesh, checked against the target: a pair
+    that does not fit (hidden size, vocabulary, the K/V shapes it reads) raises the assistant config's ConfigError
+    at start-up. A loaded AssistantModel must already live on the target's mesh (load_assistant(mesh=...))."""
+    if target.num_stages > 1:
+        raise ValueError("the assistant drafter with a pipelined target (pp > 1) is not supported: its drafts "
+                         "read the pools of the stages holding the target's last full and sliding layers; "
+                         "use tp / dp, or the 'ngram' method")
+    if isinstance(model, AssistantModel):
+        model.check_target(target)
+        if model.mesh != target.mesh:
+            raise ValueError(f"the assistant lives on another mesh ({dict(model.mesh.shape)}) than the target "
+                             f"({dict(target.mesh.shape)}): load it with load_assistant(..., mesh=target.mesh)")
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"draft model must be an assistant checkpoint directory or an AssistantModel, got "
+                        f"{type(model).__name__}")
+    return load_assistant(model, dtype=target.dtype, mesh=target.mesh, target=target)
+
+
+def assistant_ring_slots(assistant: AssistantModel, target: Model, num_speculative_tokens: int) -> int:
+    """Spare ring slots (beyond the target's window W_t) with the assistant drafter. A draft at position p reads
+    the target's sliding keys p-1-W_a .. p-1 (W_a + 1 keys, assistant.py); a verify step whose drafts were
+    rejected wrote up to p - 1 + k into ring slots the ring then labels as positions p - 1 + k - R: the ring needs
+    R >= W_a + k + 1 slots (and R >= W_t + k for the target's own reads, CacheLayout.for_config)."""
+    k, w_t = num_speculative_tokens, target.config.text.sliding_window
+    return max(k, assistant.config.text.sliding_window + k + 1 - w_t)
+
+
+@functools.partial(jax.jit, donate_argnames=("buffer",))
+def _record_hidden(buffer: jax.Array, slots: jax.Array, hidden: jax.Array) -> jax.Array:
+    """buffer (S + 1, D): row slots[b] <- hidden[b] (B, D); padding rows write the trash row S."""
+    return buffer.at[slots].set(hidden.astype(buffer.dtype))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("assistant_graph", "embed_graph", "layout", "attention", "sources", "num_tokens")
+)
+def draft_step(assistant_graph: StaticGraph, assistant_state: nnx.State, embed_graph: StaticGraph,
+               embed_state: nnx.State, pools: dict[str, jax.Array], hidden: jax.Array, tokens: jax.Array,
+               positions: jax.Array, slots: jax.Array, page_table: jax.Array, *, layout: CacheLayout,
+               attention: AttentionPlan, sources: tuple[tuple[str, int], ...], num_tokens: int) -> jax.Array:
+    """k = num_tokens greedy assistant drafts per row (assistant.draft) from the target's state as it stands.
+
+    pools: the target's pools of its source layers {"k{l}", "v{l}"} (read, not donated); hidden: (S + 1, D_t) the
+    recorded final-normed states by slot; tokens (B,) int32 each row's last token (not in the cache); positions
+    (B,) int32 its position p = the row's cached context (-1: padding row); slots (B,) int32 ring rows (S for
+    padding); page_table (B, P) int32. sources: ((attention type, target layer), ...). Returns drafts (B, k) int32.
+    """
+    assistant = nnx.merge(assistant_graph.graphdef, assistant_state)
+    embed = nnx.merge(embed_graph.graphdef, embed_state)
+    lengths = jnp.maximum(positions, 0)  # the context after rollback: rejected drafts' keys are outside the view
+    views = {kind: context_view(pools, layout, layer, page_table, slots, lengths, hidden.dtype)
+             for kind, layer in sources}
+    kv = TargetKV(sliding=views.get(SLIDING), full=views.get(FULL))
+    out = draft(assistant, embed, tokens, hidden[slots], kv, positions, num_tokens=num_tokens, attention=attention)
+    return out.tokens
+
+
+class AssistantProposer:
+    """Greedy drafts from the Gemma 4 MTP assistant (HF `Gemma4AssistantForCausalLM`), k per row in one jitted call.
+
+    A row's round starts from its last token (all_ids[-1]), that token's position p (= the row's cached context)
+    and the target's final-normed hidden state at the token before it. That state is recorded by sequence slot
+    after every step the engine runs (`record`: the prefill chunk that ends a prompt, a plain decode step, a verify
+    step at index num_accepted), so rows joining (their prefill records it), leaving (the next prefill in the slot
+    overwrites it) and preempted (the resuming prefill records it again) need no bookkeeping here. The drafter reads
+    the pools of the target's last full and sliding layers in place through read-only views of length p, so keys
+    of rejected drafts are never seen. Drafts are deterministic (argmax): the engine's verify stays exact under
+    sampling (sampling.verify).
+    """
+
+    reads_target = True
+
+    def __init__(self, assistant: AssistantModel, target: Model, layout: CacheLayout, attention: AttentionPlan,
+                 num_speculative_tokens: int):
+        self.assistant = assistant
+        self.layout = layout
+        self.attention = attention
+        self.num_tokens = num_speculative_tokens
+        sources = assistant.check_target(target)
+        self.sources = tuple(sorted(sources.items()))
+        needed = assistant.config.text.sliding_window + num_speculative_tokens + 1
+        if SLIDING in sources and layout.ring_len < needed:
+            raise ValueError(f"rings of {layout.ring_len} slots are too short for the assistant drafter (it needs "
+                             f"{needed}: assistant_ring_slots)")
+        # The target's scaled token embedding, split out once: the draft call takes only these weights.
+        embed_graph, self.embed_state = nnx.split(nnx.merge(target.graphdef, target.state).embed_tokens)
+        self.embed_graph = static_graph(embed_graph)
+        d = target.config.text.hidden_size
+        self.hidden = jnp.zeros((layout.max_seqs + 1, d), target.dtype, device=sharding.replicated(target.mesh))
+        self.mesh = target.mesh
+        self.draft_time_s = 0.0  # host wall time inside `propose_from` (benchmarks: draft-to-target cost)
+        self.draft_calls = 0
+
+    def record(self, slots: np.ndarray, hidden: jax.Array) -> None:
+        """After a step: slots (B,) int32 of its rows (padding: max_seqs), hidden (B, D_t) their final-normed states
+        (on the device). A prefill chunk short of its prompt's end records a state its final chunk overwrites."""
+        self.hidden = _record_hidden(self.hidden, jnp.asarray(slots, jnp.int32), hidden)
+
+    def propose(self, requests: Sequence[Request], limits: Sequence[int]) -> list[list[int]]:
+        raise TypeError("AssistantProposer reads the target's pools: the engine calls propose_from(cache, ...)")
+
+    def propose_from(self, cache: dict[str, jax.Array], requests: Sequence[Request],
+                     limits: Sequence[int]) -> list[list[int]]:
+        """Drafts for each decode row (at most its `limit`), from the engine's pools `cache` as they stand and the
+        rows' pages and slots."""
+        t0 = time.perf_counter()
+        layout = self.layout
+        b = bucket(len(requests), 1, layout.max_seqs)
+        p = bucket(max(pages_needed(max(req.num_computed, 1), layout.page_size) for req in requests), 4)
+        tokens = np.zeros((b,), np.int32)
+        positions = np.full((b,), -1, np.int32)
+        slots = np.full((b,), layout.max_seqs, np.int32)
+        table = np.zeros((b, p), np.int32)
+        for i, req in enumerate(requests):
+            tokens[i], positions[i], slots[i] = req.all_ids[-1], req.num_computed, req.slot
+            n = min(len(req.pages), p)
+            table[i, :n] = req.pages[:n]
+        pools = {f"{kind}{layer}": cache[f"{kind}{layer}"] for _, layer in self.sources for kind in "kv"}
+        with jax.set_mesh(self.mesh):
+            drafts = draft_step(self.assistant.static_graph, self.assistant.state, self.embed_graph,
+                                self.embed_state, pools, self.hidden, tokens, positions, slots, table,
+                                layout=layout, attention=self.attention, sources=self.sources,
+                                num_tokens=self.num_tokens)
+        drafts = np.asarray(jax.device_get(drafts))
+        self.draft_time_s += time.perf_counter() - t0
+        self.draft_calls += 1
+        return [drafts[i, :limit].tolist() if limit > 0 else [] for i, limit in enumerate(limits)]
