@@ -1,0 +1,201 @@
+"""Speculative decoding with the MTP assistant drafter (serving/speculative.py AssistantProposer).
+
+- greedy speculative generation with the assistant equals HF's plain greedy, token for token, for prompts of mixed
+  lengths (longer than the target's sliding window of 8, outputs running past it) in one batch; k = 2 here, 1 and
+  3 slow. Random weights: acceptance is near 0, so every verify step rolls rejected drafts back;
+- the drafts the engine's proposer makes for each row equal `assistant.draft` run directly on the target's K/V and
+  final-normed hidden state computed from scratch by a full-sequence forward of the row's context (so the drafter
+  reads the right pages, ring slots and hidden state: other engines' "wrong block table, acceptance near 0%"),
+  after verify steps that accepted all, one and none of their drafts (the hidden state at index n of a verify row);
+- acceptance counters are consistent; a mismatched target / assistant pair is refused at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gemma4_jax
+from gemma4_jax import SamplingParams
+from gemma4_jax.assistant import TargetKV, draft
+from gemma4_jax.assistant_config import assistant_config_from_dict
+from gemma4_jax.config import ConfigError
+from gemma4_jax.decoder import SequenceKV
+from gemma4_jax.forward import TokenInputs, forward
+from gemma4_jax.model import assistant_from_config
+from gemma4_jax.serving.engine import Engine, EngineConfig
+from gemma4_jax.serving.speculative import AssistantProposer, SpeculativeConfig
+from helpers import BYTE_VOCAB, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW
+from hf_reference import BASE_ASSISTANT_TEXT, BASE_TEXT, ORDERED, hf_greedy
+
+# test_speculative.py's target (the same checkpoint when both files run in one session): PLE, KV sharing over
+# both layer kinds, soft-capping, double-wide MLP, a window of 8.
+RECIPE = dict(PLE_KVSHARE_SOFTCAP, **SHORT_WINDOW, use_double_wide_mlp=True)
+ENGINE = dict(page_size=16, max_num_batched_tokens=128, max_num_seqs=4, max_model_len=96)
+LENGTHS = (5, 13, 30, 21)  # window 8: all but the first outrun it
+NEW = 16
+WINDOW = SHORT_WINDOW["sliding_window"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
+
+
+def _assistant_config(**text):
+    """An E2B-like assistant (centroid-masked head) for the target: its window, vocabulary and hidden size."""
+    return assistant_config_from_dict({
+        "model_type": "gemma4_assistant",
+        "text_config": {**BASE_ASSISTANT_TEXT, "vocab_size": BYTE_VOCAB, "sliding_window": WINDOW, **text},
+        "backbone_hidden_size": BASE_TEXT["hidden_size"],
+        **ORDERED,
+    })
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint("engine_ple_kvshare_window", seed=20, tokenizer=True, **RECIPE)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return gemma4_jax.from_pretrained(ckpt.path, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def assistant(model):
+    return assistant_from_config(_assistant_config(), dtype="float32", seed=3, mesh=model.mesh)
+
+
+def _prompts(lengths=LENGTHS, seed=0):
+    rs = np.random.RandomState(seed)
+    return [[2] + list(rs.randint(16, BYTE_VOCAB, size=n - 1)) for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    """HF's plain greedy continuation of each prompt."""
+    return {tuple(p): hf_greedy(ckpt.hf, p, NEW) for p in _prompts()}
+
+
+def _engine(model, assistant, k, **overrides):
+    spec = {"method": "mtp", "model": assistant, "num_speculative_tokens": k}
+    return Engine(model, None, EngineConfig(**{**ENGINE, **overrides}, speculative_config=spec))
+
+
+def _check_greedy(model, assistant, reference, k):
+    prompts = _prompts()
+    engine = _engine(model, assistant, k)
+    assert isinstance(engine.proposer, AssistantProposer)
+    assert engine.layout.ring_len == WINDOW + k + 1  # the assistant reads one key further back than the target
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    engine.run_until_done()
+    outs = [engine.release(i) for i in ids]
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == reference[tuple(prompt)], f"prompt of {len(prompt)} tokens diverged from HF greedy"
+    stats = engine.spec_stats
+    assert stats.num_drafts > 0 and stats.num_accepted_tokens <= stats.num_draft_tokens
+    assert sum(o.spec_decode.num_draft_tokens for o in outs) == stats.num_draft_tokens
+    assert sum(o.spec_decode.num_accepted_tokens for o in outs) == stats.num_accepted_tokens
+    assert all(a <= p for a, p in zip(stats.accepted_per_pos, stats.proposed_per_pos, strict=True))
+    assert sum(stats.accepted_per_pos) == stats.num_accepted_tokens
+    # Accepted drafts are a prefix: position j + 1 is accepted only after position j.
+    assert all(a >= b for a, b in zip(stats.accepted_per_pos, stats.accepted_per_pos[1:]))
+    return engine
+
+
+def test_greedy_assistant_speculative_equals_hf_greedy(model, assistant, reference):
+    _check_greedy(model, assistant, reference, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_assistant_speculative_k(model, assistant, reference, k):
+    _check_greedy(model, assistant, reference, k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The drafts the engine makes == assistant.draft on the target's state computed from scratch
+
+
+class _RecordingKV(SequenceKV):
+    """The identity store, keeping each layer's K/V as the attention reads them (keys rotated and normed)."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def update(self, layer, k, v, positions):
+        self.kv[layer] = (k, v, positions)
+        return super().update(layer, k, v, positions)
+
+
+def _direct_drafts(model, assistant, context: list[int], k: int) -> list[int]:
+    """assistant.draft for a sequence whose cached context is `context[:-1]` and last token `context[-1]`: the
+    target's K/V of its source layers and its final-normed hidden state at context[-2], from a full forward."""
+    sources = assistant.check_target(model)
+    target = nnx.merge(model.graphdef, model.state)
+    history = jnp.asarray([context[:-1]], jnp.int32)
+    store = _RecordingKV()
+    inputs = TokenInputs(tokens=history, positions=jnp.arange(history.shape[1], dtype=jnp.int32)[None])
+    out = forward(target, inputs, attention=model.attention, kv_store=store, return_hidden=True)
+    kv = TargetKV.dense(sliding=store.kv[sources["sliding_attention"]], full=store.kv[sources["full_attention"]])
+    drafter = nnx.merge(assistant.graphdef, assistant.state)
+    p = len(context) - 1
+    drafts = draft(drafter, target.embed_tokens, jnp.asarray([context[-1]], jnp.int32), out.hidden[:, -1], kv,
+                   jnp.asarray([p], jnp.int32), num_tokens=k, attention=assistant.attention)
+    return np.asarray(drafts.tokens[0]).tolist()
+
+
+def test_engine_drafts_equal_direct_assistant_drafts(model, assistant, reference):
+    """Rows 0 and 1 are steered with known continuations (every draft accepted; one accepted then a wrong one),
+    rows 2 and 3 draft with the assistant (random weights: mostly rejected), for a few verify steps; then each
+    row's engine drafts must equal the direct ones."""
+    k = 3
+    prompts = _prompts()
+    engine = _engine(model, assistant, k)
+    proposer = engine.proposer
+    real_propose = proposer.propose_from
+
+    def steered(cache, requests, limits):
+        drafts = real_propose(cache, requests, limits)
+        for i, req in enumerate(requests):
+            known = reference[tuple(req.prompt_ids)][len(req.output_ids):]
+            if req.prompt_ids == prompts[0]:
+                drafts[i] = known[: limits[i]]
+            elif req.prompt_ids == prompts[1]:
+                drafts[i] = (known[:1] + [(known[1] + 1) % BYTE_VOCAB])[: limits[i]] if len(known) > 1 else []
+        return drafts
+
+    proposer.propose_from = steered
+    for p in prompts:
+        engine.add_request(p, GREEDY)
+    for _ in range(4):  # prefill, then 3 verify steps (row 0 has 13 of its 16 tokens)
+        engine.step()
+    decode = [r for r in engine.running if r.in_decode]
+    assert len(decode) == 4 and engine.stats["verify_steps"] >= 3
+    assert engine.spec_stats.num_accepted_tokens > 0  # the steered rows took verify-row indices 0 < n <= k
+    assert any(r.num_computed > WINDOW + k + 1 for r in decode)  # rings wrapped
+    ours = real_propose(engine.cache, decode, [k] * len(decode))
+    for req, drafts in zip(decode, ours, strict=True):
+        assert drafts == _direct_drafts(model, assistant, req.all_ids, k), f"row of prompt {len(req.prompt_ids)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Start-up
+
+
+def test_mismatched_pair_is_refused(model):
+    wide = dataclasses.replace(_assistant_config(), backbone_hidden_size=2 * BASE_TEXT["hidden_size"])
+    other = assistant_from_config(wide, dtype="float32", seed=0, mesh=model.mesh)
+    with pytest.raises(ConfigError, match="backbone_hidden_size"):
+        _engine(model, other, 2)
+    with pytest.raises(ValueError, match="needs 'model'"):
+        SpeculativeConfig.resolve({"method": "mtp", "num_speculative_tokens": 2})
+
+
+def test_assistant_off_adds_no_outputs(model, assistant):
+    """Without the assistant the steps return no hidden state (the programs are those of plain decoding)."""
+    plain = Engine(model, None, EngineConfig(**ENGINE))
+    assert not plain.runner.return_hidden
+    spec = _engine(model, assistant, 2)
+    assert spec.runner.return_hidden
