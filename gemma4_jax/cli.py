@@ -36,6 +36,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--logprobs", type=int, default=None)
+    g = p.add_argument_group("structured outputs (one at most; per JSONL line: a 'structured_outputs' object)")
+    g.add_argument("--json-schema", default=None, help="a JSON schema the output follows: a file or inline JSON")
+    g.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    g.add_argument("--regex", default=None, help="a regular expression the whole output matches")
+    g.add_argument("--choice", default=None, help="the output is one of these comma-separated strings")
+    g.add_argument("--grammar", default=None, help="a Lark or GBNF grammar: a file or inline text")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -137,13 +143,31 @@ def _kv_memory_gb(args: argparse.Namespace) -> float:
 
 def _sampling_params(args: argparse.Namespace):
     from gemma4_jax.serving.sampling import SamplingParams
+    from gemma4_jax.serving.structured import from_cli
 
     return SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
         max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, logprobs=args.logprobs,
+        structured_outputs=from_cli(args.json_schema, args.json_object, args.regex, args.choice, args.grammar),
     )
+
+
+def _job_params(params, job: dict[str, Any], where: str):
+    """A JSONL line's own 'structured_outputs' (vLLM's fields: json, regex, choice, grammar, ...) over the flags."""
+    import dataclasses
+
+    from gemma4_jax.serving.structured import StructuredOutputs, check_grammar
+
+    if job.get("structured_outputs") is None:
+        return params
+    try:
+        spec = StructuredOutputs.from_value(job["structured_outputs"])
+        check_grammar(spec)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return dataclasses.replace(params, structured_outputs=spec)
 
 
 def build_llm(args: argparse.Namespace):
@@ -245,17 +269,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         jobs = _read_jsonl(args.input)
     else:
         jobs = [{"prompt": p} for p in (args.prompt or [DEFAULT_PROMPT])]
+    per_job = {id(j): _job_params(params, j, f"{args.input}: record {k + 1}") for k, j in enumerate(jobs)}
     llm = build_llm(args)
     chats = [j for j in jobs if "messages" in j or args.chat]
     plain = [j for j in jobs if not ("messages" in j or args.chat)]
     results: dict[int, Any] = {}
     if plain:
-        outs = llm.generate([j["prompt"] for j in plain], params, use_tqdm=not args.quiet)
+        outs = llm.generate([j["prompt"] for j in plain], [per_job[id(j)] for j in plain], use_tqdm=not args.quiet)
         for j, o in zip(plain, outs):
             results[id(j)] = o
     if chats:
         convs = [j.get("messages") or [{"role": "user", "content": j["prompt"]}] for j in chats]
-        outs = llm.chat(convs, params, use_tqdm=not args.quiet)
+        outs = llm.chat(convs, [per_job[id(j)] for j in chats], use_tqdm=not args.quiet)
         for j, o in zip(chats, outs):
             results[id(j)] = o
     sink = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115

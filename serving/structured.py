@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -186,6 +187,48 @@ def _canonical_tool_calls(value: Any) -> str:
     if not isinstance(parallel, bool):
         raise ValueError("structured_outputs.tool_calls.parallel must be a bool")
     return json.dumps({"tools": list(tools), "name": name, "parallel": parallel})
+
+
+def _file_or_text(value: str) -> str:
+    """A command-line value that is a file's path (its contents) or the text itself."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def from_cli(
+    json_schema: str | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: str | None = None,
+    grammar: str | None = None,
+) -> StructuredOutputs | None:
+    """`gemma4-jax generate`'s constraint flags -> StructuredOutputs (None when none is given; ValueError naming the
+    flag when several are, or when one is malformed). json_schema and grammar: a file, or the text inline; choice:
+    comma-separated."""
+    given = {"--json-schema": json_schema, "--json-object": json_object or None, "--regex": regex,
+             "--choice": choice, "--grammar": grammar}
+    chosen = [flag for flag, value in given.items() if value is not None]
+    if not chosen:
+        return None
+    if len(chosen) > 1:
+        raise ValueError(f"give one structured-output flag; got {chosen}")
+    try:
+        if json_schema is not None:
+            spec = StructuredOutputs(json=_file_or_text(json_schema))
+        elif json_object:
+            spec = StructuredOutputs(json_object=True)
+        elif regex is not None:
+            spec = StructuredOutputs(regex=regex)
+        elif choice is not None:
+            spec = StructuredOutputs(choice=[c for c in choice.split(",") if c])
+        else:
+            spec = StructuredOutputs(grammar=_file_or_text(grammar))
+        check_grammar(spec)
+    except ValueError as e:
+        raise ValueError(f"{chosen[0]}: {e}") from None
+    return spec
 
 
 def check_grammar(spec: StructuredOutputs) -> str:

@@ -14,6 +14,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from gemma4_jax.serving.api_requests import template_messages as _template_messages
 from gemma4_jax.serving.async_engine import RequestGroup
 from gemma4_jax.serving.engine import RequestOutput
+from gemma4_jax.serving.reasoning import ReasoningParser
+from gemma4_jax.serving.routes_chat import ChoiceParser
 from gemma4_jax.serving.routes_chat import chat_chunks as _chat_chunks
 from gemma4_jax.serving.routes_chat import chat_message as _chat_message
 from gemma4_jax.serving.tool_calls import (
@@ -88,10 +90,14 @@ def test_parser_splits_content_and_calls_at_any_chunking():
     assert cut.feed("a" + TOOL_CALL_START + "call:f{x:1", final=True) == (TOOL_CALL_START + "call:f{x:1", [])
     broken = call("f", "{x:?}")
     assert ToolCallParser().feed("b" + broken, final=True) == ("b" + broken, [])
-    # tool_choice required / named: the call was opened in the prompt, the model continues it.
+    # Text already in the model turn (a prompt that opened the call), continued by the model.
     forced = ToolCallParser(TOOL_CALL_START + "call:get_weather{")
     _, calls = forced.feed(f"city:{Q}Oslo{Q}}}{TOOL_CALL_END}", final=True)
     assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Oslo"})] and forced.content == ""
+    # parallel_tool_calls false under "auto": the first call only, the rest of the turn dropped.
+    single = ToolCallParser(max_calls=1)
+    content, calls = single.feed("a" + call("f", "{}") + "b" + call("g", "{}"), final=True)
+    assert content == "a" and [c.name for c in calls] == ["f"] and single.feed("more", final=True) == ("", [])
 
 
 def _output(text: str, finish: str | None = None, tokens: int = 1) -> RequestOutput:
@@ -174,3 +180,51 @@ def test_history_tool_calls_reach_the_template_as_objects():
     assert converted[1]["tool_calls"][1]["function"]["arguments"] == "not json"  # left for the template
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # the input is not changed
     assert converted[2] == messages[2]
+
+
+THOUGHT = "<|channel>thought\nThe user wants weather.<channel|>"
+
+
+def test_reasoning_content_beside_content_and_tool_calls():
+    parser = ChoiceParser(ToolCallParser(), ReasoningParser())
+    text = THOUGHT + "Checking." + call("get_weather", f"{{city:{Q}Paris{Q},days:2}}")
+    message, finish = _chat_message(_output(text, "stop"), parser, lambda t: t)
+    assert finish == "tool_calls" and message["reasoning_content"] == "The user wants weather."
+    assert message["content"] == "Checking." and len(message["tool_calls"]) == 1
+    response = ChatCompletion.model_validate(
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        }
+    )
+    assert response.choices[0].message.model_extra["reasoning_content"] == "The user wants weather."
+    # A tool-call marker inside the thought is reasoning, not a call.
+    inside = ChoiceParser(ToolCallParser(), ReasoningParser())
+    message, finish = _chat_message(
+        _output(f"<|channel>thought\n{call('x', '{}')}<channel|>ok", "stop"), inside, lambda t: t
+    )
+    assert finish == "stop" and "tool_calls" not in message and message["content"] == "ok"
+    # No thought (thinking off): no reasoning_content field, as vLLM.
+    plain, _ = _chat_message(_output("just text", "stop"), ChoiceParser(None, ReasoningParser()), lambda t: t)
+    assert plain == {"role": "assistant", "content": "just text"}
+
+
+def test_streamed_reasoning_deltas():
+    text = THOUGHT + '{"n": 3}'
+
+    async def run() -> list[dict]:
+        group = RequestGroup(["r-0"], [1])
+        parsers = [ChoiceParser(None, ReasoningParser())]
+        chunks = _chat_chunks(None, group, {"id": "c", "created": 0, "model": "m"}, False, False, 1, parsers)
+        for end in range(2, len(text) + 2, 2):
+            group._put(0, _output(text[:end], "stop" if end >= len(text) else None, tokens=end))
+        return [chunk async for chunk in chunks]
+
+    chunks = [ChatCompletionChunk.model_validate(c) for c in asyncio.run(run())]
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert reasoning == "The user wants weather." and content == '{"n": 3}'
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
