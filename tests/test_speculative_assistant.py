@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -129,21 +130,33 @@ class _RecordingKV(SequenceKV):
         return super().update(layer, k, v, positions)
 
 
-def _direct_drafts(model, assistant, context: list[int], k: int) -> list[int]:
-    """assistant.draft for a sequence whose cached context is `context[:-1]` and last token `context[-1]`: the
-    target's K/V of its source layers and its final-normed hidden state at context[-2], from a full forward."""
+def _direct_drafts(model, assistant, contexts: list[list[int]], k: int) -> list[list[int]]:
+    """assistant.draft for rows whose cached context is `context[:-1]` and last token `context[-1]`: the target's
+    K/V of its source layers and its final-normed hidden state at context[-2], from one full forward of the
+    contexts (right-padded, padding at position -1: never attended)."""
     sources = assistant.check_target(model)
-    target = nnx.merge(model.graphdef, model.state)
-    history = jnp.asarray([context[:-1]], jnp.int32)
-    store = _RecordingKV()
-    inputs = TokenInputs(tokens=history, positions=jnp.arange(history.shape[1], dtype=jnp.int32)[None])
-    out = forward(target, inputs, attention=model.attention, kv_store=store, return_hidden=True)
-    kv = TargetKV.dense(sliding=store.kv[sources["sliding_attention"]], full=store.kv[sources["full_attention"]])
-    drafter = nnx.merge(assistant.graphdef, assistant.state)
-    p = len(context) - 1
-    drafts = draft(drafter, target.embed_tokens, jnp.asarray([context[-1]], jnp.int32), out.hidden[:, -1], kv,
-                   jnp.asarray([p], jnp.int32), num_tokens=k, attention=assistant.attention)
-    return np.asarray(drafts.tokens[0]).tolist()
+    width = max(len(c) for c in contexts) - 1
+    tokens = np.zeros((len(contexts), width), np.int32)
+    positions = np.full((len(contexts), width), -1, np.int32)
+    for i, c in enumerate(contexts):
+        tokens[i, : len(c) - 1] = c[:-1]
+        positions[i, : len(c) - 1] = np.arange(len(c) - 1)
+    last = np.asarray([c[-1] for c in contexts], np.int32)
+    p = np.asarray([len(c) - 1 for c in contexts], np.int32)
+
+    @jax.jit
+    def run(target_state, assistant_state, tokens, positions, last, p):
+        target = nnx.merge(model.graphdef, target_state)
+        store = _RecordingKV()
+        out = forward(target, TokenInputs(tokens=tokens, positions=positions), attention=model.attention,
+                      kv_store=store, return_hidden=True)
+        kv = TargetKV.dense(sliding=store.kv[sources["sliding_attention"]], full=store.kv[sources["full_attention"]])
+        hidden = out.hidden[jnp.arange(tokens.shape[0]), p - 1]  # the final-normed state at context[-2]
+        drafter = nnx.merge(assistant.graphdef, assistant_state)
+        return draft(drafter, target.embed_tokens, last, hidden, kv, p, num_tokens=k,
+                     attention=assistant.attention).tokens
+
+    return np.asarray(run(model.state, assistant.state, tokens, positions, last, p)).tolist()
 
 
 def test_engine_drafts_equal_direct_assistant_drafts(model, assistant, reference):
@@ -176,8 +189,9 @@ def test_engine_drafts_equal_direct_assistant_drafts(model, assistant, reference
     assert engine.spec_stats.num_accepted_tokens > 0  # the steered rows took verify-row indices 0 < n <= k
     assert any(r.num_computed > WINDOW + k + 1 for r in decode)  # rings wrapped
     ours = real_propose(engine.cache, decode, [k] * len(decode))
-    for req, drafts in zip(decode, ours, strict=True):
-        assert drafts == _direct_drafts(model, assistant, req.all_ids, k), f"row of prompt {len(req.prompt_ids)}"
+    direct = _direct_drafts(model, assistant, [req.all_ids for req in decode], k)
+    for req, a, b in zip(decode, ours, direct, strict=True):
+        assert a == b, f"row of prompt {len(req.prompt_ids)}: engine drafts {a}, direct {b}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
