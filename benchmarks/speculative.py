@@ -5,7 +5,12 @@ target's own plain greedy output) measures the verify path at full acceptance, b
 configuration runs once to compile and once timed; the decode phase alone is timed (the prompts are prefilled by
 a first step that every variant shares).
 
+`--drafters oracle,ngram,assistant`: "assistant" drafts with the preset's MTP assistant (random weights,
+`<preset>-assistant`, e.g. tiny-assistant, e2b-assistant): acceptance is near 0 with random weights, so what it
+measures is the drafter's cost: the draft-to-target cost ratio (host time in the jitted draft call over the rest).
+
 Usage: python benchmarks/speculative.py [--preset tiny] [--batch-sizes 1,8] [--ks 2,4] [--new-tokens 32]
+       [--drafters oracle,ngram,assistant]
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import json
 import os
 import time
 
+from gemma4_jax.assistant_config import ASSISTANT_TARGETS
 from gemma4_jax.bench.presets import random_prompts
-from gemma4_jax.model import from_config
+from gemma4_jax.model import assistant_from_config, from_config
 from gemma4_jax.serving.engine import Engine, EngineConfig
 from gemma4_jax.serving.sampling import SamplingParams
 from gemma4_jax.serving.speculative import NgramProposer, OracleProposer, SpeculativeConfig
@@ -35,20 +41,27 @@ class _Timed:
         return drafts
 
 
-def _decode(model, prompts, new_tokens, engine_kw, k=0, proposer=None):
-    """(decode seconds, outputs, engine, proposer) of one timed run after a compile run."""
+def _decode(model, prompts, new_tokens, engine_kw, k=0, proposer=None, assistant=None):
+    """(decode seconds, outputs, engine, drafting seconds) of one timed run after a compile run. proposer: a
+    proposer object; assistant: an AssistantModel (method "mtp"); neither: plain decoding."""
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     for _run in range(2):  # the first run compiles, the second is timed
         timer = _Timed(proposer) if proposer is not None else None
         spec = SpeculativeConfig.custom(k) if proposer is not None else None
+        if assistant is not None:
+            spec = SpeculativeConfig("mtp", k, model=assistant)
         engine = Engine(model, None, EngineConfig(**engine_kw, speculative_config=spec), proposer=timer)
         ids = [engine.add_request(p, params) for p in prompts]
         engine.step()  # the prefill (and first token) of every prompt
+        drafted0 = engine.proposer.draft_time_s if assistant is not None else 0.0
         t0 = time.perf_counter()
         engine.run_until_done()
         seconds = time.perf_counter() - t0
         outs = [engine.release(i) for i in ids]
-    return seconds, outs, engine, timer
+    drafting = timer.seconds if timer is not None else 0.0
+    if assistant is not None:  # the jitted draft call, synchronised by its drafts' transfer to the host
+        drafting = engine.proposer.draft_time_s - drafted0
+    return seconds, outs, engine, drafting
 
 
 def main(argv=None) -> dict:
@@ -59,9 +72,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--ks", default="2,4")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--drafters", default="oracle,ngram", help="comma list of oracle, ngram, assistant")
     ap.add_argument("--output", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    drafters = args.drafters.split(",")
+    if set(drafters) - {"oracle", "ngram", "assistant"}:
+        ap.error(f"--drafters: unknown {sorted(set(drafters) - {'oracle', 'ngram', 'assistant'})}")
     model = from_config(args.preset, dtype=args.dtype, seed=0)
+    assistant = None
+    if "assistant" in drafters:
+        names = [a for a, t in ASSISTANT_TARGETS.items() if t == args.preset]
+        if not names:
+            ap.error(f"--drafters assistant: no assistant preset drafts for {args.preset!r} "
+                     f"(those with one: {sorted(ASSISTANT_TARGETS.values())})")
+        assistant = assistant_from_config(names[0], dtype=args.dtype, seed=1, mesh=model.mesh)
     vocab = model.config.text.vocab_size
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
@@ -75,17 +99,20 @@ def main(argv=None) -> dict:
                          tokens_per_s=decoded / plain_s, speedup=1.0, ideal=1.0, draft_cost_ratio=0.0))
         greedy = {tuple(p): o.token_ids for p, o in zip(prompts, plain, strict=True)}
         for k in [int(k) for k in args.ks.split(",")]:
-            for name, proposer in (("oracle", OracleProposer(greedy)), ("ngram", NgramProposer(1, 3))):
-                seconds, outs, engine, timer = _decode(model, prompts, args.new_tokens, engine_kw, k, proposer)
+            proposers = {"oracle": OracleProposer(greedy), "ngram": NgramProposer(1, 3), "assistant": None}
+            for name in drafters:
+                seconds, outs, engine, drafting = _decode(model, prompts, args.new_tokens, engine_kw, k,
+                                                          proposers[name], assistant if name == "assistant" else None)
                 if [o.token_ids for o in outs] != [o.token_ids for o in plain]:
                     raise AssertionError(f"{name} k={k} batch {batch}: speculative greedy differs from plain")
                 stats = engine.spec_stats
-                target_step = (seconds - timer.seconds) / max(engine.stats["steps"] - 1, 1)
+                target_step = (seconds - drafting) / max(engine.stats["steps"] - 1, 1)
                 rows.append(dict(batch=batch, drafter=name, k=k, tokens_per_step=stats.mean_accepted_length,
                                  acceptance=stats.acceptance_rate, seconds=seconds, tokens_per_s=decoded / seconds,
                                  speedup=plain_s / seconds, ideal=float(k + 1) if name == "oracle" else None,
                                  verify_vs_decode_step=target_step / plain_step,
-                                 draft_cost_ratio=timer.seconds / max(seconds - timer.seconds, 1e-9)))
+                                 draft_cost_ratio=drafting / max(seconds - drafting, 1e-9),
+                                 acceptance_per_pos=stats.acceptance_rate_per_pos))
     load = os.getloadavg()
     result = dict(preset=args.preset, dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                   load_average=load, rows=rows)

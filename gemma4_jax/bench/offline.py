@@ -169,6 +169,36 @@ def drive(engine, prompts: Sequence[Sequence[int]], output_len: int) -> dict[str
     }
 
 
+def _spec_snapshot(engine) -> tuple | None:
+    """The engine's speculative counters now (None when speculation is off)."""
+    if engine.spec_stats is None:
+        return None
+    return engine.spec_stats.copy(), engine.stats["verify_steps"]
+
+
+def _spec_metrics(before: tuple, engine) -> dict[str, Any]:
+    """Speculative decoding over the timed run (counters after minus `before`): draft tokens proposed and accepted,
+    acceptance overall and per draft position, mean accepted length (tokens per verify row: 1 + accepted)."""
+    (b, steps0), a = before, engine.spec_stats
+    proposed = [n - (b.proposed_per_pos[i] if i < len(b.proposed_per_pos) else 0)
+                for i, n in enumerate(a.proposed_per_pos)]
+    accepted = [n - (b.accepted_per_pos[i] if i < len(b.accepted_per_pos) else 0)
+                for i, n in enumerate(a.accepted_per_pos)]
+    drafts, tokens = a.num_drafts - b.num_drafts, a.num_draft_tokens - b.num_draft_tokens
+    taken = a.num_accepted_tokens - b.num_accepted_tokens
+    return {
+        "method": engine.speculative.method,
+        "num_speculative_tokens": engine.speculative.num_speculative_tokens,
+        "verify_steps": engine.stats["verify_steps"] - steps0,
+        "num_drafts": drafts,
+        "draft_tokens": tokens,
+        "accepted_tokens": taken,
+        "acceptance_rate": taken / tokens if tokens else 0.0,
+        "acceptance_per_pos": [x / n if n else 0.0 for x, n in zip(accepted, proposed, strict=True)],
+        "mean_accepted_length": 1.0 + taken / drafts if drafts else 0.0,
+    }
+
+
 def bench_ours(
     model,
     concurrency: int,
@@ -183,6 +213,7 @@ def bench_ours(
     llm = LLM(model, max_num_seqs=concurrency, **engine_options)
     reset_peak_rss()
     warm = drive(llm.engine, warmup_prompts, output_len)
+    spec0 = _spec_snapshot(llm.engine)
     timed = drive(llm.engine, timed_prompts, output_len)
     first_timed_compiles = (timed["compiles"], timed["xla_compiles"])
     if any(first_timed_compiles):
@@ -194,6 +225,7 @@ def bench_ours(
             file=sys.stderr,
             flush=True,
         )
+        spec0 = _spec_snapshot(llm.engine)
         timed = drive(llm.engine, timed_prompts, output_len)
     decode = timed["decode_step_s"]
     result = {
@@ -230,6 +262,8 @@ def bench_ours(
         "peak_rss_mb": peak_rss_mb(),
         "device_memory": _device_memory(),
     }
+    if spec0 is not None:
+        result["speculative"] = _spec_metrics(spec0, llm.engine)
     del llm
     gc.collect()
     return result, timed["tokens"]

@@ -84,6 +84,17 @@ def format_report(results: dict[str, Any]) -> str:
         "prefill. cpu_util: process CPU seconds per wall second; load_1m: the machine's load average (other jobs "
         "make figures noisy); peak_rss_MiB: the process's peak resident memory)",
     ]
+    spec = [dict(r["speculative"], concurrency=r["concurrency"]) for r in results["ours"] if r.get("speculative")]
+    if spec:
+        out += ["", f"speculative decoding ({spec[0]['method']}, k = {spec[0]['num_speculative_tokens']}), timed run:"]
+        out += [_table(["concurrency", "verify_steps", "draft_tokens", "accepted", "acceptance", "per_position",
+                        "mean_accepted_len"],
+                       [[s["concurrency"], s["verify_steps"], s["draft_tokens"], s["accepted_tokens"],
+                         s["acceptance_rate"], " ".join(f"{x:.2f}" for x in s["acceptance_per_pos"]),
+                         s["mean_accepted_length"]] for s in spec])]
+        out += ["(draft_tokens: tokens proposed; accepted: of them accepted by the target; per_position: acceptance "
+                "of the 1st, 2nd, ... draft of a step; mean_accepted_len: tokens a row emits per verify step, "
+                "1 + accepted drafts. Random weights accept few drafts)"]
     if results.get("hf"):
         hf_dtype = c.get("hf", {}).get("dtype", "float32")
         same = hf_dtype == c["dtype"]
