@@ -19,7 +19,7 @@ CHAT = [{"role": "user", "content": "Hi"}]
 def checkpoint(tiny_checkpoint):
     # The same recipe as tests/test_warmup.py: one checkpoint (and its compiled steps) for both files.
     return tiny_checkpoint(
-        "warmup_tiny", seed=5, tokenizer=True, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"]
+        "warmup_tiny1", seed=5, tokenizer=True, num_hidden_layers=1, layer_types=["full_attention"]
     ).path
 
 
