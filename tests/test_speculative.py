@@ -236,7 +236,7 @@ def test_config_forms_and_refusals():
 def test_engine_refuses_what_it_cannot_run(model):
     with pytest.raises(ValueError, match="needs speculative_config=SpeculativeConfig.custom"):
         Engine(model, None, EngineConfig(**ENGINE), proposer=OracleProposer({}))
-    with pytest.raises(ValueError, match="not wired into the engine"):
+    with pytest.raises(ValueError, match="no config.json at '/x'"):  # the assistant is loaded at start-up
         Engine(model, None, EngineConfig(**ENGINE, speculative_config={"method": "mtp", "model": "/x",
                                                                        "num_speculative_tokens": 2}))
 

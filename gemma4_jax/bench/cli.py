@@ -131,6 +131,11 @@ def add_parser(
         )
     except argparse.ArgumentError:
         pass  # the shared engine options already provide it
+    sp = p.add_argument_group("speculative decoding (docs/speculative.md): the report adds its acceptance figures")
+    sp.add_argument("--speculative-config", default=None, metavar="JSON",
+                    help='vLLM\'s form, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\'')
+    sp.add_argument("--draft-model", default=None, metavar="DIR", help="MTP assistant checkpoint (method mtp)")
+    sp.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K", help="drafts per step")
     add_peer_arguments(p)
     p.set_defaults(func=cmd_bench)
     return p
@@ -176,6 +181,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         )
         if getattr(args, "num_scheduler_steps", None) is not None:
             engine_options["num_scheduler_steps"] = args.num_scheduler_steps
+        if args.speculative_config or args.draft_model or args.num_speculative_tokens:
+            spec = json.loads(args.speculative_config) if args.speculative_config else {}
+            for key, value in (("model", args.draft_model), ("num_speculative_tokens", args.num_speculative_tokens)):
+                if value is not None:
+                    spec[key] = value
+            from gemma4_jax.serving.speculative import SpeculativeConfig
+
+            SpeculativeConfig.resolve(spec)  # refused here with the key's name, before anything runs
+            engine_options["speculative_config"] = spec  # the dict: recorded in the JSON results as given
         warmup = random_prompts(args.num_prompts, args.input_len, cfg.vocab_size, args.seed + 1)
         timed = random_prompts(args.num_prompts, args.input_len, cfg.vocab_size, args.seed)
         results: dict[str, Any] = {
