@@ -49,7 +49,8 @@ def served(ckpt_root, tmp_path_factory):
     log = open(log_path, "w")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "gemma4_jax.cli", "serve", "--model", path, "--dtype", "float32", "--port", str(port)]
-        + ["--max-model-len", "64", "--max-num-seqs", "1", "--max-num-batched-tokens", "16", "--max-n", "2"],
+        + ["--max-model-len", "64", "--max-num-seqs", "1", "--max-num-batched-tokens", "16", "--max-n", "2"]
+        + ["--enforce-eager"],  # ready as soon as loaded (the warm-up would outlast the deadline below)
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
