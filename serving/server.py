@@ -117,6 +117,7 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
                 state.warming_up = False
                 log.info("ready: serving %r", state.config.served_model_name)
 
+            state.warming_up = warmup and llm is not None  # already loaded: /health says "warming up" at once
             threading.Thread(target=load_in_thread, name="gemma4-jax-load", daemon=True).start()
         refreeze = asyncio.create_task(_freeze_after_compiles(state))
         yield
