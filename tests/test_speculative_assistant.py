@@ -115,6 +115,14 @@ def test_greedy_assistant_speculative_k(model, assistant, reference, k):
     _check_greedy(model, assistant, reference, k)
 
 
+@pytest.mark.slow
+def test_greedy_assistant_speculative_tensor_parallel(ckpt, reference):
+    """tp=2: the pools are sharded by KV head and the draft call reads them over the same mesh."""
+    model = gemma4_jax.from_pretrained(ckpt.path, dtype="float32", tp=2)
+    assistant = assistant_from_config(_assistant_config(), dtype="float32", seed=3, mesh=model.mesh)
+    _check_greedy(model, assistant, reference, 2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The drafts the engine makes == assistant.draft on the target's state computed from scratch
 
