@@ -63,7 +63,7 @@ SYSTEMS = {
         System("ours", "gemma4-jax", "ours.py", "hf", None),
         System("hf", "HF transformers generate", "hf.py", "hf", None),
         System("vllm", "vLLM CPU", "vllm_cpu.py", "hf", "vllm"),
-        System("llama_cpp", "llama.cpp (llama-cpp-python)", "llama_cpp.py", "gguf", "llama_cpp"),
+        System("llama_cpp", "llama.cpp (llama-cpp-python)", "llama_cpp_runner.py", "gguf", "llama_cpp"),
     )
 }
 

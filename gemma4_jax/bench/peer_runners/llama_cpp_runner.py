@@ -5,7 +5,8 @@ C API the way llama.cpp's own `batched` example does it: one context per batch s
 sequence owns `max_model_len` cells of the KV cache), the B prompts prefilled together in `llama_batch`es of
 `n_batch` tokens (logits only at each prompt's last token), then one decode step per new token holding one token
 of every sequence, greedy argmax of the logits on the host. The GGUF file is made by peers.py with the converter
-that llama-cpp-python's source ships.
+that llama-cpp-python's source ships. (This file is not named llama_cpp.py: its folder is first on sys.path, so
+that name would shadow the package it drives.)
 """
 
 from __future__ import annotations
