@@ -1,8 +1,8 @@
 """Speculative decoding with the MTP assistant drafter (serving/speculative.py AssistantProposer).
 
 - greedy speculative generation with the assistant equals HF's plain greedy, token for token, for prompts of mixed
-  lengths (longer than the target's sliding window of 8, outputs running past it) in one batch; k = 2 here, 1 and
-  3 slow. Random weights: acceptance is near 0, so every verify step rolls rejected drafts back;
+  lengths (longer than the target's sliding window of 8, outputs running past it) in one batch; k = 2 here, 1, 3, 4
+  and tp=2 slow. Random weights: acceptance is near 0, so every verify step rolls rejected drafts back;
 - the drafts the engine's proposer makes for each row equal `assistant.draft` run directly on the target's K/V and
   final-normed hidden state computed from scratch by a full-sequence forward of the row's context (so the drafter
   reads the right pages, ring slots and hidden state: other engines' "wrong block table, acceptance near 0%"),
@@ -111,7 +111,7 @@ def test_greedy_assistant_speculative_equals_hf_greedy(model, assistant, referen
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [1, 3, 4])
 def test_greedy_assistant_speculative_k(model, assistant, reference, k):
     _check_greedy(model, assistant, reference, k)
 
