@@ -18,6 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _protocol  # noqa: E402
 
 N_BATCH = 2048  # tokens per llama_decode call in the prefill (llama.cpp's default logical batch)
+# The KV cache in the checkpoint's dtype, as the other systems keep it (llama.cpp's default is float16, which makes
+# greedy tokens drift from the float32 systems within a few tokens). ggml.h: GGML_TYPE_F32 = 0, GGML_TYPE_BF16 = 30
+# (the bindings do not export the latter).
+KV_CACHE_TYPES = {"float32": 0, "bfloat16": 30}
 
 
 def make(spec):
@@ -38,6 +42,7 @@ def make(spec):
         params.n_batch = N_BATCH
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
+        params.type_k = params.type_v = KV_CACHE_TYPES[spec["dtype"]]
         ctx = lib.llama_init_from_model(model, params)
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context for batch {batch}")
