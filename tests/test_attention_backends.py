@@ -142,6 +142,7 @@ def test_engine_runs_one_explicit_choice(model, xla_tokens):
     assert _names() == {"rec_b"}
 
 
+@pytest.mark.slow  # ~40 s: compiles a pipelined model; the engine and model tests stay fast
 def test_pipelined_model_runs_the_choice(pipelined, model, xla_tokens):
     ids = np.array([PROMPTS[0]])
     pipelined.attention = resolve_attention("rec_a")

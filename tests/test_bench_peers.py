@@ -65,6 +65,7 @@ def test_peers_refuses_options_it_cannot_honour(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # end to end with HF: ~45 s; the layout, tokenizer and refusal tests stay fast
 def test_peers_tiny_ours_and_hf_interleaved(tmp_path):
     out, md = tmp_path / "peers.json", tmp_path / "peers.md"
     args = ["bench", "--peers", "--preset", "tiny", "--num-prompts", "2", "--input-len", "8", "--output-len", "3"]

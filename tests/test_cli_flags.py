@@ -42,6 +42,7 @@ def test_flag_refusals(tmp_path, capsys):
         cli.main(["generate", "--kv-cache-dtype", "fp8"])
 
 
+@pytest.mark.slow  # ~20 s: builds and runs the demo model
 def test_generate_takes_vllm_engine_flags(capsys):
     code = cli.main(["generate", "--max-tokens", "2", "--block-size", "8", "--num-gpu-blocks-override", "64",
                      "--enable-auto-tool-choice", "--tool-call-parser", "gemma4", "--quiet",

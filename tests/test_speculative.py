@@ -169,6 +169,7 @@ def _softmax_top(logits: np.ndarray, top_k: int) -> np.ndarray:
     return p / p.sum()
 
 
+@pytest.mark.slow  # statistical: 62 s in the suite; the greedy-equality tests stay fast
 def test_sampling_keeps_target_distribution(model):
     """3 sampled tokens (top-k 3, temperature 1) under an adversarial drafter, 256 seeds: the empirical joint
     over the 27 outcomes is within TV 0.25 of the target's exact joint (at most ~0.13 expected from sampling

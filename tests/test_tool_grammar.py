@@ -342,6 +342,7 @@ def llm(tokenizer):
     )
 
 
+@pytest.mark.slow  # ~40 s engine run; the server test (test_server_tool_choice) proves forced calls in the fast suite
 def test_offline_forced_calls_always_parse_with_typed_arguments(llm, tokenizer):
     """Through the engine (its mask, its special-token markers): "required" with and without parallel calls and a
     named tool, several seeds, all end with "stop" and parse with valid, typed arguments; one cut by max_tokens
