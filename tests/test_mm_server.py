@@ -147,12 +147,13 @@ def test_caps_and_recovery(server, client):
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=2)
         assert e.value.status_code == 400 and match in e.value.body["message"]
     # Still serving: text and media requests after the refusals; no page leaked.
+    # Sampled at temperature 1 without a seed: a random model may end with EOS inside 2 tokens ("stop").
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=2)
-    assert reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].finish_reason in ("length", "stop") and 1 <= reply.usage.completion_tokens <= 2
     reply = client.chat.completions.create(model=MODEL, max_tokens=2,
                                            messages=[{"role": "user", "content": [small, {"type": "text",
                                                                                           "text": "what?"}]}])
-    assert reply.usage.completion_tokens == 2
+    assert 1 <= reply.usage.completion_tokens <= 2
     deadline = time.monotonic() + 10
     while server.llm.engine.num_used_pages and time.monotonic() < deadline:
         time.sleep(0.05)
