@@ -17,11 +17,10 @@ that drafts for the `tiny` text preset go through the same parser.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
-from gemma4_jax.config import FULL, SLIDING, TextConfig, text_config_from_dict
+from gemma4_jax.config import FULL, SLIDING, TextConfig, read_config_json, text_config_from_dict
 from gemma4_jax.errors import ConfigError
 
 ASSISTANT_MODEL_TYPE = "gemma4_assistant"
@@ -141,15 +140,7 @@ def assistant_config_from_dict(d: dict[str, Any], where: str = "config.json") ->
 
 def load_assistant_config(path: str | os.PathLike) -> AssistantConfig:
     """Read an assistant's `config.json` (a checkpoint directory or the file itself)."""
-    path = os.fspath(path)
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
-        raise ConfigError(f"no config.json at {path!r}")
-    try:
-        with open(file) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    d, file = read_config_json(path)
     return assistant_config_from_dict(d, where=file)
 
 

@@ -425,17 +425,23 @@ def config_from_dict(d: dict[str, Any], where: str = "config.json") -> ModelConf
     )
 
 
-def load_config(path: str | os.PathLike) -> ModelConfig:
-    """Read `config.json` from a checkpoint directory (or the file itself)."""
+def read_config_json(path: str | os.PathLike) -> tuple[dict, str]:
+    """The parsed `config.json` of a checkpoint directory (or the file itself) and the file's path; a missing or
+    malformed file is a ConfigError naming it."""
     path = os.fspath(path)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise ConfigError(f"no config.json at {path!r}")
     try:
         with open(file) as f:
-            d = json.load(f)
+            return json.load(f), file
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """Read `config.json` from a checkpoint directory (or the file itself)."""
+    d, file = read_config_json(path)
     return config_from_dict(d, where=file)
 
 
