@@ -63,8 +63,10 @@ BYTE_LEVEL_CHAT_TEMPLATE = """{%- macro render_content(content) -%}
 """
 
 
-def _byte_level_backend() -> BackendTokenizer:
-    names = {i: name for name, i in BYTE_LEVEL_SPECIALS.items()}
+def byte_level_backend(extra_specials: dict[str, int] | None = None) -> BackendTokenizer:
+    """The demo vocabulary as a `tokenizers` backend; extra_specials: more named special tokens at reserved ids
+    (tests give Gemma 4's markers ids of their own this way)."""
+    names = {i: name for name, i in {**BYTE_LEVEL_SPECIALS, **(extra_specials or {})}.items()}
     unused = 0
     vocab: dict[str, int] = {}
     for i in range(BYTE_LEVEL_VOCAB_SIZE):
@@ -94,7 +96,7 @@ def byte_level_tokenizer() -> Tokenizer:
     and 272..511 (all special), byte b at 16 + b. Stops on {1, 5}. Chat template: `BYTE_LEVEL_CHAT_TEMPLATE`.
     """
     return Tokenizer(
-        _byte_level_backend(),
+        byte_level_backend(),
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
@@ -110,7 +112,7 @@ def save_byte_level_tokenizer(path: str | os.PathLike, generation_config: bool =
     template), plus generation_config.json (stop ids [1, 5]) unless `generation_config` is False or one exists."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    backend = _byte_level_backend()
+    backend = byte_level_backend()
     backend.save(os.path.join(path, "tokenizer.json"))
     added = backend.get_added_tokens_decoder()
     config = {

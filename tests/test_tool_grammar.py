@@ -15,16 +15,10 @@ import jsonschema
 import llguidance
 import numpy as np
 import pytest
-from tokenizers import AddedToken, decoders, models
 
 import gemma4_jax
 from gemma4_jax import SamplingParams
-from gemma4_jax.serving.demo import (
-    BYTE_LEVEL_FIRST_BYTE_ID,
-    BYTE_LEVEL_SPECIALS,
-    BYTE_LEVEL_VOCAB_SIZE,
-    byte_level_tokenizer,
-)
+from gemma4_jax.serving.demo import BYTE_LEVEL_SPECIALS, byte_level_backend, byte_level_tokenizer
 from gemma4_jax.serving.reasoning import ReasoningParser
 from gemma4_jax.serving.structured import StructuredOutputs
 from gemma4_jax.serving.tokenizer import Tokenizer
@@ -68,22 +62,7 @@ GEMMA4_TEMPLATE = """{{- bos_token -}}
 def gemma4_marker_tokenizer() -> Tokenizer:
     """The demo's byte-level tokenizer (vocab 512) with Gemma 4's markers as special tokens; stops on <eos> and
     <turn|> (as Gemma 4 stops on 1 and 106)."""
-    vocab, unused = {}, 0
-    names = {i: n for n, i in {**BYTE_LEVEL_SPECIALS, **GEMMA4_MARKERS}.items()}
-    for i in range(BYTE_LEVEL_VOCAB_SIZE):
-        if i in names:
-            vocab[names[i]] = i
-        elif BYTE_LEVEL_FIRST_BYTE_ID <= i < BYTE_LEVEL_FIRST_BYTE_ID + 256:
-            vocab[f"<0x{i - BYTE_LEVEL_FIRST_BYTE_ID:02X}>"] = i
-        else:
-            vocab[f"<unused{unused}>"] = i
-            unused += 1
-    from tokenizers import Tokenizer as BackendTokenizer
-
-    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    specials = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if not t.startswith("<0x")]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    backend = byte_level_backend(GEMMA4_MARKERS)
     return Tokenizer(
         backend,
         bos_token="<bos>",
