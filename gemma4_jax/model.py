@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import zlib
 from typing import Any
 
 import jax
@@ -215,15 +216,40 @@ def abstract_model(config: ModelConfig | str, dtype: Any = "bfloat16",
     return _abstract(cfg, resolve_dtype(dtype), quant_plan)
 
 
+def _random_packed(path: tuple, var: nnx.Variable, seed: int) -> jax.Array:
+    """Random values of one packed parameter (QuantLinear: w, block_scale, row_scale) of the size a real checkpoint's
+    weights have: NVFP4 codes uniform over all 16 (|value| ~2.2 on average) with block scales ~K^-0.5 / 2.2; FP8
+    values ~N(0, 1) with row scales K^-0.5. Inside the init program, keyed by the parameter's path."""
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(_path_str(path).encode()) % (2**31))
+    shape, dtype, name = var.shape, var.dtype, str(path[-1])
+    if name == "w" and dtype == jnp.uint8:
+        return jax.random.bits(key, shape, jnp.uint8)
+    if name == "w":  # fp8 values
+        return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    if name == "block_scale":  # (..., N, K // 16)
+        k = shape[-1] * quant.NVFP4_BLOCK
+        return (jax.random.uniform(key, shape, jnp.float32, 0.75, 1.25) * k**-0.5 / 2.2).astype(dtype)
+    return jnp.ones(shape, dtype)  # row_scale (NVFP4: the global scale folded in; FP8: set per K below)
+
+
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
 def from_config(config: ModelConfig | str, dtype: Any = "bfloat16", seed: int = 0, pp: int = 1, tp: int = 1,
-                dp: int = 1, moe_backend: str = "auto", attention_backend: str = "auto") -> Model:
+                dp: int = 1, moe_backend: str = "auto", attention_backend: str = "auto",
+                quant_plan: quant.QuantPlan | None = None) -> Model:
     """A randomly initialised model from a ModelConfig or a preset name ('tiny', 'e2b', ...).
-    attention_backend: what `Model.logits` runs (attention_backends.py); the engine takes its own choice."""
+    attention_backend: what `Model.logits` runs (attention_backends.py); the engine takes its own choice.
+    quant_plan: pack the modules it names with random packed values (e.g. `quant.QuantPlan.experts_only(L)`: the
+    layout of an NVFP4-experts checkpoint, for benchmarks without a download); None = all in `dtype`."""
     cfg = preset(config) if isinstance(config, str) else config
     dt = resolve_dtype(dtype)
     attention = attention_backends.resolve_attention(attention_backend, log_choice=log.debug)
-    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, {None})
-    graphdef, abstract_state = _abstract(cfg, dt, None, backend)
+    plan = quant_plan or quant.QuantPlan()
+    formats = {plan.expert_format(i) for i in range(cfg.text.num_hidden_layers)}
+    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats if plan.experts else {None})
+    graphdef, abstract_state = _abstract(cfg, dt, plan, backend)
     mesh = _place(cfg, abstract_state, pp, tp, dp)
     of = _sharding_of(mesh)
     flat_abstract = list(nnx.to_flat_state(abstract_state))
@@ -236,8 +262,15 @@ def from_config(config: ModelConfig | str, dtype: Any = "bfloat16", seed: int = 
 
         @functools.partial(jax.jit, out_shardings=shardings)
         def init(paths=tuple(paths)):
-            flat = dict(nnx.to_flat_state(nnx.split(multimodal.build_module(cfg, dt, nnx.Rngs(seed)))[1]))
-            return [flat[p].get_value() for p in paths]
+            module = checkpoint.apply_quant_plan(multimodal.build_module(cfg, dt, nnx.Rngs(seed)), plan, backend)
+            flat = dict(nnx.to_flat_state(nnx.split(module)[1]))
+            packed = {p for p, _ in plan.linears} | {f"layers.{i}.moe.experts" for i, _ in plan.experts}
+            out = []
+            for p in paths:
+                is_packed = any(_path_str(p).startswith(q + ".") or _path_str(p).startswith("model." + q + ".")
+                                for q in packed)
+                out.append(_random_packed(p, flat[p], seed) if is_packed else flat[p].get_value())
+            return out
 
         with jax.set_mesh(sharding.stage_meshes(mesh)[s]):
             values.update(zip(paths, init(), strict=True))
@@ -271,7 +304,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "bfloat16", pp: int = 
     dt = resolve_dtype(dtype)
     plan = checkpoint.quant_plan(path, cfg) if meta is None else orbax_io.plan_from_metadata(meta, path)
     formats = {plan.expert_format(i) for i in range(cfg.text.num_hidden_layers)}
-    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats)
+    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats if plan.experts else {None})
     graphdef, abstract_state = _abstract(cfg, dt, plan, backend)
     mesh = _place(cfg, abstract_state, pp, tp, dp)
     if meta is not None:

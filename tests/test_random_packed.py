@@ -1,0 +1,36 @@
+"""`from_config(quant_plan=...)`: random weights in a packed layout (NVFP4 experts), as the benchmarks and the GPU
+device check build 26B-A4B-NVFP4-shaped models without a download."""
+
+import numpy as np
+from flax import nnx
+
+from gemma4_jax import model as model_lib
+from gemma4_jax import quant
+from gemma4_jax.config import preset
+
+
+def _moe_config():
+    return preset("tiny", enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32)
+
+
+def test_random_nvfp4_experts_have_realistic_scale_and_seed():
+    cfg = _moe_config()
+    plan = quant.QuantPlan.experts_only(cfg.text.num_hidden_layers)
+    m = model_lib.from_config(cfg, dtype="float32", quant_plan=plan)
+    flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(m.state)}
+    w, scale = flat["layers.0.moe.experts.gate_up.w"], flat["layers.0.moe.experts.gate_up.block_scale"]
+    assert w.dtype == np.uint8 and len(np.unique(np.asarray(w))) > 100  # random codes, not zeros
+    values = np.asarray(quant.weight_values(quant.NVFP4, w, scale, np.float32))
+    std = values.std()
+    k = cfg.text.hidden_size
+    assert 0.5 * k**-0.5 < std < 2.0 * k**-0.5, std  # the size of the unpacked model's weights
+    logits = np.asarray(m.logits(np.array([[5, 6, 7, 8]])))
+    assert np.isfinite(logits).all() and logits.std() > 0.1
+    # deterministic per seed
+    a, b, c = m, *(model_lib.from_config(cfg, dtype="float32", quant_plan=plan, seed=s) for s in (0, 1))
+
+    def first(m):
+        return np.asarray(dict(nnx.to_flat_state(m.state))[("layers", 1, "moe", "experts", "down", "w")].get_value())
+
+    np.testing.assert_array_equal(first(a), first(b))
+    assert (first(a) != first(c)).mean() > 0.5
