@@ -138,7 +138,12 @@ def main(argv=None) -> dict:
     for case in reduced_cases() if reduced else full_cases():
         row = {"case": case.name, **dataclasses.asdict(case)}
         for label, backend in (("xla", XlaAttention()), ("pallas", kernel)):
-            result = run_case(case, backend, dtype, repeats)
+            try:
+                result = run_case(case, backend, dtype, repeats)
+            except Exception as e:  # noqa: BLE001 (a case that fails to compile is reported; the others run)
+                result = {"error": f"{type(e).__name__}: {str(e)[:1500]}", "step_ms": float("nan"),
+                          "compile_s": float("nan"), "kv_bytes": build(case, dtype)[3]}
+                print(f"{case.name}: {label} failed: {result['error'][:400]}", flush=True)
             row[label] = result
             row[f"{label}_gb_s"] = result["kv_bytes"] / (result["step_ms"] / 1e3) / 1e9
         row["roofline_ms"] = 1e3 * row["xla"]["kv_bytes"] / (bandwidth * 1e9)
@@ -182,4 +187,4 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    print(markdown(main()))

@@ -1,0 +1,389 @@
+"""Whole-model figures of the device check (issue 12): one preset, one attention backend, in one process.
+
+Random weights of a real-size preset (`e4b`, `26b-a4b`, `31b`; experts in bf16 or NVFP4 through
+`from_config(quant_plan=...)`) on the first device, KV pools sized for the largest batch, then the engine's own
+jitted programs (serving/runner.py) on synthetic batches:
+
+- decode: B rows at `--context` tokens of context each, `--decode-steps` steps per call (the engine's multi-step
+  decode, `runner.decode_steps`), timed over `--repeats` calls after two warm ones: ms per step and tokens/s;
+- prefill (TTFT): one row of L tokens as one chunk (`runner.model_step`, phase prefill), which is the engine's
+  time to first token for an L-token prompt when L fits one chunk;
+- beside each decode figure, the bandwidth roofline: the fewest bytes a step must read (every weight it uses once:
+  dense weights, the LM head, the experts the batch's routing can touch (expected count for uniform routing),
+  one embedding/PLE row per token; each owned K/V pool over the context, sliding ones up to the window) over the
+  measured copy bandwidth (`--copy-gbps`), and XLA's own byte estimate of the compiled program (which does not see
+  inside Pallas kernels). Beside each prefill figure, the compute roofline: 2 x active params x tokens plus the
+  attention's QK/PV FLOPs over the measured bf16 matmul rate (`--matmul-tflops`).
+
+All programs are lowered first and compiled in parallel threads (compile time is reported separately, total and
+per program). The pools hold random values, not zeros. `--reduced` runs the same path on the `tiny` preset for a
+CPU (attention `pallas-interpret` there), so the script is known to work before a GPU is available.
+
+Usage: python benchmarks/gpu_models.py --preset e4b --attention pallas --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="e4b")
+    ap.add_argument("--experts", choices=("bf16", "nvfp4"), default="bf16", help="MoE experts' storage")
+    ap.add_argument("--attention", default="pallas", help="attention backend (pallas, xla, pallas-interpret, auto)")
+    ap.add_argument("--moe-backend", default="auto")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batches", type=_ints, default=[1, 8, 64])
+    ap.add_argument("--context", type=int, default=1024, help="tokens of context of every decode row")
+    ap.add_argument("--prefill", type=_ints, default=[1024, 8192], help="prompt lengths timed as one chunk")
+    ap.add_argument("--decode-steps", type=int, default=8, help="decode steps per call (multi-step decode)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--copy-gbps", type=float, default=None, help="measured device copy bandwidth, GB/s")
+    ap.add_argument("--matmul-tflops", type=float, default=None, help="measured bf16 matmul rate, TFLOP/s")
+    ap.add_argument("--compile-threads", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--workload", default=None, metavar="PROMPT,OUTPUT",
+                    help="also report the concurrency-1 workload PROMPT tokens -> OUTPUT tokens (e.g. 1000,250) "
+                    "from the prefill and batch-1 decode figures")
+    ap.add_argument("--reduced", action="store_true", help="tiny preset on a CPU, kernels in interpret mode")
+    ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    args = ap.parse_args(argv)
+    if args.reduced:  # the tiny preset (with 8 small experts where the preset has experts)
+        args.moe = args.experts == "nvfp4" or args.preset.startswith("26b")
+        args.preset, args.batches, args.context, args.prefill = "tiny", [1, 4], 40, [24, 64]
+        args.decode_steps, args.repeats = 2, 2
+        if args.attention == "pallas":
+            args.attention = "pallas-interpret"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the model and the batches
+
+
+def build(args):
+    """The random-weight model, its text config, the attention plan and a Runner with allocated, random pools."""
+    import jax
+    import jax.numpy as jnp
+
+    import gemma4_jax
+    from gemma4_jax import quant
+    from gemma4_jax.attention_backends import resolve_attention
+    from gemma4_jax.serving import kv_cache
+    from gemma4_jax.serving.runner import Runner
+
+    moe = dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32)
+    cfg = gemma4_jax.preset(args.preset, **(moe if getattr(args, "moe", False) else {}))
+    text = cfg.text
+    plan = None
+    if args.experts == "nvfp4":
+        if not text.enable_moe_block:
+            raise SystemExit(f"--experts nvfp4 needs a MoE preset; {args.preset} has no experts")
+        plan = quant.QuantPlan.experts_only(text.num_hidden_layers)
+    t0 = time.perf_counter()
+    model = gemma4_jax.from_config(cfg, dtype=args.dtype, quant_plan=plan, moe_backend=args.moe_backend,
+                                   attention_backend="xla")
+    jax.block_until_ready(model.state)
+    init_s = time.perf_counter() - t0
+    attention = resolve_attention(args.attention, log_choice=lambda s: None)
+    ps = args.page_size
+    per_row = kv_cache.pages_needed(args.context + args.decode_steps + 1, ps)
+    prefill_pages = kv_cache.pages_needed(max(args.prefill, default=1), ps)
+    num_pages = 1 + max(max(args.batches) * per_row, prefill_pages)
+    layout = kv_cache.CacheLayout.for_config(text, page_size=ps, num_pages=num_pages, max_seqs=max(args.batches))
+    runner = Runner(model, layout, attention)
+    cache = runner.allocate()
+    key = jax.random.key(7)
+    cache = {name: (jax.random.normal(jax.random.fold_in(key, i), pool.shape, jnp.float32) * 0.5).astype(pool.dtype)
+             for i, (name, pool) in enumerate(sorted(cache.items()))}
+    jax.block_until_ready(cache)
+    return model, runner, cache, per_row, init_s
+
+
+def decode_batch(b: int, context: int, per_row: int, vocab: int, seed: int):
+    """A decode StepBatch of b rows, each with `context` tokens cached, its own pages and ring row."""
+    from gemma4_jax.serving.kv_cache import StepBatch
+
+    rng = np.random.default_rng(seed)
+    return StepBatch(
+        tokens=rng.integers(16, vocab, (b, 1)).astype(np.int32),
+        positions=np.full((b, 1), context, np.int32),
+        context_lens=np.full((b,), context, np.int32),
+        slots=np.arange(b, dtype=np.int32),
+        page_table=(1 + np.arange(b)[:, None] * per_row + np.arange(per_row)[None, :]).astype(np.int32),
+        last_index=np.zeros((b,), np.int32),
+    )
+
+
+def prefill_batch(length: int, page_size: int, vocab: int, seed: int):
+    """One row of `length` prompt tokens as a single chunk (no context before it)."""
+    from gemma4_jax.serving import kv_cache
+    from gemma4_jax.serving.kv_cache import StepBatch
+
+    rng = np.random.default_rng(seed)
+    pages = kv_cache.pages_needed(length, page_size)
+    return StepBatch(
+        tokens=rng.integers(16, vocab, (1, length)).astype(np.int32),
+        positions=np.arange(length, dtype=np.int32)[None, :],
+        context_lens=np.zeros((1,), np.int32),
+        slots=np.zeros((1,), np.int32),
+        page_table=(1 + np.arange(pages, dtype=np.int32))[None, :],
+        last_index=np.full((1,), length - 1, np.int32),
+    )
+
+
+def greedy(b: int):
+    from gemma4_jax.serving.sampling import SamplingBatch, SamplingParams
+
+    return SamplingBatch.from_params([SamplingParams(temperature=0.0)] * b, np.zeros((b, 2), np.uint32), b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rooflines
+
+
+def param_bytes(model) -> dict[str, float]:
+    """Bytes of the weights by kind: experts (per layer), embedding tables, the rest."""
+    from flax import nnx
+
+    out = {"experts": 0.0, "embed": 0.0, "ple_table": 0.0, "dense": 0.0}
+    for path, var in nnx.to_flat_state(model.state):
+        name = ".".join(map(str, path))
+        v = var.get_value()
+        nbytes = float(v.size * v.dtype.itemsize)
+        if ".experts." in name:
+            out["experts"] += nbytes
+        elif "per_layer" in name and "embed" in name:
+            out["ple_table"] += nbytes
+        elif "embed" in name:
+            out["embed"] += nbytes
+        else:
+            out["dense"] += nbytes
+    return out
+
+
+def decode_bytes(model, cache: dict, layout, b: int, context: int, weights: dict[str, float]) -> float:
+    """The fewest bytes one decode step of b rows must read (see the module docstring)."""
+    text = model.config.text
+    total = weights["dense"] + weights["embed"]  # the tied LM head reads the whole table once
+    if text.enable_moe_block:
+        e, k = text.num_experts, text.top_k_experts
+        touched = e * (1.0 - (1.0 - k / e) ** b)  # expected experts hit per layer, uniform routing
+        total += weights["experts"] * touched / e
+    if weights["ple_table"]:
+        total += weights["ple_table"] / max(text.vocab_size_per_layer_input, 1) * b
+    for name, pool in cache.items():
+        per_token = pool.shape[-1] * pool.shape[-2] * pool.dtype.itemsize
+        sliding = int(name[1:]) in layout.sliding_layers
+        keys = min(context + 1, text.sliding_window) if sliding else context + 1
+        total += b * keys * per_token
+    return total
+
+
+def active_params(model, weights: dict[str, float]) -> float:
+    """Parameters one token uses (top-k of the experts, one embedding row; the LM head whole)."""
+    text = model.config.text
+    itemsize = np.dtype(model.dtype).itemsize
+    n = (weights["dense"] + weights["embed"]) / itemsize
+    if text.enable_moe_block:
+        n += text.num_hidden_layers * text.top_k_experts * 3 * text.hidden_size * text.moe_intermediate_size
+    return n
+
+
+def prefill_flops(model, length: int, weights: dict[str, float]) -> float:
+    """2 x active params x tokens + causal QK/PV (sliding layers up to the window)."""
+    text = model.config.text
+    flops = 2.0 * active_params(model, weights) * length
+    for spec in text.layers:
+        keys = length / 2 if not spec.is_sliding else min(length / 2, text.sliding_window)
+        flops += 4.0 * length * keys * text.num_attention_heads * spec.head_dim
+    return flops
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), times
+
+
+def run(args) -> dict[str, Any]:
+    import jax
+
+    from gemma4_jax.serving import runner as runner_lib
+
+    t_start = time.perf_counter()
+    model, runner, cache, per_row, init_s = build(args)
+    text = model.config.text
+    weights = param_bytes(model)
+    result: dict[str, Any] = {
+        "preset": args.preset, "experts": args.experts, "attention": args.attention,
+        "attention_plan": {p: runner.attention.names(p) for p in ("prefill", "decode")},
+        "moe_backend": args.moe_backend, "dtype": args.dtype, "device": str(jax.devices()[0]),
+        "init_s": init_s, "weights_gb": sum(weights.values()) / 1e9, "context": args.context,
+        "decode_steps": args.decode_steps, "decode": {}, "prefill": {}, "compile": {},
+    }
+    graph, state, layout, attention = model.static_graph, model.state, runner.layout, runner.attention
+    lowered: dict[str, Any] = {}
+    inputs: dict[str, tuple] = {}
+    t0 = time.perf_counter()
+    with jax.set_mesh(runner.mesh):
+        for b in args.batches:
+            batch, sampling = decode_batch(b, args.context, per_row, text.vocab_size, b), greedy(b)
+            steps = np.zeros((b,), np.int32)
+            inputs[f"decode_b{b}"] = (batch, sampling, steps)
+            lowered[f"decode_b{b}"] = runner_lib.decode_steps.lower(
+                graph, state, cache, None, batch, sampling, steps, layout=layout, attention=attention,
+                num_logprobs=0, num_steps=args.decode_steps)
+        for n in args.prefill:
+            batch, sampling = prefill_batch(n, args.page_size, text.vocab_size, n), greedy(1)
+            steps, rows = np.zeros((1,), np.int32), np.ones((1,), bool)
+            inputs[f"prefill_{n}"] = (batch, sampling, steps, rows)
+            lowered[f"prefill_{n}"] = runner_lib.model_step.lower(
+                graph, state, cache, None, batch, sampling, steps, rows, None, None, layout=layout,
+                attention=attention, phase="prefill", num_logprobs=0)
+    result["compile"]["lower_s"] = time.perf_counter() - t0
+
+    def compile_one(name):
+        c0 = time.perf_counter()
+        try:
+            return name, lowered[name].compile(), time.perf_counter() - c0, None
+        except Exception as e:  # noqa: BLE001 (reported per program; the others still run)
+            return name, None, time.perf_counter() - c0, f"{type(e).__name__}: {str(e)[:2000]}"
+
+    t0 = time.perf_counter()
+    compiled = {}
+    with cf.ThreadPoolExecutor(max_workers=max(1, args.compile_threads)) as pool:
+        for name, exe, secs, err in pool.map(compile_one, list(lowered)):
+            result["compile"][name] = round(secs, 2)
+            if err:
+                result.setdefault("errors", {})[name] = err
+                print(f"[{args.preset}/{args.attention}] {name}: compile failed: {err[:300]}", flush=True)
+            else:
+                compiled[name] = exe
+    result["compile"]["wall_s"] = time.perf_counter() - t0
+    print(f"[{args.preset}/{args.experts}/{args.attention}] init {init_s:.1f} s, compile {result['compile']}",
+          flush=True)
+
+    state_leaves = state
+    for b in args.batches:
+        name = f"decode_b{b}"
+        if name not in compiled:
+            continue
+        batch, sampling, steps = inputs[name]
+        exe = compiled[name]
+        box = {"cache": cache}
+
+        def call(exe=exe, batch=batch, sampling=sampling, steps=steps, box=box):
+            out, box["cache"], _ = exe(state_leaves, box["cache"], None, batch, sampling, steps)
+            jax.block_until_ready(out.tokens)
+
+        try:
+            call()
+            call()
+            med, times = _median_time(call, args.repeats)
+        except Exception as e:  # noqa: BLE001
+            result.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:2000]}"
+            cache = box["cache"]
+            continue
+        cache = box["cache"]
+        step_s = med / args.decode_steps
+        need = decode_bytes(model, cache, layout, b, args.context, weights)
+        entry = {"step_ms": step_s * 1e3, "tok_s": b / step_s, "bytes_per_step_gb": need / 1e9,
+                 "call_ms_all": [round(t * 1e3, 3) for t in times]}
+        cost = _cost_bytes(exe)
+        if cost is not None:
+            entry["xla_bytes_per_step_gb"] = cost / args.decode_steps / 1e9
+        if args.copy_gbps:
+            floor = need / (args.copy_gbps * 1e9)
+            entry["roofline_ms"] = floor * 1e3
+            entry["x_roofline"] = step_s / floor
+        result["decode"][str(b)] = entry
+        print(f"[{args.preset}/{args.experts}/{args.attention}] decode B={b}: {step_s * 1e3:.3f} ms/step, "
+              f"{b / step_s:.1f} tok/s" + (f", {entry['x_roofline']:.2f}x roofline" if args.copy_gbps else ""),
+              flush=True)
+    for n in args.prefill:
+        name = f"prefill_{n}"
+        if name not in compiled:
+            continue
+        batch, sampling, steps, rows = inputs[name]
+        exe = compiled[name]
+        box = {"cache": cache}
+
+        def call(exe=exe, batch=batch, sampling=sampling, steps=steps, rows=rows, box=box):
+            out, box["cache"], _ = exe(state_leaves, box["cache"], None, batch, sampling, steps, rows, None, None)
+            jax.block_until_ready(out.tokens)
+
+        try:
+            call()
+            med, times = _median_time(call, max(2, args.repeats // 2))
+        except Exception as e:  # noqa: BLE001
+            result.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:2000]}"
+            cache = box["cache"]
+            continue
+        cache = box["cache"]
+        flops = prefill_flops(model, n, weights)
+        entry = {"ttft_ms": med * 1e3, "tok_s": n / med, "flops": flops}
+        if args.matmul_tflops:
+            entry["x_compute_roofline"] = med / (flops / (args.matmul_tflops * 1e12))
+        result["prefill"][str(n)] = entry
+        print(f"[{args.preset}/{args.experts}/{args.attention}] prefill {n}: {med * 1e3:.1f} ms", flush=True)
+    if args.workload:
+        p, o = _ints(args.workload)
+        pre = result["prefill"].get(str(p)) or result["prefill"].get(str(min(args.prefill, key=lambda x: abs(x - p))))
+        dec = result["decode"].get("1")
+        if pre and dec:
+            total = pre["ttft_ms"] / 1e3 + (o - 1) * dec["step_ms"] / 1e3
+            result["workload"] = {"prompt": p, "output": o, "output_tok_s": o / total, "seconds": total,
+                                  "note": f"TTFT of a {p}-token prompt (nearest timed length) + {o - 1} batch-1 "
+                                  f"decode steps at {args.context} tokens of context"}
+            print(f"[{args.preset}/{args.experts}/{args.attention}] workload {p}->{o} at concurrency 1: "
+                  f"{o / total:.1f} output tok/s", flush=True)
+    result["total_s"] = time.perf_counter() - t_start
+    return result
+
+
+def _cost_bytes(exe) -> float | None:
+    try:
+        cost = exe.cost_analysis()
+        if isinstance(cost, list):
+            cost = cost[0]
+        return float(cost["bytes accessed"])
+    except Exception:  # noqa: BLE001 (not every backend reports it)
+        return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.reduced and "pallas-interpret" in args.attention:
+        os.environ.setdefault("GEMMA4_JAX_PALLAS_INTERPRET", "1")
+    result = run(args)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    else:
+        print(json.dumps(result, indent=1))
+    return 0 if not result.get("errors") else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
