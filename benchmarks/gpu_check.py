@@ -1,7 +1,8 @@
 """The prepared device check (issue 12), in one run under a deadline, writing one JSON and one markdown table.
 
-Sections, in order of importance; each runs in its own process with a time limit cut to what is left of
-`--deadline`, and whatever finished is reported even if a later section fails or is skipped:
+Each section runs in its own process with a time limit cut to what is left of `--deadline`, and whatever finished
+is reported even if a later section fails or is skipped. They run in the order `--sections` gives (default:
+machine, tests, models, attention, fp4, stack):
 
 1. `machine`: devices, versions, the measured copy bandwidth and bf16 matmul rate (the rooflines' ceilings);
 2. `tests`: the GPU-marked kernel tests (`pytest -k gpu kernels/`: the compiled kernels against their references);
@@ -137,12 +138,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: $OUT, else REPO/benchmarks/gpu_check_out")
     ap.add_argument("--deadline", type=float, default=450.0, help="seconds for the whole check")
     ap.add_argument("--jobs", default=DEFAULT_JOBS, help="model jobs preset:experts:attention, comma-separated")
-    ap.add_argument("--sections", default="machine,tests,stack,attention,fp4,models")
+    ap.add_argument("--sections", default="machine,tests,models,attention,fp4,stack",
+                    help="sections to run, in this order")
     ap.add_argument("--model-job-seconds", type=float, default=150.0, help="limit of one model job")
     args = ap.parse_args(argv)
     args.out = args.out or os.environ.get("OUT") or os.path.join(args.repo, "benchmarks", "gpu_check_out")
     deadline = Deadline(args.deadline)
-    sections = set(args.sections.split(","))
     os.makedirs(args.out, exist_ok=True)
     env = _env(args.reduced)
     py = sys.executable
@@ -162,20 +163,20 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
             f.write(markdown(result, models_path))
 
-    machine = {}
-    if "machine" in sections:
+    machine: dict = {}
+
+    def sec_machine():
         r = run([py, "-c", MACHINE], min(90, deadline.left()), env, log)
-        machine = _marked(r.get("output", ""), "MACHINE") or {}
+        machine.update(_marked(r.get("output", ""), "MACHINE") or {})
         result["machine"] = {**r, **machine}
-        save()
-    if "tests" in sections:
-        r = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k", "gpu", KERNELS],
-                min(150, deadline.left() - 30), env, log)
-        result["tests"] = r
-        save()
-    if "stack" in sections:
+
+    def sec_tests():
+        result["tests"] = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k", "gpu", KERNELS],
+                              min(150, deadline.left() - 30), env, log)
+
+    def sec_stack():
         r = run([py, "-c", STACK], min(60, deadline.left() - 30), env, log)
-        stack = {"imports": _marked(r.get("output", ""), "STACK"), "import_run": {k: r.get(k) for k in ("returncode",)}}
+        stack = {"imports": _marked(r.get("output", ""), "STACK"), "import_returncode": r.get("returncode")}
         texts = {}
         for backend in ("xla", "pallas"):
             cmd = [py, "-m", "gemma4_jax.cli", "generate", "--prompt", "The weather today is", "--max-tokens", "24",
@@ -186,27 +187,23 @@ def main(argv=None) -> int:
         stack["generate"] = texts
         stack["same_text"] = texts["xla"]["returncode"] == 0 and texts["xla"]["text"] == texts["pallas"]["text"]
         result["stack"] = stack
-        save()
-    if "attention" in sections:
+
+    def sec_attention():
         cmd = [py, os.path.join(HERE, "attention_kernels.py"), "--out", os.path.join(args.out, "attention.json")]
-        r = run(cmd + (["--reduced"] if args.reduced else []), min(120, deadline.left() - 30), env, log)
-        result["attention"] = r
-        save()
-    if "fp4" in sections:
+        result["attention"] = run(cmd + (["--reduced"] if args.reduced else []), min(120, deadline.left() - 30),
+                                  env, log)
+
+    def sec_fp4():
         cmd = [py, os.path.join(HERE, "fp4_experts.py"), "--json", fp4_path]
         if machine.get("copy_gbps"):
             cmd += ["--copy-gbps", f"{machine['copy_gbps']:.1f}"]
-        r = run(cmd + (["--reduced"] if args.reduced else []), min(100, deadline.left() - 30), env, log)
-        result["fp4"] = r
-        save()
-    if "models" in sections:
+        result["fp4"] = run(cmd + (["--reduced"] if args.reduced else []), min(100, deadline.left() - 30), env, log)
+
+    def sec_models():
         result["models"] = {}
         for job in [j for j in args.jobs.split(",") if j]:
             preset, experts, attention = job.split(":")
-            if experts == "nvfp4" and attention != "xla":
-                moe = "auto"  # the Pallas FP4 kernel on GPU
-            else:
-                moe = "xla"
+            moe = "auto" if experts == "nvfp4" and attention != "xla" else "xla"  # auto: the FP4 kernel on GPU
             cmd = [py, os.path.join(HERE, "gpu_models.py"), "--preset", preset, "--experts", experts,
                    "--attention", attention, "--moe-backend", moe, "--json", models_path]
             if preset.startswith("26b"):
@@ -223,6 +220,15 @@ def main(argv=None) -> int:
                 continue
             result["models"][job] = run(cmd, limit, env, log)
             save()
+
+    known = {"machine": sec_machine, "tests": sec_tests, "stack": sec_stack, "attention": sec_attention,
+             "fp4": sec_fp4, "models": sec_models}
+    for name in args.sections.split(","):
+        if name not in known:
+            raise SystemExit(f"unknown section {name!r}; known: {list(known)}")
+    for name in args.sections.split(","):
+        known[name]()
+        save()
     result["seconds"] = round(args.deadline - deadline.left(), 1)
     save()
     print(markdown(result, models_path))
