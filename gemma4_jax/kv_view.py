@@ -6,7 +6,9 @@ over, instead of gathered arrays, so that a kernel can read the pools in place:
 - `DenseKV`: keys already laid out per row (B, S, K, H) with their positions: the full-sequence forward (the
   identity store) and K/V that crossed a pipeline-stage boundary.
 - `PagedKV`: a paged pool (num_pages, page_size, K, H) and each row's page table (B, P); the logical key index
-  (page slot * page_size + offset) is the token position, keys at index >= lengths[b] are empty.
+  (page slot * page_size + offset) plus the row's `start` is the token position, keys at positions >= lengths[b]
+  are empty. Full-attention layers start at 0; sliding-window layers read a *windowed* page table whose first
+  column holds the first page still inside the window (serving/kv_cache.py), so S stays ~ window + chunk.
 - `RingKV`: a per-sequence ring (rows, R, K, H) read at row slots[b]; ring slot j holds the latest position
   p < lengths[b] with p % R == j. `chunk` (a DenseKV) optionally follows the ring on the key axis: a prefill
   chunk attends over the ring as it was before the chunk plus the chunk's own keys (the chunk may evict keys its
@@ -66,22 +68,27 @@ class DenseKV:
 @struct.dataclass
 class PagedKV:
     """k_pages, v_pages: (num_pages, page_size, K, H) pools that already hold this step's tokens; page_table:
-    (B, P) int32; lengths: (B,) int32 keys per row (context + this step's valid tokens). Logical index ==
-    position. dtype: the compute dtype that `dense()` casts the pool's keys to (static)."""
+    (B, P) int32; lengths: (B,) int32, one past the last position per row (context + this step's valid tokens).
+    start: (B,) int32 position of each row's first key (a multiple of page_size; None: 0, logical index ==
+    position): a windowed table leaves out the pages before the window. dtype: the compute dtype that `dense()`
+    casts the pool's keys to (static)."""
 
     k_pages: jax.Array
     v_pages: jax.Array
     page_table: jax.Array
     lengths: jax.Array
     dtype: jnp.dtype = struct.field(pytree_node=False)
+    start: jax.Array | None = None
 
     @property
     def num_keys(self) -> int:
         return self.page_table.shape[1] * self.k_pages.shape[1]
 
     def key_positions(self) -> jax.Array:
-        idx = jnp.arange(self.num_keys, dtype=jnp.int32)[None, :]
-        return jnp.where(idx < self.lengths[:, None], idx, -1)
+        pos = jnp.arange(self.num_keys, dtype=jnp.int32)[None, :]
+        if self.start is not None:
+            pos = pos + self.start[:, None]
+        return jnp.where(pos < self.lengths[:, None], pos, -1)
 
     def dense(self) -> DenseKV:
         b = self.page_table.shape[0]

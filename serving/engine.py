@@ -13,7 +13,11 @@ With speculative decoding (`EngineConfig.speculative_config`, serving/speculativ
 step instead whenever a proposer drafts tokens for some row: rows [last token, d_1 .. d_k] run through the same
 forward and each row emits its accepted drafts plus one token (docs/speculative.md).
 
-Compile events (new bucket shapes) are counted with their times in `stats`.
+Automatic prefix caching (`EngineConfig.enable_prefix_caching`, on by default as in vLLM; serving/prefix_cache.py,
+docs/prefix_caching.md): a request starts its prefill after its longest cached prefix, in every layer kind.
+
+Compile events (new bucket shapes) are counted with their times in `stats`. Step inputs are assembled in
+serving/step_builder.py.
 """
 
 from __future__ import annotations
@@ -33,22 +37,25 @@ from gemma4_jax.attention_backends import AttentionPlan, resolve_attention
 from gemma4_jax.model import Model
 from gemma4_jax.serving import media_chunks, mm_inputs
 from gemma4_jax.serving.detokenizer import IncrementalDetokenizer, StopChecker
-from gemma4_jax.serving.kv_cache import CacheLayout, PageAllocator, StepBatch, bucket, pages_needed
+from gemma4_jax.serving.kv_cache import CacheLayout, bucket, pages_needed
 from gemma4_jax.serving.pipeline_runner import PipelineRunner
+from gemma4_jax.serving.prefix_cache import KVBlocks, PrefixKey
 from gemma4_jax.serving.requests import Request, RequestOutput, SpecDecodeStats, Status, TokenLogprob
 from gemma4_jax.serving.runner import Runner, reset_slot_counts
-from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingBatch, SamplingParams, request_key
+from gemma4_jax.serving.sampling import SamplingParams, request_key
 from gemma4_jax.serving.speculative import (
     AssistantProposer,
     Proposer,
     SpeculativeConfig,
-    assistant_ring_slots,
+    assistant_window_keep,
     build_proposer,
     load_drafter,
 )
+from gemma4_jax.serving.step_builder import build_rows, join_results, num_logprobs_for
 from gemma4_jax.serving.structured import Grammars
 
 log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class EngineConfig:
@@ -71,6 +78,12 @@ class EngineConfig:
     # Speculative decoding: vLLM's dict ({"method": "ngram", "num_speculative_tokens": k, ...}) or a
     # SpeculativeConfig; None = off (serving/speculative.py).
     speculative_config: SpeculativeConfig | dict | None = None
+    # Automatic prefix caching (vLLM's enable_prefix_caching, on by default): K/V blocks of finished and running
+    # requests are kept, keyed by their tokens, and a new request starts after its longest cached prefix.
+    enable_prefix_caching: bool = True
+    # Sliding-window pages kept for cached prefixes beyond those running sequences need, in windows (a hit at P needs
+    # the window before P cached); default max_num_seqs. Ignored when caching is off.
+    prefix_cache_windows: int | None = None
 
     def resolve_attention(self) -> AttentionPlan:
         """The plan every engine step runs; an unknown or unavailable choice raises ValueError here."""
@@ -121,14 +134,14 @@ class Engine:
             assistant = load_drafter(self.speculative.model, model)
         elif self.speculative is not None:
             self.proposer = proposer if proposer is not None else build_proposer(self.speculative)
-        # Rejected drafts' K/V are written to ring slots that hold keys older than the window; k spare slots per
-        # ring keep every key inside the window intact (kv_cache.CacheLayout.for_config), k + 1 with the assistant,
-        # which reads one key further back (speculative.assistant_ring_slots).
-        spare = self.speculative.num_speculative_tokens if self.speculative is not None else 0
+        # Sliding layers keep the keys inside the window of each sequence's next token (one further back for the
+        # assistant drafter, speculative.assistant_window_keep).
+        keep = cfg.sliding_window - 1
         if assistant is not None:
-            spare = assistant_ring_slots(assistant, model, spare)
+            keep = max(keep, assistant_window_keep(assistant))
+        num_window_pages = self._window_pages(keep, num_pages)
         self.layout = CacheLayout.for_config(cfg, config.page_size, num_pages, config.max_num_seqs,
-                                             spare_ring_slots=spare)
+                                             num_window_pages, window_keep=keep)
         # The runner runs the steps: one program over the mesh, or the pipeline's stages (pp > 1), whose pools
         # (a list, per stage) each live on their stage's devices. Pools are sharded by KV head where tp divides the
         # layer's head count and placed from the start: a cache with another sharding than the step returns would
@@ -145,7 +158,7 @@ class Engine:
                                               self.speculative.num_speculative_tokens)
         self.cache = self.runner.allocate()
         self.counts: dict[str, jax.Array] | None = None  # penalty state, allocated on first use
-        self.allocator = PageAllocator(num_pages)
+        self.blocks = KVBlocks(self.layout, caching=config.enable_prefix_caching)
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -155,7 +168,8 @@ class Engine:
         self._shapes_seen: set[tuple] = set()
         self._grammars: Grammars | None = None  # built on the first request with structured outputs
         self.stats = {"compiles": 0, "compile_time_s": 0.0, "steps": 0, "preemptions": 0,
-                      "prompt_tokens": 0, "generated_tokens": 0}
+                      "prompt_tokens": 0, "generated_tokens": 0, "prefix_cache_queries": 0,
+                      "prefix_cache_hits": 0}
         # Speculative decoding counters over all requests (requests.SpecDecodeStats); None when it is off.
         self.spec_stats = SpecDecodeStats() if self.speculative is not None else None
         if self.speculative is not None:
@@ -166,6 +180,23 @@ class Engine:
             self.stats.update(pipeline_stages=self.runner.num_stages,
                               pipeline_microbatches=self.runner.microbatches, pipeline_bubble=0.0)
         self._log_start(sized)
+
+    def _window_pages(self, keep: int, num_pages: int) -> int:
+        """Size of the sliding-window pool (trash page included): what running sequences can hold at once, each at
+        most its window plus one step's tokens (a prefill chunk, a multi-step decode, a verify step), plus, with
+        prefix caching, `prefix_cache_windows` windows kept for hits; never more than the full pool."""
+        config, page = self.config, self.config.page_size
+        per_step = max(config.num_scheduler_steps, 1 + (self.speculative.num_speculative_tokens
+                                                        if self.speculative is not None else 0))
+        per_seq = pages_needed(keep, page) + 2 + pages_needed(per_step, page)
+        running = config.max_num_seqs * per_seq + pages_needed(config.max_num_batched_tokens, page)
+        cached = 0
+        if config.enable_prefix_caching:
+            windows = config.max_num_seqs if config.prefix_cache_windows is None else config.prefix_cache_windows
+            if windows < 0:
+                raise ValueError(f"prefix_cache_windows must be >= 0, got {windows}")
+            cached = windows * (pages_needed(keep, page) + 1)
+        return min(running + cached, num_pages - 1) + 1
 
     def _log_start(self, sized: str) -> None:
         """What was chosen and why, once at start-up (INFO)."""
@@ -181,10 +212,11 @@ class Engine:
                  model.mesh.devices.flat[0].device_kind, mesh.get("pp", 1), mesh.get("dp", 1), mesh.get("tp", 1))
         layout = self.layout
         log.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB, %d B/token in %d full-attention layers; "
-                 "sized by %s) + sliding rings of %d slots x %d sequences", layout.num_pages - 1, layout.page_size,
-                 (layout.num_pages - 1) * layout.page_size,
+                 "sized by %s) + a sliding-window pool of %d pages (windows of %d keys); prefix caching %s",
+                 layout.num_pages - 1, layout.page_size, (layout.num_pages - 1) * layout.page_size,
                  (layout.num_pages - 1) * layout.page_size * self.kv_bytes_per_token / 2**20,
-                 self.kv_bytes_per_token, len(layout.full_layers), sized, layout.ring_len, layout.max_seqs)
+                 self.kv_bytes_per_token, len(layout.full_layers), sized, layout.num_window_pages - 1,
+                 layout.window_keep + 1, "on" if config.enable_prefix_caching else "off")
         log.info("scheduler: max_num_seqs %d, max_model_len %d, max_num_batched_tokens %d, num_scheduler_steps %d; "
                  "step shapes are padded to powers of two and compiled on first use",
                  config.max_num_seqs, self.max_model_len, config.max_num_batched_tokens, config.num_scheduler_steps)
@@ -225,7 +257,7 @@ class Engine:
             raise ValueError(f"request id {rid!r} is already in use")
         matcher = self._matcher(params.structured_outputs) if params.structured_outputs is not None else None
         req = Request(rid, text, ids, params, next(self._arrivals), request_key(params.seed),
-                      arrival_time=time.perf_counter(), media=media, matcher=matcher)
+                      arrival_time=time.perf_counter(), media=media, matcher=matcher, prefix=PrefixKey.of(media))
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
         if params.stop:
@@ -283,18 +315,23 @@ class Engine:
 
     @property
     def num_free_pages(self) -> int:
-        return self.allocator.num_free
+        """Full-attention pages an allocation can take (free or cached)."""
+        return self.blocks.num_free
 
     @property
     def num_used_pages(self) -> int:
-        return self.allocator.num_used
+        """Pages in use by requests, both pools (0 when idle: cached pages are not in use)."""
+        return self.blocks.full.num_used + self.blocks.window.num_used
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (vLLM's reset_prefix_cache). Running requests keep their pages."""
+        self.blocks.reset()
 
     # ------------------------------------------------------------------------------------------------------------
     # Scheduling
 
     def _release(self, req: Request) -> None:
-        self.allocator.free(req.pages)
-        req.pages = []
+        self.blocks.release(req)
         if req.slot >= 0:
             self.free_slots.append(req.slot)
             req.slot = -1
@@ -320,14 +357,23 @@ class Engine:
         self.waiting.appendleft(victim)
 
     def _ensure_pages(self, req: Request, num_tokens: int) -> bool:
-        need = pages_needed(num_tokens, self.layout.page_size) - len(req.pages)
-        if need <= 0:
-            return True
-        pages = self.allocator.allocate(need)
-        if pages is None:
-            return False
-        req.pages.extend(pages)
-        return True
+        return self.blocks.ensure(req, num_tokens)
+
+    def _computed(self, req: Request, num_tokens: int) -> None:
+        """num_tokens more of the request's tokens have their K/V in the pools: register the blocks it completed
+        with the prefix cache and release the sliding pages that left its window."""
+        req.num_computed += num_tokens
+        self.blocks.commit(req)
+
+    def _admit(self, req: Request) -> None:
+        """A waiting request (no pages) starts after its longest cached prefix (prefix_cache.KVBlocks.admit)."""
+        runs = req.media.runs if req.media is not None and self.model.config.vision_bidirectional else None
+        self.blocks.admit(req, runs)
+
+    def _unadmit(self, req: Request) -> None:
+        """Undo `_admit` for a request the scheduler could not start after all."""
+        self.blocks.release(req)
+        req.num_computed = 0
 
     def _schedule_decode(self) -> list[Request]:
         batch = []
@@ -351,20 +397,24 @@ class Engine:
             if req.status is Status.WAITING:
                 if not self.free_slots or len(chunks) >= self.config.max_num_seqs:
                     break  # FIFO: later arrivals do not overtake
+                self._admit(req)
             remaining = len(req.all_ids) - req.num_computed
             size = min(remaining, budget)
             if req.media is not None:  # an image with bidirectional attention stays inside one chunk
                 size = media_chunks.clamp_chunk(req.media, req.num_computed, size)
-                if size <= 0:
-                    break
-            if not self._ensure_pages(req, req.num_computed + size):
-                free_tokens = (len(req.pages) + self.allocator.num_free) * self.layout.page_size - req.num_computed
-                size = min(size, free_tokens)
+            if size > 0 and not self._ensure_pages(req, req.num_computed + size):
+                size = min(size, self.blocks.max_tokens(req) - req.num_computed)
                 if req.media is not None:
                     size = media_chunks.clamp_chunk(req.media, req.num_computed, size)
-                if size <= 0 or not self._ensure_pages(req, req.num_computed + size):
-                    break
+                if size > 0 and not self._ensure_pages(req, req.num_computed + size):
+                    size = 0
+            if size <= 0:
+                if req.status is Status.WAITING:
+                    self._unadmit(req)
+                break
             if req.status is Status.WAITING:
+                self.blocks.count_query(req)
+                self.stats.update(prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits)
                 self.waiting.remove(req)
                 req.status = Status.RUNNING
                 req.slot = self.free_slots.pop()
@@ -400,46 +450,6 @@ class Engine:
         o[: len(req.output_ids)] = req.output_ids
         self.counts = reset_slot_counts(self.counts, req.slot, p, len(req.prompt_ids), o, len(req.output_ids))
 
-    def _build(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0,
-               num_logprobs: int | None = None, verify: bool = False):
-        """Pad rows (request, new token ids, start position) into a StepBatch and its sampling inputs.
-        verify: rows of a speculative verify step ([last token, drafts...]): T is exactly num_tokens (k + 1, one
-        shape for every step) and every row's tokens are kept."""
-        b = bucket(len(rows), 1, self.config.max_num_seqs)
-        t = num_tokens if verify else bucket(num_tokens, 1 if num_tokens == 1 else 16)
-        max_pages = max(pages_needed(start + len(ids) + lookahead, self.layout.page_size) for _, ids, start in rows)
-        p = bucket(max_pages, 4)
-        tokens = np.zeros((b, t), np.int32)
-        positions = np.full((b, t), -1, np.int32)
-        context = np.zeros((b,), np.int32)
-        slots = np.full((b,), self.layout.max_seqs, np.int32)
-        table = np.zeros((b, p), np.int32)
-        last = np.zeros((b,), np.int32)
-        steps = np.zeros((b,), np.int32)
-        keep = np.zeros((b,), bool)
-        for i, (req, ids, start) in enumerate(rows):
-            tokens[i, : len(ids)] = ids
-            positions[i, : len(ids)] = np.arange(start, start + len(ids))
-            context[i] = start
-            slots[i] = req.slot
-            table[i, : len(req.pages)] = req.pages
-            last[i] = len(ids) - 1
-            steps[i] = len(req.output_ids)
-            keep[i] = verify or start + len(ids) == len(req.all_ids)
-        params = [req.params for req, _, _ in rows]
-        token_mask = None
-        if any(req.matcher is not None for req, _, _ in rows):
-            # Rows that sample a kept token this step follow their grammar; the rest (and padding) are free.
-            matchers = [req.matcher if keep[i] else None for i, (req, _, _) in enumerate(rows)]
-            token_mask = self._grammars.fill(matchers + [None] * (b - len(rows)), b)
-        sampling = SamplingBatch.from_params(params, [req.key for req, _, _ in rows], b, token_mask)
-        if num_logprobs is None:
-            num_logprobs = _num_logprobs(params)
-        batch = StepBatch(tokens=tokens, positions=positions, context_lens=context, slots=slots,
-                          page_table=table, last_index=last)
-        key = (b, t, p, num_logprobs, self.counts is not None, token_mask is not None)
-        return batch, sampling, steps, keep, num_logprobs, key
-
     def _timed(self, shape_key: tuple, fn, microbatches: list, num_logprobs: int, **kwargs):
         """Run a runner call over micro-batches; a shape seen for the first time counts as a compile event with
         its time. Returns the per-micro-batch SampleResults on the host."""
@@ -466,11 +476,12 @@ class Engine:
         Returns (row groups, [(batch, sampling, steps, keep)], num_logprobs, shape key)."""
         m = self.runner.microbatches if num_tokens == 1 or verify else 1
         groups = [list(g) for g in np.array_split(np.arange(len(rows)), max(1, min(m, len(rows))))]
-        num_logprobs = _num_logprobs([req.params for req, _, _ in rows])
+        num_logprobs = num_logprobs_for([req.params for req, _, _ in rows])
         built, keys = [], []
         for group in groups:
-            batch, sampling, steps, keep, _, key = self._build([rows[i] for i in group], num_tokens, lookahead,
-                                                               num_logprobs, verify)
+            batch, sampling, steps, keep, _, key = build_rows(
+                [rows[i] for i in group], num_tokens, self.layout, self.config.max_num_seqs, lookahead=lookahead,
+                num_logprobs=num_logprobs, verify=verify, counts_on=self.counts is not None, grammars=self._grammars)
             built.append((batch, sampling, steps, keep))
             keys.append(key)
         return groups, built, num_logprobs, tuple(keys)
@@ -484,14 +495,14 @@ class Engine:
         media = media_chunks.chunk_media(self.model, rows, built[0][0].tokens.shape) if len(built) == 1 else None
         shape_key = ("step", phase, key) if media is None else ("media", key, media.shape_key)
         results = self._timed(shape_key, self.runner.step, built, num_logprobs, phase=phase, media=media)
-        return _join(results, groups, axis=0)
+        return join_results(results, groups, axis=0)
 
     def _run_multi(self, decode: list[Request], num_steps: int):
         rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
         groups, built, num_logprobs, key = self._microbatches(rows, 1, lookahead=num_steps - 1)
         results = self._timed(("multi", num_steps, key), self.runner.multi, built, num_logprobs,
                               num_steps=num_steps)
-        return _join(results, groups, axis=1)
+        return join_results(results, groups, axis=1)
 
     def _propose(self, decode: list[Request]) -> list[list[int]] | None:
         """Drafts for each decode row (possibly none), or None when no row has any (plain decoding runs then).
@@ -531,7 +542,7 @@ class Engine:
         num_tokens = self.speculative.num_speculative_tokens + 1
         groups, built, num_logprobs, key = self._microbatches(rows, num_tokens, verify=True)
         results = self._timed(("verify", key), self.runner.verify, built, num_logprobs)
-        result = _join(results, groups, axis=0)
+        result = join_results(results, groups, axis=0)
         positions = [jax.tree.map(lambda x, j=j: x[:, j], result.sample) for j in range(num_tokens)]
         self.stats["verify_steps"] += 1
         for i, (req, draft) in enumerate(zip(decode, drafts, strict=True)):
@@ -539,8 +550,9 @@ class Engine:
             if draft:
                 req.spec.record(len(draft), accepted)
                 self.spec_stats.record(len(draft), accepted)
-            # The fed token and the accepted drafts are now in the cache; the rejected ones are dead.
-            req.num_computed += accepted + 1
+            # The fed token and the accepted drafts are now in the cache; the rejected ones are dead (their
+            # positions are past the context, in pages the request owns, and are rewritten later).
+            self._computed(req, accepted + 1)
             for j in range(accepted + 1):
                 self._append(req, positions[j], i)
         self.stats.update(spec_num_drafts=self.spec_stats.num_drafts,
@@ -558,9 +570,7 @@ class Engine:
             return 1  # each token of a constrained row needs its grammar's mask from the host
         if any(r.params.max_tokens - len(r.output_ids) < k for r in decode):
             return 1  # finishing rows: single steps waste nothing
-        page = self.layout.page_size
-        missing = sum(max(0, pages_needed(r.num_computed + k, page) - len(r.pages)) for r in decode)
-        if missing > self.allocator.num_free:
+        if not self.blocks.fits([(r, r.num_computed + k) for r in decode]):
             return 1  # check first: a failed attempt would leave some rows with pages they do not use yet
         for req in decode:
             self._ensure_pages(req, req.num_computed + k)
@@ -583,7 +593,7 @@ class Engine:
                     for req, n in prefill]
             result = self._run(rows, max(n for _, n in prefill), "prefill")
             for i, (req, n) in enumerate(prefill):
-                req.num_computed += n
+                self._computed(req, n)
                 self.stats["prompt_tokens"] += n
                 if req.num_computed == len(req.all_ids):
                     self._append(req, result, i)
@@ -598,14 +608,14 @@ class Engine:
                 step_result = jax.tree.map(lambda x, j=j: x[j], results)
                 for i, req in enumerate(decode):
                     if req.status is Status.RUNNING:
-                        req.num_computed += 1
+                        self._computed(req, 1)
                         self._append(req, step_result, i)
             touched.extend(decode)
         elif decode:
             rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
             result = self._run(rows, 1, "decode")
             for i, req in enumerate(decode):
-                req.num_computed += 1
+                self._computed(req, 1)
                 self._append(req, result, i)
                 touched.append(req)
         self.stats["steps"] += 1
@@ -675,21 +685,3 @@ class Engine:
             outs = self.step()
             if progress is not None:
                 progress(outs)
-
-
-def _num_logprobs(params: Sequence[SamplingParams]) -> int:
-    """Top logprobs to compute for a batch: none, or all MAX_LOGPROBS when any row asks for top logprobs. One
-    static value for every request size, so logprobs=1..20 never compile another step (a top-20 over the vocabulary
-    costs next to nothing beside the step); each row keeps the first `logprobs` of them."""
-    return MAX_LOGPROBS if any(p.logprobs for p in params) else 0
-
-
-def _join(results: list, groups: list[list[int]], axis: int):
-    """Per-micro-batch host results (rows padded to buckets along `axis`) -> one result over all rows in order."""
-    if len(results) == 1:
-        return results[0]
-    def trim(result, n):
-        return jax.tree.map(lambda x: np.take(x, np.arange(n), axis=axis), result)
-
-    trimmed = [trim(r, len(g)) for r, g in zip(results, groups, strict=True)]
-    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=axis), *trimmed)

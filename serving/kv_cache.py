@@ -1,14 +1,20 @@
 """KV pools outside the model (DESIGN.md decision 3), and the KV store a jitted step hands to the decoder.
 
-- Full-attention layers that own K/V: one paged pool per layer, k/v (num_pages, page_size, K, H). A sequence's
-  page table maps its logical pages to physical ones; page 0 is a trash page that padding tokens write to.
-- Sliding layers that own K/V: a ring of R = `sliding_window` (+ optional spare) slots per sequence slot, k/v
-  (max_seqs + 1, R, K, H); the token at position p lives in ring slot p % R, so a sequence never holds more than R
-  tokens there. The attention mask, not the ring, enforces the window. Row max_seqs is a trash row.
-- KV-shared layers: nothing; they read their source layer's K/V inside the step.
+Every layer that owns K/V stores it in pages of `page_size` tokens; KV-shared layers store nothing (they read
+their source layer's K/V inside the step).
 
-Both K and V are stored also for keys-as-values layers: there V = v_norm(raw key) and K = rope(k_norm(raw key)),
-so they differ. Memory per token is set by the full-attention layers alone (the windows are bounded).
+- Full-attention layers: one pool per layer, k/v (num_pages, page_size, K, H). A sequence's page table maps its
+  logical pages to physical ones, for its whole length.
+- Sliding-window layers: one pool per layer, k/v (num_window_pages, page_size, K, H), with a second page table per
+  sequence (the *window* table) in which only the pages that can still be read are live: once a page falls
+  wholly before the window of the sequence's next token (`window_keep` keys before it) it is released, either to
+  the free list or, when prefix caching keeps it, to the cache (serving/prefix_cache.py). A step reads each row's
+  windowed table from its first live page (`window_start`), so a sliding layer attends over ~window + chunk keys
+  and memory per token is still set by the full-attention layers alone.
+
+Page 0 of each pool is a trash page that padding tokens write to. Both K and V are stored also for keys-as-values
+layers: there V = v_norm(raw key) and K = rope(k_norm(raw key)), so they differ. Rejected speculative drafts write
+at positions past the context, into pages the sequence owns; later tokens overwrite them (no spare slots needed).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 from flax import struct
 
 from gemma4_jax.config import TextConfig
-from gemma4_jax.kv_view import DenseKV, KVView, PagedKV, RingKV
+from gemma4_jax.kv_view import KVView, PagedKV
 
 TRASH_PAGE = 0
 
@@ -31,26 +37,38 @@ class CacheLayout:
     """Static facts of the pools (hashable: part of the jitted step's static arguments)."""
 
     page_size: int
-    num_pages: int  # including the trash page
-    max_seqs: int  # sequence slots (ring rows); row max_seqs is trash
-    ring_len: int  # ring slots per sequence in sliding layers: the window plus spare slots (see for_config)
-    full_layers: tuple[int, ...]  # layers with a paged pool
-    sliding_layers: tuple[int, ...]  # layers with a ring
+    num_pages: int  # full-attention pool, including the trash page
+    num_window_pages: int  # sliding-window pool, including the trash page
+    max_seqs: int  # sequence slots (rows of the sampler's penalty counts); slot max_seqs is trash
+    window_keep: int  # keys before a sequence's next position that sliding readers may still need
+    full_layers: tuple[int, ...]  # layers with a full-attention pool
+    sliding_layers: tuple[int, ...]  # layers with a sliding-window pool
 
     @staticmethod
-    def for_config(cfg: TextConfig, page_size: int, num_pages: int, max_seqs: int,
-                   spare_ring_slots: int = 0) -> CacheLayout:
-        """spare_ring_slots: extra ring slots beyond the window, so that tokens written and then rolled back (the
-        rejected drafts of a speculative verify step) never overwrite keys still inside the window."""
+    def for_config(cfg: TextConfig, page_size: int, num_pages: int, max_seqs: int, num_window_pages: int,
+                   window_keep: int | None = None) -> CacheLayout:
+        """window_keep: default sliding_window - 1 (a query at p sees keys > p - W); a reader that looks further
+        back (the MTP assistant drafter: speculative.assistant_window_keep) asks for more."""
         owners = [s for s in cfg.layers if not s.is_kv_shared]
         return CacheLayout(
             page_size=page_size,
             num_pages=num_pages,
+            num_window_pages=num_window_pages,
             max_seqs=max_seqs,
-            ring_len=cfg.sliding_window + spare_ring_slots,
+            window_keep=cfg.sliding_window - 1 if window_keep is None else window_keep,
             full_layers=tuple(s.index for s in owners if not s.is_sliding),
             sliding_layers=tuple(s.index for s in owners if s.is_sliding),
         )
+
+    def first_window_page(self, num_computed: int) -> int:
+        """The first logical page a sequence with `num_computed` cached tokens may still read in sliding layers."""
+        return max(0, num_computed - self.window_keep) // self.page_size
+
+    def window_width(self, num_tokens: int, full_width: int) -> int:
+        """Columns of the windowed page table of a step feeding up to `num_tokens` tokens per row (lookahead
+        included) whose full tables have `full_width` columns: a function of the step's shape alone (no new compiled
+        shapes). Bound: a row at context c spans pages (c - keep) // ps .. (c + n - 1) // ps."""
+        return min(full_width, bucket(pages_needed(self.window_keep + num_tokens, self.page_size) + 1, 4))
 
 
 def allocate(cfg: TextConfig, layout: CacheLayout, dtype, sharding=None, layers=None) -> dict[str, jax.Array]:
@@ -62,10 +80,8 @@ def allocate(cfg: TextConfig, layout: CacheLayout, dtype, sharding=None, layers=
     for spec in cfg.layers:
         if spec.is_kv_shared or spec.index not in wanted:
             continue
-        if spec.is_sliding:
-            shape = (layout.max_seqs + 1, layout.ring_len, spec.num_kv_heads, spec.head_dim)
-        else:
-            shape = (layout.num_pages, layout.page_size, spec.num_kv_heads, spec.head_dim)
+        pages = layout.num_window_pages if spec.is_sliding else layout.num_pages
+        shape = (pages, layout.page_size, spec.num_kv_heads, spec.head_dim)
         where = sharding(shape) if callable(sharding) else sharding
         for kind in ("k", "v"):
             cache[f"{kind}{spec.index}"] = jnp.zeros(shape, dtype, device=where)
@@ -82,15 +98,18 @@ class StepBatch:
     tokens: jax.Array  # (B, T) int32
     positions: jax.Array  # (B, T) int32, -1 on padding tokens
     context_lens: jax.Array  # (B,) int32: tokens already in the cache before this step
-    slots: jax.Array  # (B,) int32: ring row of each sequence (max_seqs for padding rows)
+    slots: jax.Array  # (B,) int32: sequence slot (penalty counts, drafter state; max_seqs for padding rows)
     page_table: jax.Array  # (B, P) int32: physical page of each logical page (TRASH_PAGE when unused)
     last_index: jax.Array  # (B,) int32: index in T of the token whose logits are wanted
+    window_table: jax.Array  # (B, Pw) int32: sliding pool pages of logical pages window_start // page_size ...
+    window_start: jax.Array  # (B,) int32: first position the window table covers (a multiple of page_size)
 
 
 class PagedKVStore:
-    """The decoder's KV store during a step: writes each layer's new tokens into its pool and returns a view
-    (kv_view.py) of the keys the layer attends over: a `PagedKV` of the updated pool for full layers, a `RingKV`
-    for sliding layers (the updated ring in decode; the ring before the chunk plus the chunk in a prefill chunk).
+    """The decoder's KV store during a step: writes each layer's new tokens into its pool and returns a `PagedKV`
+    view (kv_view.py) of the updated pool: through the full page table for full layers, through the windowed table
+    for sliding layers. Every position has its own slot, so a chunk's writes never evict keys its own earlier
+    tokens still read, and attending over the updated pool is exact.
 
     Mutates `self.cache` (a dict of traced arrays) functionally; the step returns it.
     """
@@ -100,89 +119,40 @@ class PagedKVStore:
         self.batch = batch
         self.layout = layout
 
-    def _paged(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> PagedKV:
-        b = self.batch
-        page = self.layout.page_size
+    def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVView:
+        """Write this step's k, v (B, T, K, H) at positions (B, T) and return the view the layer attends over."""
+        b, page = self.batch, self.layout.page_size
+        sliding = layer in self.layout.sliding_layers
+        table, start = (b.window_table, b.window_start) if sliding else (b.page_table, None)
         kc, vc = self.cache[f"k{layer}"], self.cache[f"v{layer}"]
-        num_p = b.page_table.shape[1]
-        # Write the new tokens first (padding goes to the trash page), then attend over the pool in place: pages
-        # never evict, so the pool holds exactly the context plus this step's tokens.
         valid = positions >= 0
-        safe = jnp.maximum(positions, 0)
-        phys = jnp.take_along_axis(b.page_table, jnp.minimum(safe // page, num_p - 1), axis=1)
-        phys = jnp.where(valid, phys, TRASH_PAGE)
-        off = safe % page
+        column = jnp.maximum(positions, 0) // page
+        if start is not None:
+            column = column - (start // page)[:, None]
+        phys = jnp.take_along_axis(table, jnp.clip(column, 0, table.shape[1] - 1), axis=1)
+        phys = jnp.where(valid, phys, TRASH_PAGE)  # padding goes to the trash page
+        off = jnp.maximum(positions, 0) % page
         kc = kc.at[phys, off].set(k.astype(kc.dtype))
         vc = vc.at[phys, off].set(v.astype(vc.dtype))
         self.cache[f"k{layer}"], self.cache[f"v{layer}"] = kc, vc
         end = b.context_lens + jnp.sum(valid, axis=1)
-        return PagedKV(kc, vc, b.page_table, end, dtype=k.dtype)
-
-    def _ring(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> RingKV:
-        b = self.batch
-        w = self.layout.ring_len
-        kc, vc = self.cache[f"k{layer}"], self.cache[f"v{layer}"]
-        valid = positions >= 0
-        end = b.context_lens[:, None] + jnp.sum(valid, axis=1, keepdims=True)
-        # Only the last R tokens of the chunk survive in the ring: earlier ones would collide with them.
-        keep = valid & (positions >= end - w)
-        rows = jnp.where(keep, b.slots[:, None], self.layout.max_seqs)
-        cols = jnp.where(keep, positions % w, 0)
-        new_kc = kc.at[rows, cols].set(k.astype(kc.dtype))
-        new_vc = vc.at[rows, cols].set(v.astype(vc.dtype))
-        self.cache[f"k{layer}"], self.cache[f"v{layer}"] = new_kc, new_vc
-        if k.shape[1] == 1:
-            # Decode: writing first evicts only a key outside every window, so attend over the updated ring alone.
-            return RingKV(new_kc, new_vc, b.slots, end[:, 0], chunk=None, dtype=k.dtype)
-        # A chunk may evict keys its own earlier tokens still need: attend over the old ring plus the chunk.
-        return RingKV(kc, vc, b.slots, b.context_lens, chunk=DenseKV(k, v, positions), dtype=k.dtype)
-
-    def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVView:
-        """Write this step's k, v (B, T, K, H) at positions (B, T) and return the view the layer attends over."""
-        if layer in self.layout.sliding_layers:
-            return self._ring(layer, k, v, positions)
-        return self._paged(layer, k, v, positions)
+        return PagedKV(kc, vc, table, end, dtype=k.dtype, start=start)
 
 
 def context_view(cache: dict[str, jax.Array], layout: CacheLayout, layer: int, page_table: jax.Array,
-                 slots: jax.Array, lengths: jax.Array, dtype) -> KVView:
+                 window_table: jax.Array, window_start: jax.Array, lengths: jax.Array, dtype) -> KVView:
     """A read-only view of one owner layer's pool as it stands, for a reader outside a step's forward (the MTP
     assistant drafter reads the target's last full and sliding layer). Writes nothing.
 
-    page_table: (B, P) int32; slots: (B,) int32 ring rows; lengths: (B,) int32 keys per row (the context after a
-    verify step's rollback: positions >= lengths[b], e.g. rejected drafts still in the pool, are outside the view).
-    Full layers -> PagedKV; sliding layers -> RingKV (its slot labels come from lengths, so the ring must hold the
-    reader's window plus the rejected writes: CacheLayout.for_config(spare_ring_slots=...))."""
+    page_table: (B, P) int32; window_table: (B, Pw) int32 and window_start: (B,) int32 (sliding layers, see
+    StepBatch); lengths: (B,) int32 keys per row (the context after a verify step's rollback: positions >=
+    lengths[b], e.g. rejected drafts still in the pool, are outside the view)."""
     k, v = cache[f"k{layer}"], cache[f"v{layer}"]
     if layer in layout.sliding_layers:
-        return RingKV(k, v, slots, lengths, chunk=None, dtype=dtype)
+        return PagedKV(k, v, window_table, lengths, dtype=dtype, start=window_start)
     if layer not in layout.full_layers:
         raise ValueError(f"layer {layer} owns no K/V pool (a KV-shared layer reads its source's)")
     return PagedKV(k, v, page_table, lengths, dtype=dtype)
-
-
-class PageAllocator:
-    """Host-side free list of physical pages (page 0 is the trash page and never handed out)."""
-
-    def __init__(self, num_pages: int):
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, 0, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_pages - 1 - len(self._free)
-
-    def allocate(self, n: int) -> list[int] | None:
-        if n > len(self._free):
-            return None
-        return [self._free.pop() for _ in range(n)]
-
-    def free(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
 
 
 def pages_needed(num_tokens: int, page_size: int) -> int:

@@ -106,7 +106,9 @@ class Request:
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     slot: int = -1
-    pages: list[int] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)  # full-attention pool pages by logical page
+    window_pages: list[int] = dataclasses.field(default_factory=list)  # sliding pool pages (trash before the window)
+    prefix: Any = None  # prefix_cache.PrefixKey: the block hashes of all_ids (set by the engine)
     num_computed: int = 0  # tokens whose K/V are in the pools
     text: str = ""
     finish_reason: str | None = None

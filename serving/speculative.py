@@ -227,13 +227,11 @@ def load_drafter(model: str | os.PathLike | AssistantModel, target: Model) -> As
     return load_assistant(model, dtype=target.dtype, mesh=target.mesh, target=target)
 
 
-def assistant_ring_slots(assistant: AssistantModel, target: Model, num_speculative_tokens: int) -> int:
-    """Spare ring slots (beyond the target's window W_t) with the assistant drafter. A draft at position p reads
-    the target's sliding keys p-1-W_a .. p-1 (W_a + 1 keys, assistant.py); a verify step whose drafts were
-    rejected wrote up to p - 1 + k into ring slots the ring then labels as positions p - 1 + k - R: the ring needs
-    R >= W_a + k + 1 slots (and R >= W_t + k for the target's own reads, CacheLayout.for_config)."""
-    k, w_t = num_speculative_tokens, target.config.text.sliding_window
-    return max(k, assistant.config.text.sliding_window + k + 1 - w_t)
+def assistant_window_keep(assistant: AssistantModel) -> int:
+    """Keys before a row's context end that the assistant drafter reads in the target's sliding layer: a draft at
+    position p reads the target's keys p-1-W_a .. p-1 (W_a + 1 keys, assistant.py). The sliding pool keeps them
+    (CacheLayout.window_keep); keys of rejected drafts sit past the context, where no read sees them."""
+    return assistant.config.text.sliding_window + 1
 
 
 @functools.partial(jax.jit, donate_argnames=("buffer",))
@@ -247,19 +245,21 @@ def _record_hidden(buffer: jax.Array, slots: jax.Array, hidden: jax.Array) -> ja
 )
 def draft_step(assistant_graph: StaticGraph, assistant_state: nnx.State, embed_graph: StaticGraph,
                embed_state: nnx.State, pools: dict[str, jax.Array], hidden: jax.Array, tokens: jax.Array,
-               positions: jax.Array, slots: jax.Array, page_table: jax.Array, *, layout: CacheLayout,
+               positions: jax.Array, slots: jax.Array, page_table: jax.Array, window_table: jax.Array,
+               window_start: jax.Array, *, layout: CacheLayout,
                attention: AttentionPlan, sources: tuple[tuple[str, int], ...], num_tokens: int) -> jax.Array:
     """k = num_tokens greedy assistant drafts per row (assistant.draft) from the target's state as it stands.
 
     pools: the target's pools of its source layers {"k{l}", "v{l}"} (read, not donated); hidden: (S + 1, D_t) the
     recorded final-normed states by slot; tokens (B,) int32 each row's last token (not in the cache); positions
-    (B,) int32 its position p = the row's cached context (-1: padding row); slots (B,) int32 ring rows (S for
-    padding); page_table (B, P) int32. sources: ((attention type, target layer), ...). Returns drafts (B, k) int32.
+    (B,) int32 its position p = the row's cached context (-1: padding row); slots (B,) int32 sequence slots (S for
+    padding); page_table (B, P) int32; window_table (B, Pw), window_start (B,) int32: the sliding pool's windowed
+    table (kv_cache.StepBatch). sources: ((attention type, target layer), ...). Returns drafts (B, k) int32.
     """
     assistant = nnx.merge(assistant_graph.graphdef, assistant_state)
     embed = nnx.merge(embed_graph.graphdef, embed_state)
     lengths = jnp.maximum(positions, 0)  # the context after rollback: rejected drafts' keys are outside the view
-    views = {kind: context_view(pools, layout, layer, page_table, slots, lengths, hidden.dtype)
+    views = {kind: context_view(pools, layout, layer, page_table, window_table, window_start, lengths, hidden.dtype)
              for kind, layer in sources}
     kv = TargetKV(sliding=views.get(SLIDING), full=views.get(FULL))
     out = draft(assistant, embed, tokens, hidden[slots], kv, positions, num_tokens=num_tokens, attention=attention)
@@ -289,10 +289,10 @@ class AssistantProposer:
         self.num_tokens = num_speculative_tokens
         sources = assistant.check_target(target)
         self.sources = tuple(sorted(sources.items()))
-        needed = assistant.config.text.sliding_window + num_speculative_tokens + 1
-        if SLIDING in sources and layout.ring_len < needed:
-            raise ValueError(f"rings of {layout.ring_len} slots are too short for the assistant drafter (it needs "
-                             f"{needed}: assistant_ring_slots)")
+        needed = assistant_window_keep(assistant)
+        if SLIDING in sources and layout.window_keep < needed:
+            raise ValueError(f"the sliding pool keeps {layout.window_keep} keys before the context, the assistant "
+                             f"drafter reads {needed} (assistant_window_keep)")
         # The target's scaled token embedding, split out once: the draft call takes only these weights.
         embed_graph, self.embed_state = nnx.split(nnx.merge(target.graphdef, target.state).embed_tokens)
         self.embed_graph = static_graph(embed_graph)
@@ -322,15 +322,23 @@ class AssistantProposer:
         positions = np.full((b,), -1, np.int32)
         slots = np.full((b,), layout.max_seqs, np.int32)
         table = np.zeros((b, p), np.int32)
+        pw = layout.window_width(1, p)
+        window = np.zeros((b, pw), np.int32)
+        window_start = np.zeros((b,), np.int32)
         for i, req in enumerate(requests):
             tokens[i], positions[i], slots[i] = req.all_ids[-1], req.num_computed, req.slot
             n = min(len(req.pages), p)
             table[i, :n] = req.pages[:n]
+            if layout.sliding_layers:
+                first = layout.first_window_page(req.num_computed)
+                live = req.window_pages[first: first + pw]
+                window[i, : len(live)] = live
+                window_start[i] = first * layout.page_size
         pools = {f"{kind}{layer}": cache[f"{kind}{layer}"] for _, layer in self.sources for kind in "kv"}
         with jax.set_mesh(self.mesh):
             drafts = draft_step(self.assistant.static_graph, self.assistant.state, self.embed_graph,
-                                self.embed_state, pools, self.hidden, tokens, positions, slots, table,
-                                layout=layout, attention=self.attention, sources=self.sources,
+                                self.embed_state, pools, self.hidden, tokens, positions, slots, table, window,
+                                window_start, layout=layout, attention=self.attention, sources=self.sources,
                                 num_tokens=self.num_tokens)
         drafts = np.asarray(jax.device_get(drafts))
         self.draft_time_s += time.perf_counter() - t0

@@ -1,22 +1,22 @@
 """Warm-up: compile every step shape the engine's scheduler can produce before the first request arrives.
 
 JAX compiles a jitted step once per static shape. The engine pads each step to buckets (rows B, tokens T, pages
-of context P; `Engine._build`), plus whether any row wants top logprobs, so a configuration has a finite set of
-shapes; without a warm-up each one compiles on the request that first meets it (seconds to a minute each). Here:
+of context P; `step_builder.build_rows`), plus whether any row wants top logprobs, so a configuration has a finite
+set of shapes; without a warm-up each one compiles on the request that first meets it (seconds to a minute each). Here:
 
 - `plan(engine)` lists that set from the engine's configuration (max_num_seqs, max_num_batched_tokens,
   max_model_len, page_size, num_scheduler_steps), one `WarmupShape` per distinct shape key. The bucket values are
   not written down here: representatives of every possible row count, chunk length and context length are passed
-  through the engine's own `_build`, and the keys it returns are deduplicated, so the list follows the scheduler's
+  through the engine's own `build_rows`, and the keys it returns are deduplicated, so the list follows the scheduler's
   buckets wherever they change;
 - `warm_up(engine)` runs each shape once through the engine's own step path (`Engine._run`, `_run_multi`) on
-  dummy rows that write only the trash page and the trash ring row, with a progress bar and the time per shape at
+  dummy rows that write only the trash pages, with a progress bar and the time per shape at
   INFO, then the prompt-logprob forward (`echo` with `logprobs`) at each of its prompt buckets.
 
 What a request may vary without a compile after this: the prompt length, `n`, `echo`, tools (chat templates only),
-streaming, any sampling value, `logprobs` 0..20 (one static count, `engine._num_logprobs`). What still compiles on
-first use, and is logged as it does: penalties (the first request with one allocates the token counts, a second
-family of shapes), structured outputs (a token mask), images and audio (their encoders and soft-token counts), a
+streaming, any sampling value, `logprobs` 0..20 (one static count, `step_builder.num_logprobs_for`). What still
+compiles on first use, and is logged as it does: penalties (the first request with one allocates the token counts, a
+second family of shapes), structured outputs (a token mask), images and audio (their encoders and soft-token counts), a
 draft model's own programs. Speculative verify steps (k + 1 tokens per row) are warmed when speculation is on.
 """
 
@@ -90,8 +90,9 @@ def _dummy_request(engine: Engine, start: int, num_tokens: int, logprobs: bool, 
     req = Request("warmup", None, prompt, params, arrival=-1, key=request_key(0), status=Status.RUNNING)
     if decoding:
         req.output_ids = [0]
-    req.slot = engine.layout.max_seqs  # the trash row of the sliding rings
+    req.slot = engine.layout.max_seqs  # the trash slot
     req.pages = [TRASH_PAGE] * pages_needed(total, engine.layout.page_size)
+    req.window_pages = list(req.pages)
     req.num_computed = start
     return req
 

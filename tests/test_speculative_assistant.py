@@ -89,7 +89,7 @@ def _check_greedy(model, assistant, reference, k):
     prompts = _prompts()
     engine = _engine(model, assistant, k)
     assert isinstance(engine.proposer, AssistantProposer)
-    assert engine.layout.ring_len == WINDOW + k + 1  # the assistant reads one key further back than the target
+    assert engine.layout.window_keep == WINDOW + 1  # the assistant reads one key further back than the target
     ids = [engine.add_request(p, GREEDY) for p in prompts]
     engine.run_until_done()
     outs = [engine.release(i) for i in ids]
