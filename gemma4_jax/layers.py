@@ -41,6 +41,31 @@ def param(
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
+def weight_einsum(spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """einsum(spec, x, w) of activations x (..., *in) and a weight, accumulated in float32, the result in x's dtype.
+
+    spec: "...<in letters>,<weight letters>-><...out letters>"; n_in: how many trailing axes of x it contracts.
+    In float32 this is the plain einsum. In bfloat16 (or float16) the result is the plain einsum's too (XLA:CPU
+    converts both operands to float32, multiplies and rounds the result; GPUs accumulate in float32), but on CPU:
+    - asking for the float32 result lets XLA hand the bfloat16 operands straight to its YNNPACK GEMM, where the
+      plain einsum converts the whole weight to float32 first, on every call: a bench-100m decode step at 64 rows
+      runs 2-3x faster, and faster than in float32;
+    - a one-row product (batch-1 decode) goes to XLA's own matrix-vector loop, which converts the weight too; it is
+      padded to two rows so it reaches the GEMM (~5x faster; still slower than float32, which `--dtype auto` picks
+      on CPU). docs/benchmarks.md, "bfloat16 on CPU".
+    """
+    w = w.astype(x.dtype)
+    if x.dtype == jnp.float32:
+        return jnp.einsum(spec, x, w)
+    lead = x.shape[: x.ndim - n_in]
+    if math.prod(lead) == 1 and jax.default_backend() == "cpu":
+        row = x.reshape(1, *x.shape[x.ndim - n_in :])
+        two = jnp.concatenate([row, row])  # (a broadcast would be simplified back to one row)
+        y = jnp.einsum(spec, two, w, preferred_element_type=jnp.float32)[0]
+        return y.astype(x.dtype).reshape(*lead, *y.shape)
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 class Linear(nnx.Module):
     """y = x @ W with multi-dimensional in/out features, bias-free (Gemma 4 has no biases).
 
@@ -68,7 +93,7 @@ class Linear(nnx.Module):
         n_in, n_out = len(self.in_shape), len(self.out_shape)
         letters = "abcdefgh"
         ins, outs = letters[:n_in], letters[n_in : n_in + n_out]
-        return jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x, self.kernel[...].astype(x.dtype))
+        return weight_einsum(f"...{ins},{ins}{outs}->...{outs}", x, self.kernel[...], n_in)
 
 
 class QuantLinear(nnx.Module):
@@ -158,7 +183,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied LM head: (..., D) -> (..., V)."""
-        return jnp.einsum("...D,VD->...V", x, self.embedding[...].astype(x.dtype))
+        return weight_einsum("...D,VD->...V", x, self.embedding[...])
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
