@@ -140,7 +140,10 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", default=DEFAULT_JOBS, help="model jobs preset:experts:attention, comma-separated")
     ap.add_argument("--sections", default="machine,tests,models,attention,fp4,stack",
                     help="sections to run, in this order")
-    ap.add_argument("--model-job-seconds", type=float, default=150.0, help="limit of one model job")
+    ap.add_argument("--model-job-seconds", type=float, default=200.0, help="limit of one model job")
+    ap.add_argument("--model-xla-flags", default="--xla_gpu_enable_triton_gemm=false",
+                    help="XLA_FLAGS of the model jobs (default: cuBLAS GEMMs, no Triton GEMM autotuning, which "
+                    "multiplies compile time on real-size presets)")
     args = ap.parse_args(argv)
     args.out = args.out or os.environ.get("OUT") or os.path.join(args.repo, "benchmarks", "gpu_check_out")
     deadline = Deadline(args.deadline)
@@ -218,7 +221,10 @@ def main(argv=None) -> int:
             if limit < 45:
                 result["models"][job] = {"skipped": f"{limit:.0f} s left"}
                 continue
-            result["models"][job] = run(cmd, limit, env, log)
+            job_env = dict(env)
+            if not args.reduced and args.model_xla_flags:
+                job_env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.model_xla_flags).strip()
+            result["models"][job] = run(cmd, limit, job_env, log)
             save()
 
     known = {"machine": sec_machine, "tests": sec_tests, "stack": sec_stack, "attention": sec_attention,

@@ -94,18 +94,26 @@ def build(args):
             raise SystemExit(f"--experts nvfp4 needs a MoE preset; {args.preset} has no experts")
         plan = quant.QuantPlan.experts_only(text.num_hidden_layers)
     t0 = time.perf_counter()
-    model = gemma4_jax.from_config(cfg, dtype=args.dtype, quant_plan=plan, moe_backend=args.moe_backend,
-                                   attention_backend="xla")
+    model = random_model(cfg, args.dtype, plan, args.moe_backend)
     jax.block_until_ready(model.state)
     init_s = time.perf_counter() - t0
+    _say(args, f"weights ready in {init_s:.1f} s")
     attention = resolve_attention(args.attention, log_choice=lambda s: None)
     ps = args.page_size
-    per_row = kv_cache.pages_needed(args.context + args.decode_steps + 1, ps)
-    prefill_pages = kv_cache.pages_needed(max(args.prefill, default=1), ps)
+    # Page tables as the engine's step builder pads them (serving/step_builder.py): full tables to a bucket of
+    # pages, windowed sliding tables to CacheLayout.window_width.
+    per_row = kv_cache.bucket(kv_cache.pages_needed(args.context + args.decode_steps + 1, ps), 4)
+    prefill_pages = kv_cache.bucket(kv_cache.pages_needed(max(args.prefill, default=1), ps), 4)
     num_pages = 1 + max(max(args.batches) * per_row, prefill_pages)
-    layout = kv_cache.CacheLayout.for_config(text, page_size=ps, num_pages=num_pages, max_seqs=max(args.batches))
+    probe = kv_cache.CacheLayout.for_config(text, page_size=ps, num_pages=num_pages, max_seqs=max(args.batches),
+                                            num_window_pages=1)
+    per_row_window = probe.window_width(args.decode_steps + 1, per_row)
+    num_window = 1 + max(max(args.batches) * per_row_window, prefill_pages)
+    layout = kv_cache.CacheLayout.for_config(text, page_size=ps, num_pages=num_pages, max_seqs=max(args.batches),
+                                             num_window_pages=num_window)
     runner = Runner(model, layout, attention)
     cache = runner.allocate()
+    _say(args, f"pools allocated: {sum(v.nbytes for v in cache.values()) / 1e9:.1f} GB")
     key = jax.random.key(7)
     cache = {name: (jax.random.normal(jax.random.fold_in(key, i), pool.shape, jnp.float32) * 0.5).astype(pool.dtype)
              for i, (name, pool) in enumerate(sorted(cache.items()))}
@@ -113,11 +121,75 @@ def build(args):
     return model, runner, cache, per_row, init_s
 
 
-def decode_batch(b: int, context: int, per_row: int, vocab: int, seed: int):
-    """A decode StepBatch of b rows, each with `context` tokens cached, its own pages and ring row."""
+def random_model(cfg, dtype, plan, moe_backend: str):
+    """A model of `cfg` with random weights, made fast: one small jitted generator per distinct (shape, dtype, kind)
+    called once per parameter with its own key (`from_config` compiles one program initialising every parameter
+    with its exact initialiser, which takes minutes to compile for a real-size preset on a GPU). Scales: N(0, 0.02)
+    for float weights (norm weights too: Gemma's norms scale by 1 + w), NVFP4/FP8 codes and scales as
+    `model._random_packed`. Uses the facade's building blocks (model._abstract, _place, _make_model)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from gemma4_jax import model as model_lib
+    from gemma4_jax import quant
+    from gemma4_jax.attention_backends import resolve_attention
+
+    dt = model_lib.resolve_dtype(dtype)
+    plan = plan or quant.QuantPlan()
+    formats = {plan.expert_format(i) for i in range(cfg.text.num_hidden_layers)} if plan.experts else {None}
+    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats)
+    graphdef, abstract = model_lib._abstract(cfg, dt, plan, backend)
+    mesh = model_lib._place(cfg, abstract, 1, 1, 1)
+    of = model_lib._sharding_of(mesh)
+    makers: dict = {}
+
+    def maker(kind: str, shape, dtype, where):
+        key = (kind, shape, jnp.dtype(dtype).name)
+        if key not in makers:
+            def make(k):
+                if kind == "bits":
+                    return jax.random.bits(k, shape, jnp.uint8)
+                if kind == "block_scale":
+                    scale = (shape[-1] * quant.NVFP4_BLOCK) ** -0.5 / 2.2
+                    return (jax.random.uniform(k, shape, jnp.float32, 0.75, 1.25) * scale).astype(dtype)
+                if kind == "ones":
+                    return jnp.ones(shape, dtype)
+                return (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
+            makers[key] = jax.jit(make, out_shardings=where)
+        return makers[key]
+
+    root = jax.random.key(0)
+    values = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
+        name = str(path[-1])
+        if var.dtype == jnp.uint8:
+            kind = "bits"
+        elif name == "block_scale":
+            kind = "block_scale"
+        elif name == "row_scale":
+            kind = "ones"
+        elif jnp.issubdtype(var.dtype, jnp.integer) or var.dtype == jnp.bool_:
+            kind = "ones"
+        else:
+            kind = "normal"
+        value = maker(kind, tuple(var.shape), var.dtype, of(var))(jax.random.fold_in(root, i))
+        values.append((path, var.replace(value)))
+    state = nnx.from_flat_state(values)
+    return model_lib._make_model(cfg, graphdef, abstract, state, mesh, dt, resolve_attention("xla", log_choice=str))
+
+
+def _say(args, text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} {args.preset}/{args.experts}/{args.attention}] {text}", flush=True)
+
+
+def decode_batch(b: int, context: int, per_row: int, layout, steps: int, vocab: int, seed: int):
+    """A decode StepBatch of b rows, each with `context` tokens cached, its own pages (full and sliding-window)."""
     from gemma4_jax.serving.kv_cache import StepBatch
 
     rng = np.random.default_rng(seed)
+    pw = layout.window_width(steps + 1, per_row)
+    first = layout.first_window_page(context)
     return StepBatch(
         tokens=rng.integers(16, vocab, (b, 1)).astype(np.int32),
         positions=np.full((b, 1), context, np.int32),
@@ -125,16 +197,19 @@ def decode_batch(b: int, context: int, per_row: int, vocab: int, seed: int):
         slots=np.arange(b, dtype=np.int32),
         page_table=(1 + np.arange(b)[:, None] * per_row + np.arange(per_row)[None, :]).astype(np.int32),
         last_index=np.zeros((b,), np.int32),
+        window_table=(1 + np.arange(b)[:, None] * pw + np.arange(pw)[None, :]).astype(np.int32),
+        window_start=np.full((b,), first * layout.page_size, np.int32),
     )
 
 
-def prefill_batch(length: int, page_size: int, vocab: int, seed: int):
+def prefill_batch(length: int, layout, vocab: int, seed: int):
     """One row of `length` prompt tokens as a single chunk (no context before it)."""
     from gemma4_jax.serving import kv_cache
     from gemma4_jax.serving.kv_cache import StepBatch
 
     rng = np.random.default_rng(seed)
-    pages = kv_cache.pages_needed(length, page_size)
+    pages = kv_cache.bucket(kv_cache.pages_needed(length, layout.page_size), 4)
+    pw = layout.window_width(length, pages)
     return StepBatch(
         tokens=rng.integers(16, vocab, (1, length)).astype(np.int32),
         positions=np.arange(length, dtype=np.int32)[None, :],
@@ -142,6 +217,8 @@ def prefill_batch(length: int, page_size: int, vocab: int, seed: int):
         slots=np.zeros((1,), np.int32),
         page_table=(1 + np.arange(pages, dtype=np.int32))[None, :],
         last_index=np.full((1,), length - 1, np.int32),
+        window_table=(1 + np.arange(pw, dtype=np.int32))[None, :],
+        window_start=np.zeros((1,), np.int32),
     )
 
 
@@ -248,25 +325,29 @@ def run(args) -> dict[str, Any]:
     t0 = time.perf_counter()
     with jax.set_mesh(runner.mesh):
         for b in args.batches:
-            batch, sampling = decode_batch(b, args.context, per_row, text.vocab_size, b), greedy(b)
+            batch = decode_batch(b, args.context, per_row, layout, args.decode_steps, text.vocab_size, b)
+            sampling = greedy(b)
             steps = np.zeros((b,), np.int32)
             inputs[f"decode_b{b}"] = (batch, sampling, steps)
             lowered[f"decode_b{b}"] = runner_lib.decode_steps.lower(
                 graph, state, cache, None, batch, sampling, steps, layout=layout, attention=attention,
                 num_logprobs=0, num_steps=args.decode_steps)
         for n in args.prefill:
-            batch, sampling = prefill_batch(n, args.page_size, text.vocab_size, n), greedy(1)
+            batch, sampling = prefill_batch(n, layout, text.vocab_size, n), greedy(1)
             steps, rows = np.zeros((1,), np.int32), np.ones((1,), bool)
             inputs[f"prefill_{n}"] = (batch, sampling, steps, rows)
             lowered[f"prefill_{n}"] = runner_lib.model_step.lower(
                 graph, state, cache, None, batch, sampling, steps, rows, None, None, layout=layout,
                 attention=attention, phase="prefill", num_logprobs=0)
     result["compile"]["lower_s"] = time.perf_counter() - t0
+    _say(args, f"{len(lowered)} programs lowered in {result['compile']['lower_s']:.1f} s; compiling")
 
     def compile_one(name):
         c0 = time.perf_counter()
         try:
-            return name, lowered[name].compile(), time.perf_counter() - c0, None
+            exe = lowered[name].compile()
+            _say(args, f"compiled {name} in {time.perf_counter() - c0:.1f} s")
+            return name, exe, time.perf_counter() - c0, None
         except Exception as e:  # noqa: BLE001 (reported per program; the others still run)
             return name, None, time.perf_counter() - c0, f"{type(e).__name__}: {str(e)[:2000]}"
 

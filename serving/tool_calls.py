@@ -1,4 +1,4 @@
-"""Gemma 4's tool-call grammar: model output <-> OpenAI `tool_calls`.
+r"""Gemma 4's tool-call grammar: model output <-> OpenAI `tool_calls`.
 
 The syntax is Gemma 4's, as transformers 5.23 parses it (`transformers/cli/serving/utils.py`,
 `_RESPONSE_TEMPLATE_FALLBACKS["gemma4"]`: open `<|tool_call>call:(?P<name>\w+)`, close `<tool_call|>`, JSON content
