@@ -77,6 +77,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache budget in GiB (the CPU's sizing; see --gpu-memory-utilization)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="GPU only: size the KV cache from this fraction of device memory, less the weights")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of cached prompt prefixes in every layer kind (vLLM's flag; on by default; "
+                   "--no-enable-prefix-caching turns it off). docs/prefix_caching.md")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto"],
                    help="auto: the model dtype (the only one supported)")
     g.add_argument("--attention-backend", default="auto", help="auto, xla, or a registered kernel (both phases)")
@@ -112,6 +115,8 @@ def _bench_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="automatic prefix caching (on by default; the report shows the hit rate)")
 
 
 def _model_path(args: argparse.Namespace) -> str | None:
@@ -185,7 +190,7 @@ def build_llm(args: argparse.Namespace):
     options = dict(**limits, attention_backend=args.attention_backend,
                    prefill_backend=args.prefill_attention_backend, decode_backend=args.decode_attention_backend,
                    page_size=args.block_size, compilation_cache=False if args.no_compilation_cache
-                   else args.compilation_cache_dir)
+                   else args.compilation_cache_dir, enable_prefix_caching=args.enable_prefix_caching)
     if args.num_gpu_blocks_override is not None:
         options["num_pages"] = args.num_gpu_blocks_override + 1  # plus the trash page
     if args.speculative_config or args.draft_model or args.num_speculative_tokens:

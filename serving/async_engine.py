@@ -171,7 +171,14 @@ class Score:
     done: asyncio.Future
 
 
-Command = AddRequests | Abort | AbortAll | Stop | Score
+@dataclasses.dataclass(frozen=True)
+class ResetPrefixCache:
+    """Forget every cached prefix block (Engine.reset_prefix_cache); `done` resolves with None."""
+
+    done: asyncio.Future
+
+
+Command = AddRequests | Abort | AbortAll | Stop | Score | ResetPrefixCache
 
 
 @dataclasses.dataclass
@@ -321,6 +328,14 @@ class AsyncEngine:
         self._commands.put(Score(list(ids), k, done))
         return await self._answer(done)
 
+    async def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block, between two engine steps."""
+        if not self.alive or self._loop is None:
+            raise EngineStopped("the engine is not running")
+        done = self._loop.create_future()
+        self._commands.put(ResetPrefixCache(done))
+        await self._answer(done)
+
     def abort(self, group: RequestGroup) -> None:
         """Abort the group's unfinished requests (no-op for finished ones); their pages are freed before the next
         engine step. Safe to call more than once, and from `finally` blocks of cancelled tasks."""
@@ -386,6 +401,9 @@ class AsyncEngine:
                 self._add(command)
             case Score():
                 self._score_prompt(command)
+            case ResetPrefixCache():
+                self.engine.reset_prefix_cache()
+                self._call_loop(_resolve, command.done, None)
             case Abort():
                 for rid in command.request_ids:
                     if self._tracked.pop(rid, None) is not None:
@@ -502,6 +520,7 @@ class AsyncEngine:
         m.kv_usage.set(used / total if total else 0.0)
         m.compiles.set(e.stats.get("compiles", 0))
         m.update_spec_decode(e.spec_stats)
+        m.update_prefix_cache(e.stats["prefix_cache_queries"], e.stats["prefix_cache_hits"])
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

@@ -84,6 +84,9 @@ class EngineConfig:
     # Sliding-window pages kept for cached prefixes beyond those running sequences need, in windows (a hit at P needs
     # the window before P cached); default max_num_seqs. Ignored when caching is off.
     prefix_cache_windows: int | None = None
+    # The sliding-window pool's size in pages, trash page included (default: sized from the limits above, see
+    # Engine._window_pages). Engines with equal pools share compiled steps (tests compare caching on and off).
+    num_window_pages: int | None = None
 
     def resolve_attention(self) -> AttentionPlan:
         """The plan every engine step runs; an unknown or unavailable choice raises ValueError here."""
@@ -189,6 +192,12 @@ class Engine:
         per_step = max(config.num_scheduler_steps, 1 + (self.speculative.num_speculative_tokens
                                                         if self.speculative is not None else 0))
         per_seq = pages_needed(keep, page) + 2 + pages_needed(per_step, page)
+        if config.num_window_pages is not None:
+            alone = pages_needed(keep + max(config.max_num_batched_tokens, per_step), page) + 2
+            if config.num_window_pages - 1 < alone:
+                raise ValueError(f"num_window_pages={config.num_window_pages} leaves fewer than the {alone} pages "
+                                 "(besides the trash page) one sequence's window and step need")
+            return config.num_window_pages
         running = config.max_num_seqs * per_seq + pages_needed(config.max_num_batched_tokens, page)
         cached = 0
         if config.enable_prefix_caching:

@@ -102,6 +102,16 @@ class ServerMetrics:
         )
         self._spec_seen = SpecDecodeStats()
 
+        # Automatic prefix caching (vLLM's prefix_cache_queries / prefix_cache_hits, in tokens): hits / queries is
+        # the hit rate.
+        self.prefix_cache_queries = Counter(
+            p + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            p + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r
+        )
+        self._prefix_seen = (0, 0)
+
     def update_spec_decode(self, stats: SpecDecodeStats | None) -> None:
         """Advance the spec_decode counters to the engine's totals (engine.spec_stats; None: not speculating)."""
         if stats is None:
@@ -114,6 +124,12 @@ class ServerMetrics:
             before = seen.accepted_per_pos[pos] if pos < len(seen.accepted_per_pos) else 0
             self.spec_accepted_per_pos.labels(str(pos)).inc(accepted - before)
         self._spec_seen = stats.copy()
+
+    def update_prefix_cache(self, queries: int, hits: int) -> None:
+        """Advance the prefix-cache counters to the engine's totals (engine.stats)."""
+        self.prefix_cache_queries.inc(queries - self._prefix_seen[0])
+        self.prefix_cache_hits.inc(hits - self._prefix_seen[1])
+        self._prefix_seen = (queries, hits)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -257,7 +257,7 @@ class KVBlocks:
         for i in range(len(key.hashes), num_blocks):
             # The media digest joins from the first block holding a placeholder; the chain carries it on.
             extra = key.media_digest if key.first_media is not None and (i + 1) * ps > key.first_media else None
-            parent = block_hash(parent, ids[i * ps: (i + 1) * ps], extra)
+            parent = block_hash(parent, ids[i * ps : (i + 1) * ps], extra)
             key.hashes.append(parent)
 
     # -- prefix cache ---------------------------------------------------------------------------------------------

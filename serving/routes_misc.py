@@ -1,5 +1,6 @@
-"""The routes around generation: `/health` (load balancers), `/v1/models`, `/metrics` (Prometheus), and
-`/tokenize` / `/detokenize` (a prompt or chat as the generation routes would encode it, and back).
+"""The routes around generation: `/health` (load balancers), `/v1/models`, `/metrics` (Prometheus),
+`/tokenize` / `/detokenize` (a prompt or chat as the generation routes would encode it, and back), and
+`POST /reset_prefix_cache` (vLLM's: forget every cached prefix block).
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ async def metrics(state: State) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/reset_prefix_cache")
+async def reset_prefix_cache(state: State) -> Response:
+    """Forget every cached prefix block (benchmarks measuring cold prefills; after changing what a prompt means).
+    Running requests keep their pages. 200 with an empty body, as vLLM answers. Like every POST here, it must be
+    declared JSON (`Content-Type: application/json`, body or not): the guard refuses untyped cross-origin POSTs."""
+    engine = state.require_ready()
+    await engine.reset_prefix_cache()
+    return Response(status_code=200)
 
 
 @router.post("/tokenize")

@@ -27,8 +27,18 @@ def num_logprobs_for(params: Sequence[SamplingParams]) -> int:
     return MAX_LOGPROBS if any(p.logprobs for p in params) else 0
 
 
-def build_rows(rows: list[Row], num_tokens: int, layout: CacheLayout, max_rows: int, *, lookahead: int = 0,
-               num_logprobs: int | None = None, verify: bool = False, counts_on: bool = False, grammars=None):
+def build_rows(
+    rows: list[Row],
+    num_tokens: int,
+    layout: CacheLayout,
+    max_rows: int,
+    *,
+    lookahead: int = 0,
+    num_logprobs: int | None = None,
+    verify: bool = False,
+    counts_on: bool = False,
+    grammars=None,
+):
     """Pad rows into a StepBatch and its sampling inputs. Returns (batch, sampling, steps (B,), keep (B,),
     num_logprobs, shape key).
 
@@ -59,7 +69,7 @@ def build_rows(rows: list[Row], num_tokens: int, layout: CacheLayout, max_rows: 
         table[i, : len(req.pages)] = req.pages
         if layout.sliding_layers:
             first = layout.first_window_page(start)
-            live = req.window_pages[first: first + pw]
+            live = req.window_pages[first : first + pw]
             window[i, : len(live)] = live
             window_start[i] = first * page
         last[i] = len(ids) - 1
@@ -74,8 +84,16 @@ def build_rows(rows: list[Row], num_tokens: int, layout: CacheLayout, max_rows: 
     sampling = SamplingBatch.from_params(params, [req.key for req, _, _ in rows], b, token_mask)
     if num_logprobs is None:
         num_logprobs = num_logprobs_for(params)
-    batch = StepBatch(tokens=tokens, positions=positions, context_lens=context, slots=slots, page_table=table,
-                      last_index=last, window_table=window, window_start=window_start)
+    batch = StepBatch(
+        tokens=tokens,
+        positions=positions,
+        context_lens=context,
+        slots=slots,
+        page_table=table,
+        last_index=last,
+        window_table=window,
+        window_start=window_start,
+    )
     key = (b, t, p, num_logprobs, counts_on, token_mask is not None)
     return batch, sampling, steps, keep, num_logprobs, key
 

@@ -178,6 +178,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             max_model_len=max_model_len,
             max_num_batched_tokens=args.max_num_batched_tokens,
             attention_backend=args.attention_backend,
+            enable_prefix_caching=args.enable_prefix_caching,
         )
         if getattr(args, "num_scheduler_steps", None) is not None:
             engine_options["num_scheduler_steps"] = args.num_scheduler_steps

@@ -45,6 +45,7 @@ _OUR_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("ttft_p99_ms", lambda r: 1e3 * r["ttft_p99_s"]),
     ("tpot_ms", lambda r: 1e3 * r["tpot_mean_s"]),
     ("decode_step_ms", lambda r: 1e3 * r["decode_step_mean_s"]),
+    ("prefix_hit", lambda r: r.get("prefix_cache_hit_rate", 0.0)),
     ("cpu_util", lambda r: r["cpu_utilization"]),
     ("load_1m", lambda r: r["load_avg_1m"]),
     ("peak_rss_MiB", lambda r: r["peak_rss_mb"]),
@@ -81,8 +82,9 @@ def format_report(results: dict[str, Any]) -> str:
         "total_tok/s: prompt + generated tokens per wall second. ttft_*: time from submitting all prompts at once "
         "to a request's first token (queueing included), mean / median / 99th percentile; tpot_ms: mean time per "
         "output token after the first, per request; decode_step_ms: mean wall time of an engine step with no "
-        "prefill. cpu_util: process CPU seconds per wall second; load_1m: the machine's load average (other jobs "
-        "make figures noisy); peak_rss_MiB: the process's peak resident memory)",
+        "prefill. prefix_hit: prompt tokens found in the prefix cache / prompt tokens (each pass starts with the "
+        "cache reset; random prompts share little). cpu_util: process CPU seconds per wall second; load_1m: the "
+        "machine's load average (other jobs make figures noisy); peak_rss_MiB: the process's peak resident memory)",
     ]
     spec = [dict(r["speculative"], concurrency=r["concurrency"]) for r in results["ours"] if r.get("speculative")]
     if spec:
