@@ -18,7 +18,7 @@ from flax import nnx
 from gemma4_jax import sharding
 from gemma4_jax.attention_backends import AttentionPlan
 from gemma4_jax.forward import MediaTokens, TokenInputs, forward
-from gemma4_jax.model import StaticGraph
+from gemma4_jax.model import FlatState, StaticGraph, merge
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import CacheLayout, PagedKVStore, StepBatch
 from gemma4_jax.serving.sampling import SamplingBatch, VerifyResult, sample, verify
@@ -52,7 +52,7 @@ def sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprob
 
 def _step(graph, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
           attention, phase, num_logprobs, return_routed=False, return_hidden=False):
-    model = nnx.merge(graph.graphdef, state)
+    model = merge(graph, state)
     store = PagedKVStore(cache, batch, layout)
     inputs = TokenInputs(tokens=batch.tokens, positions=batch.positions, media=media, vision_blocks=vision_blocks)
     out = forward(model, inputs, attention=attention, phase=phase, kv_store=store, keep_index=batch.last_index,
@@ -73,7 +73,7 @@ def _step(graph, state, cache, counts, batch, sampling, steps, sample_rows, medi
 )
 def model_step(
     graph: StaticGraph,
-    state: nnx.State,
+    state: nnx.State | FlatState,
     cache: dict[str, jax.Array],
     counts: dict[str, jax.Array] | None,
     batch: StepBatch,
@@ -92,7 +92,8 @@ def model_step(
 ) -> tuple:
     """Run B rows of T tokens through the model against the pools and sample one token per row.
 
-    graph: the model's `StaticGraph` (its GraphDef, hashed once: see model.StaticGraph).
+    graph: the model's `StaticGraph` (its GraphDef, hashed once: see model.StaticGraph); state: its parameters,
+    best as `model.flat_state` (flattened once: model.FlatState), or an nnx.State.
     steps: (B,) tokens generated so far per row (the sampler's RNG counter); sample_rows: (B,) bool, rows whose
     sampled token is kept (a prefill chunk that does not end its prompt samples nothing useful).
     counts: None, or {"output": (S+1, V) int32, "prompt": (S+1, V) bool} per sequence slot, for penalties.
@@ -174,7 +175,7 @@ def verify_step(graph: StaticGraph, state, cache, counts, batch: StepBatch, samp
     Returns (VerifyResult, cache, counts), and with return_hidden a fourth output (B, D): each row's final-normed
     hidden state at index num_accepted (the token whose logits gave the emitted bonus token), the assistant
     drafter's input for the next round."""
-    model = nnx.merge(graph.graphdef, state)
+    model = merge(graph, state)
     store = PagedKVStore(cache, batch, layout)
     inputs = TokenInputs(tokens=batch.tokens, positions=batch.positions)
     out = forward(model, inputs, attention=attention, phase="prefill", kv_store=store, return_routed=return_routed,
@@ -245,7 +246,7 @@ class Runner:
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, sample_rows in microbatches:
                 result, cache, counts = self._keep_hidden(model_step(
-                    self.model.static_graph, self.model.state, cache, counts, batch, sampling, steps, sample_rows,
+                    self.model.static_graph, self.model.flat_state, cache, counts, batch, sampling, steps, sample_rows,
                     tokens, blocks, layout=self.layout, attention=self.attention, phase=phase,
                     num_logprobs=num_logprobs, return_routed=self.return_routed, return_hidden=self.return_hidden))
                 results.append(result)
@@ -256,9 +257,10 @@ class Runner:
         self.hidden = []  # not returned by the multi-step scan (the engine does not run it for the assistant)
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, _ in microbatches:
-                result, cache, counts = decode_steps(self.model.static_graph, self.model.state, cache, counts, batch,
-                                                     sampling, steps, layout=self.layout, attention=self.attention,
-                                                     num_logprobs=num_logprobs, num_steps=num_steps,
+                result, cache, counts = decode_steps(self.model.static_graph, self.model.flat_state, cache, counts,
+                                                     batch, sampling, steps, layout=self.layout,
+                                                     attention=self.attention, num_logprobs=num_logprobs,
+                                                     num_steps=num_steps,
                                                      return_routed=self.return_routed)
                 results.append(result)
         return results, cache, counts
@@ -270,7 +272,7 @@ class Runner:
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, _ in microbatches:
                 result, cache, counts = self._keep_hidden(verify_step(
-                    self.model.static_graph, self.model.state, cache, counts, batch, sampling, steps,
+                    self.model.static_graph, self.model.flat_state, cache, counts, batch, sampling, steps,
                     layout=self.layout, attention=self.attention, num_logprobs=num_logprobs,
                     return_routed=self.return_routed, return_hidden=self.return_hidden))
                 results.append(result)
