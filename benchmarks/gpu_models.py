@@ -102,15 +102,18 @@ def build(args):
     ps = args.page_size
     # Page tables as the engine's step builder pads them (serving/step_builder.py): full tables to a bucket of
     # pages, windowed sliding tables to CacheLayout.window_width.
-    per_row = kv_cache.bucket(kv_cache.pages_needed(args.context + args.decode_steps + 1, ps), 4)
-    prefill_pages = kv_cache.bucket(kv_cache.pages_needed(max(args.prefill, default=1), ps), 4)
-    num_pages = 1 + max(max(args.batches) * per_row, prefill_pages)
-    probe = kv_cache.CacheLayout.for_config(text, page_size=ps, num_pages=num_pages, max_seqs=max(args.batches),
-                                            num_window_pages=1)
-    per_row_window = probe.window_width(args.decode_steps + 1, per_row)
-    num_window = 1 + max(max(args.batches) * per_row_window, prefill_pages)
+    # Tables as the engine's step builder pads them (serving/step_builder.py): the full table to a power-of-two
+    # bucket of pages, the windowed sliding table to CacheLayout.window_width, unused columns on the trash page;
+    # each row owns only the pages it uses (in both pools), as the engine allocates them.
+    live = kv_cache.pages_needed(args.context + args.decode_steps + 1, ps)
+    prefill_pages = kv_cache.pages_needed(max(args.prefill, default=1), ps)
+    num_pages = 1 + max(max(args.batches) * live, prefill_pages)
+    keep = text.sliding_window - 1
+    live_window = (args.context + args.decode_steps) // ps - max(0, args.context - keep) // ps + 1
+    num_window = 1 + max(max(args.batches) * live_window, prefill_pages)
     layout = kv_cache.CacheLayout.for_config(text, page_size=ps, num_pages=num_pages, max_seqs=max(args.batches),
                                              num_window_pages=num_window)
+    per_row = (live, live_window)
     runner = Runner(model, layout, attention)
     cache = runner.allocate()
     _say(args, f"pools allocated: {sum(v.nbytes for v in cache.values()) / 1e9:.1f} GB")
@@ -183,41 +186,53 @@ def _say(args, text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} {args.preset}/{args.experts}/{args.attention}] {text}", flush=True)
 
 
-def decode_batch(b: int, context: int, per_row: int, layout, steps: int, vocab: int, seed: int):
-    """A decode StepBatch of b rows, each with `context` tokens cached, its own pages (full and sliding-window)."""
-    from gemma4_jax.serving.kv_cache import StepBatch
+def decode_batch(b: int, context: int, per_row: tuple[int, int], layout, steps: int, vocab: int, seed: int):
+    """A decode StepBatch of b rows, each with `context` tokens cached; per_row: (full pages, live window pages)
+    each row owns, its tables padded as the step builder pads them."""
+    from gemma4_jax.serving import kv_cache
+    from gemma4_jax.serving.kv_cache import TRASH_PAGE, StepBatch
 
     rng = np.random.default_rng(seed)
-    pw = layout.window_width(steps + 1, per_row)
-    first = layout.first_window_page(context)
+    live, live_window = per_row
+    p = kv_cache.bucket(live, 4)
+    pw = layout.window_width(steps + 1, p)
+    table = np.full((b, p), TRASH_PAGE, np.int32)
+    table[:, :live] = 1 + np.arange(b)[:, None] * live + np.arange(live)[None, :]
+    window = np.full((b, pw), TRASH_PAGE, np.int32)
+    window[:, :live_window] = 1 + np.arange(b)[:, None] * live_window + np.arange(live_window)[None, :]
     return StepBatch(
         tokens=rng.integers(16, vocab, (b, 1)).astype(np.int32),
         positions=np.full((b, 1), context, np.int32),
         context_lens=np.full((b,), context, np.int32),
         slots=np.arange(b, dtype=np.int32),
-        page_table=(1 + np.arange(b)[:, None] * per_row + np.arange(per_row)[None, :]).astype(np.int32),
+        page_table=table,
         last_index=np.zeros((b,), np.int32),
-        window_table=(1 + np.arange(b)[:, None] * pw + np.arange(pw)[None, :]).astype(np.int32),
-        window_start=np.full((b,), first * layout.page_size, np.int32),
+        window_table=window,
+        window_start=np.full((b,), layout.first_window_page(context) * layout.page_size, np.int32),
     )
 
 
 def prefill_batch(length: int, layout, vocab: int, seed: int):
     """One row of `length` prompt tokens as a single chunk (no context before it)."""
     from gemma4_jax.serving import kv_cache
-    from gemma4_jax.serving.kv_cache import StepBatch
+    from gemma4_jax.serving.kv_cache import TRASH_PAGE, StepBatch
 
     rng = np.random.default_rng(seed)
-    pages = kv_cache.bucket(kv_cache.pages_needed(length, layout.page_size), 4)
-    pw = layout.window_width(length, pages)
+    live = kv_cache.pages_needed(length, layout.page_size)
+    p = kv_cache.bucket(live, 4)
+    pw = layout.window_width(length, p)
+    table = np.full((1, p), TRASH_PAGE, np.int32)
+    table[0, :live] = 1 + np.arange(live)
+    window = np.full((1, pw), TRASH_PAGE, np.int32)
+    window[0, : min(live, pw)] = 1 + np.arange(min(live, pw))
     return StepBatch(
         tokens=rng.integers(16, vocab, (1, length)).astype(np.int32),
         positions=np.arange(length, dtype=np.int32)[None, :],
         context_lens=np.zeros((1,), np.int32),
         slots=np.zeros((1,), np.int32),
-        page_table=(1 + np.arange(pages, dtype=np.int32))[None, :],
+        page_table=table,
         last_index=np.full((1,), length - 1, np.int32),
-        window_table=(1 + np.arange(pw, dtype=np.int32))[None, :],
+        window_table=window,
         window_start=np.zeros((1,), np.int32),
     )
 
@@ -270,20 +285,15 @@ def decode_bytes(model, cache: dict, layout, b: int, context: int, weights: dict
     return total
 
 
-def active_params(model, weights: dict[str, float]) -> float:
-    """Parameters one token uses (top-k of the experts, one embedding row; the LM head whole)."""
+def prefill_flops(model, length: int, weights: dict[str, float]) -> float:
+    """2 x (weights a prompt token multiplies) x tokens, the LM head for the last token only (the step keeps one
+    token's logits), plus causal QK/PV per layer (sliding layers see up to the window)."""
     text = model.config.text
     itemsize = np.dtype(model.dtype).itemsize
-    n = (weights["dense"] + weights["embed"]) / itemsize
+    per_token = weights["dense"] / itemsize  # the embedding lookup multiplies nothing
     if text.enable_moe_block:
-        n += text.num_hidden_layers * text.top_k_experts * 3 * text.hidden_size * text.moe_intermediate_size
-    return n
-
-
-def prefill_flops(model, length: int, weights: dict[str, float]) -> float:
-    """2 x active params x tokens + causal QK/PV (sliding layers up to the window)."""
-    text = model.config.text
-    flops = 2.0 * active_params(model, weights) * length
+        per_token += text.num_hidden_layers * text.top_k_experts * 3 * text.hidden_size * text.moe_intermediate_size
+    flops = 2.0 * per_token * length + 2.0 * text.vocab_size * text.hidden_size
     for spec in text.layers:
         keys = length / 2 if not spec.is_sliding else min(length / 2, text.sliding_window)
         flops += 4.0 * length * keys * text.num_attention_heads * spec.head_dim
