@@ -329,7 +329,9 @@ def run(args) -> dict[str, Any]:
         "init_s": init_s, "weights_gb": sum(weights.values()) / 1e9, "context": args.context,
         "decode_steps": args.decode_steps, "decode": {}, "prefill": {}, "compile": {},
     }
-    graph, state, layout, attention = model.static_graph, model.state, runner.layout, runner.attention
+    # The parameter state as the engine passes it (flattened once: model.FlatState), else the nnx.State.
+    state = getattr(model, "flat_state", model.state)
+    graph, layout, attention = model.static_graph, runner.layout, runner.attention
     lowered: dict[str, Any] = {}
     inputs: dict[str, tuple] = {}
     t0 = time.perf_counter()
