@@ -106,7 +106,7 @@ def test_report_says_what_each_figure_means(tmp_path):
     results["greedy_agreement"] = {"ours@2 vs hf@2": 0.01}
     text = format_report(results)
     for meaning in ("out_tok/s: generated tokens per wall second", "ttft_*:", "tpot_ms:", "decode_step_ms:",
-                    "peak_rss_MiB:", "hf_batch: prompts per generate call", "ratio > 1:",
+                    "peak_rss_MiB:", "prefix_hit:", "hf_batch: prompts per generate call", "ratio > 1:",
                     "counting each sequence only up to its first different token"):
         assert meaning in text, meaning
     assert "NOT the dtype of ours (bfloat16)" in text and "DIFFERENT dtypes" in text
