@@ -1,8 +1,8 @@
 """Whole-model figures of the device check (issue 12): one preset, one attention backend, in one process.
 
-Random weights of a real-size preset (`e4b`, `26b-a4b`, `31b`; experts in bf16 or NVFP4 through
-`from_config(quant_plan=...)`) on the first device, KV pools sized for the largest batch, then the engine's own
-jitted programs (serving/runner.py) on synthetic batches:
+Random weights of a real-size preset (`e4b`, `26b-a4b`, `31b`; experts in bf16 or NVFP4; made fast by
+`gemma4_jax.random_weights.random_model`) on the first device, KV pools sized for the largest batch, then the
+engine's own jitted programs (serving/runner.py) on synthetic batches:
 
 - decode: B rows at `--context` tokens of context each, `--decode-steps` steps per call (the engine's multi-step
   decode, `runner.decode_steps`), timed over `--repeats` calls after two warm ones: ms per step and tokens/s;
@@ -42,7 +42,7 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="e4b")
-    ap.add_argument("--experts", choices=("bf16", "nvfp4"), default="bf16", help="MoE experts' storage")
+    ap.add_argument("--experts", choices=("bf16", "nvfp4", "fp8"), default="bf16", help="MoE experts' storage")
     ap.add_argument("--attention", default="pallas", help="attention backend (pallas, xla, pallas-interpret, auto)")
     ap.add_argument("--moe-backend", default="auto")
     ap.add_argument("--dtype", default="bfloat16")
@@ -80,21 +80,19 @@ def build(args):
     import jax.numpy as jnp
 
     import gemma4_jax
-    from gemma4_jax import quant
     from gemma4_jax.attention_backends import resolve_attention
+    from gemma4_jax.random_weights import random_model
     from gemma4_jax.serving import kv_cache
     from gemma4_jax.serving.runner import Runner
 
     moe = dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32)
     cfg = gemma4_jax.preset(args.preset, **(moe if getattr(args, "moe", False) else {}))
     text = cfg.text
-    plan = None
-    if args.experts == "nvfp4":
-        if not text.enable_moe_block:
-            raise SystemExit(f"--experts nvfp4 needs a MoE preset; {args.preset} has no experts")
-        plan = quant.QuantPlan.experts_only(text.num_hidden_layers)
+    if args.experts != "bf16" and not text.enable_moe_block:
+        raise SystemExit(f"--experts {args.experts} needs a MoE preset; {args.preset} has no experts")
     t0 = time.perf_counter()
-    model = random_model(cfg, args.dtype, plan, args.moe_backend)
+    model = random_model(cfg, args.dtype, experts=args.experts, moe_backend=args.moe_backend,
+                         attention_backend="xla")
     jax.block_until_ready(model.state)
     init_s = time.perf_counter() - t0
     _say(args, f"weights ready in {init_s:.1f} s")
@@ -122,64 +120,6 @@ def build(args):
              for i, (name, pool) in enumerate(sorted(cache.items()))}
     jax.block_until_ready(cache)
     return model, runner, cache, per_row, init_s
-
-
-def random_model(cfg, dtype, plan, moe_backend: str):
-    """A model of `cfg` with random weights, made fast: one small jitted generator per distinct (shape, dtype, kind)
-    called once per parameter with its own key (`from_config` compiles one program initialising every parameter
-    with its exact initialiser, which takes minutes to compile for a real-size preset on a GPU). Scales: N(0, 0.02)
-    for float weights (norm weights too: Gemma's norms scale by 1 + w), NVFP4/FP8 codes and scales as
-    `model._random_packed`. Uses the facade's building blocks (model._abstract, _place, _make_model)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from gemma4_jax import model as model_lib
-    from gemma4_jax import quant
-    from gemma4_jax.attention_backends import resolve_attention
-
-    dt = model_lib.resolve_dtype(dtype)
-    plan = plan or quant.QuantPlan()
-    formats = {plan.expert_format(i) for i in range(cfg.text.num_hidden_layers)} if plan.experts else {None}
-    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats)
-    graphdef, abstract = model_lib._abstract(cfg, dt, plan, backend)
-    mesh = model_lib._place(cfg, abstract, 1, 1, 1)
-    of = model_lib._sharding_of(mesh)
-    makers: dict = {}
-
-    def maker(kind: str, shape, dtype, where):
-        key = (kind, shape, jnp.dtype(dtype).name)
-        if key not in makers:
-            def make(k):
-                if kind == "bits":
-                    return jax.random.bits(k, shape, jnp.uint8)
-                if kind == "block_scale":
-                    scale = (shape[-1] * quant.NVFP4_BLOCK) ** -0.5 / 2.2
-                    return (jax.random.uniform(k, shape, jnp.float32, 0.75, 1.25) * scale).astype(dtype)
-                if kind == "ones":
-                    return jnp.ones(shape, dtype)
-                return (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
-            makers[key] = jax.jit(make, out_shardings=where)
-        return makers[key]
-
-    root = jax.random.key(0)
-    values = []
-    for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
-        name = str(path[-1])
-        if var.dtype == jnp.uint8:
-            kind = "bits"
-        elif name == "block_scale":
-            kind = "block_scale"
-        elif name == "row_scale":
-            kind = "ones"
-        elif jnp.issubdtype(var.dtype, jnp.integer) or var.dtype == jnp.bool_:
-            kind = "ones"
-        else:
-            kind = "normal"
-        value = maker(kind, tuple(var.shape), var.dtype, of(var))(jax.random.fold_in(root, i))
-        values.append((path, var.replace(value)))
-    state = nnx.from_flat_state(values)
-    return model_lib._make_model(cfg, graphdef, abstract, state, mesh, dt, resolve_attention("xla", log_choice=str))
 
 
 def _say(args, text: str) -> None:

@@ -12,8 +12,9 @@ Two registered names:
 - `pallas-interpret`: the kernel in Pallas interpret mode on any platform (tests: the engine with the kernel gives
   the tokens of `xla`). Slow; never picked by `auto`.
 
-The kernel is a plain `pallas_call`, not partitioned by XLA: on a mesh that shards KV heads it would be handed
-whole arrays. docs/kernels.md says where that stands.
+The kernel is a plain `pallas_call`, which XLA does not partition: on a mesh whose tensor axis splits the heads
+(tp dividing the query and KV heads) the backend runs it under `shard_map`, each device on its own heads and its
+own slice of the pools; otherwise on whole heads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import os
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 from gemma4_jax.kernels.paged_attention import KVSource, paged_attention
 from gemma4_jax.kv_view import AttentionBackend, KVView
@@ -70,12 +72,35 @@ class PallasAttention(AttentionBackend):
                 "'pallas-interpret' to run it in interpret mode"
             )
         q_blocks, key_blocks = (None, None) if blocks is None else blocks
-        out, _ = paged_attention(
-            q,
-            kernel_sources(kv, key_blocks),
-            q_positions,
-            sliding_window=sliding_window,
-            q_blocks=q_blocks,
-            interpret=interpret,
-        )
-        return out
+        sources = kernel_sources(kv, key_blocks)
+
+        def attend(q, sources, q_positions, q_blocks):
+            out, _ = paged_attention(q, sources, q_positions, sliding_window=sliding_window, q_blocks=q_blocks,
+                                     interpret=interpret)
+            return out
+
+        mesh = head_sharded_mesh(q, sources)
+        if mesh is None:
+            return attend(q, sources, q_positions, q_blocks)
+        # Each device runs the kernel on its own query heads and the KV heads they read (the pools are split by KV
+        # head, sharding.kv_pool_sharding): no pool crosses devices. Left to XLA, a custom call is handed whole
+        # (gathered) operands.
+        heads, whole = P(None, None, "tp", None), P()
+        specs = [KVSource(heads, heads, whole, whole, None if s.blocks is None else whole) for s in sources]
+        return jax.shard_map(attend, mesh=mesh, in_specs=(heads, specs, whole, None if q_blocks is None else whole),
+                             out_specs=heads, check_vma=False)(q, sources, q_positions, q_blocks)
+
+
+def head_sharded_mesh(q: jax.Array, sources: list[KVSource]):
+    """The mesh in context if the kernel should run split by head over its tensor axis: tp > 1 dividing both the
+    query heads and every source's KV heads (then each device's query heads read exactly its KV heads: query head
+    n reads KV head n // G, and contiguous blocks of N / tp query heads map onto blocks of K / tp KV heads).
+    Otherwise None: the kernel runs on whole heads (one device, or KV heads that tp does not divide, whose pools
+    are replicated)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "tp" not in mesh.axis_names:
+        return None
+    tp = mesh.shape["tp"]
+    if tp == 1 or q.shape[2] % tp or any(src.k_pages.shape[2] % tp for src in sources):
+        return None
+    return mesh

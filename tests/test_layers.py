@@ -33,6 +33,7 @@ LAYERS = {
     "gemma4_jax.processor": LOADING,
     # the model facade
     "gemma4_jax.sharding": FACADE, "gemma4_jax.model": FACADE, "gemma4_jax.towers": FACADE,
+    "gemma4_jax.random_weights": FACADE,
     "gemma4_jax.pipeline": FACADE, "gemma4_jax.memory": FACADE, "gemma4_jax.convert": FACADE,
     # CLI and benchmarks
     "gemma4_jax.cli": TOP,

@@ -34,3 +34,30 @@ def test_random_nvfp4_experts_have_realistic_scale_and_seed():
 
     np.testing.assert_array_equal(first(a), first(b))
     assert (first(a) != first(c)).mean() > 0.5
+
+
+def test_random_weights_fast_path_builds_a_working_model():
+    """random_weights.random_model (real-size presets in benchmarks): packed experts, finite logits, refusals."""
+    import pytest
+
+    from gemma4_jax.random_weights import random_model
+
+    cfg = _moe_config()
+    m = random_model(cfg, dtype="float32", experts="nvfp4", moe_backend="xla", attention_backend="xla")
+    flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(m.state)}
+    assert flat["layers.0.moe.experts.gate_up.w"].dtype == np.uint8
+    logits = np.asarray(m.logits(np.array([[5, 6, 7, 8]])))
+    assert np.isfinite(logits).all() and logits.std() > 0
+    with pytest.raises(ValueError, match="needs a MoE model"):
+        random_model("tiny", experts="nvfp4")
+    with pytest.raises(ValueError, match="experts must be one of"):
+        random_model(cfg, experts="int4")
+
+
+def test_bench_refuses_experts_without_a_moe_preset_or_with_a_checkpoint(capsys):
+    from gemma4_jax import cli
+
+    assert cli.main(["bench", "--preset", "tiny", "--experts", "nvfp4", "--num-prompts", "1"]) != 0
+    assert "needs a MoE model" in capsys.readouterr().err
+    assert cli.main(["bench", "--preset", "tiny", "--experts", "fp8", "--hf-baseline"]) != 0
+    assert "keeps its own experts" in capsys.readouterr().err

@@ -43,6 +43,9 @@ from gemma4_jax.bench.peers import add_peer_arguments, cmd_peers
 from gemma4_jax.bench.presets import BENCH_PRESETS, bench_config, bench_preset_dict, random_prompts
 from gemma4_jax.bench.report import format_report, json_safe
 
+# Presets with the family's real sizes: their random weights come from random_weights.random_model.
+REAL_SIZE = ("e2b", "e4b", "26b-a4b", "31b")
+
 
 def _commit() -> str | None:
     """Short hash of the checked-out commit, recorded with the results (None outside a git checkout)."""
@@ -85,6 +88,13 @@ def add_parser(
         default=None,
         help=f"random weights of a preset: {sorted(BENCH_PRESETS)} or a config preset (default "
         "bench-100m when --model is not given)",
+    )
+    g.add_argument(
+        "--experts",
+        choices=("bf16", "nvfp4", "fp8"),
+        default="bf16",
+        help="MoE presets (26b-a4b): store the random experts packed in NVFP4 or FP8, as an experts-only quantized "
+        "checkpoint does (default: in --dtype)",
     )
     g.add_argument("--num-prompts", type=int, default=64)
     g.add_argument("--input-len", type=int, default=128)
@@ -156,6 +166,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.model is not None and args.preset is not None:
         raise ValueError("give --model or --preset, not both")
+    if args.experts != "bf16" and (args.model is not None or args.hf_baseline):
+        raise ValueError("--experts packs a preset's random experts; a --model or --hf-baseline checkpoint keeps its "
+                         "own experts")
     concurrencies = args.concurrency or [args.max_num_seqs]
     name = args.model or args.preset or "bench-100m"
     tmp = None
@@ -169,6 +182,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             make_hf_checkpoint(bench_preset_dict(args.preset or "bench-100m"), tmp.name, args.seed)
             model = gemma4_jax.from_pretrained(tmp.name, dtype=dtype)
             hf_path = tmp.name
+        elif args.experts != "bf16" or (args.preset or "").lower() in REAL_SIZE:
+            # Real-size presets: random weights by one small generator per shape (random_weights.py), not
+            # from_config's single init program (minutes to compile at this size); NVFP4/FP8 experts packed.
+            from gemma4_jax.random_weights import random_model
+
+            model = random_model(bench_config(args.preset or "bench-100m"), dtype=dtype, experts=args.experts,
+                                 seed=args.seed)
+            hf_path = None
         else:
             model = gemma4_jax.from_config(bench_config(args.preset or "bench-100m"), dtype=dtype, seed=args.seed)
             hf_path = None
