@@ -80,11 +80,39 @@ def grouped_matmul(fmt: str, rows: jax.Array, w: jax.Array, block_scale: jax.Arr
     Pallas kernel, which reads the packed weights and dequantizes inside (interpret mode off GPU).
     """
     if backend == "fp4_pallas":
+        interpret = jax.default_backend() != "gpu"
+        mesh = jax.sharding.get_abstract_mesh()
+        tp = 1 if mesh.empty or "tp" not in mesh.axis_names else mesh.shape["tp"]
+        if tp > 1 and w.shape[0] % tp == 0:
+            return _fp4_expert_parallel(rows, w, block_scale, row_scale, group_sizes, mesh, interpret)
         return fp4_grouped_matmul(rows, w, block_scale, row_scale, group_sizes, out_dtype=rows.dtype,
-                                  backend="pallas", interpret=jax.default_backend() != "gpu")
+                                  backend="pallas", interpret=interpret)
     values = jnp.swapaxes(weight_values(fmt, w, block_scale, rows.dtype), 1, 2)  # (E, K, N)
     y = jax.lax.ragged_dot(rows, values, group_sizes, preferred_element_type=jnp.float32)
     return (y * row_scale[group_ids]).astype(rows.dtype)
+
+
+def _fp4_expert_parallel(rows, w, block_scale, row_scale, group_sizes, mesh, interpret: bool) -> jax.Array:
+    """The FP4 kernel with the experts split over the tensor axis (sharding: "experts" -> tp), each device on its
+    own experts only. XLA does not partition a custom call (it would gather every device's experts onto each), so
+    this runs under shard_map: device d holds experts [d * E/tp, (d + 1) * E/tp), whose rows are one contiguous
+    stretch of the expert-sorted rows starting at `offset`. It rolls that stretch to the front, runs the kernel
+    with its local group sizes (rows past their sum come out zero), rolls the result back, and the psum over tp
+    adds the devices' disjoint stretches (one non-zero term per row: exact)."""
+    from jax.sharding import PartitionSpec as P
+
+    def local(rows, w, block_scale, row_scale, group_sizes):
+        e_local = w.shape[0]
+        first = jax.lax.axis_index("tp") * e_local
+        sizes = jax.lax.dynamic_slice(group_sizes, (first,), (e_local,))
+        offset = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < first, group_sizes, 0))
+        out = fp4_grouped_matmul(jnp.roll(rows, -offset, axis=0), w, block_scale, row_scale, sizes,
+                                 out_dtype=rows.dtype, backend="pallas", interpret=interpret)
+        return jax.lax.psum(jnp.roll(out, offset, axis=0), "tp")
+
+    experts = P("tp")
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), experts, experts, experts, P()), out_specs=P(),
+                         check_vma=False)(rows, w, block_scale, row_scale, group_sizes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
