@@ -41,6 +41,12 @@ def param(
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
+# Platforms on which weight_einsum pads one-row products to two rows (read at trace time). On GPU it is an open
+# question (batch-1 decode ran slower than batch 8 on an H200, docs/benchmarks.md); benchmarks/gpu_models.py
+# --pad-one-row times it there.
+ONE_ROW_PAD_BACKENDS: tuple[str, ...] = ("cpu",)
+
+
 def weight_einsum(spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     """einsum(spec, x, w) of activations x (..., *in) and a weight, accumulated in float32, the result in x's dtype.
 
@@ -58,7 +64,7 @@ def weight_einsum(spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.A
     if x.dtype == jnp.float32:
         return jnp.einsum(spec, x, w)
     lead = x.shape[: x.ndim - n_in]
-    if math.prod(lead) == 1 and jax.default_backend() == "cpu":
+    if math.prod(lead) == 1 and jax.default_backend() in ONE_ROW_PAD_BACKENDS:
         row = x.reshape(1, *x.shape[x.ndim - n_in :])
         two = jnp.concatenate([row, row])  # (a broadcast would be simplified back to one row)
         y = jnp.einsum(spec, two, w, preferred_element_type=jnp.float32)[0]
