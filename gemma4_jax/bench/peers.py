@@ -17,6 +17,8 @@ One run:
    step x steps per second against the measured GEMV read bandwidth). `--json` / `--markdown` save it.
 
 Systems not installed are skipped with the command that installs them (benchmarks/install_peers.sh).
+`ours_auto` is ours loaded with `--dtype auto` (float32 compute on CPU): it runs in the bfloat16 session only,
+where it shows what the default dtype makes of a bfloat16 checkpoint.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ SYSTEMS = {
     s.name: s
     for s in (
         System("ours", "gemma4-jax", "ours.py", "hf", None),
+        # What `--dtype auto` (the default of serve/generate/LLM) makes of the checkpoint: float32 compute on CPU.
+        # Run only where auto differs from the checkpoint's dtype (a bfloat16 checkpoint on CPU).
+        System("ours_auto", "gemma4-jax --dtype auto", "ours.py", "hf", None),
         System("hf", "HF transformers generate", "hf.py", "hf", None),
         System("vllm", "vLLM CPU", "vllm_cpu.py", "hf", "vllm"),
         System("llama_cpp", "llama.cpp (llama-cpp-python)", "llama_cpp_runner.py", "gguf", "llama_cpp"),
@@ -282,6 +287,15 @@ def _num_prompts(args: argparse.Namespace, batch: int) -> int:
     return args.num_prompts if batch > 1 else min(args.batch1_prompts, args.num_prompts)
 
 
+def _auto_dtype() -> str:
+    """The dtype `--dtype auto` computes in on this platform (float32 on CPU)."""
+    import numpy as np
+
+    from gemma4_jax.model import resolve_dtype
+
+    return np.dtype(resolve_dtype("auto")).name
+
+
 def _start(systems, dtype, checkpoints, ggufs, args, prompts, workdir, session) -> dict[str, Runner]:
     """Start every system's runner for one dtype, one after the other (warm-ups never overlap)."""
     warmup, timed = prompts
@@ -290,8 +304,10 @@ def _start(systems, dtype, checkpoints, ggufs, args, prompts, workdir, session) 
         system = SYSTEMS[name]
         if system.checkpoint == "gguf" and dtype not in ggufs:
             continue
+        if name == "ours_auto" and _auto_dtype() == dtype:
+            continue  # auto computes in the checkpoint's dtype here: the same run as "ours"
         options: dict[str, Any] = {}
-        if name == "ours":
+        if name in ("ours", "ours_auto"):
             options = {
                 "max_num_batched_tokens": args.max_num_batched_tokens,
                 "attention_backend": args.attention_backend,
@@ -300,7 +316,7 @@ def _start(systems, dtype, checkpoints, ggufs, args, prompts, workdir, session) 
             options = {"gpu_memory_utilization": args.vllm_gpu_memory_utilization}
         spec = {
             "checkpoint": ggufs[dtype] if system.checkpoint == "gguf" else checkpoints[dtype],
-            "dtype": dtype,
+            "dtype": "auto" if name == "ours_auto" else dtype,
             "batch_sizes": args.concurrency,
             "output_len": args.output_len,
             "max_model_len": args.input_len + args.output_len,
@@ -373,8 +389,10 @@ def _summarize(session: dict[str, Any], args: argparse.Namespace, gemm: float, r
             ratios = [r["output_tok_s"] / ours[r["window"]] for r in mine if r["window"] in ours]
             flops = session["costs"]["flops_per_prompt"] * _num_prompts(args, batch)
             compute = [flops / r["wall_s"] / (gemm * 1e9) for r in mine]
-            # Every step (the prefill one included) reads every weight once and yields one token per sequence.
-            bandwidth = [session["costs"]["bytes_per_step"] * r["output_tok_s"] / (read * 1e9) for r in mine]
+            # Every step (the prefill one included) reads every weight once and yields one token per sequence;
+            # ours_auto holds a bfloat16 checkpoint's weights in float32: twice the bytes.
+            step_bytes = session["costs"]["bytes_per_step"] * (2 if name == "ours_auto" else 1)
+            bandwidth = [step_bytes * r["output_tok_s"] / (read * 1e9) for r in mine]
             agreements = [r["agreement"] for r in mine if "agreement" in r]
             rows.append(
                 {
