@@ -6,8 +6,9 @@ machine, tests, models, attention, fp4, stack):
 
 1. `machine`: devices, versions, the measured copy bandwidth and bf16 matmul rate (the rooflines' ceilings);
 2. `tests`: the GPU-marked kernel tests (`pytest -k gpu kernels/`: the compiled kernels against their references);
-3. `stack`: every module imports (server included), and the CLI's `generate` on the embedded demo model gives the
-   same greedy text with the `pallas` attention backend as with `xla`;
+3. `stack`: every module imports (server included), the CLI's `generate` on the embedded demo model gives the
+   same greedy text with the `pallas` attention backend as with `xla`, and `serve` answers a /v1/completions
+   request with each (the same text);
 4. `attention`: one layer's attention, kernel vs `xla`, decode and prefill (benchmarks/attention_kernels.py);
 5. `fp4`: the NVFP4 grouped expert kernel vs the XLA path at 26B-A4B shapes, with a tile sweep
    (benchmarks/fp4_experts.py);
@@ -77,6 +78,45 @@ for mod in pkgutil.walk_packages(gemma4_jax.__path__, "gemma4_jax."):
     except Exception as e:
         failed[mod.name] = f"{type(e).__name__}: {e}"[:300]
 print("STACK " + json.dumps({"imported": count, "failed": failed}))
+"""
+
+SERVER = r"""
+import json, os, signal, socket, subprocess, sys, time, urllib.request
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+backend = sys.argv[1]
+proc = subprocess.Popen([sys.executable, "-m", "gemma4_jax.cli", "serve", "--no-warmup", "--port", str(port),
+                         "--dtype", "float32", "--attention-backend", backend], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, text=True)
+base = f"http://127.0.0.1:{port}"
+out = {"backend": backend}
+try:
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except Exception:
+            time.sleep(0.5)
+    out["ready_s"] = round(time.time() - t0, 1)
+    body = json.dumps({"model": json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"],
+                       "prompt": "The weather today is", "max_tokens": 24, "temperature": 0}).encode()
+    req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        out["status"] = r.status
+        out["text"] = json.load(r)["choices"][0]["text"]
+except Exception as e:
+    out["error"] = repr(e)
+finally:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if "error" in out:
+        out["server_log_tail"] = (proc.stderr.read() or "")[-1500:]
+print("SERVER " + json.dumps(out))
 """
 
 
@@ -189,6 +229,13 @@ def main(argv=None) -> int:
                               "text": g.get("stdout", "").strip()}
         stack["generate"] = texts
         stack["same_text"] = texts["xla"]["returncode"] == 0 and texts["xla"]["text"] == texts["pallas"]["text"]
+        served = {}
+        for backend in ("xla", "pallas"):  # the OpenAI server on the same model: one completion each
+            r = run([py, "-c", SERVER, backend], min(150, deadline.left() - 20), env, log)
+            served[backend] = _marked(r.get("output", ""), "SERVER") or {"returncode": r.get("returncode")}
+        stack["server"] = served
+        stack["server_same_text"] = bool(served["xla"].get("text")) and (
+            served["xla"].get("text") == served["pallas"].get("text"))
         result["stack"] = stack
 
     def sec_attention():
@@ -261,8 +308,11 @@ def markdown(result: dict, models_path: str) -> str:
     s = result.get("stack")
     if s:
         imp = s.get("imports") or {}
+        served = s.get("server") or {}
         lines += [f"Stack: {imp.get('imported')} modules imported, failed: {imp.get('failed') or 'none'}; "
-                  f"`generate` pallas == xla text: {s.get('same_text')}", ""]
+                  f"`generate` pallas == xla text: {s.get('same_text')}; `serve` /v1/completions status "
+                  f"{[served.get(b, {}).get('status') for b in ('xla', 'pallas')]}, pallas == xla text: "
+                  f"{s.get('server_same_text')}", ""]
     a = result.get("attention")
     if a:
         lines += ["## Attention, one layer", "", *[x for x in (a.get("tail") or []) if x.startswith("|")], ""]
