@@ -40,8 +40,9 @@ _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.floa
 def resolve_dtype(dtype: Any, platform: str | None = None) -> jnp.dtype:
     """A dtype name or numpy/jax dtype -> the parameter and activation dtype.
 
-    "auto" (vLLM's name) picks per platform: float32 on CPU, where XLA's bfloat16 dots run 3-7x slower than its
-    float32 ones (docs/benchmarks.md), and bfloat16 (Gemma 4's checkpoint dtype) on accelerators."""
+    "auto" (vLLM's name) picks per platform: float32 on CPU, where a bfloat16 engine runs at 0.67x float32's speed
+    at batch 1 and 0.85x at batch 64 on bench-100m (docs/benchmarks.md, "bfloat16 on CPU"), and bfloat16 (Gemma
+    4's checkpoint dtype) on accelerators."""
     if isinstance(dtype, str):
         if dtype == "auto":
             return jnp.dtype(jnp.float32 if (platform or jax.default_backend()) == "cpu" else jnp.bfloat16)
