@@ -10,7 +10,8 @@ shape), then resets its cache and runs it timed.
 
 Reported per engine: prompt-token hit rate (vLLM's prefix_cache_hits / prefix_cache_queries) against the ideal (the
 fraction of prompt tokens some earlier request had already computed: its own previous turn, or the system prompt of
-an earlier conversation), mean / p50 TTFT, throughput (prompt + generated tokens per wall second), and whether the
+an earlier conversation, even one still running; "blocks": the same in whole blocks, what a block cache can
+reuse), mean / p50 TTFT, throughput (prompt + generated tokens per wall second), and whether the
 greedy tokens of both engines agree. Then the cost of caching on a workload with no shared prefix (random prompts of
 the same lengths): wall time on vs off, alternated over repeats.
 
@@ -45,6 +46,7 @@ class Chat:
         self.wall = 0.0
         self.tokens = 0  # prompt + generated
         self.ideal = 0  # prompt tokens an earlier request had computed
+        self.ideal_blocks = 0  # the same in whole blocks, the prompt's last token excluded (what a cache can reuse)
         self.prompt_tokens = 0
 
     def wave(self, turn: int) -> None:
@@ -54,6 +56,8 @@ class Chat:
         for c, prompt in enumerate(prompts):
             earlier = len(self.history[c]) - 1 if turn else (len(self.system) if c else 0)
             self.ideal += earlier  # the previous turn's tokens minus its last answer token (never fed)
+            page = engine.config.page_size
+            self.ideal_blocks += min(earlier, len(prompt) - 1) // page * page
             self.prompt_tokens += len(prompt)
         t0 = time.perf_counter()
         ids = [engine.add_request(p, self.params) for p in prompts]
@@ -103,6 +107,7 @@ def _summary(chat: Chat) -> dict:
     return {
         "hit_rate": hits / max(queries, 1),
         "ideal_hit_rate": chat.ideal / max(chat.prompt_tokens, 1),
+        "ideal_block_hit_rate": chat.ideal_blocks / max(chat.prompt_tokens, 1),
         "prompt_tokens": chat.prompt_tokens,
         "hit_tokens": hits,
         "wall_s": chat.wall,
@@ -187,12 +192,12 @@ def main() -> None:
         f"load average {load0[0]:.2f} -> {load1[0]:.2f}"
     )
     print(
-        f"{'':8}{'hit_rate':>10}{'ideal':>8}{'wall_s':>9}{'tok/s':>10}{'ttft_mean_ms':>14}{'ttft_p50_ms':>13}"
+        f"{'':8}{'hit_rate':>10}{'ideal':>8}{'blocks':>8}{'wall_s':>9}{'tok/s':>10}{'ttft_mean_ms':>14}{'ttft_p50_ms':>13}"
         f"{'compiles':>10}"
     )
     for name, r in results.items():
         print(
-            f"{name:8}{r['hit_rate']:>10.3f}{r['ideal_hit_rate']:>8.3f}{r['wall_s']:>9.2f}{r['tok_s']:>10.0f}"
+            f"{name:8}{r['hit_rate']:>10.3f}{r['ideal_hit_rate']:>8.3f}{r['ideal_block_hit_rate']:>8.3f}{r['wall_s']:>9.2f}{r['tok_s']:>10.0f}"
             f"{r['ttft_mean_ms']:>14.1f}{r['ttft_p50_ms']:>13.1f}{r['timed_compiles']:>10}"
         )
     print(

@@ -1,11 +1,11 @@
 """The serving engine: requests in, tokens out, with continuous batching over paged KV pools.
 
 Each `step()`:
-1. decode: every running request whose prompt is fully cached gets one token. A request that needs a new page
-   when none is free preempts the most recently arrived running request (its pages are freed and it is resumed
-   later by recomputing its prompt + generated tokens, which reproduces the same tokens);
+1. decode: every running request whose prompt is fully cached gets one token; a request that needs a page when
+   none is free preempts the latest arrival (serving/scheduler.py: resumed later by recomputing, which reproduces
+   the same tokens);
 2. prefill: waiting requests, first come first served, get chunks of their prompt within the step's token budget
-   (`max_num_batched_tokens`) and the free pages and sequence slots;
+   (`max_num_batched_tokens`) and the free pages and sequence slots (serving/scheduler.py);
 3. the jitted step runs once for the prefill chunks and once for the decode batch (each padded to buckets), and
    the sampled tokens are appended, detokenized and checked against the stop conditions.
 
@@ -26,7 +26,6 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 
 import jax
@@ -39,10 +38,11 @@ from gemma4_jax.serving import media_chunks, mm_inputs
 from gemma4_jax.serving.detokenizer import IncrementalDetokenizer, StopChecker
 from gemma4_jax.serving.kv_cache import CacheLayout, bucket, pages_needed
 from gemma4_jax.serving.pipeline_runner import PipelineRunner
-from gemma4_jax.serving.prefix_cache import KVBlocks, PrefixKey
+from gemma4_jax.serving.prefix_cache import KVBlocks, PrefixKey, window_pool_pages
 from gemma4_jax.serving.requests import Request, RequestOutput, SpecDecodeStats, Status, TokenLogprob
 from gemma4_jax.serving.runner import Runner, reset_slot_counts
 from gemma4_jax.serving.sampling import SamplingParams, request_key
+from gemma4_jax.serving.scheduler import Scheduler
 from gemma4_jax.serving.speculative import (
     AssistantProposer,
     Proposer,
@@ -85,7 +85,7 @@ class EngineConfig:
     # the window before P cached); default max_num_seqs. Ignored when caching is off.
     prefix_cache_windows: int | None = None
     # The sliding-window pool's size in pages, trash page included (default: sized from the limits above, see
-    # Engine._window_pages). Engines with equal pools share compiled steps (tests compare caching on and off).
+    # prefix_cache.window_pool_pages). Engines with equal pools share compiled steps (tests compare caching on and off).
     num_window_pages: int | None = None
 
     def resolve_attention(self) -> AttentionPlan:
@@ -162,9 +162,6 @@ class Engine:
         self.cache = self.runner.allocate()
         self.counts: dict[str, jax.Array] | None = None  # penalty state, allocated on first use
         self.blocks = KVBlocks(self.layout, caching=config.enable_prefix_caching)
-        self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
@@ -173,6 +170,8 @@ class Engine:
         self.stats = {"compiles": 0, "compile_time_s": 0.0, "steps": 0, "preemptions": 0,
                       "prompt_tokens": 0, "generated_tokens": 0, "prefix_cache_queries": 0,
                       "prefix_cache_hits": 0}
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, model.config.vision_bidirectional, self.stats,
+                                   on_start=self._init_counts)
         # Speculative decoding counters over all requests (requests.SpecDecodeStats); None when it is off.
         self.spec_stats = SpecDecodeStats() if self.speculative is not None else None
         if self.speculative is not None:
@@ -185,27 +184,15 @@ class Engine:
         self._log_start(sized)
 
     def _window_pages(self, keep: int, num_pages: int) -> int:
-        """Size of the sliding-window pool (trash page included): what running sequences can hold at once, each at
-        most its window plus one step's tokens (a prefill chunk, a multi-step decode, a verify step), plus, with
-        prefix caching, `prefix_cache_windows` windows kept for hits; never more than the full pool."""
-        config, page = self.config, self.config.page_size
+        """Size of the sliding-window pool, trash page included (prefix_cache.window_pool_pages)."""
+        config = self.config
         per_step = max(config.num_scheduler_steps, 1 + (self.speculative.num_speculative_tokens
                                                         if self.speculative is not None else 0))
-        per_seq = pages_needed(keep, page) + 2 + pages_needed(per_step, page)
-        if config.num_window_pages is not None:
-            alone = pages_needed(keep + max(config.max_num_batched_tokens, per_step), page) + 2
-            if config.num_window_pages - 1 < alone:
-                raise ValueError(f"num_window_pages={config.num_window_pages} leaves fewer than the {alone} pages "
-                                 "(besides the trash page) one sequence's window and step need")
-            return config.num_window_pages
-        running = config.max_num_seqs * per_seq + pages_needed(config.max_num_batched_tokens, page)
-        cached = 0
+        windows = 0
         if config.enable_prefix_caching:
             windows = config.max_num_seqs if config.prefix_cache_windows is None else config.prefix_cache_windows
-            if windows < 0:
-                raise ValueError(f"prefix_cache_windows must be >= 0, got {windows}")
-            cached = windows * (pages_needed(keep, page) + 1)
-        return min(running + cached, num_pages - 1) + 1
+        return window_pool_pages(keep, config.page_size, config.max_num_seqs, config.max_num_batched_tokens,
+                                 per_step, windows, num_pages, config.num_window_pages)
 
     def _log_start(self, sized: str) -> None:
         """What was chosen and why, once at start-up (INFO)."""
@@ -337,103 +324,27 @@ class Engine:
         self.blocks.reset()
 
     # ------------------------------------------------------------------------------------------------------------
-    # Scheduling
+    # Scheduling (serving/scheduler.py)
 
-    def _release(self, req: Request) -> None:
-        self.blocks.release(req)
-        if req.slot >= 0:
-            self.free_slots.append(req.slot)
-            req.slot = -1
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        return self.scheduler.running
+
+    @property
+    def free_slots(self) -> list[int]:
+        return self.scheduler.free_slots
 
     def _finish(self, req: Request, reason: str) -> None:
-        if req in self.running:
-            self.running.remove(req)
-        if req in self.waiting:
-            self.waiting.remove(req)
-        self._release(req)
-        req.status = Status.FINISHED
-        req.finish_reason = reason
+        self.scheduler.finish(req, reason)
         req.media = None  # its soft tokens are no longer needed
         req.matcher = None
 
     def _preempt(self, victim: Request) -> None:
-        self.running.remove(victim)
-        self._release(victim)
-        victim.status = Status.WAITING
-        victim.num_computed = 0
-        victim.num_preemptions += 1
-        self.stats["preemptions"] += 1
-        self.waiting.appendleft(victim)
-
-    def _ensure_pages(self, req: Request, num_tokens: int) -> bool:
-        return self.blocks.ensure(req, num_tokens)
-
-    def _computed(self, req: Request, num_tokens: int) -> None:
-        """num_tokens more of the request's tokens have their K/V in the pools: register the blocks it completed
-        with the prefix cache and release the sliding pages that left its window."""
-        req.num_computed += num_tokens
-        self.blocks.commit(req)
-
-    def _admit(self, req: Request) -> None:
-        """A waiting request (no pages) starts after its longest cached prefix (prefix_cache.KVBlocks.admit)."""
-        runs = req.media.runs if req.media is not None and self.model.config.vision_bidirectional else None
-        self.blocks.admit(req, runs)
-
-    def _unadmit(self, req: Request) -> None:
-        """Undo `_admit` for a request the scheduler could not start after all."""
-        self.blocks.release(req)
-        req.num_computed = 0
-
-    def _schedule_decode(self) -> list[Request]:
-        batch = []
-        for req in sorted((r for r in self.running if r.in_decode), key=lambda r: r.arrival):
-            while req.status is Status.RUNNING and not self._ensure_pages(req, req.num_computed + 1):
-                victims = [r for r in self.running if r is not req and r not in batch]
-                victim = max(victims, key=lambda r: r.arrival) if victims else req
-                self._preempt(victim)
-            if req.status is Status.RUNNING:
-                batch.append(req)
-        return batch
-
-    def _schedule_prefill(self, budget: int) -> list[tuple[Request, int]]:
-        chunks: list[tuple[Request, int]] = []
-        # Partially prefilled running requests first (oldest first), then the queue in arrival order.
-        partial = [r for r in self.running if not r.in_decode and r.num_computed < len(r.all_ids)]
-        candidates = sorted(partial, key=lambda r: r.arrival) + list(self.waiting)
-        for req in candidates:
-            if budget <= 0:
-                break
-            if req.status is Status.WAITING:
-                if not self.free_slots or len(chunks) >= self.config.max_num_seqs:
-                    break  # FIFO: later arrivals do not overtake
-                self._admit(req)
-            remaining = len(req.all_ids) - req.num_computed
-            size = min(remaining, budget)
-            if req.media is not None:  # an image with bidirectional attention stays inside one chunk
-                size = media_chunks.clamp_chunk(req.media, req.num_computed, size)
-            if size > 0 and not self._ensure_pages(req, req.num_computed + size):
-                size = min(size, self.blocks.max_tokens(req) - req.num_computed)
-                if req.media is not None:
-                    size = media_chunks.clamp_chunk(req.media, req.num_computed, size)
-                if size > 0 and not self._ensure_pages(req, req.num_computed + size):
-                    size = 0
-            if size <= 0:
-                if req.status is Status.WAITING:
-                    self._unadmit(req)
-                break
-            if req.status is Status.WAITING:
-                self.blocks.count_query(req)
-                self.stats.update(prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits)
-                self.waiting.remove(req)
-                req.status = Status.RUNNING
-                req.slot = self.free_slots.pop()
-                self.running.append(req)
-                self._init_counts(req)
-            chunks.append((req, size))
-            budget -= size
-        # Rows are padded to a power of two: 5 chunks would compute 8 rows. Defer the excess to the next step
-        # (the deferred requests keep their slot and pages) rather than compute padding rows.
-        return chunks[: 1 << (len(chunks).bit_length() - 1)] if chunks else chunks
+        self.scheduler.preempt(victim)
 
     # ------------------------------------------------------------------------------------------------------------
     # Running
@@ -539,7 +450,7 @@ class Engine:
                 if not 0 <= int(token) < vocab:
                     break
                 draft.append(int(token))
-            if draft and not self._ensure_pages(req, req.num_computed + 1 + len(draft)):
+            if draft and not self.scheduler.ensure_pages(req, req.num_computed + 1 + len(draft)):
                 draft = draft[: len(req.pages) * page - req.num_computed - 1]
             drafts.append(draft)
         return drafts if any(drafts) else None
@@ -561,7 +472,7 @@ class Engine:
                 self.spec_stats.record(len(draft), accepted)
             # The fed token and the accepted drafts are now in the cache; the rejected ones are dead (their
             # positions are past the context, in pages the request owns, and are rewritten later).
-            self._computed(req, accepted + 1)
+            self.scheduler.computed(req, accepted + 1)
             for j in range(accepted + 1):
                 self._append(req, positions[j], i)
         self.stats.update(spec_num_drafts=self.spec_stats.num_drafts,
@@ -582,18 +493,18 @@ class Engine:
         if not self.blocks.fits([(r, r.num_computed + k) for r in decode]):
             return 1  # check first: a failed attempt would leave some rows with pages they do not use yet
         for req in decode:
-            self._ensure_pages(req, req.num_computed + k)
+            self.scheduler.ensure_pages(req, req.num_computed + k)
         return k
 
     def step(self) -> list[RequestOutput]:
         """One scheduling iteration. Returns outputs of requests that produced tokens or finished."""
-        decode = self._schedule_decode()
-        prefill = self._schedule_prefill(self.config.max_num_batched_tokens - len(decode))
+        decode = self.scheduler.schedule_decode()
+        prefill = self.scheduler.schedule_prefill(self.config.max_num_batched_tokens - len(decode))
         if decode and not prefill and (self.waiting or any(not r.in_decode for r in self.running)):
             # The decode rows left too little budget for the next prefill chunk (an image that must stay in one
             # chunk, or more decode rows than the budget): give the prefill this step alone, or under steady
             # decode load it would wait until the decodes finish. The decode rows keep their pages and run next.
-            prefill = self._schedule_prefill(self.config.max_num_batched_tokens)
+            prefill = self.scheduler.schedule_prefill(self.config.max_num_batched_tokens)
             if prefill:
                 decode = []
         touched: list[Request] = []
@@ -602,7 +513,7 @@ class Engine:
                     for req, n in prefill]
             result = self._run(rows, max(n for _, n in prefill), "prefill")
             for i, (req, n) in enumerate(prefill):
-                self._computed(req, n)
+                self.scheduler.computed(req, n)
                 self.stats["prompt_tokens"] += n
                 if req.num_computed == len(req.all_ids):
                     self._append(req, result, i)
@@ -617,14 +528,14 @@ class Engine:
                 step_result = jax.tree.map(lambda x, j=j: x[j], results)
                 for i, req in enumerate(decode):
                     if req.status is Status.RUNNING:
-                        self._computed(req, 1)
+                        self.scheduler.computed(req, 1)
                         self._append(req, step_result, i)
             touched.extend(decode)
         elif decode:
             rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
             result = self._run(rows, 1, "decode")
             for i, req in enumerate(decode):
-                self._computed(req, 1)
+                self.scheduler.computed(req, 1)
                 self._append(req, result, i)
                 touched.append(req)
         self.stats["steps"] += 1

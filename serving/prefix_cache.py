@@ -79,6 +79,26 @@ class PrefixKey:
         return PrefixKey(media_digest(media), int(media.positions[0]))
 
 
+def window_pool_pages(keep: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int, per_step: int,
+                      cached_windows: int, num_pages: int, explicit: int | None = None) -> int:
+    """Size of the sliding-window pool, trash page included: what running sequences can hold at once (each its
+    window of `keep` keys plus one step's tokens: `per_step` decode / verify tokens, and one prefill budget over
+    all), plus `cached_windows` windows kept for prefix hits; never more than the full pool's `num_pages`.
+    explicit: a size given by the user, checked to hold one sequence's window and step."""
+    per_seq = pages_needed(keep, page_size) + 2 + pages_needed(per_step, page_size)
+    if explicit is not None:
+        alone = pages_needed(keep + max(max_num_batched_tokens, per_step), page_size) + 2
+        if explicit - 1 < alone:
+            raise ValueError(f"num_window_pages={explicit} leaves fewer than the {alone} pages (besides the trash "
+                             "page) one sequence's window and step need")
+        return explicit
+    if cached_windows < 0:
+        raise ValueError(f"prefix_cache_windows must be >= 0, got {cached_windows}")
+    running = max_num_seqs * per_seq + pages_needed(max_num_batched_tokens, page_size)
+    cached = cached_windows * (pages_needed(keep, page_size) + 1)
+    return min(running + cached, num_pages - 1) + 1
+
+
 class BlockPool:
     """Pages 1 .. num_pages - 1 of one pool (page 0 is the trash page, never handed out). A page is in use
     (reference count > 0), cached (count 0, hashed, in the LRU) or free."""
