@@ -26,14 +26,13 @@ def test_random_nvfp4_experts_have_realistic_scale_and_seed():
     assert 0.5 * k**-0.5 < std < 2.0 * k**-0.5, std  # the size of the unpacked model's weights
     logits = np.asarray(m.logits(np.array([[5, 6, 7, 8]])))
     assert np.isfinite(logits).all() and logits.std() > 0.1
-    # deterministic per seed
-    a, b, c = m, *(model_lib.from_config(cfg, dtype="float32", quant_plan=plan, seed=s) for s in (0, 1))
+    # another seed, other codes
+    other = model_lib.from_config(cfg, dtype="float32", quant_plan=plan, seed=1)
 
     def first(m):
         return np.asarray(dict(nnx.to_flat_state(m.state))[("layers", 1, "moe", "experts", "down", "w")].get_value())
 
-    np.testing.assert_array_equal(first(a), first(b))
-    assert (first(a) != first(c)).mean() > 0.5
+    assert (first(m) != first(other)).mean() > 0.5
 
 
 def test_random_weights_fast_path_builds_a_working_model():
