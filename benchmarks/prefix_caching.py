@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of the no-shared-prefix workload")
+    ap.add_argument("--prefix-cache-windows", type=int, default=None, help="EngineConfig.prefix_cache_windows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -168,7 +169,7 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
     )
     engines = {
-        "on": Engine(model, None, EngineConfig(**options)),
+        "on": Engine(model, None, EngineConfig(**options, prefix_cache_windows=args.prefix_cache_windows)),
         "off": Engine(model, None, EngineConfig(**options, enable_prefix_caching=False)),
     }
     load0 = os.getloadavg()
