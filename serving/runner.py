@@ -169,9 +169,9 @@ def verify_step(graph: StaticGraph, state, cache, counts, batch: StepBatch, samp
     against the pools, logits at every position, then `verify_step_logits`.
 
     All T tokens' K/V are written; the engine advances a row's context only past the accepted ones, so the
-    rejected ones are dead: paged slots beyond the context are rewritten by later steps, and the sliding rings
-    have k spare slots (CacheLayout.for_config(spare_ring_slots=k)) so they never overwrite a key still inside
-    the window. Runs with the "prefill" attention backends (T > 1 query tokens per row).
+    rejected ones are dead: their slots, past the context in pages the sequence owns (full and sliding-window
+    pools alike), are rewritten by later steps. Runs with the "prefill" attention backends (T > 1 query tokens
+    per row).
     Returns (VerifyResult, cache, counts), and with return_hidden a fourth output (B, D): each row's final-normed
     hidden state at index num_accepted (the token whose logits gave the emitted bonus token), the assistant
     drafter's input for the next round."""
