@@ -132,11 +132,26 @@ class PagedKVStore:
         phys = jnp.take_along_axis(table, jnp.clip(column, 0, table.shape[1] - 1), axis=1)
         phys = jnp.where(valid, phys, TRASH_PAGE)  # padding goes to the trash page
         off = jnp.maximum(positions, 0) % page
-        kc = kc.at[phys, off].set(k.astype(kc.dtype))
-        vc = vc.at[phys, off].set(v.astype(vc.dtype))
+        kc, vc = write_slots(kc, phys, off, k), write_slots(vc, phys, off, v)
         self.cache[f"k{layer}"], self.cache[f"v{layer}"] = kc, vc
         end = b.context_lens + jnp.sum(valid, axis=1)
         return PagedKV(kc, vc, table, end, dtype=k.dtype, start=start)
+
+
+def write_slots(pool: jax.Array, pages: jax.Array, offsets: jax.Array, values: jax.Array) -> jax.Array:
+    """pool.at[pages, offsets].set(values): (num_pages, page_size, K, H) <- values (B, T, K, H) at (B, T) slots.
+
+    On CPU, two-byte float pools are written as their uint16 bit patterns (the same bits): XLA:CPU widens a
+    bfloat16 pool to float32 around a scatter (two whole-pool conversions per layer per step, ~240 ms of a 516 ms
+    bench-100m batch-64 decode step); through uint16 the pool is still copied twice (XLA:CPU materialises the
+    bit casts) but ~1.7x faster (64 rows into a 268 MB pool: 16 vs 28 ms). Other platforms scatter bfloat16 in
+    place, where the casts would only add copies."""
+    values = values.astype(pool.dtype)
+    if pool.dtype.itemsize != 2 or not jnp.issubdtype(pool.dtype, jnp.floating) or jax.default_backend() != "cpu":
+        return pool.at[pages, offsets].set(values)
+    bits = jax.lax.bitcast_convert_type(pool, jnp.uint16)
+    bits = bits.at[pages, offsets].set(jax.lax.bitcast_convert_type(values, jnp.uint16))
+    return jax.lax.bitcast_convert_type(bits, pool.dtype)
 
 
 def context_view(cache: dict[str, jax.Array], layout: CacheLayout, layer: int, page_table: jax.Array,
