@@ -51,7 +51,7 @@ class TargetKV:
     sliding: the view of the target's last sliding layer that owns K/V (keys (B, S_s, K_s, H_s)); full: that of its
     last full-attention layer (B, S_f, K_f, H_f). Keys rotated and k-normed, values v-normed, exactly as the target's
     attention reads them; key positions from the view (negative: empty slot). A `DenseKV(k, v, positions)` for
-    arrays, or the engine's `PagedKV` / `RingKV` over its pools as they stand (read in place by a kernel backend).
+    arrays, or the engine's `PagedKV` over its pools as they stand (read in place by a kernel backend).
     """
 
     sliding: KVView

@@ -9,10 +9,6 @@ over, instead of gathered arrays, so that a kernel can read the pools in place:
   (page slot * page_size + offset) plus the row's `start` is the token position, keys at positions >= lengths[b]
   are empty. Full-attention layers start at 0; sliding-window layers read a *windowed* page table whose first
   column holds the first page still inside the window (serving/kv_cache.py), so S stays ~ window + chunk.
-- `RingKV`: a per-sequence ring (rows, R, K, H) read at row slots[b]; ring slot j holds the latest position
-  p < lengths[b] with p % R == j. `chunk` (a DenseKV) optionally follows the ring on the key axis: a prefill
-  chunk attends over the ring as it was before the chunk plus the chunk's own keys (the chunk may evict keys its
-  earlier tokens still need).
 
 Every view has the same *logical key axis* S (the concatenation of its `sources()`), the layout that `dense()`
 gathers and that `key_positions()` and vision key-block ids index. `dense()` gathers exactly what the stores
@@ -100,45 +96,7 @@ class PagedKV:
         return (KeySource(self.k_pages, self.v_pages, self.page_table, self.key_positions()),)
 
 
-@struct.dataclass
-class RingKV:
-    """k_ring, v_ring: (rows, R, K, H); slots: (B,) int32 ring row per sequence; lengths: (B,) int32, the
-    positions < lengths[b] that have been written to the ring; chunk: keys that follow the ring on the key axis
-    (B, T, K, H), or None. dtype: the compute dtype (static)."""
-
-    k_ring: jax.Array
-    v_ring: jax.Array
-    slots: jax.Array
-    lengths: jax.Array
-    chunk: DenseKV | None
-    dtype: jnp.dtype = struct.field(pytree_node=False)
-
-    def ring_positions(self) -> jax.Array:
-        """(B, R): ring slot j holds the latest position p < length with p % R == j (-1: never written)."""
-        ring_len = self.k_ring.shape[1]
-        j = jnp.arange(ring_len, dtype=jnp.int32)[None, :]
-        last = self.lengths[:, None] - 1
-        pos = last - jnp.mod(last - j, ring_len)
-        return jnp.where((pos >= 0) & (last >= 0), pos, -1)
-
-    def key_positions(self) -> jax.Array:
-        ring = self.ring_positions()
-        return ring if self.chunk is None else jnp.concatenate([ring, self.chunk.positions], 1)
-
-    def dense(self) -> DenseKV:
-        k, v = self.k_ring[self.slots].astype(self.dtype), self.v_ring[self.slots].astype(self.dtype)
-        if self.chunk is None:
-            return DenseKV(k, v, self.ring_positions())
-        return DenseKV(
-            jnp.concatenate([k, self.chunk.k], 1), jnp.concatenate([v, self.chunk.v], 1), self.key_positions()
-        )
-
-    def sources(self) -> tuple[KeySource, ...]:
-        ring = KeySource(self.k_ring, self.v_ring, self.slots[:, None], self.ring_positions())
-        return (ring,) if self.chunk is None else (ring, *self.chunk.sources())
-
-
-KVView = DenseKV | PagedKV | RingKV
+KVView = DenseKV | PagedKV
 
 
 class AttentionBackend:
