@@ -278,19 +278,9 @@ def abstract_model(config: ModelConfig | str, dtype: Any = "bfloat16",
 
 
 def _random_packed(path: tuple, var: nnx.Variable, seed: int) -> jax.Array:
-    """Random values of one packed parameter (QuantLinear: w, block_scale, row_scale) of the size a real checkpoint's
-    weights have: NVFP4 codes uniform over all 16 (|value| ~2.2 on average) with block scales ~K^-0.5 / 2.2; FP8
-    values ~N(0, 1) with row scales K^-0.5. Inside the init program, keyed by the parameter's path."""
+    """quant.random_packed for one packed parameter inside the init program, keyed by the parameter's path."""
     key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(_path_str(path).encode()) % (2**31))
-    shape, dtype, name = var.shape, var.dtype, str(path[-1])
-    if name == "w" and dtype == jnp.uint8:
-        return jax.random.bits(key, shape, jnp.uint8)
-    if name == "w":  # fp8 values
-        return jax.random.normal(key, shape, jnp.float32).astype(dtype)
-    if name == "block_scale":  # (..., N, K // 16)
-        k = shape[-1] * quant.NVFP4_BLOCK
-        return (jax.random.uniform(key, shape, jnp.float32, 0.75, 1.25) * k**-0.5 / 2.2).astype(dtype)
-    return jnp.ones(shape, dtype)  # row_scale (NVFP4: the global scale folded in; FP8: set per K below)
+    return quant.random_packed(str(path[-1]), var.shape, var.dtype, key)
 
 
 def _path_str(path: tuple) -> str:
@@ -308,8 +298,8 @@ def from_config(config: ModelConfig | str, dtype: Any = "bfloat16", seed: int = 
     dt = resolve_dtype(dtype)
     attention = attention_backends.resolve_attention(attention_backend, log_choice=log.debug)
     plan = quant_plan or quant.QuantPlan()
-    formats = {plan.expert_format(i) for i in range(cfg.text.num_hidden_layers)}
-    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats if plan.experts else {None})
+    formats = plan.expert_formats(cfg.text.num_hidden_layers)
+    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats)
     graphdef, abstract_state = _abstract(cfg, dt, plan, backend)
     mesh = _place(cfg, abstract_state, pp, tp, dp)
     of = _sharding_of(mesh)
@@ -364,8 +354,8 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "bfloat16", pp: int = 
     cfg = load_config(path)
     dt = resolve_dtype(dtype)
     plan = checkpoint.quant_plan(path, cfg) if meta is None else orbax_io.plan_from_metadata(meta, path)
-    formats = {plan.expert_format(i) for i in range(cfg.text.num_hidden_layers)}
-    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats if plan.experts else {None})
+    formats = plan.expert_formats(cfg.text.num_hidden_layers)
+    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats)
     graphdef, abstract_state = _abstract(cfg, dt, plan, backend)
     mesh = _place(cfg, abstract_state, pp, tp, dp)
     if meta is not None:

@@ -56,6 +56,25 @@ def packed_shapes(fmt: str, lead: tuple[int, ...], n: int, k: int) -> dict[str, 
     raise QuantizationError(f"unknown quantized format {fmt!r}; expected one of {FORMATS}")
 
 
+PACKED_PARAMS = ("w", "block_scale", "row_scale")  # a packed weight's arrays (packed_shapes)
+
+
+def random_packed(name: str, shape: tuple[int, ...], dtype, key: jax.Array) -> jax.Array:
+    """Random values of one packed array (`name` in PACKED_PARAMS) the size a real checkpoint's weights have:
+    NVFP4 codes uniform over all 16 (|value| ~2.2 on average) with block scales ~K^-0.5 / 2.2 and row scales 1;
+    FP8 values ~N(0, K^-1) with row scales 1. For benchmarks and tests without a download."""
+    if name == "w" and dtype == jnp.uint8:
+        return jax.random.bits(key, shape, jnp.uint8)
+    if name == "w":  # fp8 values, (..., N, K)
+        return (jax.random.normal(key, shape, jnp.float32) * shape[-1] ** -0.5).astype(dtype)
+    if name == "block_scale":  # (..., N, K // 16)
+        k = shape[-1] * NVFP4_BLOCK
+        return (jax.random.uniform(key, shape, jnp.float32, 0.75, 1.25) * k**-0.5 / 2.2).astype(dtype)
+    if name == "row_scale":
+        return jnp.ones(shape, dtype)
+    raise ValueError(f"{name!r} is not a packed weight's array; expected one of {PACKED_PARAMS}")
+
+
 def weight_values(fmt: str, w: jax.Array, block_scale: jax.Array | None, dtype) -> jax.Array:
     """The weight without its row scale, (..., N, K) in `dtype` (exact in bfloat16, see module docstring)."""
     if fmt == FP8:
@@ -132,6 +151,10 @@ class QuantPlan:
 
     def expert_format(self, layer: int) -> str | None:
         return dict(self.experts).get(layer)
+
+    def expert_formats(self, num_layers: int) -> set[str | None]:
+        """The formats of a model's experts ({None}: unquantized), as resolve_moe_backend takes them."""
+        return {self.expert_format(i) for i in range(num_layers)} if self.experts else {None}
 
     @property
     def is_quantized(self) -> bool:

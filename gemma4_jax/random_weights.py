@@ -6,7 +6,7 @@ at real size (E4B's 8B parameters over ~1,000 arrays, 26B-A4B, 31B) that program
 generator per distinct (shape, dtype, kind) once per parameter, each with its own key: E4B's 15 GB of weights in
 ~12 s on an H200. The values are not `from_config`'s (no per-module initialisers): float weights N(0, 0.02), which
 keeps activations finite through every layer (norm weights too: Gemma's norms scale by 1 + w); packed NVFP4/FP8
-parameters as `model._random_packed` lays them out (codes uniform, block scales ~K^-0.5 / 2.2).
+parameters by `quant.random_packed` (NVFP4 codes uniform, block scales ~K^-0.5 / 2.2).
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def random_model(
         fmt = quant.NVFP4 if experts == "nvfp4" else quant.FP8
         plan = quant.QuantPlan.experts_only(cfg.text.num_hidden_layers, fmt)
     dt = model_lib.resolve_dtype(dtype)
-    formats = {plan.expert_format(i) for i in range(cfg.text.num_hidden_layers)} if plan.experts else {None}
-    backend = quant.resolve_moe_backend(moe_backend, cfg.text.enable_moe_block, formats)
+    backend = quant.resolve_moe_backend(
+        moe_backend, cfg.text.enable_moe_block, plan.expert_formats(cfg.text.num_hidden_layers)
+    )
     graphdef, abstract = model_lib._abstract(cfg, dt, plan, backend)
     mesh = model_lib._place(cfg, abstract, 1, 1, 1)
     of = model_lib._sharding_of(mesh)
@@ -60,11 +61,8 @@ def random_model(
         if key not in makers:
 
             def make(k):
-                if kind == "bits":
-                    return jax.random.bits(k, shape, jnp.uint8)
-                if kind == "block_scale":
-                    scale = (shape[-1] * quant.NVFP4_BLOCK) ** -0.5 / 2.2
-                    return (jax.random.uniform(k, shape, jnp.float32, 0.75, 1.25) * scale).astype(dtype)
+                if kind in quant.PACKED_PARAMS:
+                    return quant.random_packed(kind, shape, dtype, k)
                 if kind == "ones":
                     return jnp.ones(shape, dtype)
                 return (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
@@ -76,12 +74,8 @@ def random_model(
     values = []
     for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
         name = str(path[-1])
-        if var.dtype == jnp.uint8:
-            kind = "bits"
-        elif name == "block_scale":
-            kind = "block_scale"
-        elif name == "row_scale":
-            kind = "ones"
+        if name in quant.PACKED_PARAMS:  # a QuantLinear's arrays
+            kind = name
         elif jnp.issubdtype(var.dtype, jnp.integer) or var.dtype == jnp.bool_:
             kind = "ones"
         else:
