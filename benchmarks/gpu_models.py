@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import sys
@@ -278,37 +279,33 @@ def _variants(args, model, dtype):
             plan = quant.QuantPlan.experts_only(model.config.text.num_hidden_layers, fmt)
             graph = model_lib.static_graph(model_lib._abstract(model.config, dtype, plan, "xla")[0])
         out.append(Variant(name, resolve_attention(name, log_choice=lambda _: None), graph))
-    if args.pad_one_row and jax.default_backend() != "cpu":  # on CPU it is already on
+    if args.pad_one_row and jax.default_backend() == "cpu":
+        _say(args, "--pad-one-row: no variant on CPU, where one-row products are always padded")
+    elif args.pad_one_row:
         first = out[0]
         out.append(Variant(first.name + "+pad1", first.attention, first.graph, pad_one_row=True))
     return out
 
 
-class _OneRowPad:
+@contextlib.contextmanager
+def one_row_pad(on: bool):
     """Trace with one-row products padded to two rows on every platform (layers.ONE_ROW_PAD_BACKENDS); JAX's trace
     caches are cleared around it so that the variant's programs are traced anew."""
+    if not on:
+        yield
+        return
+    import jax
 
-    def __init__(self, on: bool):
-        self.on = on
+    from gemma4_jax import layers
 
-    def __enter__(self):
-        if self.on:
-            import jax
-
-            from gemma4_jax import layers
-
-            self.saved = layers.ONE_ROW_PAD_BACKENDS
-            layers.ONE_ROW_PAD_BACKENDS = ("cpu", "gpu", "tpu")
-            jax.clear_caches()
-
-    def __exit__(self, *exc):
-        if self.on:
-            import jax
-
-            from gemma4_jax import layers
-
-            layers.ONE_ROW_PAD_BACKENDS = self.saved
-            jax.clear_caches()
+    saved = layers.ONE_ROW_PAD_BACKENDS
+    layers.ONE_ROW_PAD_BACKENDS = ("cpu", "gpu", "tpu")
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        layers.ONE_ROW_PAD_BACKENDS = saved
+        jax.clear_caches()
 
 
 def run(args) -> list[dict[str, Any]]:
@@ -336,7 +333,7 @@ def run(args) -> list[dict[str, Any]]:
                                   np.ones((1,), bool))
     t0 = time.perf_counter()
     for v in variants:
-        with jax.set_mesh(runner.mesh), _OneRowPad(v.pad_one_row):
+        with jax.set_mesh(runner.mesh), one_row_pad(v.pad_one_row):
             for b in args.batches:
                 if v.pad_one_row and b != 1:
                     continue
