@@ -69,17 +69,18 @@ class StagePlan:
 
 def run_stage(model, plan: StagePlan, s: int, carry: TokenInputs | Activations, *, attention: AttentionPlan,
               phase: str = "prefill", kv_store=None, keep_index: jax.Array | None = None,
-              return_routed: bool = False) -> ForwardOutput:
+              return_routed: bool = False, return_hidden: bool = False) -> ForwardOutput:
     """Stage s of `model` (merged from that stage's parameters): the one forward over the stage's layers.
 
     Stage 0 starts from TokenInputs, later ones from the Activations the previous stage returned. The last stage
     applies the head (logits; (B, 1, V) with keep_index); the others return the activations trimmed to what
     crosses the boundary: the K/V of sources read on later stages, the PLE rows of later layers, and the vision
     blocks while rows are not yet narrowed to their kept token (after that they change nothing: no later token
-    of the kept one's block is in the chunk). routed: this stage's MoE layers, (B, T, L_s, k)."""
+    of the kept one's block is in the chunk). routed: this stage's MoE layers, (B, T, L_s, k). return_hidden: the
+    last stage also returns the final-normed stream (forward's `hidden`, the MTP assistant drafter's input)."""
     last = s == plan.num_stages - 1
     out = forward(model, carry, attention=attention, phase=phase, kv_store=kv_store, layers=plan.layers[s],
-                  keep_index=keep_index, head=last, return_routed=return_routed)
+                  keep_index=keep_index, head=last, return_routed=return_routed, return_hidden=return_hidden and last)
     if last:
         return out
     act = out.activations

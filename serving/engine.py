@@ -152,7 +152,7 @@ class Engine:
         return_routed = cfg.enable_moe_block and config.enable_return_routed_experts
         if model.num_stages > 1:
             self.runner = PipelineRunner(model, self.layout, self.attention, config.pipeline_microbatches,
-                                         return_routed)
+                                         return_routed, return_hidden=assistant is not None)
         else:
             self.runner = Runner(model, self.layout, self.attention, return_routed,
                                  return_hidden=assistant is not None)

@@ -6,6 +6,9 @@ applies the head and samples. Pools: stage s allocates the pools of its own laye
 a list per stage). Penalty counts live with the sampler on the last stage. `step` / `multi` take a list of
 micro-batches and dispatch them all before waiting for any result: JAX dispatch is asynchronous and each device
 runs its queue in order, so stage s+1 computes micro-batch j while stage s computes j+1.
+
+With the MTP assistant drafter (return_hidden) the last stage also returns each row's final-normed hidden state
+(`hidden`, one (B, D) array per micro-batch of the last call, on the last stage's devices), as runner.Runner does.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ class PipelineRunner:
     """Engine steps through the stages (same interface as serving.runner.Runner)."""
 
     def __init__(self, model, layout, attention: AttentionPlan, microbatches: int | None = None,
-                 return_routed: bool = False):
+                 return_routed: bool = False, return_hidden: bool = False):
         self.model = model
         self.return_routed = return_routed
+        self.return_hidden = return_hidden
+        self.hidden: list[jax.Array] = []
         self.layout = layout
         self.attention = attention
         self.pipeline: Pipeline = model.pipeline
@@ -63,13 +68,15 @@ class PipelineRunner:
 
     def stage_fn(self, s: int, phase: str, num_logprobs: int):
         """Stage s's jitted engine program: (stage state, its pools, counts, carry, batch, sampling, steps,
-        sample_rows) -> ((carry or SampleResult, this stage's router ids (B, L_s, k) or None), pools, counts).
+        sample_rows) -> ((carry or SampleResult, this stage's router ids (B, L_s, k) or None, the last stage's
+        hidden state (B, D) with return_hidden or None), pools, counts).
         phase "verify": a speculative verify step (runner.verify_step): every position's logits, no narrowing to
         the kept token, the "prefill" backends; the last stage returns a VerifyResult and router ids
-        (B, T, L_s, k)."""
+        (B, T, L_s, k) and, with return_hidden, the hidden state at each row's index num_accepted."""
         key = (s, phase, num_logprobs)
         if key not in self._fns:
             pipe, layout, attention, return_routed = self.pipeline, self.layout, self.attention, self.return_routed
+            return_hidden = self.return_hidden
             graphdef, rest, plan, last = pipe.graphdef, pipe.placeholders[s], pipe.plan, s == self.num_stages - 1
 
             def fn(stage_state, cache, counts, carry, batch, sampling, steps, sample_rows):
@@ -82,16 +89,20 @@ class PipelineRunner:
                 verifying = phase == "verify"
                 out = run_stage(model, plan, s, carry, attention=attention,
                                 phase="prefill" if verifying else phase, kv_store=store,
-                                keep_index=None if verifying else batch.last_index, return_routed=return_routed)
+                                keep_index=None if verifying else batch.last_index, return_routed=return_routed,
+                                return_hidden=return_hidden)
                 ids = None if not return_routed else out.routed if verifying else out.routed[:, 0]
                 if not last:
-                    return (out.activations, ids), store.cache, counts
+                    return (out.activations, ids, None), store.cache, counts
                 if verifying:
                     result, counts = verify_step_logits(out.logits, counts, batch, sampling, steps, num_logprobs)
-                    return (result, ids), store.cache, counts
+                    hidden = None
+                    if return_hidden:  # the state whose logits gave the emitted bonus token (runner.verify_step)
+                        hidden = jnp.take_along_axis(out.hidden, result.num_accepted[:, None, None], axis=1)[:, 0]
+                    return (result, ids, hidden), store.cache, counts
                 result, counts = sample_step(out.logits[:, 0], counts, batch, sampling, steps, sample_rows,
                                              num_logprobs)
-                return (result, ids), store.cache, counts
+                return (result, ids, out.hidden[:, 0] if return_hidden else None), store.cache, counts
 
             self._fns[key] = jax.jit(fn, donate_argnames=("cache", "counts"))
         return self._fns[key]
@@ -100,7 +111,7 @@ class PipelineRunner:
                   media: StepMedia | None = None):
         """Enqueue one micro-batch through every stage (no waiting). tokens: stage 0's input tokens when they
         come from a previous step on device; media: a prefill chunk's soft tokens for stage 0.
-        Returns the (device) SampleResult."""
+        Returns the (device) SampleResult; the last stage's hidden state (return_hidden) goes to `hidden`."""
         batch, sampling, steps, sample_rows = mb
         meshes = self.pipeline.meshes
         carry = None
@@ -119,12 +130,14 @@ class PipelineRunner:
             fn = self.stage_fn(s, phase, num_logprobs)
             last = s == self.num_stages - 1
             with jax.set_mesh(meshes[s]):
-                (carry, ids), cache[s], stage_counts = fn(self.pipeline.states[s], cache[s],
+                (carry, ids, hidden), cache[s], stage_counts = fn(self.pipeline.states[s], cache[s],
                                                           counts if last else None, carry, stage_batch, sampling,
                                                           steps, sample_rows)
             stage_routed.append(ids)
             if last:
                 counts = stage_counts
+                if self.return_hidden:
+                    self.hidden.append(hidden)
         if self.return_routed and phase == "verify":
             carry = carry._replace(sample=carry.sample._replace(routed=tuple(stage_routed)))
         elif self.return_routed:
@@ -134,6 +147,7 @@ class PipelineRunner:
     def step(self, cache, counts, microbatches, num_logprobs: int, phase: str, media: StepMedia | None = None):
         cache = list(cache)
         results = []
+        self.hidden = []
         for mb in microbatches:
             result, cache, counts = self._dispatch(cache, counts, mb, num_logprobs, phase, media=media)
             results.append(result)
@@ -149,6 +163,7 @@ class PipelineRunner:
         sampled tokens (last stage) to step t + 1 (stage 0) on device. Results stacked (num_steps, B, ...)."""
         cache = list(cache)
         per_mb: list[list] = [[] for _ in microbatches]
+        self.hidden = []  # not kept across the steps (the engine does not run multi-steps for the assistant)
         tokens: list = [None] * len(microbatches)
         for t in range(num_steps):
             for j, (batch, sampling, steps, _) in enumerate(microbatches):
@@ -159,6 +174,7 @@ class PipelineRunner:
                 )
                 mb = (advanced, sampling, np.asarray(steps) + t, live)
                 result, cache, counts = self._dispatch(cache, counts, mb, num_logprobs, "decode", tokens=tokens[j])
+                self.hidden = []
                 tokens[j] = result.tokens[:, None].astype(jnp.int32)
                 per_mb[j].append(result)
         self._count(len(microbatches), num_steps)

@@ -12,6 +12,9 @@ exact). A proposer sees only token ids and returns drafts; it never touches the 
 - `AssistantProposer`: the Gemma 4 MTP assistant (gemma4_jax/assistant.py). Unlike the others it reads the target:
   the final-normed hidden state each step leaves per row (kept on the device, by sequence slot) and, read-only,
   the K/V pools of the target's last full and last sliding layer. It drafts k tokens greedily in one jitted call.
+  With a pipelined target (pp > 1) it runs on the stage holding the later of those two layers (`drafter_stage`),
+  reads that stage's pool in place and gathers the rows' pages of a source layer on an earlier stage there, moving
+  only those pages; the hidden state comes from the last stage, one (B, D) array per step.
 
 Configuration: `SpeculativeConfig.resolve` accepts vLLM's dict form ({"method": "ngram", "num_speculative_tokens":
 k, "prompt_lookup_max": n, "prompt_lookup_min": m}, or {"method": "draft_model" | "mtp", "model": DIR, ...}) and
@@ -34,9 +37,11 @@ from flax import nnx
 
 from gemma4_jax import sharding
 from gemma4_jax.assistant import TargetKV, draft
+from gemma4_jax.assistant_config import target_kv_layers
 from gemma4_jax.attention_backends import AttentionPlan
 from gemma4_jax.config import FULL, SLIDING
 from gemma4_jax.model import AssistantModel, Model, StaticGraph, load_assistant, static_graph
+from gemma4_jax.pipeline import to_stage
 from gemma4_jax.serving.kv_cache import CacheLayout, bucket, context_view, pages_needed
 from gemma4_jax.serving.requests import Request
 
@@ -207,24 +212,44 @@ def build_proposer(config: SpeculativeConfig) -> Proposer:
 # The MTP assistant drafter
 
 
+def drafter_stage(target: Model) -> int:
+    """The pipeline stage the assistant drafter runs on (0 when pp = 1): the one holding the later of the target
+    layers whose K/V it reads (assistant_config.target_kv_layers), whose pool it then reads in place. Typical
+    splits keep both source layers on one stage (E2B pp=2: layers 13 and 14 of stage 0; 31B: its last two layers,
+    on the last stage)."""
+    if target.num_stages == 1:
+        return 0
+    last = max(target_kv_layers(target.config.text).values())
+    return next(s for s, layers in enumerate(target.pipeline.plan.layers) if last in layers)
+
+
+def drafter_mesh(target: Model) -> jax.sharding.Mesh:
+    """The mesh the assistant drafter lives on: the target's (pp = 1) or its drafter stage's sub-mesh."""
+    return target.mesh if target.num_stages == 1 else target.pipeline.meshes[drafter_stage(target)]
+
+
 def load_drafter(model: str | os.PathLike | AssistantModel, target: Model) -> AssistantModel:
-    """The assistant of a "draft_model" / "mtp" config, on the target's mesh, checked against the target: a pair
-    that does not fit (hidden size, vocabulary, the K/V shapes it reads) raises the assistant config's ConfigError
-    at start-up. A loaded AssistantModel must already live on the target's mesh (load_assistant(mesh=...))."""
-    if target.num_stages > 1:
-        raise ValueError("the assistant drafter with a pipelined target (pp > 1) is not supported: its drafts "
-                         "read the pools of the stages holding the target's last full and sliding layers; "
-                         "use tp / dp, or the 'ngram' method")
+    """The assistant of a "draft_model" / "mtp" config, on `drafter_mesh(target)`, checked against the target: a
+    pair that does not fit (hidden size, vocabulary, the K/V shapes it reads) raises the assistant config's
+    ConfigError at start-up. A loaded AssistantModel must already live on the target's mesh (load_assistant(mesh=
+    ...)); with pp > 1, on any sub-mesh of the target's stage shape (it is moved onto the drafter stage)."""
+    mesh = drafter_mesh(target)
     if isinstance(model, AssistantModel):
         model.check_target(target)
-        if model.mesh != target.mesh:
-            raise ValueError(f"the assistant lives on another mesh ({dict(model.mesh.shape)}) than the target "
-                             f"({dict(target.mesh.shape)}): load it with load_assistant(..., mesh=target.mesh)")
-        return model
+        if model.mesh == mesh:
+            return model
+        stage_shape = {axis: n for axis, n in mesh.shape.items() if axis != "pp"}
+        if target.num_stages > 1 and {a: n for a, n in model.mesh.shape.items() if a != "pp"} == stage_shape:
+            # Device to device, once: the drafter's weights join the stage whose pools it reads.
+            return AssistantModel(model.config, model.graphdef, to_stage(model.state, mesh), mesh, model.dtype,
+                                  path=model.path, attention=model.attention)
+        raise ValueError(f"the assistant lives on another mesh ({dict(model.mesh.shape)}) than the target "
+                         f"({dict(target.mesh.shape)}): load it with load_assistant(..., mesh=target.mesh), or with "
+                         "pp > 1 on a stage's sub-mesh (speculative.drafter_mesh(target))")
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"draft model must be an assistant checkpoint directory or an AssistantModel, got "
                         f"{type(model).__name__}")
-    return load_assistant(model, dtype=target.dtype, mesh=target.mesh, target=target)
+    return load_assistant(model, dtype=target.dtype, mesh=mesh, target=target)
 
 
 def assistant_window_keep(assistant: AssistantModel) -> int:
@@ -238,6 +263,15 @@ def assistant_window_keep(assistant: AssistantModel) -> int:
 def _record_hidden(buffer: jax.Array, slots: jax.Array, hidden: jax.Array) -> jax.Array:
     """buffer (S + 1, D): row slots[b] <- hidden[b] (B, D); padding rows write the trash row S."""
     return buffer.at[slots].set(hidden.astype(buffer.dtype))
+
+
+@jax.jit
+def _gather_pages(k_pages: jax.Array, v_pages: jax.Array, table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The pages a (B, P) table names, as pools of their own: (B * P, page_size, K, H) each, page b * P + j being
+    row b's logical page j. A pipelined target's source layer on another stage than the drafter: only these pages
+    cross to the drafter's devices, never the whole pool."""
+    b, p = table.shape
+    return (k_pages[table].reshape(b * p, *k_pages.shape[1:]), v_pages[table].reshape(b * p, *v_pages.shape[1:]))
 
 
 @functools.partial(
@@ -277,6 +311,12 @@ class AssistantProposer:
     the pools of the target's last full and sliding layers in place through read-only views of length p, so keys
     of rejected drafts are never seen. Drafts are deterministic (argmax): the engine's verify stays exact under
     sampling (sampling.verify).
+
+    Pipelined target (pp > 1): the drafter runs on `drafter_stage` (its weights there, `load_drafter`), with the
+    target's token table of that stage (the first stage's, or the last stage's tied copy; else moved there once)
+    and the hidden states moved there from the last stage as they are recorded. A source layer's pool on another
+    stage is read as the rows' pages gathered on its own stage and moved (`_gather_pages`), so every row sees
+    exactly what the in-place view would show.
     """
 
     reads_target = True
@@ -293,27 +333,48 @@ class AssistantProposer:
         if SLIDING in sources and layout.window_keep < needed:
             raise ValueError(f"the sliding pool keeps {layout.window_keep} keys before the context, the assistant "
                              f"drafter reads {needed} (assistant_window_keep)")
+        self.num_stages = target.num_stages
+        self.home = drafter_stage(target)
+        self.mesh = drafter_mesh(target)
+        # The stage of each source layer (pp > 1), its pools being that stage's.
+        self.source_stage = {layer: self.home for _, layer in self.sources}
+        if self.num_stages > 1:
+            stages = target.pipeline.plan.layers
+            self.source_stage = {layer: next(s for s, r in enumerate(stages) if layer in r)
+                                 for _, layer in self.sources}
+            self.stage_meshes = target.pipeline.meshes
         # The target's scaled token embedding, split out once: the draft call takes only these weights.
-        embed_graph, self.embed_state = nnx.split(nnx.merge(target.graphdef, target.state).embed_tokens)
+        embed_graph, self.embed_state = nnx.split(self._target_embed(target))
+        self.embed_state = to_stage(self.embed_state, self.mesh) if self.num_stages > 1 else self.embed_state
         self.embed_graph = static_graph(embed_graph)
         d = target.config.text.hidden_size
-        self.hidden = jnp.zeros((layout.max_seqs + 1, d), target.dtype, device=sharding.replicated(target.mesh))
-        self.mesh = target.mesh
+        self.hidden = jnp.zeros((layout.max_seqs + 1, d), target.dtype, device=sharding.replicated(self.mesh))
         self.draft_time_s = 0.0  # host wall time inside `propose_from` (benchmarks: draft-to-target cost)
         self.draft_calls = 0
 
+    def _target_embed(self, target: Model) -> nnx.Module:
+        """The target's embed_tokens module, from the drafter stage's own parameters when it holds the table."""
+        if self.num_stages == 1:
+            return nnx.merge(target.graphdef, target.state).embed_tokens
+        pipe = target.pipeline
+        owns = ("embed_tokens", "embedding") in dict(nnx.to_flat_state(pipe.states[self.home]))
+        return pipe.module(self.home if owns else 0).embed_tokens
+
     def record(self, slots: np.ndarray, hidden: jax.Array) -> None:
         """After a step: slots (B,) int32 of its rows (padding: max_seqs), hidden (B, D_t) their final-normed states
-        (on the device). A prefill chunk short of its prompt's end records a state its final chunk overwrites."""
+        (on the device; pp > 1: the last stage's, moved to the drafter's). A prefill chunk short of its prompt's end
+        records a state its final chunk overwrites."""
+        if self.num_stages > 1:
+            hidden = jax.device_put(hidden, sharding.replicated(self.mesh))
         self.hidden = _record_hidden(self.hidden, jnp.asarray(slots, jnp.int32), hidden)
 
     def propose(self, requests: Sequence[Request], limits: Sequence[int]) -> list[list[int]]:
         raise TypeError("AssistantProposer reads the target's pools: the engine calls propose_from(cache, ...)")
 
-    def propose_from(self, cache: dict[str, jax.Array], requests: Sequence[Request],
+    def propose_from(self, cache: dict[str, jax.Array] | list[dict[str, jax.Array]], requests: Sequence[Request],
                      limits: Sequence[int]) -> list[list[int]]:
-        """Drafts for each decode row (at most its `limit`), from the engine's pools `cache` as they stand and the
-        rows' pages and slots."""
+        """Drafts for each decode row (at most its `limit`), from the engine's pools `cache` as they stand (a list
+        per stage when pp > 1) and the rows' pages and slots."""
         t0 = time.perf_counter()
         layout = self.layout
         b = bucket(len(requests), 1, layout.max_seqs)
@@ -334,7 +395,22 @@ class AssistantProposer:
                 live = req.window_pages[first: first + pw]
                 window[i, : len(live)] = live
                 window_start[i] = first * layout.page_size
-        pools = {f"{kind}{layer}": cache[f"{kind}{layer}"] for _, layer in self.sources for kind in "kv"}
+        pools = {}
+        for kind, layer in self.sources:
+            stage = self.source_stage[layer]
+            pool = cache if self.num_stages == 1 else cache[stage]
+            k_pages, v_pages = pool[f"k{layer}"], pool[f"v{layer}"]
+            if stage != self.home:
+                # Only the rows' pages cross to the drafter's stage; the view then reads them through a table
+                # of their own (row b's page j at b * P + j), with the same lengths and window start.
+                sliding = kind == SLIDING
+                rows_table = window if sliding else table
+                with jax.set_mesh(self.stage_meshes[stage]):
+                    k_pages, v_pages = _gather_pages(k_pages, v_pages, rows_table)
+                k_pages, v_pages = to_stage((k_pages, v_pages), self.mesh)
+                own = np.arange(rows_table.size, dtype=np.int32).reshape(rows_table.shape)
+                window, table = (own, table) if sliding else (window, own)
+            pools[f"k{layer}"], pools[f"v{layer}"] = k_pages, v_pages
         with jax.set_mesh(self.mesh):
             drafts = draft_step(self.assistant.static_graph, self.assistant.state, self.embed_graph,
                                 self.embed_state, pools, self.hidden, tokens, positions, slots, table, window,

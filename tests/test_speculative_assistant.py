@@ -7,7 +7,10 @@
   final-normed hidden state computed from scratch by a full-sequence forward of the row's context (so the drafter
   reads the right pages, ring slots and hidden state: other engines' "wrong block table, acceptance near 0%"),
   after verify steps that accepted all, one and none of their drafts (the hidden state at index n of a verify row);
-- acceptance counters are consistent; a mismatched target / assistant pair is refused at start-up.
+- acceptance counters are consistent; a mismatched target / assistant pair is refused at start-up;
+- pp=2: the target's last full source layer (2) sits on stage 0 and its last sliding one (3) on stage 1, where the
+  drafter runs: one pool read in place, the other's pages gathered and moved. Greedy output equals HF's, and the
+  drafts equal the direct ones of the unpipelined target, for k = 2 (1 and 3 slow).
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ import pytest
 from flax import nnx
 
 import gemma4_jax
-from gemma4_jax import SamplingParams
+from gemma4_jax import SamplingParams, sharding
 from gemma4_jax.assistant import TargetKV, draft
 from gemma4_jax.assistant_config import assistant_config_from_dict
 from gemma4_jax.config import ConfigError
 from gemma4_jax.decoder import SequenceKV
 from gemma4_jax.forward import TokenInputs, forward
-from gemma4_jax.model import assistant_from_config
+from gemma4_jax.model import AssistantModel, assistant_from_config
+from gemma4_jax.pipeline import to_stage
 from gemma4_jax.serving.engine import Engine, EngineConfig
-from gemma4_jax.serving.speculative import AssistantProposer, SpeculativeConfig
+from gemma4_jax.serving.speculative import AssistantProposer, SpeculativeConfig, drafter_mesh, load_drafter
 from helpers import BYTE_VOCAB, PLE_KVSHARE_SOFTCAP, SHORT_WINDOW
 from hf_reference import BASE_ASSISTANT_TEXT, BASE_TEXT, ORDERED, hf_greedy
 
@@ -172,9 +176,14 @@ def test_engine_drafts_equal_direct_assistant_drafts(model, assistant, reference
     """Rows 0 and 1 are steered with known continuations (every draft accepted; one accepted then a wrong one),
     rows 2 and 3 draft with the assistant (random weights: mostly rejected), for a few verify steps; then each
     row's engine drafts must equal the direct ones."""
-    k = 2  # the shapes of the greedy test: its compiled steps are reused
+    _check_drafts(_engine(model, assistant, 2), model, assistant, reference)
+
+
+def _check_drafts(engine, model, assistant, reference):
+    """Steer rows 0 and 1 (see above) through a few verify steps of `engine`, then compare its drafts with the
+    direct ones of `model` (unpipelined, the same weights). Leaves the engine mid-run, its proposer steered."""
+    k = engine.speculative.num_speculative_tokens
     prompts = _prompts()
-    engine = _engine(model, assistant, k)
     proposer = engine.proposer
     real_propose = proposer.propose_from
 
@@ -189,18 +198,68 @@ def test_engine_drafts_equal_direct_assistant_drafts(model, assistant, reference
         return drafts
 
     proposer.propose_from = steered
-    for p in prompts:
-        engine.add_request(p, GREEDY)
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
     for _ in range(4):  # prefill, then 3 verify steps (row 0 has 10 of its 16 tokens)
         engine.step()
     decode = [r for r in engine.running if r.in_decode]
     assert len(decode) == 4 and engine.stats["verify_steps"] >= 3
     assert engine.spec_stats.num_accepted_tokens > 0  # the steered rows took verify-row indices 0 < n <= k
-    assert any(r.num_computed > WINDOW + k + 1 for r in decode)  # rings wrapped
+    assert any(r.num_computed > WINDOW + k + 1 for r in decode)  # past the window
     ours = real_propose(engine.cache, decode, [k] * len(decode))
     direct = _direct_drafts(model, assistant, [req.all_ids for req in decode], k)
     for req, a, b in zip(decode, ours, direct, strict=True):
         assert a == b, f"row of prompt {len(req.prompt_ids)}: engine drafts {a}, direct {b}"
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipelined target (pp=2)
+
+
+@pytest.fixture(scope="module")
+def model_pp(ckpt):
+    return gemma4_jax.from_pretrained(ckpt.path, dtype="float32", pp=2)
+
+
+@pytest.fixture(scope="module")
+def assistant_pp(model_pp, assistant):
+    """The same assistant weights, built on the drafter stage's sub-mesh."""
+    return assistant_from_config(_assistant_config(), dtype="float32", seed=3, mesh=drafter_mesh(model_pp))
+
+
+def test_greedy_assistant_speculative_pipeline(model, model_pp, assistant, assistant_pp, reference):
+    """pp=2, k=2: the engine's drafts equal the unpipelined target's direct drafts mid-run (rows steered as in
+    test_engine_drafts_equal_direct_assistant_drafts), and the whole run's greedy output equals HF's."""
+    engine = _engine(model_pp, assistant_pp, 2)
+    assert engine.runner.num_stages == 2 and engine.runner.return_hidden
+    # Source layers: full 2 on stage 0 (its rows' pages moved), sliding 3 on stage 1 with the drafter (in place).
+    assert engine.proposer.home == 1 and engine.proposer.source_stage == {2: 0, 3: 1}
+    ids = _check_drafts(engine, model, assistant, reference)
+    engine.run_until_done()
+    for prompt, i in zip(_prompts(), ids, strict=True):
+        assert engine.release(i).token_ids == reference[tuple(prompt)], f"prompt of {len(prompt)} tokens diverged"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_assistant_speculative_pipeline_k(model_pp, assistant_pp, reference, k):
+    _check_greedy(model_pp, assistant_pp, reference, k)
+
+
+def test_pipelined_drafter_moves_onto_its_stage(model_pp, assistant_pp):
+    """An assistant on another stage's sub-mesh is moved onto the drafter's; one on another shape is refused."""
+
+    first = sharding.stage_meshes(model_pp.mesh)[0]
+    other = AssistantModel(assistant_pp.config, assistant_pp.graphdef, to_stage(assistant_pp.state, first), first,
+                           assistant_pp.dtype)
+    moved = load_drafter(other, model_pp)
+    assert moved.mesh == drafter_mesh(model_pp) != first
+    leaf = jax.tree.leaves(moved.state)[0]
+    assert leaf.sharding.mesh == moved.mesh
+    wide = copy.copy(assistant_pp)
+    wide.mesh = sharding.make_mesh(pp=1, tp=2)
+    with pytest.raises(ValueError, match="another mesh"):
+        load_drafter(wide, model_pp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
