@@ -52,7 +52,7 @@ from gemma4_jax.serving.speculative import (
     load_drafter,
 )
 from gemma4_jax.serving.step_builder import build_rows, join_results, num_logprobs_for
-from gemma4_jax.serving.structured import Grammars
+from gemma4_jax.serving.structured import Grammars, grammar_prefix
 
 log = logging.getLogger(__name__)
 
@@ -428,14 +428,15 @@ class Engine:
         """Drafts for each decode row (possibly none), or None when no row has any (plain decoding runs then).
 
         A row drafts at most k tokens and at most one fewer than it may still generate (max_tokens, max_model_len),
-        so the verify step never writes past the request's last position. Rows with a grammar draft nothing
-        (their mask depends on every accepted token). Drafts get pages when the pool has them; otherwise a row
-        drafts only what its pages hold: a draft never preempts another request."""
+        so the verify step never writes past the request's last position. A row with a grammar keeps the drafts
+        its grammar accepts (structured.grammar_prefix); the verify step masks each position by the grammar's
+        state after the drafts before it (structured.Grammars.fill_drafts). Drafts get pages when the pool has
+        them; otherwise a row drafts only what its pages hold: a draft never preempts another request."""
         k = self.speculative.num_speculative_tokens
         limits = []
         for req in decode:
             left = min(req.params.max_tokens - len(req.output_ids), self.max_model_len - len(req.all_ids))
-            limits.append(0 if req.matcher is not None else max(0, min(k, left - 1)))
+            limits.append(max(0, min(k, left - 1)))
         if not any(limits):
             return None
         vocab, page = self.text_config.vocab_size, self.layout.page_size
@@ -450,6 +451,8 @@ class Engine:
                 if not 0 <= int(token) < vocab:
                     break
                 draft.append(int(token))
+            if req.matcher is not None:  # a constrained row's drafts stop at the first its grammar rejects
+                draft = grammar_prefix(req.matcher, draft)
             if draft and not self.scheduler.ensure_pages(req, req.num_computed + 1 + len(draft)):
                 draft = draft[: len(req.pages) * page - req.num_computed - 1]
             drafts.append(draft)

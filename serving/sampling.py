@@ -160,7 +160,8 @@ class SamplingBatch:
     frequency_penalty: jax.Array  # (B,) float32
     rng_keys: jax.Array  # (B, 2) uint32
     # Structured outputs: (B, ceil(V / 32)) int32 bitmask of the tokens each row may take (bit t % 32 of word
-    # t // 32; all ones for unconstrained rows), or None when no row of the step is constrained.
+    # t // 32; all ones for unconstrained rows), or None when no row of the step is constrained. A verify step's
+    # is (B, T, ceil(V / 32)): one mask per position, the grammar's after that position's drafts (`verify`).
     token_mask: jax.Array | None = None
 
     @classmethod
@@ -169,7 +170,8 @@ class SamplingBatch:
         token_mask: np.ndarray | None = None,
     ) -> SamplingBatch:
         """Stack per-request params and keys ((R, 2) uint32, one per request) into a batch padded to `batch_size`.
-        token_mask: (batch_size, W) int32 allowed-token bitmask (structured.Grammars.fill) or None.
+        token_mask: (batch_size, W) int32 allowed-token bitmask (structured.Grammars.fill), (batch_size, T, W) for
+        a verify step (structured.Grammars.fill_drafts), or None.
 
         Returns host (numpy) arrays: they travel to the device with the rest of the step's inputs in one transfer.
         """
@@ -445,8 +447,9 @@ def verify(
     this step (or None).
 
     Position j is sampled exactly as plain decoding would sample the token at that position if d_1 .. d_j were
-    the tokens generated before it: its penalties count d_1 .. d_j as generated, its grammar mask is the row's
-    (constrained rows carry no drafts), and its randomness is `fold_in(key, steps + j)`, the key plain decoding
+    the tokens generated before it: its penalties count d_1 .. d_j as generated, its grammar mask is the one the
+    row's grammar gives after d_1 .. d_j (batch.token_mask (B, T, W); a (B, W) mask applies to every position, so
+    it suits only rows without drafts), and its randomness is `fold_in(key, steps + j)`, the key plain decoding
     uses for that token. A draft is accepted while it equals the token sampled at its position; the first
     position that disagrees (or the one after the last draft) contributes its sampled token and ends the row.
 
@@ -466,9 +469,13 @@ def verify(
         onehot = jax.nn.one_hot(drafts, vocab, dtype=jnp.int32) * is_draft[..., None].astype(jnp.int32)
         before = jnp.concatenate([jnp.zeros((b, 1, vocab), jnp.int32), jnp.cumsum(onehot, axis=1)], axis=1)
         counts = (output_counts[:, None, :] + before).reshape(b * t, vocab)  # (B * T, V)
+    per_position = batch.token_mask is not None and batch.token_mask.ndim == 3
+    rows = jax.tree.map(flat, batch.replace(token_mask=None) if per_position else batch)
+    if per_position:  # (B, T, W) -> (B * T, W): position j of row b is row b * T + j, as the flattened logits
+        rows = rows.replace(token_mask=batch.token_mask.reshape(b * t, -1))
     result = sample(
         logits.reshape(b * t, vocab),
-        jax.tree.map(flat, batch),
+        rows,
         (steps[:, None] + position).reshape(-1),
         counts,
         None if prompt_mask is None else flat(prompt_mask),

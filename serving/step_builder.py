@@ -80,7 +80,10 @@ def build_rows(
     if any(req.matcher is not None for req, _, _ in rows):
         # Rows that sample a kept token this step follow their grammar; the rest (and padding) are free.
         matchers = [req.matcher if keep[i] else None for i, (req, _, _) in enumerate(rows)]
-        token_mask = grammars.fill(matchers + [None] * (b - len(rows)), b)
+        if verify:  # one mask per position: the grammar's after the row's drafts before it
+            token_mask = grammars.fill_drafts(matchers, [ids[1:] for _, ids, _ in rows], b, t)
+        else:
+            token_mask = grammars.fill(matchers + [None] * (b - len(rows)), b)
     sampling = SamplingBatch.from_params(params, [req.key for req, _, _ in rows], b, token_mask)
     if num_logprobs is None:
         num_logprobs = num_logprobs_for(params)

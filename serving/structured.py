@@ -298,3 +298,34 @@ class Grammars:
         if constrained:
             fill_next_token_bitmask_par(self._executor, constrained, mask)
         return mask
+
+    def fill_drafts(self, matchers: Sequence[Any], drafts: Sequence[Sequence[int]], rows: int,
+                    positions: int) -> np.ndarray:
+        """The masks of a speculative verify step: (rows, positions, ceil(V / 32)) int32, position j of row b
+        allowing the tokens the row's grammar takes after its drafts d_1 .. d_j (drafts[b], at most positions - 1
+        tokens, each accepted by the grammar: `grammar_prefix`). Positions past a row's drafts, and rows whose
+        matcher is None, allow every token. The matchers are left as they were: llguidance walks each row's drafts
+        on a scratch state, all rows in parallel threads."""
+        from llguidance.numpy import fill_next_token_bitmask_par, fill_next_token_bitmask_par_with_draft_tokens
+
+        mask = np.full((rows * positions, self.words), -1, np.int32)
+        constrained = [(m, i * positions, [int(t) for t in d]) for i, (m, d) in enumerate(zip(matchers, drafts))
+                       if m is not None]
+        longest = max((len(draft) for _, _, draft in constrained), default=0)
+        if longest >= positions:  # the fill would write into the next row's masks
+            raise ValueError(f"{longest} drafts do not fit a verify step of {positions} positions")
+        drafted = [row for row in constrained if row[2]]
+        undrafted = [(m, index) for m, index, draft in constrained if not draft]  # llguidance refuses empty drafts
+        if drafted:
+            fill_next_token_bitmask_par_with_draft_tokens(self._executor, drafted, mask)
+        if undrafted:
+            fill_next_token_bitmask_par(self._executor, undrafted, mask)
+        return mask.reshape(rows, positions, self.words)
+
+
+def grammar_prefix(matcher: Any, draft: Sequence[int]) -> list[int]:
+    """The longest prefix of `draft` (token ids) that the matcher's grammar accepts from its current state; the
+    matcher is not advanced. A constrained row's speculative drafts are cut here, so the verify step only ever
+    checks drafts its masks can accept (the first rejected one would be rejected there anyway)."""
+    draft = [int(t) for t in draft]
+    return draft[: matcher.validate_tokens(draft)] if draft else []
