@@ -83,13 +83,20 @@ def reference_attention(
     Logits and softmax in float32; probabilities are cast to v's dtype before the value product (as HF eager).
     """
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+    s, kv_heads = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    # Both products as batched (B, K) matrix products with the operands laid out the way a GEMM takes them:
+    # queries (B, K, G*T, H) (the G heads sharing a KV head and the T tokens are one M axis), keys (B, K, H, S),
+    # values (B, K, S, H). The same sums as einsum("BTKGH,BSKH->BKGTS"), but XLA:CPU no longer runs them as
+    # small per-(T, G) products over strided operands (a 4 x 128-token prefill's attention: ~2-4x less time).
+    qg = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)
+    batch = ((0, 1), (0, 1))
+    logits = jax.lax.dot_general(qg, k.transpose(0, 2, 3, 1), (((3,), (2,)), batch),
+                                 preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None, :, :], logits.reshape(b, kv_heads, g, t, s), _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
+    out = jax.lax.dot_general(probs, v.transpose(0, 2, 1, 3), (((3,), (2,)), batch))  # (B, K, G*T, H)
+    return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 
 import jax
 
 from gemma4_jax.attention import attention_mask, reference_attention
-from gemma4_jax.kv_view import AttentionBackend, KVView  # noqa: F401 (re-exported: the interface lives with the views)
+from gemma4_jax.kv_view import AttentionBackend, DenseKV, KVView, PagedKV  # noqa: F401 (AttentionBackend, KVView: re-exported)
 from gemma4_jax.pallas_attention import PallasAttention
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,46 @@ class XlaAttention(AttentionBackend):
         dense = kv.dense()
         mask = attention_mask(q_positions, dense.positions, sliding_window, blocks)
         return reference_attention(q, dense.k, dense.v, mask, scale=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaRowsAttention(AttentionBackend):
+    """The reference's math a few rows at a time (`jax.lax.map` over blocks of `rows` rows): each block gathers
+    its rows' keys from the pool and consumes them while they are still in cache, instead of the whole batch's
+    gathered, transposed keys making three trips through memory. Same dots per row as `xla`, so the same numbers
+    (bit for bit with rows >= 2 on CPU; tests/test_attention_backends.py). auto's choice on CPU: a bench-100m
+    decode step's attention costs ~3x less CPU time at 64 rows (docs/benchmarks.md). Off CPU the kernels or one
+    batched `xla` call are better, so auto does not pick it there."""
+
+    name: str = "xla-rows"
+    rows: int = 4
+
+    def auto_platforms(self) -> tuple[str, ...] | None:
+        return ("cpu",)
+
+    def __call__(self, q, kv, q_positions, *, sliding_window, blocks):
+        b = q.shape[0]
+        rows = math.gcd(b, self.rows)  # the engine's row buckets are powers of two: rows itself in practice
+        if b <= rows or rows == 1:
+            return XlaAttention()(q, kv, q_positions, sliding_window=sliding_window, blocks=blocks)
+        if isinstance(kv, PagedKV):  # the pools stay whole (loop invariants); the tables are cut by row
+            per_row = (kv.page_table, kv.lengths, kv.start)
+
+            def view(part):
+                return PagedKV(kv.k_pages, kv.v_pages, part[0], part[1], dtype=kv.dtype, start=part[2])
+        else:
+            per_row = (kv.k, kv.v, kv.positions)
+
+            def view(part):
+                return DenseKV(*part)
+
+        def one(xs):
+            q_r, pos_r, part, blk = xs
+            return XlaAttention()(q_r, view(part), pos_r, sliding_window=sliding_window, blocks=blk)
+
+        blocked = jax.tree.map(lambda x: x.reshape(b // rows, rows, *x.shape[1:]), (q, q_positions, per_row, blocks))
+        out = jax.lax.map(one, blocked)  # (B / rows, rows, T, N, H)
+        return out.reshape(q.shape)
 
 
 _REGISTRY: dict[str, AttentionBackend] = {}
@@ -79,6 +120,8 @@ def get(name: str) -> AttentionBackend:
 
 register(XlaAttention(), auto=False)
 _AUTO_ORDER.append("xla")
+# On CPU, auto's choice ahead of xla (see XlaRowsAttention); the kernels, registered after it, come first.
+register(XlaRowsAttention())
 # The Pallas kernels: `pallas` is auto's first choice wherever it can run (GPU, or interpret mode on request);
 # `pallas-interpret` runs the same kernel in interpret mode anywhere, for tests, and only when named.
 register(PallasAttention())
@@ -135,6 +178,9 @@ def resolve_attention(attention_backend: str = "auto", prefill_backend: str | No
             if value == "auto":
                 for name in _AUTO_ORDER:
                     reason = _REGISTRY[name].unavailable(platform, phase, kind)
+                    prefers = _REGISTRY[name].auto_platforms()
+                    if reason is None and prefers is not None and platform not in prefers:
+                        reason = f"auto picks it only on {', '.join(prefers)}"
                     if reason is None:
                         chosen[f"{phase}_{kind}"] = _REGISTRY[name]
                         break

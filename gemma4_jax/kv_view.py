@@ -109,6 +109,11 @@ class AttentionBackend:
         """Why this backend cannot serve (platform, phase, layer kind), or None when it can."""
         return None
 
+    def auto_platforms(self) -> tuple[str, ...] | None:
+        """The platforms where `auto` may pick this backend (None: wherever it is available). A backend that is
+        correct everywhere but only faster on some platforms names them; elsewhere it runs only when named."""
+        return None
+
     def __call__(
         self,
         q: jax.Array,

@@ -67,8 +67,10 @@ class CacheLayout:
     def window_width(self, num_tokens: int, full_width: int) -> int:
         """Columns of the windowed page table of a step feeding up to `num_tokens` tokens per row (lookahead
         included) whose full tables have `full_width` columns: a function of the step's shape alone (no new compiled
-        shapes). Bound: a row at context c spans pages (c - keep) // ps .. (c + n - 1) // ps."""
-        return min(full_width, bucket(pages_needed(self.window_keep + num_tokens, self.page_size) + 1, 4))
+        shapes). Bound: a row at context c spans pages (c - keep) // ps .. (c + n - 1) // ps. Not rounded up to a
+        power of two: being a function of (T, P) it adds no compiled shape whatever its value, and every column is
+        read by the xla backend (window 128, page 16, decode: 10 pages instead of 16, ~40% less sliding attention)."""
+        return min(full_width, pages_needed(self.window_keep + num_tokens, self.page_size) + 1)
 
 
 def allocate(cfg: TextConfig, layout: CacheLayout, dtype, sharding=None, layers=None) -> dict[str, jax.Array]:

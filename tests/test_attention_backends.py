@@ -3,7 +3,7 @@
 A recording backend (the xla math plus a host callback that logs its name, the layer kind and the query length
 at run time) is registered under two names; an explicit choice, and a split prefill/decode choice, must be what
 runs in `Model.logits`, in the engine (single-program and multi-step decode) and in a pipelined model, with the
-same greedy tokens as `xla`. `auto` picks xla on CPU and pallas on GPU; an unknown or unavailable choice fails at
+same greedy tokens as `xla`. `auto` picks xla-rows on CPU and pallas on GPU; an unknown or unavailable choice fails at
 start-up. The Pallas kernels in interpret mode give the engine the tokens of `xla`.
 """
 
@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import gemma4_jax
 from gemma4_jax import SamplingParams, attention_backends
 from gemma4_jax.attention_backends import AttentionBackend, XlaAttention, resolve_attention
+from gemma4_jax.kv_view import PagedKV
 from gemma4_jax.pallas_attention import INTERPRET_ENV
 
 CALLS: list[tuple[str, str, int]] = []  # (backend name, layer kind, query length) per layer call, at run time
@@ -81,10 +83,54 @@ def _names(phase_filter=None):
     return {name for name, _, t in CALLS if phase_filter is None or phase_filter(t)}
 
 
-def test_auto_picks_xla_on_cpu():
+def test_auto_picks_xla_rows_on_cpu_only():
     plan = resolve_attention("auto")
-    assert {plan.backend(p, s).name for p in ("prefill", "decode") for s in (True, False)} == {"xla"}
+    assert {plan.backend(p, s).name for p in ("prefill", "decode") for s in (True, False)} == {"xla-rows"}
     assert gemma4_jax.from_config("tiny", dtype="float32").attention == plan
+    # Correct anywhere, faster only on CPU: named, it runs on a GPU; auto does not pick it there.
+    assert resolve_attention("xla-rows", platform="gpu").decode_full.name == "xla-rows"
+    assert resolve_attention("auto", platform="gpu", log_choice=CALLS.append).decode_full.name == "pallas"
+
+
+def _paged_case(rng, b, t, kv_heads, groups, head_dim, page, pages, windowed):
+    """A decode / verify / chunk step over a shuffled pool: q (B, T, N, H), a PagedKV (windowed: a start per row),
+    query positions ending at each row's length (ragged)."""
+    num_pages = b * pages + 1
+    k_pages = rng.standard_normal((num_pages, page, kv_heads, head_dim)).astype(np.float32)
+    v_pages = rng.standard_normal(k_pages.shape).astype(np.float32)
+    table = (rng.permutation(num_pages - 1)[: b * pages] + 1).reshape(b, pages).astype(np.int32)
+    start = (rng.integers(0, 3, b) * page).astype(np.int32) if windowed else None
+    base = 0 if start is None else start
+    lengths = (base + rng.integers(t, pages * page + 1, b)).astype(np.int32)
+    q_pos = (lengths[:, None] - t + np.arange(t)[None]).astype(np.int32)
+    q_pos[0, 0] = -1  # a padding query
+    q = rng.standard_normal((b, t, kv_heads * groups, head_dim)).astype(np.float32)
+    kv = PagedKV(jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(table), jnp.asarray(lengths),
+                 dtype=jnp.float32, start=None if start is None else jnp.asarray(start))
+    return jnp.asarray(q), kv, jnp.asarray(q_pos)
+
+
+@pytest.mark.parametrize("b,t,windowed,with_blocks", [(8, 1, False, False), (8, 3, True, False), (6, 2, True, True),
+                                                      (3, 1, False, False)])
+def test_xla_rows_matches_xla(b, t, windowed, with_blocks):
+    """xla-rows (blocks of rows through lax.map, pools read whole) == xla on paged and dense views, windowed tables,
+    vision blocks, row counts that its block size divides (8), only partly (6: blocks of 2) and not at all (3)."""
+    rng = np.random.default_rng(b * 10 + t)
+    q, kv, q_pos = _paged_case(rng, b, t, kv_heads=2, groups=2, head_dim=16, page=4, pages=5, windowed=windowed)
+    blocks = None
+    if with_blocks:  # an image block of keys 8..11 in every row; queries inside it see all of it
+        key_pos = np.asarray(kv.key_positions())
+        key_blocks = np.where((key_pos >= 8) & (key_pos < 12), 0, -1).astype(np.int32)
+        q_blocks = np.where((np.asarray(q_pos) >= 8) & (np.asarray(q_pos) < 12), 0, -1).astype(np.int32)
+        blocks = (jnp.asarray(q_blocks), jnp.asarray(key_blocks))
+    rows = attention_backends.get("xla-rows")
+    assert rows.rows == 4
+    for view in (kv, kv.dense()):
+        for window in (None, 6):
+            want = XlaAttention()(q, view, q_pos, sliding_window=window, blocks=blocks)
+            got = jax.jit(lambda q, view, q_pos, blocks, window=window: rows(
+                q, view, q_pos, sliding_window=window, blocks=blocks))(q, view, q_pos, blocks)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_pallas_is_autos_choice_on_gpu_and_refused_on_cpu_unless_interpreted(monkeypatch):
