@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 ENV = "GEMMA4_JAX_COMPILATION_CACHE"
 _OFF = {"0", "off", "false", "none", "no", ""}
 MAX_SIZE_BYTES = 8 * 2**30
+# File names of one entry in JAX's size-bounded cache directory (jax/_src/lru_cache.py).
+_CACHE_SUFFIX, _ATIME_SUFFIX = "-cache", "-atime"
 
 
 def disable() -> None:
@@ -41,6 +43,35 @@ def default_dir() -> str | None:
         return None if value.strip().lower() in _OFF else os.path.expanduser(value)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "gemma4-jax", "jax-compilation")
+
+
+def add_missing_access_times(directory: str) -> int:
+    """Give every entry of the cache directory that lacks one an access-time file; returns how many were added.
+
+    With a size bound JAX keeps `<key>-atime` beside each `<key>-cache` and, before every write, reads the access
+    time of every entry to find what to evict; one entry without it (written by a process that ran without the
+    bound: JAX's default, or a gemma4-jax before the bound) makes that read fail, and then every later write fails
+    too (a warning per compile, nothing cached). The added time is the entry's modification time (8 bytes, little
+    endian, nanoseconds: JAX's format), so old entries are evicted first."""
+    try:
+        names = set(os.listdir(directory))
+    except OSError:
+        return 0
+    added = 0
+    for name in names:
+        if not name.endswith(_CACHE_SUFFIX):
+            continue
+        atime = name[: -len(_CACHE_SUFFIX)] + _ATIME_SUFFIX
+        if atime in names:
+            continue
+        try:
+            stamp = os.stat(os.path.join(directory, name)).st_mtime_ns
+            with open(os.path.join(directory, atime), "wb") as f:
+                f.write(stamp.to_bytes(8, "little"))
+            added += 1
+        except OSError:  # removed meanwhile by another process's eviction, or a read-only cache
+            continue
+    return added
 
 
 def enable(path: str | bool | None = None) -> str | None:
@@ -60,6 +91,10 @@ def enable(path: str | bool | None = None) -> str | None:
     except OSError as e:
         log.warning("persistent compilation cache off: cannot create %s (%s)", directory, e)
         return None
+    repaired = add_missing_access_times(directory)
+    if repaired:
+        log.info("persistent compilation cache: gave %d entries written without the size bound an access time",
+                 repaired)
     jax.config.update("jax_compilation_cache_dir", directory)
     # JAX decides once, at its first compile, whether the cache is in use; start over so that turning it on after
     # something already compiled (e.g. a model built before the engine) still takes effect.

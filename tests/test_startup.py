@@ -52,6 +52,26 @@ def test_compilation_cache_dir(monkeypatch, tmp_path):
         compilation_cache.disable()  # nothing later in the suite may write to (or read from) this directory
 
 
+def test_compilation_cache_repairs_entries_without_access_time(tmp_path):
+    """Entries written without the size bound (no -atime file) must not break every later write: JAX's eviction
+    scan reads each entry's access time before writing. A cache with one such entry still caches a new program."""
+    import jax
+    import jax.numpy as jnp
+
+    from gemma4_jax.serving import compilation_cache
+
+    old = tmp_path / "jit_old-0123-cache"
+    old.write_bytes(b"x" * 10)
+    try:
+        assert compilation_cache.enable(str(tmp_path)) == str(tmp_path)
+        assert int.from_bytes((tmp_path / "jit_old-0123-atime").read_bytes(), "little") == old.stat().st_mtime_ns
+        jax.jit(lambda x: x * 3 + 1)(jnp.arange(5)).block_until_ready()
+        written = [p.name for p in tmp_path.iterdir() if p.name.startswith("jit__lambda") and p.name.endswith("-cache")]
+        assert written, sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        compilation_cache.disable()
+
+
 def test_logprob_counts_share_one_compiled_step():
     """logprobs=1..20 are one static value of the step: after the first request asking for logprobs, other counts
     compile nothing (they used to compile once per power of two)."""
