@@ -41,7 +41,7 @@ from gemma4_jax.serving.pipeline_runner import PipelineRunner
 from gemma4_jax.serving.prefix_cache import KVBlocks, PrefixKey, window_pool_pages
 from gemma4_jax.serving.requests import Request, RequestOutput, SpecDecodeStats, Status, TokenLogprob
 from gemma4_jax.serving.runner import Runner, reset_slot_counts
-from gemma4_jax.serving.sampling import SamplingParams, request_key
+from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingParams, request_key
 from gemma4_jax.serving.scheduler import Scheduler
 from gemma4_jax.serving.speculative import (
     AssistantProposer,
@@ -51,7 +51,7 @@ from gemma4_jax.serving.speculative import (
     build_proposer,
     load_drafter,
 )
-from gemma4_jax.serving.step_builder import build_rows, join_results, num_logprobs_for
+from gemma4_jax.serving.step_builder import build_rows, join_results, num_logprobs_for, prefill_groups
 from gemma4_jax.serving.structured import Grammars, grammar_prefix
 
 log = logging.getLogger(__name__)
@@ -349,32 +349,61 @@ class Engine:
     # ------------------------------------------------------------------------------------------------------------
     # Running
 
-    def _init_counts(self, req: Request) -> None:
-        uses = req.params.repetition_penalty != 1.0 or req.params.presence_penalty or req.params.frequency_penalty
-        if self.counts is None and not uses:
-            return
+    # Constrained steps. A step whose sampled rows include one with penalties or a grammar ("constrained") runs
+    # the one program family that has everything: the penalty counts, a token mask (all tokens allowed for rows
+    # without a grammar) and the top logprobs. Other steps run without counts or mask, so a configuration has two
+    # families of programs (warmup.plan warms both), not four times the logprob variants. Only a penalty request's
+    # counts are kept (reset when it starts, advanced by its constrained steps); other slots' counts are unused.
+
+    @staticmethod
+    def _uses_penalties(params: SamplingParams) -> bool:
+        return bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
+
+    def _constrained(self, req: Request) -> bool:
+        return self._uses_penalties(req.params) or req.matcher is not None
+
+    def _prefill_chunk(self, req: Request, num_tokens: int) -> int:
+        """A constrained request's chunk that would end its prompt stops one token short: its first token is then
+        sampled by a one-token (decode-shaped) constrained step, so no prefill program needs counts or a mask.
+        Costs such a request one step of latency. Media prompts keep their chunks (an image stays in one)."""
+        ends_prompt = req.num_computed + num_tokens == len(req.all_ids)
+        if num_tokens > 1 and ends_prompt and req.media is None and self._constrained(req):
+            return num_tokens - 1
+        return num_tokens
+
+    def allocate_counts(self) -> None:
+        """The penalty counts, {"output": (S+1, V) int32, "prompt": (S+1, V) bool} by sequence slot (idempotent;
+        the warm-up allocates them so that the first penalty request compiles nothing)."""
         if self.counts is None:
             s, v = self.layout.max_seqs + 1, self.text_config.vocab_size
             where = self.runner.counts_sharding  # with the sampler (the last stage's devices under pp)
             self.counts = {"output": jnp.zeros((s, v), jnp.int32, device=where),
                            "prompt": jnp.zeros((s, v), bool, device=where)}
-            for other in self.running:
-                if other is not req:
-                    self._reset_counts(other)
-        self._reset_counts(req)
+
+    def _init_counts(self, req: Request) -> None:
+        if self._uses_penalties(req.params):
+            self.allocate_counts()
+            self._reset_counts(req)
 
     def _reset_counts(self, req: Request) -> None:
-        p = np.zeros(bucket(len(req.prompt_ids), 16), np.int32)
+        """Rebuild a slot's counts from the request's history, both padded to max_model_len (one program)."""
+        width = bucket(self.max_model_len, 16)
+        p = np.zeros(width, np.int32)
         p[: len(req.prompt_ids)] = req.prompt_ids
-        o = np.zeros(bucket(len(req.output_ids), 16), np.int32)
+        o = np.zeros(width, np.int32)
         o[: len(req.output_ids)] = req.output_ids
         self.counts = reset_slot_counts(self.counts, req.slot, p, len(req.prompt_ids), o, len(req.output_ids))
 
     def _timed(self, shape_key: tuple, fn, microbatches: list, num_logprobs: int, **kwargs):
         """Run a runner call over micro-batches; a shape seen for the first time counts as a compile event with
-        its time. Returns the per-micro-batch SampleResults on the host."""
+        its time. The counts go in when the shape key says so (constrained steps). Returns the per-micro-batch
+        SampleResults on the host."""
         t0 = time.perf_counter()
-        results, self.cache, self.counts = fn(self.cache, self.counts, microbatches, num_logprobs, **kwargs)
+        counts_on = self._key_counts_on(shape_key)
+        results, self.cache, counts = fn(self.cache, self.counts if counts_on else None, microbatches, num_logprobs,
+                                         **kwargs)
+        if counts_on:
+            self.counts = counts
         if isinstance(self.proposer, AssistantProposer):
             # The drafter's next input, by slot, without leaving the device.
             for (batch, *_), hidden in zip(microbatches, self.runner.hidden, strict=False):
@@ -390,29 +419,68 @@ class Engine:
             self.stats["pipeline_bubble"] = self.runner.bubble
         return results
 
+    @staticmethod
+    def _key_counts_on(shape_key: tuple) -> bool:
+        """Whether a step's shape key (Engine._run_group / _run_multi / _run_verify) is a constrained program's:
+        the last element of each form is the micro-batches' step_builder keys, (B, T, P, logprobs, counts, mask)."""
+        return bool(shape_key[-1][0][4]) if shape_key[0] != "media" else bool(shape_key[1][0][4])
+
     def _microbatches(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0,
-                      verify: bool = False):
+                      verify: bool = False, num_logprobs: int | None = None):
         """Split rows into the runner's decode micro-batches (a prefill runs as one) and build each.
+        num_logprobs: None = what the rows ask for (step_builder.num_logprobs_for); a constrained step (a sampled
+        row with penalties or a grammar) has the counts, a token mask (per position in a verify step; none in a
+        multi-step decode, whose rows have no grammar) and all top logprobs.
         Returns (row groups, [(batch, sampling, steps, keep)], num_logprobs, shape key)."""
         m = self.runner.microbatches if num_tokens == 1 or verify else 1
         groups = [list(g) for g in np.array_split(np.arange(len(rows)), max(1, min(m, len(rows))))]
-        num_logprobs = num_logprobs_for([req.params for req, _, _ in rows])
+        constrained = any(self._constrained(req) and (verify or start + len(ids) == len(req.all_ids))
+                          for req, ids, start in rows)
+        if constrained:
+            self.allocate_counts()
+            num_logprobs = MAX_LOGPROBS
+        elif num_logprobs is None:
+            num_logprobs = num_logprobs_for([req.params for req, _, _ in rows])
+        free_mask = (self.text_config.vocab_size + 31) // 32 if constrained and not lookahead else 0
         built, keys = [], []
         for group in groups:
             batch, sampling, steps, keep, _, key = build_rows(
                 [rows[i] for i in group], num_tokens, self.layout, self.config.max_num_seqs, lookahead=lookahead,
-                num_logprobs=num_logprobs, verify=verify, counts_on=self.counts is not None, grammars=self._grammars)
+                num_logprobs=num_logprobs, verify=verify, counts_on=constrained, grammars=self._grammars,
+                free_mask_words=free_mask)
             built.append((batch, sampling, steps, keep))
             keys.append(key)
         return groups, built, num_logprobs, tuple(keys)
 
     def _run(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, phase: str):
         """One step over rows (request, new token ids, start position). phase: "prefill" | "decode" (which
-        attention backends run). Returns the SampleResult on the host."""
-        groups, built, num_logprobs, key = self._microbatches(rows, num_tokens)
+        attention backends run). Returns the SampleResult on the host.
+
+        A prefill runs as one or more programs whose padded rows x tokens stay within the token budget
+        (step_builder.prefill_groups), all with top logprobs; one-token chunks run as decode-shaped steps. So the
+        prefill shapes are few, and all of them are in the warm-up's plan (serving/warmup.py)."""
+        if phase == "decode":
+            return self._run_group(rows, num_tokens, phase)
+        groups = prefill_groups([len(ids) for _, ids, _ in rows], self.prefill_padded_tokens)
+        # One top-logprob count for all of the step's groups (their results are joined).
+        num_logprobs = MAX_LOGPROBS if num_tokens > 1 else None
+        results = [self._run_group([rows[i] for i in g], max(len(rows[i][1]) for i in g), phase, num_logprobs)
+                   for g in groups]
+        return join_results(results, groups, axis=0)
+
+    @property
+    def prefill_padded_tokens(self) -> int:
+        """The most rows x tokens a prefill program pads to: the token budget rounded up to a power of two."""
+        return bucket(self.config.max_num_batched_tokens, 16)
+
+    def _run_group(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, phase: str,
+                   num_logprobs: int | None = None):
+        groups, built, num_logprobs, key = self._microbatches(rows, num_tokens, num_logprobs=num_logprobs)
         # Prefill chunks holding image/audio placeholders pass their soft tokens (spliced into the embeddings);
         # every other step carries no media.
         media = media_chunks.chunk_media(self.model, rows, built[0][0].tokens.shape) if len(built) == 1 else None
+        if media is None and num_tokens == 1:
+            phase = "decode"  # one token per row: the decode program (same shapes, decode attention backends)
         shape_key = ("step", phase, key) if media is None else ("media", key, media.shape_key)
         results = self._timed(shape_key, self.runner.step, built, num_logprobs, phase=phase, media=media)
         return join_results(results, groups, axis=0)
@@ -512,6 +580,7 @@ class Engine:
                 decode = []
         touched: list[Request] = []
         if prefill:
+            prefill = [(req, self._prefill_chunk(req, n)) for req, n in prefill]
             rows = [(req, req.all_ids[req.num_computed: req.num_computed + n], req.num_computed)
                     for req, n in prefill]
             result = self._run(rows, max(n for _, n in prefill), "prefill")

@@ -176,6 +176,18 @@ def pages_needed(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
 
 
+# Page tables are at least this many tokens wide: attention over a few hundred padded keys costs next to nothing
+# beside a step's weights, and two fewer context buckets (4 and 8 pages at page size 16) mean ~30% fewer step shapes
+# to compile at start-up (serving/warmup.py; measured in docs/server.md, "Warm-up").
+MIN_CONTEXT_TOKENS = 256
+
+
+def page_bucket(num_pages: int, page_size: int) -> int:
+    """Padded page-table width (P) of a step whose longest row spans `num_pages` pages: a power of two, at least
+    MIN_CONTEXT_TOKENS tokens' worth of pages (and 4)."""
+    return bucket(num_pages, bucket(pages_needed(MIN_CONTEXT_TOKENS, page_size), 4))
+
+
 def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
     """Smallest power of two >= n (and >= minimum), capped at maximum."""
     b = max(minimum, 1 << max(0, int(np.ceil(np.log2(max(n, 1))))))

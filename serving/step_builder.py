@@ -13,18 +13,43 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from gemma4_jax.serving.kv_cache import TRASH_PAGE, CacheLayout, StepBatch, bucket, pages_needed
+from gemma4_jax.serving.kv_cache import TRASH_PAGE, CacheLayout, StepBatch, bucket, page_bucket, pages_needed
 from gemma4_jax.serving.requests import Request
 from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingBatch, SamplingParams
 
 Row = tuple[Request, list[int], int]
 
 
-def num_logprobs_for(params: Sequence[SamplingParams]) -> int:
-    """Top logprobs to compute for a batch: none, or all MAX_LOGPROBS when any row asks for top logprobs. One
-    static value for every request size, so logprobs=1..20 never compile another step (a top-20 over the vocabulary
-    costs next to nothing beside the step); each row keeps the first `logprobs` of them."""
-    return MAX_LOGPROBS if any(p.logprobs for p in params) else 0
+def num_logprobs_for(params: Sequence[SamplingParams], always: bool = False) -> int:
+    """Top logprobs to compute for a batch: none, or all MAX_LOGPROBS when any row asks for top logprobs (or
+    `always`). One static value for every request size, so logprobs=1..20 never compile another step; each row
+    keeps the first `logprobs` of them. Prefill steps pass always=True: their top-20 costs a few percent of a
+    chunk of >= 16 tokens per row and saves a second family of prefill shapes; a decode step keeps both programs
+    (on CPU a top-20 over a 262k vocabulary adds ~22 ms to a 150 ms batch-64 step: docs/server.md, "Warm-up")."""
+    return MAX_LOGPROBS if always or any(p.logprobs for p in params) else 0
+
+
+def token_bucket(num_tokens: int) -> int:
+    """A step's padded T for its longest chunk: 1 (a decode-shaped step), else a power of two >= 16."""
+    return bucket(num_tokens, 1 if num_tokens == 1 else 16)
+
+
+def prefill_groups(chunk_lens: Sequence[int], max_padded_tokens: int) -> list[list[int]]:
+    """Split a prefill's rows into steps whose padded size B x T stays within `max_padded_tokens` (a power of two:
+    the step's token budget rounded up), longest chunks first. Returns row indices per step, ascending in each.
+
+    Without the cap a prefill of r rows whose longest chunk has n tokens pads to bucket(r) x bucket(n) (up to
+    64 x 512 for a 512-token budget), so every (rows, tokens) pair would be a shape to warm and most of such a
+    step would be padding. With it, T = 512 has one row, T = 256 two, ... and the warm-up lists ~log2 shapes per
+    token bucket. Rows of one token each (T = 1) are a decode-shaped step of any row count up to max_num_seqs."""
+    order = sorted(range(len(chunk_lens)), key=lambda i: -chunk_lens[i])
+    groups = []
+    while order:
+        t = token_bucket(chunk_lens[order[0]])
+        size = len(order) if t == 1 else max(1, max_padded_tokens // t)
+        groups.append(sorted(order[:size]))
+        order = order[size:]
+    return groups
 
 
 def build_rows(
@@ -38,18 +63,20 @@ def build_rows(
     verify: bool = False,
     counts_on: bool = False,
     grammars=None,
+    free_mask_words: int = 0,
 ):
     """Pad rows into a StepBatch and its sampling inputs. Returns (batch, sampling, steps (B,), keep (B,),
     num_logprobs, shape key).
 
     lookahead: tokens a multi-step decode writes after the first (their pages are in the tables); verify: rows of a
     speculative verify step ([last token, drafts...]): T is exactly num_tokens (k + 1, one shape for every step)
-    and every row's tokens are kept. counts_on: penalty counts exist (another program); grammars: the engine's
-    structured.Grammars when a row has a matcher."""
+    and every row's tokens are kept. counts_on: the step takes the penalty counts (another program); grammars: the
+    engine's structured.Grammars when a row has a matcher; free_mask_words: > 0 gives the step a token mask of that
+    many words per row even when no sampled row has a grammar (all tokens allowed: the constrained program)."""
     page = layout.page_size
     b = bucket(len(rows), 1, max_rows)
-    t = num_tokens if verify else bucket(num_tokens, 1 if num_tokens == 1 else 16)
-    p = bucket(max(pages_needed(start + len(ids) + lookahead, page) for _, ids, start in rows), 4)
+    t = num_tokens if verify else token_bucket(num_tokens)
+    p = page_bucket(max(pages_needed(start + len(ids) + lookahead, page) for _, ids, start in rows), page)
     pw = layout.window_width(t + lookahead, p)
     tokens = np.zeros((b, t), np.int32)
     positions = np.full((b, t), -1, np.int32)
@@ -77,13 +104,15 @@ def build_rows(
         keep[i] = verify or start + len(ids) == len(req.all_ids)
     params = [req.params for req, _, _ in rows]
     token_mask = None
-    if any(req.matcher is not None for req, _, _ in rows):
+    if any(req.matcher is not None and keep[i] for i, (req, _, _) in enumerate(rows)):
         # Rows that sample a kept token this step follow their grammar; the rest (and padding) are free.
         matchers = [req.matcher if keep[i] else None for i, (req, _, _) in enumerate(rows)]
         if verify:  # one mask per position: the grammar's after the row's drafts before it
             token_mask = grammars.fill_drafts(matchers, [ids[1:] for _, ids, _ in rows], b, t)
         else:
             token_mask = grammars.fill(matchers + [None] * (b - len(rows)), b)
+    elif free_mask_words:  # per position in a verify step, as Grammars.fill_drafts gives
+        token_mask = np.full((b, t, free_mask_words) if verify else (b, free_mask_words), -1, np.int32)
     sampling = SamplingBatch.from_params(params, [req.key for req, _, _ in rows], b, token_mask)
     if num_logprobs is None:
         num_logprobs = num_logprobs_for(params)
@@ -102,7 +131,8 @@ def build_rows(
 
 
 def join_results(results: list, groups: list[list[int]], axis: int):
-    """Per-micro-batch host results (rows padded to buckets along `axis`) -> one result over all rows in order."""
+    """Per-group host results (rows padded to buckets along `axis`) -> one result over all rows, row i of the
+    result being row i of the step (`groups` hold each result's row indices, in any order)."""
     if len(results) == 1:
         return results[0]
 
@@ -110,4 +140,9 @@ def join_results(results: list, groups: list[list[int]], axis: int):
         return jax.tree.map(lambda x: np.take(x, np.arange(n), axis=axis), result)
 
     trimmed = [trim(r, len(g)) for r, g in zip(results, groups, strict=True)]
-    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=axis), *trimmed)
+    joined = jax.tree.map(lambda *xs: np.concatenate(xs, axis=axis), *trimmed)
+    order = np.concatenate([np.asarray(g, np.int64) for g in groups])
+    if np.array_equal(order, np.arange(len(order))):
+        return joined
+    inverse = np.argsort(order)
+    return jax.tree.map(lambda x: np.take(x, inverse, axis=axis), joined)

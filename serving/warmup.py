@@ -1,23 +1,33 @@
 """Warm-up: compile every step shape the engine's scheduler can produce before the first request arrives.
 
 JAX compiles a jitted step once per static shape. The engine pads each step to buckets (rows B, tokens T, pages
-of context P; `step_builder.build_rows`), plus whether any row wants top logprobs, so a configuration has a finite
-set of shapes; without a warm-up each one compiles on the request that first meets it (seconds to a minute each). Here:
+of context P; `step_builder.build_rows`), plus top logprobs or not and the constrained program (penalty counts and a
+token mask), so a configuration has a finite set of shapes; without a warm-up each one compiles on the request that
+first meets it (seconds to a minute each). The bucket policy keeps that set small (709 shapes -> 218 at the
+defaults, docs/server.md "Warm-up"): one-token prefill chunks run as decode steps, a prefill program pads to at most
+the token budget (`step_builder.prefill_groups`) and always computes top logprobs, page tables are at least 256
+tokens wide (`kv_cache.page_bucket`), and penalties and grammars share one decode-shaped program family
+(`Engine._microbatches`, `Engine._prefill_chunk`). Here:
 
 - `plan(engine)` lists that set from the engine's configuration (max_num_seqs, max_num_batched_tokens,
-  max_model_len, page_size, num_scheduler_steps), one `WarmupShape` per distinct shape key. The bucket values are
-  not written down here: representatives of every possible row count, chunk length and context length are passed
-  through the engine's own `build_rows`, and the keys it returns are deduplicated, so the list follows the scheduler's
-  buckets wherever they change;
-- `warm_up(engine)` runs each shape once through the engine's own step path (`Engine._run`, `_run_multi`) on
-  dummy rows that write only the trash pages, with a progress bar and the time per shape at
-  INFO, then the prompt-logprob forward (`echo` with `logprobs`) at each of its prompt buckets.
+  max_model_len, page_size, num_scheduler_steps, speculative decoding), one `WarmupShape` per distinct shape key.
+  The bucket values are not written down here: representatives of every possible row count, chunk length and
+  context length are passed through the engine's own `build_rows`, and the keys it returns are deduplicated, so the
+  list follows the scheduler's buckets wherever they change;
+- `warm_up(engine)` lowers each shape with the exact inputs the engine's step passes (dummy rows on the trash slot
+  and page) and compiles the programs in a thread pool (XLA's compile releases the GIL); the step's later calls
+  find the compiled executables in JAX's in-memory cache, and a second process finds them in the persistent
+  compilation cache (serving/compilation_cache.py). A progress bar moves per compiled shape and each shape's time
+  is logged at INFO. The prompt-logprob forward (`echo` with `logprobs`, one per prompt bucket) runs whole in the
+  same pool, the MTP drafter's programs (drafting, recording hidden states) after it; the penalty counts are
+  allocated and their reset program compiled first. A pipeline-parallel engine (or threads=1) runs each shape
+  through the engine's step path instead, one at a time.
 
 What a request may vary without a compile after this: the prompt length, `n`, `echo`, tools (chat templates only),
-streaming, any sampling value, `logprobs` 0..20 (one static count, `step_builder.num_logprobs_for`). What still
-compiles on first use, and is logged as it does: penalties (the first request with one allocates the token counts, a
-second family of shapes), structured outputs (a token mask), images and audio (their encoders and soft-token counts), a
-draft model's own programs. Speculative verify steps (k + 1 tokens per row) are warmed when speculation is on.
+streaming, any sampling value, `logprobs` 0..20 (one static count, `step_builder.num_logprobs_for`), penalties,
+structured outputs (their grammar's token mask; building a grammar is host work), speculative verify steps and the
+MTP drafter when configured. What still compiles on first use, and is logged as it does: images and audio (their
+encoders and the chunks that carry soft tokens).
 """
 
 from __future__ import annotations
@@ -25,16 +35,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import jax
+import numpy as np
 
 from gemma4_jax.serving.async_engine import score_prompt
 from gemma4_jax.serving.engine import Engine
-from gemma4_jax.serving.kv_cache import TRASH_PAGE, pages_needed
+from gemma4_jax.serving.kv_cache import TRASH_PAGE, bucket, pages_needed
 from gemma4_jax.serving.requests import Request, Status
+from gemma4_jax.serving.runner import Runner
 from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingParams, request_key
+from gemma4_jax.serving.speculative import AssistantProposer
+from gemma4_jax.serving.step_builder import token_bucket
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +61,8 @@ PROMPT_LOGPROBS_MIN_PAD = 16
 
 @dataclasses.dataclass(frozen=True)
 class WarmupShape:
-    """One compiled program to warm: a step `kind` ("prefill", "decode", "multi", "verify" or "prompt_logprobs")
+    """One compiled program to warm: a step `kind` ("prefill", "decode", "multi", "verify", "prompt_logprobs" or
+    "draft")
     over `rows` rows whose longest new chunk is `num_tokens` tokens spanning `pages` KV pages, with or without top
     logprobs. `key` is the engine's shape key (what `Engine._timed` counts compiles by)."""
 
@@ -55,13 +72,15 @@ class WarmupShape:
     pages: int
     logprobs: bool
     key: tuple
+    constrained: bool = False  # the program with penalty counts, a token mask and top logprobs (Engine._microbatches)
 
     def describe(self) -> str:
         if self.kind == "prompt_logprobs":
             return f"prompt logprobs, {self.num_tokens} tokens"
+        extra = " +penalties/grammar" if self.constrained else " +logprobs" if self.logprobs else ""
         return (
             f"{self.kind} B={self.key[0][0] if self.key else self.rows} rows={self.rows} tokens={self.num_tokens} "
-            f"pages={self.pages}{' +logprobs' if self.logprobs else ''}"
+            f"pages={self.pages}{extra}"
         )
 
 
@@ -81,10 +100,15 @@ def _powers_of_two_up_to(limit: int) -> list[int]:
     return sorted(values | {limit})
 
 
-def _dummy_request(engine: Engine, start: int, num_tokens: int, logprobs: bool, decoding: bool) -> Request:
+def _dummy_request(
+    engine: Engine, start: int, num_tokens: int, logprobs: bool, decoding: bool, constrained: bool = False
+) -> Request:
     """A request whose next step feeds `num_tokens` tokens at positions [start, start + num_tokens), parked on the
-    trash ring row and the trash page: its step writes nothing any real request reads."""
-    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=1 if logprobs else None)
+    trash slot and the trash page: its step writes nothing any real request reads. constrained: it has a penalty
+    (its steps are the constrained programs)."""
+    params = SamplingParams(
+        temperature=0.0, max_tokens=1, logprobs=1 if logprobs else None, presence_penalty=0.5 if constrained else 0.0
+    )
     total = start + num_tokens
     prompt = [0] * (total - 1 if decoding else total)
     req = Request("warmup", None, prompt, params, arrival=-1, key=request_key(0), status=Status.RUNNING)
@@ -98,16 +122,23 @@ def _dummy_request(engine: Engine, start: int, num_tokens: int, logprobs: bool, 
 
 
 def _rows(
-    engine: Engine, rows: int, num_tokens: int, pages: int, logprobs: bool, decoding: bool, lookahead: int = 0
+    engine: Engine,
+    rows: int,
+    num_tokens: int,
+    pages: int,
+    logprobs: bool,
+    decoding: bool,
+    lookahead: int = 0,
+    constrained: bool = False,
 ) -> list[tuple[Request, list[int], int]]:
     """`rows` dummy rows ending in their `pages`-th page (less `lookahead` tokens): the first feeds num_tokens
     tokens, the others one each (one shared record: the step only reads them). Every row spans the same pages, so
     the micro-batches of a pipeline get the same shape too."""
     end = min(pages * engine.layout.page_size, engine.max_model_len) - lookahead
-    first = _dummy_request(engine, max(0, end - num_tokens), num_tokens, logprobs, decoding)
+    first = _dummy_request(engine, max(0, end - num_tokens), num_tokens, logprobs, decoding, constrained)
     out = [(first, [0] * num_tokens, first.num_computed)]
     if rows > 1:
-        other = _dummy_request(engine, end - 1, 1, logprobs, decoding)
+        other = _dummy_request(engine, end - 1, 1, logprobs, decoding, constrained)
         out += [(other, [0], other.num_computed)] * (rows - 1)
     return out
 
@@ -128,55 +159,68 @@ def plan(engine: Engine) -> list[WarmupShape]:
     config, page = engine.config, engine.layout.page_size
     max_len, budget, max_seqs = engine.max_model_len, config.max_num_batched_tokens, config.max_num_seqs
     max_pages = pages_needed(max_len, page)
+    padded_cap = engine.prefill_padded_tokens
 
-    def key_of(rows, num_tokens, pages, logprobs, decoding, lookahead=0, verify=False):
-        built = _rows(engine, rows, num_tokens, pages, logprobs, decoding, lookahead)
-        return engine._microbatches(built, num_tokens, lookahead, verify=verify)[3]
+    def key_of(rows, num_tokens, pages, logprobs, decoding, lookahead=0, verify=False, constrained=False):
+        built = _rows(engine, rows, num_tokens, pages, logprobs, decoding, lookahead, constrained)
+        # A prefill program always computes top logprobs (Engine._run); decode, multi and verify ask the rows.
+        num_logprobs = MAX_LOGPROBS if not decoding else None
+        return engine._microbatches(built, num_tokens, lookahead, verify=verify, num_logprobs=num_logprobs)[3]
 
-    # Chunk lengths grouped by their token bucket (smallest of each: the most rows fit beside it in the budget), and
-    # context lengths by their page bucket (largest of each: the longest chunk fits in it).
+    # Chunk lengths > 1 grouped by their token bucket (smallest of each: the most rows fit beside it), and context
+    # lengths by their page bucket (largest of each: the longest chunk fits in it). One-token chunks run as
+    # decode-shaped steps (Engine._run_group).
     chunks = [
         lo
         for lo, _ in _representatives(
-            range(1, min(budget, max_len) + 1), lambda n: key_of(1, n, max_pages, False, False)[0][1]
+            range(2, min(budget, max_len) + 1), lambda n: key_of(1, n, max_pages, False, False)[0][1]
         )
     ]
     page_counts = [
         hi for _, hi in _representatives(range(1, max_pages + 1), lambda m: key_of(1, 1, m, False, True)[0][2])
     ]
-    # A prefill keeps a power-of-two number of rows (Engine._schedule_prefill), each with at least one token; a
-    # decode batch has any number of rows up to max_num_seqs (micro-batched under a pipeline: keys differ per count).
-    prefill_rows = [r for r in _powers_of_two_up_to(max_seqs) if r & (r - 1) == 0 and r <= budget]
+    # A prefill program pads to bucket(rows) x token_bucket(longest chunk) <= the padded budget
+    # (step_builder.prefill_groups); a decode batch has any number of rows up to max_num_seqs (micro-batched under a
+    # pipeline: keys differ per count).
+    prefill_rows = [r for r in _powers_of_two_up_to(max_seqs) if r & (r - 1) == 0]
     decode_rows = list(range(1, max_seqs + 1)) if engine.runner.microbatches > 1 else _powers_of_two_up_to(max_seqs)
+    # Decode steps come plain, with top logprobs, and constrained (a row with penalties or a grammar: counts, mask
+    # and top logprobs in one program); a constrained request's first token is sampled by a one-token step
+    # (Engine._prefill_chunk), so prefill programs are never constrained.
     candidates = []
-    for logprobs in (False, True):
-        for m in page_counts:
-            for r in decode_rows:
-                candidates.append(("decode", r, 1, m, logprobs))
-            for n in chunks:
-                if n > m * page:
-                    continue
-                for r in prefill_rows:
-                    if r - 1 + n <= budget:
-                        candidates.append(("prefill", r, n, m, logprobs))
+    for m in page_counts:
+        for logprobs, constrained in ((False, False), (True, False), (True, True)):
+            candidates += [("decode", r, 1, m, logprobs, constrained) for r in decode_rows]
+        for n in chunks:
+            if n > m * page:
+                continue
+            candidates += [
+                ("prefill", r, n, m, True, False)
+                for r in prefill_rows
+                if r - 1 + n <= budget and r * token_bucket(n) <= padded_cap
+            ]
     steps = config.num_scheduler_steps
     # Speculative decoding: a decode batch with drafts runs as a verify step of exactly k + 1 tokens per row.
     verify_tokens = engine.speculative.num_speculative_tokens + 1 if engine.speculative is not None else 0
     shapes: dict[tuple, WarmupShape] = {}
-    for kind, rows, n, m, logprobs in candidates:
-        key = (kind, key_of(rows, n, m, logprobs, kind == "decode"))
-        shapes.setdefault(key, WarmupShape(kind, rows, n, m, logprobs, key[1]))
+    for kind, rows, n, m, logprobs, constrained in candidates:
+        key = (kind, key_of(rows, n, m, logprobs, kind == "decode", constrained=constrained))
+        shapes.setdefault(key, WarmupShape(kind, rows, n, m, logprobs, key[1], constrained))
         if kind == "decode" and steps > 1 and m * page >= steps:
-            multi = ("multi", key_of(rows, 1, m, logprobs, True, steps - 1))
-            shapes.setdefault(multi, WarmupShape("multi", rows, 1, m, logprobs, multi[1]))
+            multi = ("multi", key_of(rows, 1, m, logprobs, True, steps - 1, constrained=constrained))
+            shapes.setdefault(multi, WarmupShape("multi", rows, 1, m, logprobs, multi[1], constrained))
         if kind == "decode" and engine.speculative is not None and m * page >= verify_tokens:
-            verify = ("verify", key_of(rows, verify_tokens, m, logprobs, True, verify=True))
-            shapes.setdefault(verify, WarmupShape("verify", rows, verify_tokens, m, logprobs, verify[1]))
-    out = sorted(shapes.values(), key=lambda s: (s.pages, s.num_tokens, s.rows, s.kind, s.logprobs))
+            verify = ("verify", key_of(rows, verify_tokens, m, logprobs, True, verify=True, constrained=constrained))
+            shapes.setdefault(verify, WarmupShape("verify", rows, verify_tokens, m, logprobs, verify[1], constrained))
+    out = sorted(shapes.values(), key=lambda s: (s.pages, s.num_tokens, s.rows, s.kind, s.logprobs, s.constrained))
     # Echo with logprobs: one full forward of the prompt, padded to a power of two of at least 16 tokens
     # (async_engine.score_prompt): one representative per padded length.
     lengths = [n for n in _powers_of_two_up_to(max_len) if n >= min(PROMPT_LOGPROBS_MIN_PAD, max_len)]
     out += [WarmupShape("prompt_logprobs", 1, n, pages_needed(n, page), True, ()) for n in lengths]
+    if isinstance(engine.proposer, AssistantProposer):
+        # The MTP drafter's own program (AssistantProposer.propose_from: rows x its context bucket, bucket(pages, 4)).
+        draft_pages = [hi for _, hi in _representatives(range(1, max_pages + 1), lambda m: bucket(m, 4))]
+        out += [WarmupShape("draft", r, 1, m, False, ()) for m in draft_pages for r in _powers_of_two_up_to(max_seqs)]
     return out
 
 
@@ -192,16 +236,38 @@ def _engine_log_quiet() -> Iterator[None]:
         engine_log.setLevel(level)
 
 
-def _run_shape(engine: Engine, shape: WarmupShape) -> None:
+def _run_whole(engine: Engine, shape: WarmupShape) -> None:
+    """Run a program that holds no engine state: the prompt-logprob forward or the MTP drafter (no donation)."""
     if shape.kind == "prompt_logprobs":
         score_prompt(engine.model, [0] * shape.num_tokens, MAX_LOGPROBS)
         return
+    proposer = engine.proposer
+    rows = _rows(engine, shape.rows, 1, shape.pages, False, True)
+    proposer.propose_from(engine.cache, [req for req, _, _ in rows], [0] * len(rows))
+    # The drafter also keeps each step's hidden states by slot (one small program per row bucket): the trash slot's.
+    hidden = jax.device_put(np.zeros((shape.rows, proposer.hidden.shape[1]), proposer.hidden.dtype),
+                            proposer.hidden.sharding)
+    proposer.record(np.full((shape.rows,), engine.layout.max_seqs, np.int32), hidden)
+
+
+_WHOLE = ("prompt_logprobs", "draft")
+
+
+def _run_shape(engine: Engine, shape: WarmupShape) -> None:
+    if shape.kind in _WHOLE:
+        _run_whole(engine, shape)
+        return
     steps = engine.config.num_scheduler_steps
     if shape.kind == "multi":
-        rows = _rows(engine, shape.rows, 1, shape.pages, shape.logprobs, True, steps - 1)
+        rows = _rows(engine, shape.rows, 1, shape.pages, shape.logprobs, True, steps - 1, shape.constrained)
         engine._run_multi([req for req, _, _ in rows], steps)
         return
-    rows = _rows(engine, shape.rows, shape.num_tokens, shape.pages, shape.logprobs, shape.kind != "prefill")
+    rows = _rows(
+        engine, shape.rows, shape.num_tokens, shape.pages, shape.logprobs, shape.kind != "prefill", 0, shape.constrained
+    )
+    if shape.kind == "prefill":  # one program, as Engine._run runs each group of a prefill
+        engine._run_group(rows, shape.num_tokens, "prefill", MAX_LOGPROBS)
+        return
     if shape.kind == "verify":  # as Engine._run_verify runs it, without appending the sampled tokens
         _, built, num_logprobs, key = engine._microbatches(rows, shape.num_tokens, verify=True)
         engine._timed(("verify", key), engine.runner.verify, built, num_logprobs)
@@ -209,40 +275,178 @@ def _run_shape(engine: Engine, shape: WarmupShape) -> None:
     engine._run(rows, shape.num_tokens, shape.kind)
 
 
-def warm_up(engine: Engine, progress: bool = True) -> WarmupReport:
+# The runner's jitted programs (serving/runner.py) that `_lowering` intercepts.
+_RUNNER_PROGRAMS = ("model_step", "decode_steps", "verify_step")
+
+
+@contextlib.contextmanager
+def _lowering(into: list) -> Iterator[None]:
+    """While active, the single-program runner's jitted programs are lowered instead of run: each call appends its
+    `jax.stages.Lowered` to `into` and hands back its cache and counts untouched (no result, no device work).
+
+    Lowering with the very arguments a step passes (the same pools, static graph, layout, mesh context) is what
+    makes `Lowered.compile()` fill the in-memory cache that the step's later call looks up: it then runs without
+    compiling. Only for this module's use, single-threaded, before the engine takes requests."""
+    from gemma4_jax.serving import runner as runner_module
+
+    saved = {name: getattr(runner_module, name) for name in _RUNNER_PROGRAMS}
+
+    def intercept(program):
+        def call(*args, **kwargs):
+            into.append(program.lower(*args, **kwargs))
+            cache, counts = args[2], args[3]
+            return (None, cache, counts, None) if kwargs.get("return_hidden") else (None, cache, counts)
+
+        return call
+
+    try:
+        for name, program in saved.items():
+            setattr(runner_module, name, intercept(program))
+        yield
+    finally:
+        for name, program in saved.items():
+            setattr(runner_module, name, program)
+
+
+def _engine_inputs(engine: Engine, shape: WarmupShape):
+    """(runner method, micro-batches, num_logprobs, keyword arguments, the engine's shape key) of a step shape,
+    as Engine._run_group / _run_multi / _run_verify build them (their shape keys are the ones `_timed` counts)."""
+    steps = engine.config.num_scheduler_steps
+    lookahead = steps - 1 if shape.kind == "multi" else 0
+    rows = _rows(
+        engine, shape.rows, shape.num_tokens, shape.pages, shape.logprobs, shape.kind != "prefill", lookahead,
+        shape.constrained,
+    )
+    runner = engine.runner
+    if shape.kind == "prefill":
+        _, built, num_logprobs, key = engine._microbatches(rows, shape.num_tokens, num_logprobs=MAX_LOGPROBS)
+        return runner.step, built, num_logprobs, dict(phase="prefill", media=None), ("step", "prefill", key)
+    if shape.kind == "decode":
+        _, built, num_logprobs, key = engine._microbatches(rows, 1)
+        return runner.step, built, num_logprobs, dict(phase="decode", media=None), ("step", "decode", key)
+    if shape.kind == "multi":
+        _, built, num_logprobs, key = engine._microbatches(rows, 1, lookahead=lookahead)
+        return runner.multi, built, num_logprobs, dict(num_steps=steps), ("multi", steps, key)
+    _, built, num_logprobs, key = engine._microbatches(rows, shape.num_tokens, verify=True)
+    return runner.verify, built, num_logprobs, {}, ("verify", key)
+
+
+def _lower_shape(engine: Engine, shape: WarmupShape) -> list:
+    """The jax.stages.Lowered programs of one step shape (one per micro-batch of the single-program runner)."""
+    method, built, num_logprobs, kwargs, _ = _engine_inputs(engine, shape)
+    lowered: list = []
+    with _lowering(lowered):  # the counts go in only for constrained programs, as in Engine._timed
+        method(engine.cache, engine.counts if shape.constrained else None, built, num_logprobs, **kwargs)
+    return lowered
+
+
+def _compile_in_parallel(engine: Engine, shapes: list[WarmupShape], threads: int, on_done) -> None:
+    """Lower every step shape (Python tracing, one at a time), then compile them in `threads` threads (XLA's
+    compile releases the GIL). The prompt-logprob forwards, which hold no engine state, run whole in the threads; the
+    MTP drafter's programs run after them, one at a time.
+    Marks each step shape as compiled in the engine (so its first real use is not counted as a compile)."""
+    t0 = time.perf_counter()
+    work = []
+    for shape in shapes:
+        if shape.kind == "draft":
+            continue  # after the pool: the drafter's hidden-state buffer is donated from call to call
+        if shape.kind in _WHOLE:
+            work.append((shape, None, None))
+        else:
+            work.append((shape, _lower_shape(engine, shape), _engine_inputs(engine, shape)[4]))
+    log.info("warm-up: %d programs lowered in %.1f s; compiling in %d threads", len(work),
+             time.perf_counter() - t0, threads)
+
+    def compile_one(item):
+        shape, lowered, _ = item
+        c0 = time.perf_counter()
+        if lowered is None:
+            _run_whole(engine, shape)
+        else:
+            for program in lowered:
+                program.compile()
+        return item, time.perf_counter() - c0
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="warmup") as pool:
+        for (shape, _, engine_key), seconds in (f.result() for f in as_completed([pool.submit(compile_one, w)
+                                                                                   for w in work])):
+            if engine_key is not None and engine_key not in engine._shapes_seen:
+                engine._shapes_seen.add(engine_key)
+                engine.stats["compiles"] += 1
+                engine.stats["compile_time_s"] += seconds
+            on_done(shape, seconds)
+    for shape in shapes:
+        if shape.kind == "draft":
+            c0 = time.perf_counter()
+            _run_whole(engine, shape)
+            on_done(shape, time.perf_counter() - c0)
+
+
+def _warm_counts(engine: Engine) -> None:
+    """Allocate the penalty counts and compile the program that resets a slot's counts (one shape: histories
+    are padded to max_model_len), on the trash slot."""
+    engine.allocate_counts()
+    engine._reset_counts(_dummy_request(engine, 0, 1, False, False, constrained=True))
+
+
+def default_threads() -> int:
+    """Compile threads: one per CPU core (XLA:CPU compiles each program mostly on one core), at most 16."""
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def warm_up(engine: Engine, progress: bool = True, threads: int | None = None) -> WarmupReport:
     """Compile (or load from the persistent compilation cache) every shape of `plan(engine)`. Run it before the
-    engine takes requests: it uses the engine's step path on dummy rows and must not interleave with real steps.
-    progress: a tqdm bar on stderr. Logs the plan, the time of each shape and a summary at INFO."""
+    engine takes requests: it uses the engine's step inputs on dummy rows and must not interleave with real steps.
+    progress: a tqdm bar on stderr, moving per compiled shape. threads: compile threads (default one per core);
+    1, or a pipeline-parallel engine, runs each shape once through the engine's step path instead, one at a time.
+    Logs the plan, the time of each shape and a summary at INFO."""
     if engine.has_unfinished():
         raise RuntimeError("warm up the engine before adding requests")
+    t_counts = time.perf_counter()
+    _warm_counts(engine)
+    log.info("warm-up: penalty counts allocated and their reset program compiled in %.2f s",
+             time.perf_counter() - t_counts)
     shapes = plan(engine)
+    threads = default_threads() if threads is None else threads
+    parallel = threads > 1 and isinstance(engine.runner, Runner)
     families = {}
     for s in shapes:
         families[s.kind] = families.get(s.kind, 0) + 1
     log.info(
-        "warm-up: %d shapes to compile (%s) for max_num_seqs %d, max_num_batched_tokens %d, max_model_len %d; "
+        "warm-up: %d shapes to compile (%s) for max_num_seqs %d, max_num_batched_tokens %d, max_model_len %d, %s; "
         "fewer with smaller limits, none with --enforce-eager (compile on first use instead)",
         len(shapes),
         ", ".join(f"{n} {k}" for k, n in families.items()),
         engine.config.max_num_seqs,
         engine.config.max_num_batched_tokens,
         engine.max_model_len,
+        f"{threads} compile threads" if parallel else "one at a time",
     )
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(shapes), desc="warm-up", unit="shape")
+    done = 0
+
+    def on_done(shape: WarmupShape, seconds: float) -> None:
+        nonlocal done
+        done += 1
+        log.info("warm-up %d/%d: %s in %.2f s", done, len(shapes), shape.describe(), seconds)
+        if bar is not None:
+            bar.update(1)
+
     compiles_before = engine.stats["compiles"]
     t_start = time.perf_counter()
     try:
         with _engine_log_quiet():
-            for i, shape in enumerate(shapes, 1):
-                t0 = time.perf_counter()
-                _run_shape(engine, shape)
-                log.info("warm-up %d/%d: %s in %.2f s", i, len(shapes), shape.describe(), time.perf_counter() - t0)
-                if bar is not None:
-                    bar.update(1)
+            if parallel:
+                _compile_in_parallel(engine, shapes, threads, on_done)
+            else:
+                for shape in shapes:
+                    t0 = time.perf_counter()
+                    _run_shape(engine, shape)
+                    on_done(shape, time.perf_counter() - t0)
     finally:
         if bar is not None:
             bar.close()

@@ -13,6 +13,7 @@ import json
 import re
 
 import jsonschema
+import numpy as np
 import pytest
 
 import gemma4_jax
@@ -130,8 +131,10 @@ def test_structure_cut_by_max_tokens_ends_with_length(llm):
 
 
 def test_mixed_batch_leaves_unconstrained_rows_alone(llm):
-    """The same batch (same shapes) with the third row unconstrained, then constrained: rows 1-2 are unchanged to
-    the bit, tokens and logprobs (the mask only touches its own row, and logprobs are of the raw logits)."""
+    """The same batch with the third row unconstrained, then constrained: rows 1-2 keep their tokens and top ids
+    exactly and their logprobs to float32 rounding (the mask only touches its own row, and logprobs are of the raw
+    logits). Not to the bit: a constrained row moves the batch to the constrained program (counts and a mask) and its
+    first token to a one-token step (serving/engine.py, "Constrained steps"), other compiled programs."""
     free = SamplingParams(temperature=1.0, seed=11, max_tokens=12, logprobs=2, ignore_eos=True)
     other = SamplingParams(temperature=1.0, seed=3, max_tokens=12)
     alone = llm.generate(["Hello", "World", "Z"], [free, free, other], use_tqdm=False)
@@ -139,8 +142,11 @@ def test_mixed_batch_leaves_unconstrained_rows_alone(llm):
     mixed = llm.generate(["Hello", "World", "Z"], [free, free, constrained], use_tqdm=False)
     for a, m in zip(alone[:2], mixed[:2]):
         assert a.token_ids == m.token_ids
-        assert [lp.logprob for lp in a.logprobs] == [lp.logprob for lp in m.logprobs]
-        assert [lp.top for lp in a.logprobs] == [lp.top for lp in m.logprobs]
+        np.testing.assert_allclose([lp.logprob for lp in m.logprobs], [lp.logprob for lp in a.logprobs],
+                                   rtol=1e-5, atol=1e-6)
+        assert [[i for i, _ in lp.top] for lp in a.logprobs] == [[i for i, _ in lp.top] for lp in m.logprobs]
+        np.testing.assert_allclose([[v for _, v in lp.top] for lp in m.logprobs],
+                                   [[v for _, v in lp.top] for lp in a.logprobs], rtol=1e-5, atol=1e-6)
     assert re.fullmatch("[ab]+", mixed[2].text) and not re.fullmatch("[ab]+", alone[2].text)
 
 

@@ -1,9 +1,10 @@
 """Warm-up (serving/warmup.py): the server compiles every step shape before /health turns 200, and then a varied
-workload (chat, completions, n=3, logprobs 1..5, echo, tools, streaming, several prompt lengths) compiles nothing.
+workload (chat, completions, n=3, logprobs 1..5, echo, tools, streaming, several prompt lengths, penalties, a JSON
+schema) compiles nothing.
 
 Compiles are observed with JAX's own monitoring events (`/jax/core/compile/backend_compile_duration`: every XLA
 compile in the process, the engine's steps and anything else), not only the engine's count. Small limits (two
-sequences, 16-token steps, 64-token context) keep the plan to 15 shapes, and a one-layer model keeps each compile
+sequences, 16-token steps, 64-token context) keep the plan to 10 shapes, and a one-layer model keeps each compile
 short (the shapes do not depend on the layer kinds).
 """
 
@@ -58,10 +59,15 @@ def test_plan_follows_the_scheduler_buckets(checkpoint):
     then the prompt-logprob forwards. Infeasible ones are absent (two 16-token chunks exceed the 16-token budget)."""
     llm = gemma4_jax.LLM(checkpoint, dtype="float32", compilation_cache=False, **LIMITS)
     shapes = warmup.plan(llm.engine)
-    steps = sorted((s.kind, s.key[0][:4]) for s in shapes if s.kind != "prompt_logprobs")
+    steps = sorted((s.kind, s.key[0]) for s in shapes if s.kind != "prompt_logprobs")
+    # Keys (B, T, P, top logprobs, counts, token mask). One-token chunks run as decode steps; a prefill program
+    # pads to at most the budget (one row of 16 tokens here) and always computes top logprobs; decode steps come
+    # plain, with logprobs, and constrained (penalties or a grammar: counts, mask and logprobs in one program).
+    # Page tables are at least 256 tokens wide (P = 16 pages).
+    decode_variants = [(0, False, False), (20, False, False), (20, True, True)]
     expected = sorted(
-        [(kind, (b, 1, 4, lp)) for kind in ("prefill", "decode") for b in (1, 2) for lp in (0, 20)]
-        + [("prefill", (b, 16, 4, lp)) for b in (1, 2) for lp in (0, 20)]
+        [("decode", (b, 1, 16, *v)) for b in (1, 2) for v in decode_variants]
+        + [("prefill", (1, 16, 16, 20, False, False))]
     )
     assert steps == expected
     assert [s.num_tokens for s in shapes if s.kind == "prompt_logprobs"] == [16, 32, 64]
@@ -70,13 +76,13 @@ def test_plan_follows_the_scheduler_buckets(checkpoint):
         dtype="float32",
         compilation_cache=False,
         max_num_seqs=4,
-        max_model_len=128,
+        max_model_len=512,
         page_size=16,
         max_num_batched_tokens=32,
     )
     keys = {s.key[0][:3] for s in warmup.plan(bigger.engine) if s.kind == "prefill"}
-    assert {b for b, _, _ in keys} == {1, 2, 4} and {t for _, t, _ in keys} == {1, 16, 32}
-    assert {p for _, _, p in keys} == {4, 8}
+    assert {(b, t) for b, t, _ in keys} == {(1, 16), (2, 16), (1, 32)}  # B x T <= the 32-token budget
+    assert {p for _, _, p in keys} == {16, 32}
     speculative = gemma4_jax.LLM(
         checkpoint,
         dtype="float32",
@@ -85,9 +91,12 @@ def test_plan_follows_the_scheduler_buckets(checkpoint):
         speculative_config={"method": "ngram", "num_speculative_tokens": 2},
         **LIMITS,
     )
-    extra = sorted((s.kind, s.key[0][:4]) for s in warmup.plan(speculative.engine) if s.kind in ("verify", "multi"))
+    extra = sorted((s.kind, s.key[0][:5]) for s in warmup.plan(speculative.engine) if s.kind in ("verify", "multi"))
     assert extra == sorted(
-        (kind, (b, t, 4, lp)) for kind, t in (("multi", 1), ("verify", 3)) for b in (1, 2) for lp in (0, 20)
+        (kind, (b, t, 16, *v))
+        for kind, t in (("multi", 1), ("verify", 3))
+        for b in (1, 2)
+        for v in ((0, False), (20, False), (20, True))
     )
 
 
@@ -138,5 +147,20 @@ def test_served_workload_compiles_nothing_after_warmup(checkpoint):
         assert sum(1 for _ in stream) > 1
         stream = client.completions.create(model="tiny", prompt="stream " * 6, max_tokens=5, stream=True, logprobs=1)
         assert sum(1 for _ in stream) > 1
+        # Penalties and a grammar: the constrained program (counts, token mask), its first token from a one-token step.
+        client.completions.create(
+            model="tiny", prompt="repeat repeat", max_tokens=4, presence_penalty=0.5, frequency_penalty=0.3
+        )
+        client.chat.completions.create(
+            model="tiny", messages=chat, max_tokens=3, extra_body={"repetition_penalty": 1.3}
+        )
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+        out = client.chat.completions.create(
+            model="tiny",
+            messages=chat,
+            max_tokens=12,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+        )
+        assert out.choices[0].message.content.startswith("{")
         assert compiles.count == after_ready, f"{compiles.count - after_ready} compiles after ready"
         assert state.compiles == engine_after_ready
