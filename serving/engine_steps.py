@@ -1,0 +1,257 @@
+"""How the engine runs what its scheduler picked: rows (request, new token ids, start position) -> runner calls.
+
+`EngineSteps` is the part of `Engine` (serving/engine.py) that turns a step's scheduled rows into programs:
+- prefill rows split into groups whose padded rows x tokens stay within the token budget (one-token chunks run as
+  decode-shaped steps), decode rows into the runner's micro-batches (pipeline stages), every batch padded to the
+  buckets of `step_builder.build_rows` (so all shapes are known to the warm-up, serving/warmup.py);
+- constrained steps (a sampled row with penalties or a grammar) as their own program family (counts, token mask,
+  top logprobs), the penalty counts kept per sequence slot;
+- multi-step decode (`num_scheduler_steps`) and the speculative round: drafts from the proposer, cut by the row's
+  limits, grammar and free pages, then one verify step whose accepted tokens go through the engine's `_append`;
+- compile events (a shape key seen for the first time) counted with their times in `stats`.
+
+It reads the engine's state (config, layout, runner, cache, counts, scheduler, proposer, stats) and is not used
+on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma4_jax.serving import media_chunks
+from gemma4_jax.serving.kv_cache import bucket
+from gemma4_jax.serving.requests import Request
+from gemma4_jax.serving.runner import reset_slot_counts
+from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingParams
+from gemma4_jax.serving.speculative import AssistantProposer
+from gemma4_jax.serving.step_builder import build_rows, join_results, num_logprobs_for, prefill_groups
+from gemma4_jax.serving.structured import grammar_prefix
+
+log = logging.getLogger("gemma4_jax.serving.engine")
+
+
+class EngineSteps:
+    """The step-running half of `Engine` (a base class: it uses the engine's attributes, see the module doc)."""
+
+    # Constrained steps. A step whose sampled rows include one with penalties or a grammar ("constrained") runs
+    # the one program family that has everything: the penalty counts, a token mask (all tokens allowed for rows
+    # without a grammar) and the top logprobs. Other steps run without counts or mask, so a configuration has two
+    # families of programs (warmup.plan warms both), not four times the logprob variants. Only a penalty request's
+    # counts are kept (reset when it starts, advanced by its constrained steps); other slots' counts are unused.
+
+    @staticmethod
+    def _uses_penalties(params: SamplingParams) -> bool:
+        return bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
+
+    def _constrained(self, req: Request) -> bool:
+        return self._uses_penalties(req.params) or req.matcher is not None
+
+    def _prefill_chunk(self, req: Request, num_tokens: int) -> int:
+        """A constrained request's chunk that would end its prompt stops one token short: its first token is then
+        sampled by a one-token (decode-shaped) constrained step, so no prefill program needs counts or a mask.
+        Costs such a request one step of latency. Media prompts keep their chunks (an image stays in one)."""
+        ends_prompt = req.num_computed + num_tokens == len(req.all_ids)
+        if num_tokens > 1 and ends_prompt and req.media is None and self._constrained(req):
+            return num_tokens - 1
+        return num_tokens
+
+    def allocate_counts(self) -> None:
+        """The penalty counts, {"output": (S+1, V) int32, "prompt": (S+1, V) bool} by sequence slot (idempotent;
+        the warm-up allocates them so that the first penalty request compiles nothing)."""
+        if self.counts is None:
+            s, v = self.layout.max_seqs + 1, self.text_config.vocab_size
+            where = self.runner.counts_sharding  # with the sampler (the last stage's devices under pp)
+            self.counts = {"output": jnp.zeros((s, v), jnp.int32, device=where),
+                           "prompt": jnp.zeros((s, v), bool, device=where)}
+
+    def _init_counts(self, req: Request) -> None:
+        if self._uses_penalties(req.params):
+            self.allocate_counts()
+            self._reset_counts(req)
+
+    def _reset_counts(self, req: Request) -> None:
+        """Rebuild a slot's counts from the request's history, both padded to max_model_len (one program)."""
+        width = bucket(self.max_model_len, 16)
+        p = np.zeros(width, np.int32)
+        p[: len(req.prompt_ids)] = req.prompt_ids
+        o = np.zeros(width, np.int32)
+        o[: len(req.output_ids)] = req.output_ids
+        self.counts = reset_slot_counts(self.counts, req.slot, p, len(req.prompt_ids), o, len(req.output_ids))
+
+    def _timed(self, shape_key: tuple, fn, microbatches: list, num_logprobs: int, **kwargs):
+        """Run a runner call over micro-batches; a shape seen for the first time counts as a compile event with
+        its time. The counts go in when the shape key says so (constrained steps). Returns the per-micro-batch
+        SampleResults on the host."""
+        t0 = time.perf_counter()
+        counts_on = self._key_counts_on(shape_key)
+        results, self.cache, counts = fn(self.cache, self.counts if counts_on else None, microbatches, num_logprobs,
+                                         **kwargs)
+        if counts_on:
+            self.counts = counts
+        if isinstance(self.proposer, AssistantProposer):
+            # The drafter's next input, by slot, without leaving the device.
+            for (batch, *_), hidden in zip(microbatches, self.runner.hidden, strict=False):
+                self.proposer.record(batch.slots, hidden)
+        results = jax.device_get(results)
+        if shape_key not in self._shapes_seen:
+            self._shapes_seen.add(shape_key)
+            self.stats["compiles"] += 1
+            took = time.perf_counter() - t0
+            self.stats["compile_time_s"] += took
+            log.info("compiled step shape %s in %.1f s (%d shapes so far)", shape_key, took, self.stats["compiles"])
+        if self.runner.num_stages > 1:
+            self.stats["pipeline_bubble"] = self.runner.bubble
+        return results
+
+    @staticmethod
+    def _key_counts_on(shape_key: tuple) -> bool:
+        """Whether a step's shape key (Engine._run_group / _run_multi / _run_verify) is a constrained program's:
+        the last element of each form is the micro-batches' step_builder keys, (B, T, P, logprobs, counts, mask)."""
+        return bool(shape_key[-1][0][4]) if shape_key[0] != "media" else bool(shape_key[1][0][4])
+
+    def _microbatches(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0,
+                      verify: bool = False, num_logprobs: int | None = None):
+        """Split rows into the runner's decode micro-batches (a prefill runs as one) and build each.
+        num_logprobs: None = what the rows ask for (step_builder.num_logprobs_for); a constrained step (a sampled
+        row with penalties or a grammar) has the counts, a token mask (per position in a verify step; none in a
+        multi-step decode, whose rows have no grammar) and all top logprobs.
+        Returns (row groups, [(batch, sampling, steps, keep)], num_logprobs, shape key)."""
+        m = self.runner.microbatches if num_tokens == 1 or verify else 1
+        groups = [list(g) for g in np.array_split(np.arange(len(rows)), max(1, min(m, len(rows))))]
+        constrained = any(self._constrained(req) and (verify or start + len(ids) == len(req.all_ids))
+                          for req, ids, start in rows)
+        if constrained:
+            self.allocate_counts()
+            num_logprobs = MAX_LOGPROBS
+        elif num_logprobs is None:
+            num_logprobs = num_logprobs_for([req.params for req, _, _ in rows])
+        free_mask = (self.text_config.vocab_size + 31) // 32 if constrained and not lookahead else 0
+        built, keys = [], []
+        for group in groups:
+            batch, sampling, steps, keep, _, key = build_rows(
+                [rows[i] for i in group], num_tokens, self.layout, self.config.max_num_seqs, lookahead=lookahead,
+                num_logprobs=num_logprobs, verify=verify, counts_on=constrained, grammars=self._grammars,
+                free_mask_words=free_mask)
+            built.append((batch, sampling, steps, keep))
+            keys.append(key)
+        return groups, built, num_logprobs, tuple(keys)
+
+    def _run(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, phase: str):
+        """One step over rows (request, new token ids, start position). phase: "prefill" | "decode" (which
+        attention backends run). Returns the SampleResult on the host.
+
+        A prefill runs as one or more programs whose padded rows x tokens stay within the token budget
+        (step_builder.prefill_groups), all with top logprobs; one-token chunks run as decode-shaped steps. So the
+        prefill shapes are few, and all of them are in the warm-up's plan (serving/warmup.py)."""
+        if phase == "decode":
+            return self._run_group(rows, num_tokens, phase)
+        groups = prefill_groups([len(ids) for _, ids, _ in rows], self.prefill_padded_tokens)
+        # One top-logprob count for all of the step's groups (their results are joined).
+        num_logprobs = MAX_LOGPROBS if num_tokens > 1 else None
+        results = [self._run_group([rows[i] for i in g], max(len(rows[i][1]) for i in g), phase, num_logprobs)
+                   for g in groups]
+        return join_results(results, groups, axis=0)
+
+    @property
+    def prefill_padded_tokens(self) -> int:
+        """The most rows x tokens a prefill program pads to: the token budget rounded up to a power of two."""
+        return bucket(self.config.max_num_batched_tokens, 16)
+
+    def _run_group(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, phase: str,
+                   num_logprobs: int | None = None):
+        groups, built, num_logprobs, key = self._microbatches(rows, num_tokens, num_logprobs=num_logprobs)
+        # Prefill chunks holding image/audio placeholders pass their soft tokens (spliced into the embeddings);
+        # every other step carries no media.
+        media = media_chunks.chunk_media(self.model, rows, built[0][0].tokens.shape) if len(built) == 1 else None
+        if media is None and num_tokens == 1:
+            phase = "decode"  # one token per row: the decode program (same shapes, decode attention backends)
+        shape_key = ("step", phase, key) if media is None else ("media", key, media.shape_key)
+        results = self._timed(shape_key, self.runner.step, built, num_logprobs, phase=phase, media=media)
+        return join_results(results, groups, axis=0)
+
+    def _run_multi(self, decode: list[Request], num_steps: int):
+        rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
+        groups, built, num_logprobs, key = self._microbatches(rows, 1, lookahead=num_steps - 1)
+        results = self._timed(("multi", num_steps, key), self.runner.multi, built, num_logprobs,
+                              num_steps=num_steps)
+        return join_results(results, groups, axis=1)
+
+    def _propose(self, decode: list[Request]) -> list[list[int]] | None:
+        """Drafts for each decode row (possibly none), or None when no row has any (plain decoding runs then).
+
+        A row drafts at most k tokens and at most one fewer than it may still generate (max_tokens, max_model_len),
+        so the verify step never writes past the request's last position. A row with a grammar keeps the drafts
+        its grammar accepts (structured.grammar_prefix); the verify step masks each position by the grammar's
+        state after the drafts before it (structured.Grammars.fill_drafts). Drafts get pages when the pool has
+        them; otherwise a row drafts only what its pages hold: a draft never preempts another request."""
+        k = self.speculative.num_speculative_tokens
+        limits = []
+        for req in decode:
+            left = min(req.params.max_tokens - len(req.output_ids), self.max_model_len - len(req.all_ids))
+            limits.append(max(0, min(k, left - 1)))
+        if not any(limits):
+            return None
+        vocab, page = self.text_config.vocab_size, self.layout.page_size
+        if isinstance(self.proposer, AssistantProposer):
+            proposals = self.proposer.propose_from(self.cache, decode, limits)
+        else:
+            proposals = self.proposer.propose(decode, limits)
+        drafts = []
+        for req, limit, proposed in zip(decode, limits, proposals, strict=True):
+            draft = []
+            for token in list(proposed)[:limit]:
+                if not 0 <= int(token) < vocab:
+                    break
+                draft.append(int(token))
+            if req.matcher is not None:  # a constrained row's drafts stop at the first its grammar rejects
+                draft = grammar_prefix(req.matcher, draft)
+            if draft and not self.scheduler.ensure_pages(req, req.num_computed + 1 + len(draft)):
+                draft = draft[: len(req.pages) * page - req.num_computed - 1]
+            drafts.append(draft)
+        return drafts if any(drafts) else None
+
+    def _run_verify(self, decode: list[Request], drafts: list[list[int]]) -> None:
+        """One verify step over the decode rows; each emits its accepted drafts plus one token, in order, through
+        the same `_append` as plain decoding (stop tokens and strings, max_tokens, logprobs, routed experts)."""
+        rows = [(req, [req.all_ids[-1], *draft], req.num_computed) for req, draft in zip(decode, drafts, strict=True)]
+        num_tokens = self.speculative.num_speculative_tokens + 1
+        groups, built, num_logprobs, key = self._microbatches(rows, num_tokens, verify=True)
+        results = self._timed(("verify", key), self.runner.verify, built, num_logprobs)
+        result = join_results(results, groups, axis=0)
+        positions = [jax.tree.map(lambda x, j=j: x[:, j], result.sample) for j in range(num_tokens)]
+        self.stats["verify_steps"] += 1
+        for i, (req, draft) in enumerate(zip(decode, drafts, strict=True)):
+            accepted = int(result.num_accepted[i])
+            if draft:
+                req.spec.record(len(draft), accepted)
+                self.spec_stats.record(len(draft), accepted)
+            # The fed token and the accepted drafts are now in the cache; the rejected ones are dead (their
+            # positions are past the context, in pages the request owns, and are rewritten later).
+            self.scheduler.computed(req, accepted + 1)
+            for j in range(accepted + 1):
+                self._append(req, positions[j], i)
+        self.stats.update(spec_num_drafts=self.spec_stats.num_drafts,
+                          spec_num_draft_tokens=self.spec_stats.num_draft_tokens,
+                          spec_num_accepted_tokens=self.spec_stats.num_accepted_tokens)
+
+    def _multi_step_size(self, decode: list[Request]) -> int:
+        """Decode steps to run in one call: >1 only when nothing else waits and every row has pages for them."""
+        k = self.config.num_scheduler_steps
+        if k <= 1 or self.waiting or any(not r.in_decode for r in self.running):
+            return 1
+        if isinstance(self.proposer, AssistantProposer):
+            return 1  # the drafter needs each step's hidden states, which the multi-step scan does not return
+        if any(r.matcher is not None for r in decode):
+            return 1  # each token of a constrained row needs its grammar's mask from the host
+        if any(r.params.max_tokens - len(r.output_ids) < k for r in decode):
+            return 1  # finishing rows: single steps waste nothing
+        if not self.blocks.fits([(r, r.num_computed + k) for r in decode]):
+            return 1  # check first: a failed attempt would leave some rows with pages they do not use yet
+        for req in decode:
+            self.scheduler.ensure_pages(req, req.num_computed + k)
+        return k
