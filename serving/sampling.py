@@ -5,7 +5,7 @@ Every row of a decode batch is a different request with its own parameters. The 
 any mix of parameters: changing a temperature or a seed never recompiles. The batch size is a padded bucket; the
 padding rows are greedy and their tokens are ignored by the caller.
 
-Processing order (as vLLM): penalties -> temperature -> top-k -> top-p -> min-p -> Gumbel-max sampling. Greedy rows
+Processing order (as vLLM): penalties -> temperature -> top-k -> top-p -> min-p -> inverse-CDF sampling. Greedy rows
 take the exact argmax of the penalised logits. Returned logprobs are those of the raw model logits (vLLM's default
 `raw_logprobs`), not of the processed distribution.
 
@@ -341,9 +341,10 @@ def truncate_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p
 
 def allowed_tokens(bitmask: jax.Array, vocab_size: int) -> jax.Array:
     """(B, W) int32 bitmask (bit t % 32 of word t // 32) -> (B, V) bool."""
-    ids = jnp.arange(vocab_size, dtype=jnp.int32)
-    words = jnp.take(bitmask, ids // 32, axis=1)  # (B, V)
-    return ((words >> (ids % 32)) & 1).astype(bool)
+    # Every word's 32 bits by a broadcast shift (XLA:CPU: ~0.5 ms at 64 x 32768; a gather of each token's word
+    # took ~20 ms), then the vocabulary's first V of the W x 32 bits.
+    bits = (bitmask[..., None] >> jnp.arange(32, dtype=bitmask.dtype)) & 1  # (B, W, 32)
+    return bits.reshape(*bitmask.shape[:-1], -1)[..., :vocab_size].astype(bool)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -394,12 +395,18 @@ def sample(
         top_p = jnp.where(is_greedy, 1.0, batch.top_p)
         with jax.named_scope("truncation"):
             scaled = truncate_logits(scaled, top_k, top_p, batch.min_p)
-        with jax.named_scope("gumbel_max"):
+        with jax.named_scope("inverse_cdf"):
             keys = jax.random.wrap_key_data(batch.rng_keys, impl=_PRNG_IMPL)
             step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
-            # Noise depends only on the row's key and step, never on its batch mates or its row index.
-            gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(step_keys)
-            sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+            # One uniform per row (from the row's key and step only, never its batch mates or row index), in
+            # (0, 1], against the row's cumulative distribution: the token is the first whose cumulative mass
+            # reaches u x total. Exact (up to float rounding of the cumsum) and V times fewer random numbers than
+            # Gumbel-max noise over the vocabulary, which cost ~40 ms per 64-row step on a CPU (V 32768).
+            # A token of zero probability (masked, truncated) is never chosen: the cumsum is flat across it.
+            u = 1.0 - jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(step_keys)
+            cdf = jnp.cumsum(jax.nn.softmax(scaled, axis=-1), axis=-1)
+            sampled = jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
+            sampled = jnp.minimum(sampled, vocab - 1).astype(jnp.int32)
         return jnp.where(is_greedy, greedy_tokens, sampled)
 
     tokens = jax.lax.cond(jnp.all(is_greedy), lambda: greedy_tokens, random_tokens)
@@ -455,10 +462,10 @@ def verify(
 
     Why this is exact rejection sampling: the drafts of every proposer here are deterministic given the context
     (p_draft one-hot), for which speculative sampling accepts d with probability p_target(d) and, on rejection,
-    samples from norm(max(0, p_target - onehot(d))) = p_target restricted to tokens != d. One Gumbel-max draw x
-    from p_target does both at once: P(x = d) = p_target(d), and given x != d, x follows that residual. So every
-    emitted token is the token plain decoding would sample with the same seed and context: the target's
-    distribution is kept exactly, seeds reproduce, and greedy rows emit the plain argmax.
+    samples from norm(max(0, p_target - onehot(d))) = p_target restricted to tokens != d. One exact draw x from
+    p_target (the sampler's inverse-CDF draw) does both at once: P(x = d) = p_target(d), and given x != d, x
+    follows that residual. So every emitted token is the token plain decoding would sample with the same seed and
+    context: the target's distribution is kept exactly, seeds reproduce, and greedy rows emit the plain argmax.
     """
     b, t, vocab = logits.shape
     flat = lambda a: jnp.repeat(a, t, axis=0)  # noqa: E731  (B, ...) -> (B * T, ...), position-major per row
