@@ -15,6 +15,7 @@ from gemma4_jax.serving.sampling import (
     SamplingParams,
     apply_penalties,
     counts_from_tokens,
+    inverse_cdf,
     prompt_mask_from_tokens,
     request_key,
     sample,
@@ -242,6 +243,30 @@ def test_distribution_matches_softmax():
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_distribution_matches_tempered_softmax(temperature):
     _assert_matches(_frequencies(SamplingParams(temperature=temperature)), PROBS ** (1 / temperature))
+
+
+def test_inverse_cdf_matches_the_flat_cumulative_sum_and_skips_zero_probability_tokens():
+    """The two-level draw (blocks of 128, then inside the block) picks the first token whose cumulative probability
+    reaches u x total, as one cumulative sum over the row does (up to float rounding at a boundary), never a token
+    of zero probability (70% of the vocabulary masked here, a ragged last block), and u = 1 picks the last
+    non-zero token."""
+    rng = np.random.default_rng(0)
+    b, v = 16, 1000
+    logits = rng.standard_normal((b, v)).astype(np.float32) * 3
+    logits[:, rng.random(v) < 0.7] = -np.inf
+    probs = jax.nn.softmax(jnp.asarray(logits), -1)
+    draw = jax.jit(inverse_cdf)
+    agree = 0
+    for _ in range(50):
+        u = 1.0 - jnp.asarray(rng.random(b), jnp.float32)
+        got = np.asarray(draw(probs, u))
+        cdf = np.cumsum(np.asarray(probs, np.float64), -1)
+        want = np.minimum((cdf < np.asarray(u)[:, None] * cdf[:, -1:]).sum(-1), v - 1)
+        agree += (got == want).sum()
+        assert (np.asarray(probs)[np.arange(b), got] > 0).all()
+    assert agree >= 0.995 * 50 * b, agree
+    last = np.asarray(draw(probs, jnp.ones((b,), jnp.float32)))
+    np.testing.assert_array_equal(last, [np.flatnonzero(np.asarray(probs)[i])[-1] for i in range(b)])
 
 
 def test_top_k_keeps_the_k_largest_renormalised():
