@@ -17,8 +17,8 @@ from typing import Any
 DEFAULT_PROMPT = "Hello, Gemma!"
 # EngineConfig's defaults for the limits the CLI leaves unset (kept in step with it by tests/test_cli_flags.py).
 ENGINE_DEFAULTS = {"max_num_seqs": 64, "max_num_batched_tokens": 512}
-# `serve` with the embedded demo model and a warm-up: limits that keep the warm-up to a few dozen step shapes (the
-# shapes multiply: rows x chunk tokens x context pages x logprobs; ~700 at the defaults). Flags given win.
+# `serve` with the embedded demo model and a warm-up: limits that keep the warm-up to 15 step shapes (rows, chunk
+# tokens, context pages and the constrained family multiply: 218 at the defaults; serving/warmup.py). Flags win.
 DEMO_SERVE_LIMITS = {"max_num_seqs": 4, "max_model_len": 256, "max_num_batched_tokens": 16}
 
 
@@ -82,7 +82,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "--no-enable-prefix-caching turns it off). docs/prefix_caching.md")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto"],
                    help="auto: the model dtype (the only one supported)")
-    g.add_argument("--attention-backend", default="auto", help="auto (xla-rows on CPU, pallas on GPU), xla, xla-rows, pallas, pallas-interpret (both phases)")
+    g.add_argument("--attention-backend", default="auto",
+                   help="auto (xla-rows on CPU, pallas on GPU), xla, xla-rows, pallas, pallas-interpret (both phases)")
     g.add_argument("--prefill-attention-backend", default=None, help="the prefill phase's backend (SGLang's name)")
     g.add_argument("--decode-attention-backend", default=None, help="the decode phase's backend (SGLang's name)")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
