@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -184,6 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model-xla-flags", default="--xla_gpu_enable_triton_gemm=false",
                     help="XLA_FLAGS of the model jobs (default: cuBLAS GEMMs, no Triton GEMM autotuning, which "
                     "multiplies compile time on real-size presets)")
+    ap.add_argument("--profile-batches", default="1,8", help="decode batch sizes the model jobs profile (kernels by "
+                    "time, in models.jsonl) and whose optimized HLO they save (hlo.tgz); empty: none")
     args = ap.parse_args(argv)
     args.out = args.out or os.environ.get("OUT") or os.path.join(args.repo, "benchmarks", "gpu_check_out")
     deadline = Deadline(args.deadline)
@@ -249,6 +253,9 @@ def main(argv=None) -> int:
             cmd += ["--copy-gbps", f"{machine['copy_gbps']:.1f}"]
         result["fp4"] = run(cmd + (["--reduced"] if args.reduced else []), min(100, deadline.left() - 30), env, log)
 
+    hlo_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "gpu_check_hlo")
+    shutil.rmtree(hlo_dir, ignore_errors=True)
+
     def sec_models():
         result["models"] = {}
         for job in [j for j in args.jobs.split(",") if j]:
@@ -260,6 +267,8 @@ def main(argv=None) -> int:
                    "--attention", ",".join(names), "--moe-backend", "auto", "--json", models_path]
             if pad:
                 cmd.append("--pad-one-row")
+            if args.profile_batches:
+                cmd += ["--profile-batches", args.profile_batches, "--hlo-dir", hlo_dir]
             if preset.startswith("26b"):
                 cmd += ["--workload", "1000,250"]
             if machine.get("copy_gbps"):
@@ -277,6 +286,9 @@ def main(argv=None) -> int:
                 job_env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.model_xla_flags).strip()
             result["models"][job] = run(cmd, limit, job_env, log)
             save()
+        if os.path.isdir(hlo_dir):  # one file back (the device tool returns few), compressed
+            with tarfile.open(os.path.join(args.out, "hlo.tgz"), "w:gz") as tar:
+                tar.add(hlo_dir, arcname="hlo")
 
     known = {"machine": sec_machine, "tests": sec_tests, "stack": sec_stack, "attention": sec_attention,
              "fp4": sec_fp4, "models": sec_models}
@@ -342,6 +354,11 @@ def markdown(result: dict, models_path: str) -> str:
             if r.get("errors"):
                 lines.append(f"| {r['preset']} | {r['experts']} | {r['attention']} | errors: "
                              f"{', '.join(r['errors'])} | | | | | | |")
+    for r in rows:  # the profiled decode steps: the device's time by trace line and its largest kernels
+        for key, prof in (r.get("profile") or {}).items():
+            lines += ["", f"Profile {r['preset']}/{r['experts']}/{r['attention']} {key}: span "
+                      f"{prof.get('span_ms', 0):.2f} ms/step, lines {prof.get('lines_ms') or prof.get('error')}"]
+            lines += [f"- {ms:.3f} ms x{count:g}: {name[:160]}" for name, ms, count in (prof.get("top") or [])[:12]]
     models = result.get("models", {})
     bad = {j: (v.get("skipped") or f"exit {v.get('returncode')}") for j, v in models.items()
            if v.get("skipped") or v.get("returncode") not in (0, None)}

@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "from the prefill and batch-1 decode figures")
     ap.add_argument("--reduced", action="store_true", help="tiny preset on a CPU, kernels in interpret mode")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    ap.add_argument("--profile-batches", type=_ints, default=[], help="decode batch sizes to profile (one call under "
+                    "jax.profiler.trace after timing): the device's kernels by total time go into the result")
+    ap.add_argument("--hlo-dir", default=None, help="write the optimized HLO of each profiled decode program here")
     args = ap.parse_args(argv)
     if args.reduced:  # the tiny preset (with 8 small experts where the preset has experts)
         args.moe = args.experts == "nvfp4" or args.preset.startswith("26b")
@@ -414,6 +417,16 @@ def run(args) -> list[dict[str, Any]]:
                 entry["roofline_ms"] = floor * 1e3
                 entry["x_roofline"] = step_s / floor
             result["decode"][str(b)] = entry
+            if b in args.profile_batches:
+                try:
+                    result.setdefault("profile", {})[f"decode_b{b}"] = profile_call(call, args.decode_steps)
+                except Exception as e:  # noqa: BLE001 (a profile is a diagnostic: the figures stand without it)
+                    result.setdefault("profile", {})[f"decode_b{b}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                if args.hlo_dir:
+                    os.makedirs(args.hlo_dir, exist_ok=True)
+                    name = f"{args.preset}_{args.experts}_{v.name}_decode_b{b}.hlo.txt".replace("+", "_")
+                    with open(os.path.join(args.hlo_dir, name), "w") as f:
+                        f.write(exe.as_text())
             _say(args, f"{v.name} decode B={b}: {step_s * 1e3:.3f} ms/step, {b / step_s:.1f} tok/s"
                  + (f", {entry['x_roofline']:.2f}x roofline" if args.copy_gbps else ""))
         for n in args.prefill:
@@ -452,6 +465,50 @@ def run(args) -> list[dict[str, Any]]:
         result["total_s"] = time.perf_counter() - t_start
         results.append(result)
     return results
+
+
+def profile_call(call, steps: int, top: int = 60) -> dict:
+    """Run call() once under jax.profiler.trace and sum the device's events by name: where a step's time goes.
+
+    Returns {"lines_ms": busy ms per step of each trace line, "span_ms", "events",
+    "top": [["line | name", total ms per step, count per step], ...]}."""
+    import glob
+    import gzip
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            call()
+        paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+        with gzip.open(paths[0]) as f:
+            data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device = {pid for pid, name in procs.items() if "host" not in name.lower()} or set(procs)  # CPU: the host's
+    # Keyed by line and name: a device's trace has a line per stream and summary lines ("XLA Ops", "XLA Modules")
+    # that cover the same time again.
+    totals: dict[str, list[float]] = {}
+    lines: dict[str, float] = {}
+    first, last = float("inf"), 0.0
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device:
+            continue
+        line = threads.get((e["pid"], e["tid"]), str(e["tid"]))
+        lines[line] = lines.get(line, 0.0) + e["dur"]
+        t = totals.setdefault(f"{line} | {e['name']}", [0.0, 0])
+        t[0] += e["dur"]
+        t[1] += 1
+        first, last = min(first, e["ts"]), max(last, e["ts"] + e["dur"])
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    return {"processes": sorted(procs.values()), "events": sum(c for _, c in totals.values()),
+            "lines_ms": {k: round(v / 1e3 / steps, 4) for k, v in lines.items()},
+            "span_ms": (last - first) / 1e3 / steps if totals else 0.0,
+            "top": [[name, round(t / 1e3 / steps, 4), c / steps] for name, (t, c) in ranked[:top]]}
 
 
 def _cost_bytes(exe) -> float | None:
