@@ -38,9 +38,10 @@ ROOT = os.path.dirname(HERE)
 # The kernel tests: kernels/ in the repository, gemma4_jax/kernels/ in the laid-out copy gpu_check.sh runs.
 KERNELS = "kernels" if os.path.isdir(os.path.join(ROOT, "kernels")) else os.path.join("gemma4_jax", "kernels")
 
-# preset:experts:attention variants (+ separates variants run on the same weights in one process; "pad1" adds the
-# one-row-padding variant of batch-1 decode). Ordered by what the issue asks first.
-DEFAULT_JOBS = "e4b:bf16:pallas+xla+pad1,26b-a4b:nvfp4:pallas+xla+pad1,31b:bf16:pallas+xla,26b-a4b:bf16:pallas+xla"
+# preset:experts:attention variants (+ separates variants run on the same weights in one process; "row1" adds the
+# variant of batch-1 decode with one-row products treated the other way from the platform's default: unpadded on a
+# GPU). Ordered by what the issue asks first.
+DEFAULT_JOBS = "e4b:bf16:pallas+xla+row1,26b-a4b:nvfp4:pallas+xla,31b:bf16:pallas+xla,26b-a4b:bf16:pallas+xla"
 MACHINE = r"""
 import json, subprocess, time, jax, jax.numpy as jnp
 out = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: $OUT, else REPO/benchmarks/gpu_check_out")
     ap.add_argument("--deadline", type=float, default=450.0, help="seconds for the whole check")
     ap.add_argument("--jobs", default=DEFAULT_JOBS,
-                    help="model jobs preset:experts:attention[+attention...][+pad1], comma-separated")
+                    help="model jobs preset:experts:attention[+attention...][+row1], comma-separated")
     ap.add_argument("--sections", default="machine,tests,models,attention,fp4,stack",
                     help="sections to run, in this order")
     ap.add_argument("--model-job-seconds", type=float, default=240.0, help="limit of one model job")
@@ -261,12 +262,12 @@ def main(argv=None) -> int:
         for job in [j for j in args.jobs.split(",") if j]:
             preset, experts, attention = job.split(":")
             names = attention.split("+")
-            pad = "pad1" in names
-            names = [n for n in names if n != "pad1"]
+            flip = "row1" in names
+            names = [n for n in names if n != "row1"]
             cmd = [py, os.path.join(HERE, "gpu_models.py"), "--preset", preset, "--experts", experts,
                    "--attention", ",".join(names), "--moe-backend", "auto", "--json", models_path]
-            if pad:
-                cmd.append("--pad-one-row")
+            if flip:
+                cmd.append("--one-row-variant")
             if args.profile_batches:
                 cmd += ["--profile-batches", args.profile_batches, "--hlo-dir", hlo_dir]
             if preset.startswith("26b"):

@@ -47,8 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attention", default="pallas", help="attention backend(s), comma-separated, each a variant run "
                     "on the same weights (pallas, xla, pallas-interpret, auto); the xla variant of a packed-experts "
                     "model also runs the XLA expert path")
-    ap.add_argument("--pad-one-row", action="store_true", help="add a variant of the first backend's batch-1 decode "
-                    "with one-row products padded to two rows on this platform too (layers.ONE_ROW_PAD_BACKENDS)")
+    ap.add_argument("--one-row-variant", action="store_true", help="add a variant of the first backend's batch-1 "
+                    "decode with one-row products treated the other way from this platform's default: unpadded where "
+                    "they are padded to two rows (layers.ONE_ROW_PAD_BACKENDS), padded elsewhere")
     ap.add_argument("--moe-backend", default="auto")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batches", type=_ints, default=[1, 8, 64])
@@ -260,11 +261,12 @@ def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
 
 class Variant:
     """One way to run the same weights: an attention backend, a MoE backend (the xla variant of an NVFP4 model runs
-    the XLA expert path), and optionally one-row products padded to two rows on this platform too (the lead of the
-    first device check: batch-1 decode was slower than batch 8)."""
+    the XLA expert path), and optionally one-row products treated the other way from the platform's default
+    (flip_one_row: the first device check found batch-1 decode slower than batch 8 on an H200 until they were
+    padded to two rows there too)."""
 
-    def __init__(self, name: str, attention, graph, pad_one_row: bool = False):
-        self.name, self.attention, self.graph, self.pad_one_row = name, attention, graph, pad_one_row
+    def __init__(self, name: str, attention, graph, flip_one_row: bool = False):
+        self.name, self.attention, self.graph, self.flip_one_row = name, attention, graph, flip_one_row
 
 
 def _variants(args, model, dtype):
@@ -282,18 +284,20 @@ def _variants(args, model, dtype):
             plan = quant.QuantPlan.experts_only(model.config.text.num_hidden_layers, fmt)
             graph = model_lib.static_graph(model_lib._abstract(model.config, dtype, plan, "xla")[0])
         out.append(Variant(name, resolve_attention(name, log_choice=lambda _: None), graph))
-    if args.pad_one_row and jax.default_backend() == "cpu":
-        _say(args, "--pad-one-row: no variant on CPU, where one-row products are always padded")
-    elif args.pad_one_row:
+    if args.one_row_variant:
+        from gemma4_jax import layers
+
         first = out[0]
-        out.append(Variant(first.name + "+pad1", first.attention, first.graph, pad_one_row=True))
+        suffix = "+row1" if jax.default_backend() in layers.ONE_ROW_PAD_BACKENDS else "+pad1"
+        out.append(Variant(first.name + suffix, first.attention, first.graph, flip_one_row=True))
     return out
 
 
 @contextlib.contextmanager
-def one_row_pad(on: bool):
-    """Trace with one-row products padded to two rows on every platform (layers.ONE_ROW_PAD_BACKENDS); JAX's trace
-    caches are cleared around it so that the variant's programs are traced anew."""
+def flipped_one_row(on: bool):
+    """Trace with one-row products treated the other way from this platform's default (padded to two rows or not:
+    layers.ONE_ROW_PAD_BACKENDS); JAX's trace caches are cleared around it so that the variant's programs are traced
+    anew."""
     if not on:
         yield
         return
@@ -302,7 +306,11 @@ def one_row_pad(on: bool):
     from gemma4_jax import layers
 
     saved = layers.ONE_ROW_PAD_BACKENDS
-    layers.ONE_ROW_PAD_BACKENDS = ("cpu", "gpu", "tpu")
+    platform = jax.default_backend()
+    if platform in saved:
+        layers.ONE_ROW_PAD_BACKENDS = tuple(p for p in saved if p != platform)
+    else:
+        layers.ONE_ROW_PAD_BACKENDS = (*saved, platform)
     jax.clear_caches()
     try:
         yield
@@ -336,15 +344,15 @@ def run(args) -> list[dict[str, Any]]:
                                   np.ones((1,), bool))
     t0 = time.perf_counter()
     for v in variants:
-        with jax.set_mesh(runner.mesh), one_row_pad(v.pad_one_row):
+        with jax.set_mesh(runner.mesh), flipped_one_row(v.flip_one_row):
             for b in args.batches:
-                if v.pad_one_row and b != 1:
+                if v.flip_one_row and b != 1:
                     continue
                 batch, sampling, steps = inputs[f"decode_b{b}"]
                 lowered[(v.name, f"decode_b{b}")] = runner_lib.decode_steps.lower(
                     v.graph, state, cache, None, batch, sampling, steps, layout=layout, attention=v.attention,
                     num_logprobs=0, num_steps=args.decode_steps)
-            for n in [] if v.pad_one_row else args.prefill:
+            for n in [] if v.flip_one_row else args.prefill:
                 batch, sampling, steps, rows = inputs[f"prefill_{n}"]
                 lowered[(v.name, f"prefill_{n}")] = runner_lib.model_step.lower(
                     v.graph, state, cache, None, batch, sampling, steps, rows, None, None, layout=layout,

@@ -41,10 +41,26 @@ def param(
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
-# Platforms on which weight_einsum pads one-row products to two rows (read at trace time). On GPU it is an open
-# question (batch-1 decode ran slower than batch 8 on an H200, docs/benchmarks.md); benchmarks/gpu_models.py
-# --pad-one-row times it there.
-ONE_ROW_PAD_BACKENDS: tuple[str, ...] = ("cpu",)
+# Platforms on which weight_einsum pads one-row products to two rows (read at trace time). On an H200 (JAX 0.11.2)
+# a one-row bfloat16 product became a float32 matrix-vector product after converting the whole weight to float32
+# on every call: E4B's batch-1 decode step ran 14.35 ms unpadded, 7.76 ms padded; 26B-A4B NVFP4 14.40 -> 10.20 ms
+# (docs/benchmarks.md, "On one H200"). benchmarks/gpu_models.py --one-row-variant times the other choice.
+ONE_ROW_PAD_BACKENDS: tuple[str, ...] = ("cpu", "gpu")
+
+# XLA options of every program that multiplies by the model's weights (`model_jit`). XLA:GPU's dot merger turns two
+# products sharing an input (gate and up, q/k/v) into one product against the concatenation of their weights, and
+# since weights are arguments of the program it concatenates them on every call: E4B's MLP weights (2 x 52 MB per
+# layer) were copied each decode step, ~2 ms of a 7.8 ms step on an H200 (docs/benchmarks.md, "On one H200").
+# Other backends ignore the option.
+MODEL_COMPILER_OPTIONS: dict[str, int] = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
+def model_jit(fun=None, /, **jit_kwargs):
+    """`jax.jit` with MODEL_COMPILER_OPTIONS, for programs that run the model's weights; usable as
+    `@model_jit`, `@functools.partial(model_jit, static_argnames=...)` or `model_jit(fn, ...)`."""
+    if fun is None:
+        return lambda f: model_jit(f, **jit_kwargs)
+    return jax.jit(fun, compiler_options=MODEL_COMPILER_OPTIONS, **jit_kwargs)
 
 
 def weight_einsum(spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:

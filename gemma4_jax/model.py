@@ -31,6 +31,7 @@ from gemma4_jax.attention_backends import AttentionPlan
 from gemma4_jax.config import ConfigError, ModelConfig, load_config, preset
 from gemma4_jax.decoder import Gemma4Text
 from gemma4_jax.forward import TokenInputs, forward
+from gemma4_jax.layers import model_jit
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def merge(graph: StaticGraph, state: nnx.State | FlatState):
     return nnx.merge(graph.graphdef, state.unflatten() if isinstance(state, FlatState) else state)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "attention", "return_routed"))
+@functools.partial(model_jit, static_argnames=("graph", "attention", "return_routed"))
 def _logits(graph: StaticGraph, state: nnx.State, inputs: TokenInputs, *, attention: AttentionPlan,
             return_routed: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The full-sequence forward of a single-program model: (B, T, V) logits [, routed ids (B, T, L_moe, k)]."""
@@ -380,7 +381,7 @@ def _is_assistant(path: str) -> bool:
         return False  # load_config reports it
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "attention"))
+@functools.partial(model_jit, static_argnames=("graph", "attention"))
 def _assistant_step(graph: StaticGraph, state: nnx.State, token_embedding: jax.Array, hidden: jax.Array,
                     target_kv: TargetKV, position: jax.Array, *, attention: AttentionPlan) -> DraftOutput:
     return nnx.merge(graph.graphdef, state)(token_embedding, hidden, target_kv, position, attention)

@@ -36,6 +36,7 @@ from gemma4_jax import sharding
 from gemma4_jax.attention_backends import AttentionPlan
 from gemma4_jax.config import TextConfig
 from gemma4_jax.forward import Activations, ForwardOutput, TokenInputs, forward
+from gemma4_jax.layers import model_jit
 from gemma4_jax.multimodal import TOWERS
 
 
@@ -167,7 +168,7 @@ class Pipeline:
                                 return_routed=return_routed)
                 return out.logits if out.logits is not None else out.activations, out.routed
 
-            self._forward_fns[key] = jax.jit(fn)
+            self._forward_fns[key] = model_jit(fn)
         return self._forward_fns[key]
 
     def forward(self, inputs: TokenInputs, attention: AttentionPlan, return_routed_experts: bool = False):
@@ -204,7 +205,7 @@ class Pipeline:
             def fn(stage_state, a, b):
                 return getattr(nnx.merge(graphdef, stage_state, rest), soft)(a, b)
 
-            self._forward_fns[key] = jax.jit(fn)
+            self._forward_fns[key] = model_jit(fn)
         return self._forward_fns[key]
 
     def soft_tokens(self, kind: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,10 +19,11 @@ from flax import nnx
 from gemma4_jax import audio as audio_lib
 from gemma4_jax.config import ModelConfig
 from gemma4_jax.forward import MediaTokens
+from gemma4_jax.layers import model_jit
 from gemma4_jax.multimodal import TOWERS, vision_block_ids
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "kind"))
+@functools.partial(model_jit, static_argnames=("graphdef", "kind"))
 def _tower(graphdef: nnx.GraphDef, state: nnx.State, a: jax.Array, b: jax.Array, kind: str):
     return getattr(nnx.merge(graphdef, state), TOWERS[kind])(a, b)
 

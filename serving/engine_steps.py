@@ -39,10 +39,16 @@ class EngineSteps:
     """The step-running half of `Engine` (a base class: it uses the engine's attributes, see the module doc)."""
 
     # Constrained steps. A step whose sampled rows include one with penalties or a grammar ("constrained") runs
-    # the one program family that has everything: the penalty counts, a token mask (all tokens allowed for rows
-    # without a grammar) and the top logprobs. Other steps run without counts or mask, so a configuration has two
-    # families of programs (warmup.plan warms both), not four times the logprob variants. Only a penalty request's
-    # counts are kept (reset when it starts, advanced by its constrained steps); other slots' counts are unused.
+    # one of two program families instead of the plain ones:
+    # - the grammar family (a grammar row and no row asking for penalties or logprobs): a token mask (all tokens
+    #   allowed for rows without a grammar), no counts, no top logprobs. The usual structured-output step, kept
+    #   lean: at batch 64 x V 32768 the counts and top-20 logprobs cost ~8 ms of a ~120 ms step on this CPU, and
+    #   top-20 grows with the vocabulary (Gemma 4's 262,144 ids);
+    # - the full family (penalties, or a grammar beside logprobs): the penalty counts, a token mask and all top
+    #   logprobs in one program.
+    # So a configuration has four decode families (plain, top logprobs, grammar, full; warmup.plan warms them all),
+    # not every combination. Only a penalty request's counts are kept (reset when it starts, advanced by its full
+    # steps); other slots' counts are unused.
 
     @staticmethod
     def _uses_penalties(params: SamplingParams) -> bool:
@@ -117,25 +123,27 @@ class EngineSteps:
     def _microbatches(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0,
                       verify: bool = False, num_logprobs: int | None = None):
         """Split rows into the runner's decode micro-batches (a prefill runs as one) and build each.
-        num_logprobs: None = what the rows ask for (step_builder.num_logprobs_for); a constrained step (a sampled
-        row with penalties or a grammar) has the counts, a token mask (per position in a verify step; none in a
-        multi-step decode, whose rows have no grammar) and all top logprobs.
+        num_logprobs: None = what the rows ask for (step_builder.num_logprobs_for). A constrained step (a sampled
+        row with penalties or a grammar) has a token mask (per position in a verify step; none in a multi-step
+        decode, whose rows have no grammar), and in the full family the counts and all top logprobs (see above).
         Returns (row groups, [(batch, sampling, steps, keep)], num_logprobs, shape key)."""
         m = self.runner.microbatches if num_tokens == 1 or verify else 1
         groups = [list(g) for g in np.array_split(np.arange(len(rows)), max(1, min(m, len(rows))))]
-        constrained = any(self._constrained(req) and (verify or start + len(ids) == len(req.all_ids))
-                          for req, ids, start in rows)
-        if constrained:
+        sampled = [req for req, ids, start in rows if verify or start + len(ids) == len(req.all_ids)]
+        penalties = any(self._uses_penalties(req.params) for req in sampled)
+        grammar = any(req.matcher is not None for req in sampled)
+        if num_logprobs is None:
+            num_logprobs = num_logprobs_for([req.params for req, _, _ in rows])
+        full = penalties or (grammar and num_logprobs > 0)  # else the grammar family: no counts, no logprobs
+        if full:
             self.allocate_counts()
             num_logprobs = MAX_LOGPROBS
-        elif num_logprobs is None:
-            num_logprobs = num_logprobs_for([req.params for req, _, _ in rows])
-        free_mask = (self.text_config.vocab_size + 31) // 32 if constrained and not lookahead else 0
+        free_mask = (self.text_config.vocab_size + 31) // 32 if (full or grammar) and not lookahead else 0
         built, keys = [], []
         for group in groups:
             batch, sampling, steps, keep, _, key = build_rows(
                 [rows[i] for i in group], num_tokens, self.layout, self.config.max_num_seqs, lookahead=lookahead,
-                num_logprobs=num_logprobs, verify=verify, counts_on=constrained, grammars=self._grammars,
+                num_logprobs=num_logprobs, verify=verify, counts_on=full, grammars=self._grammars,
                 free_mask_words=free_mask)
             built.append((batch, sampling, steps, keep))
             keys.append(key)

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gemma4_jax import sharding
 from gemma4_jax.attention_backends import AttentionPlan
 from gemma4_jax.forward import TokenInputs
+from gemma4_jax.layers import model_jit
 from gemma4_jax.pipeline import Pipeline, run_stage, schedule_bubble, to_stage
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import PagedKVStore
@@ -104,7 +105,7 @@ class PipelineRunner:
                                              num_logprobs)
                 return (result, ids, out.hidden[:, 0] if return_hidden else None), store.cache, counts
 
-            self._fns[key] = jax.jit(fn, donate_argnames=("cache", "counts"))
+            self._fns[key] = model_jit(fn, donate_argnames=("cache", "counts"))
         return self._fns[key]
 
     def _dispatch(self, cache, counts, mb, num_logprobs: int, phase: str, tokens=None,

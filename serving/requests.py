@@ -21,6 +21,10 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+# A stand-in for a grammar matcher that allows every token: the warm-up's dummy rows carry it so that their steps
+# run (and compile) the grammar program family without a grammar (step_builder.build_rows gives them a free mask).
+FREE_GRAMMAR = object()
+
 @dataclasses.dataclass
 class TokenLogprob:
     token_id: int
@@ -119,7 +123,7 @@ class Request:
     first_token_time: float | None = None
     arrival_time: float = 0.0
     media: mm_inputs.MediaInputs | None = None  # images / audio of the prompt (soft tokens cached once encoded)
-    matcher: Any = None  # structured outputs: the request's llguidance matcher (structured.py), else None
+    matcher: Any = None  # structured outputs: the request's llguidance matcher (structured.py), FREE_GRAMMAR, or None
     routed: list[np.ndarray] = dataclasses.field(default_factory=list)  # (L_moe, k) per generated token
     spec: SpecDecodeStats = dataclasses.field(default_factory=SpecDecodeStats)  # speculative decoding counters
 

@@ -18,6 +18,7 @@ from flax import nnx
 from gemma4_jax import sharding
 from gemma4_jax.attention_backends import AttentionPlan
 from gemma4_jax.forward import MediaTokens, TokenInputs, forward
+from gemma4_jax.layers import model_jit
 from gemma4_jax.model import FlatState, StaticGraph, merge
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import CacheLayout, PagedKVStore, StepBatch
@@ -67,7 +68,7 @@ def _step(graph, state, cache, counts, batch, sampling, steps, sample_rows, medi
 
 
 @functools.partial(
-    jax.jit,
+    model_jit,
     static_argnames=("graph", "layout", "attention", "phase", "num_logprobs", "return_routed", "return_hidden"),
     donate_argnames=("cache", "counts"),
 )
@@ -108,7 +109,7 @@ def model_step(
 
 
 @functools.partial(
-    jax.jit,
+    model_jit,
     static_argnames=("graph", "layout", "attention", "num_logprobs", "num_steps", "return_routed"),
     donate_argnames=("cache", "counts"),
 )
@@ -158,7 +159,7 @@ def verify_step_logits(logits, counts, batch, sampling, steps, num_logprobs) -> 
 
 
 @functools.partial(
-    jax.jit,
+    model_jit,
     static_argnames=("graph", "layout", "attention", "num_logprobs", "return_routed", "return_hidden"),
     donate_argnames=("cache", "counts"),
 )

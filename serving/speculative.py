@@ -40,6 +40,7 @@ from gemma4_jax.assistant import TargetKV, draft
 from gemma4_jax.assistant_config import target_kv_layers
 from gemma4_jax.attention_backends import AttentionPlan
 from gemma4_jax.config import FULL, SLIDING
+from gemma4_jax.layers import model_jit
 from gemma4_jax.model import AssistantModel, Model, StaticGraph, load_assistant, static_graph
 from gemma4_jax.pipeline import to_stage
 from gemma4_jax.serving.kv_cache import CacheLayout, bucket, context_view, pages_needed
@@ -275,7 +276,7 @@ def _gather_pages(k_pages: jax.Array, v_pages: jax.Array, table: jax.Array) -> t
 
 
 @functools.partial(
-    jax.jit, static_argnames=("assistant_graph", "embed_graph", "layout", "attention", "sources", "num_tokens")
+    model_jit, static_argnames=("assistant_graph", "embed_graph", "layout", "attention", "sources", "num_tokens")
 )
 def draft_step(assistant_graph: StaticGraph, assistant_state: nnx.State, embed_graph: StaticGraph,
                embed_state: nnx.State, pools: dict[str, jax.Array], hidden: jax.Array, tokens: jax.Array,

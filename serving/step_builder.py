@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from gemma4_jax.serving.kv_cache import TRASH_PAGE, CacheLayout, StepBatch, bucket, page_bucket, pages_needed
-from gemma4_jax.serving.requests import Request
+from gemma4_jax.serving.requests import FREE_GRAMMAR, Request
 from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingBatch, SamplingParams
 
 Row = tuple[Request, list[int], int]
@@ -104,9 +104,10 @@ def build_rows(
         keep[i] = verify or start + len(ids) == len(req.all_ids)
     params = [req.params for req, _, _ in rows]
     token_mask = None
-    if any(req.matcher is not None and keep[i] for i, (req, _, _) in enumerate(rows)):
-        # Rows that sample a kept token this step follow their grammar; the rest (and padding) are free.
-        matchers = [req.matcher if keep[i] else None for i, (req, _, _) in enumerate(rows)]
+    # Rows that sample a kept token this step follow their grammar; the rest (and padding) are free.
+    matchers = [req.matcher if keep[i] and req.matcher is not FREE_GRAMMAR else None
+                for i, (req, _, _) in enumerate(rows)]
+    if any(m is not None for m in matchers):
         if verify:  # one mask per position: the grammar's after the row's drafts before it
             token_mask = grammars.fill_drafts(matchers, [ids[1:] for _, ids, _ in rows], b, t)
         else:

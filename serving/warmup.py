@@ -46,7 +46,7 @@ import numpy as np
 from gemma4_jax.serving.async_engine import score_prompt
 from gemma4_jax.serving.engine import Engine
 from gemma4_jax.serving.kv_cache import TRASH_PAGE, bucket, pages_needed
-from gemma4_jax.serving.requests import Request, Status
+from gemma4_jax.serving.requests import FREE_GRAMMAR, Request, Status
 from gemma4_jax.serving.runner import Runner
 from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingParams, request_key
 from gemma4_jax.serving.speculative import AssistantProposer
@@ -72,12 +72,14 @@ class WarmupShape:
     pages: int
     logprobs: bool
     key: tuple
-    constrained: bool = False  # the program with penalty counts, a token mask and top logprobs (Engine._microbatches)
+    constrained: bool = False  # the full family: penalty counts, a token mask and top logprobs (Engine._microbatches)
+    grammar: bool = False  # the grammar family: a token mask only
 
     def describe(self) -> str:
         if self.kind == "prompt_logprobs":
             return f"prompt logprobs, {self.num_tokens} tokens"
-        extra = " +penalties/grammar" if self.constrained else " +logprobs" if self.logprobs else ""
+        extra = (" +penalties/grammar" if self.constrained else " +grammar" if self.grammar
+                 else " +logprobs" if self.logprobs else "")
         return (
             f"{self.kind} B={self.key[0][0] if self.key else self.rows} rows={self.rows} tokens={self.num_tokens} "
             f"pages={self.pages}{extra}"
@@ -101,11 +103,17 @@ def _powers_of_two_up_to(limit: int) -> list[int]:
 
 
 def _dummy_request(
-    engine: Engine, start: int, num_tokens: int, logprobs: bool, decoding: bool, constrained: bool = False
+    engine: Engine,
+    start: int,
+    num_tokens: int,
+    logprobs: bool,
+    decoding: bool,
+    constrained: bool = False,
+    grammar: bool = False,
 ) -> Request:
     """A request whose next step feeds `num_tokens` tokens at positions [start, start + num_tokens), parked on the
     trash slot and the trash page: its step writes nothing any real request reads. constrained: it has a penalty
-    (its steps are the constrained programs)."""
+    (its steps are the full family's programs); grammar: it has an allow-all grammar (the grammar family's)."""
     params = SamplingParams(
         temperature=0.0, max_tokens=1, logprobs=1 if logprobs else None, presence_penalty=0.5 if constrained else 0.0
     )
@@ -114,6 +122,8 @@ def _dummy_request(
     req = Request("warmup", None, prompt, params, arrival=-1, key=request_key(0), status=Status.RUNNING)
     if decoding:
         req.output_ids = [0]
+    if grammar:
+        req.matcher = FREE_GRAMMAR
     req.slot = engine.layout.max_seqs  # the trash slot
     req.pages = [TRASH_PAGE] * pages_needed(total, engine.layout.page_size)
     req.window_pages = list(req.pages)
@@ -130,15 +140,16 @@ def _rows(
     decoding: bool,
     lookahead: int = 0,
     constrained: bool = False,
+    grammar: bool = False,
 ) -> list[tuple[Request, list[int], int]]:
     """`rows` dummy rows ending in their `pages`-th page (less `lookahead` tokens): the first feeds num_tokens
     tokens, the others one each (one shared record: the step only reads them). Every row spans the same pages, so
     the micro-batches of a pipeline get the same shape too."""
     end = min(pages * engine.layout.page_size, engine.max_model_len) - lookahead
-    first = _dummy_request(engine, max(0, end - num_tokens), num_tokens, logprobs, decoding, constrained)
+    first = _dummy_request(engine, max(0, end - num_tokens), num_tokens, logprobs, decoding, constrained, grammar)
     out = [(first, [0] * num_tokens, first.num_computed)]
     if rows > 1:
-        other = _dummy_request(engine, end - 1, 1, logprobs, decoding, constrained)
+        other = _dummy_request(engine, end - 1, 1, logprobs, decoding, constrained, grammar)
         out += [(other, [0], other.num_computed)] * (rows - 1)
     return out
 
@@ -161,8 +172,9 @@ def plan(engine: Engine) -> list[WarmupShape]:
     max_pages = pages_needed(max_len, page)
     padded_cap = engine.prefill_padded_tokens
 
-    def key_of(rows, num_tokens, pages, logprobs, decoding, lookahead=0, verify=False, constrained=False):
-        built = _rows(engine, rows, num_tokens, pages, logprobs, decoding, lookahead, constrained)
+    def key_of(rows, num_tokens, pages, logprobs, decoding, lookahead=0, verify=False, constrained=False,
+               grammar=False):
+        built = _rows(engine, rows, num_tokens, pages, logprobs, decoding, lookahead, constrained, grammar)
         # A prefill program always computes top logprobs (Engine._run); decode, multi and verify ask the rows.
         num_logprobs = MAX_LOGPROBS if not decoding else None
         return engine._microbatches(built, num_tokens, lookahead, verify=verify, num_logprobs=num_logprobs)[3]
@@ -184,18 +196,20 @@ def plan(engine: Engine) -> list[WarmupShape]:
     # pipeline: keys differ per count).
     prefill_rows = [r for r in _powers_of_two_up_to(max_seqs) if r & (r - 1) == 0]
     decode_rows = list(range(1, max_seqs + 1)) if engine.runner.microbatches > 1 else _powers_of_two_up_to(max_seqs)
-    # Decode steps come plain, with top logprobs, and constrained (a row with penalties or a grammar: counts, mask
-    # and top logprobs in one program); a constrained request's first token is sampled by a one-token step
-    # (Engine._prefill_chunk), so prefill programs are never constrained.
+    # Decode steps come plain, with top logprobs, in the grammar family (a token mask) and in the full family
+    # (penalties, or a grammar beside logprobs: counts, mask and top logprobs in one program); a constrained
+    # request's first token is sampled by a one-token step (Engine._prefill_chunk), so prefill programs are never
+    # constrained.
+    families = ((False, False, False), (True, False, False), (False, False, True), (True, True, False))
     candidates = []
     for m in page_counts:
-        for logprobs, constrained in ((False, False), (True, False), (True, True)):
-            candidates += [("decode", r, 1, m, logprobs, constrained) for r in decode_rows]
+        for logprobs, constrained, grammar in families:
+            candidates += [("decode", r, 1, m, logprobs, constrained, grammar) for r in decode_rows]
         for n in chunks:
             if n > m * page:
                 continue
             candidates += [
-                ("prefill", r, n, m, True, False)
+                ("prefill", r, n, m, True, False, False)
                 for r in prefill_rows
                 if r - 1 + n <= budget and r * token_bucket(n) <= padded_cap
             ]
@@ -203,16 +217,20 @@ def plan(engine: Engine) -> list[WarmupShape]:
     # Speculative decoding: a decode batch with drafts runs as a verify step of exactly k + 1 tokens per row.
     verify_tokens = engine.speculative.num_speculative_tokens + 1 if engine.speculative is not None else 0
     shapes: dict[tuple, WarmupShape] = {}
-    for kind, rows, n, m, logprobs, constrained in candidates:
-        key = (kind, key_of(rows, n, m, logprobs, kind == "decode", constrained=constrained))
-        shapes.setdefault(key, WarmupShape(kind, rows, n, m, logprobs, key[1], constrained))
-        if kind == "decode" and steps > 1 and m * page >= steps:
+    for kind, rows, n, m, logprobs, constrained, grammar in candidates:
+        key = (kind, key_of(rows, n, m, logprobs, kind == "decode", constrained=constrained, grammar=grammar))
+        shapes.setdefault(key, WarmupShape(kind, rows, n, m, logprobs, key[1], constrained, grammar))
+        # Rows with a grammar never decode several steps per call (Engine._multi_step_size).
+        if kind == "decode" and steps > 1 and m * page >= steps and not grammar:
             multi = ("multi", key_of(rows, 1, m, logprobs, True, steps - 1, constrained=constrained))
             shapes.setdefault(multi, WarmupShape("multi", rows, 1, m, logprobs, multi[1], constrained))
         if kind == "decode" and engine.speculative is not None and m * page >= verify_tokens:
-            verify = ("verify", key_of(rows, verify_tokens, m, logprobs, True, verify=True, constrained=constrained))
-            shapes.setdefault(verify, WarmupShape("verify", rows, verify_tokens, m, logprobs, verify[1], constrained))
-    out = sorted(shapes.values(), key=lambda s: (s.pages, s.num_tokens, s.rows, s.kind, s.logprobs, s.constrained))
+            verify = ("verify", key_of(rows, verify_tokens, m, logprobs, True, verify=True, constrained=constrained,
+                                       grammar=grammar))
+            shapes.setdefault(verify, WarmupShape("verify", rows, verify_tokens, m, logprobs, verify[1], constrained,
+                                                  grammar))
+    out = sorted(shapes.values(),
+                 key=lambda s: (s.pages, s.num_tokens, s.rows, s.kind, s.logprobs, s.constrained, s.grammar))
     # Echo with logprobs: one full forward of the prompt, padded to a power of two of at least 16 tokens
     # (async_engine.score_prompt): one representative per padded length.
     lengths = [n for n in _powers_of_two_up_to(max_len) if n >= min(PROMPT_LOGPROBS_MIN_PAD, max_len)]
@@ -263,7 +281,8 @@ def _run_shape(engine: Engine, shape: WarmupShape) -> None:
         engine._run_multi([req for req, _, _ in rows], steps)
         return
     rows = _rows(
-        engine, shape.rows, shape.num_tokens, shape.pages, shape.logprobs, shape.kind != "prefill", 0, shape.constrained
+        engine, shape.rows, shape.num_tokens, shape.pages, shape.logprobs, shape.kind != "prefill", 0,
+        shape.constrained, shape.grammar,
     )
     if shape.kind == "prefill":  # one program, as Engine._run runs each group of a prefill
         engine._run_group(rows, shape.num_tokens, "prefill", MAX_LOGPROBS)
@@ -315,7 +334,7 @@ def _engine_inputs(engine: Engine, shape: WarmupShape):
     lookahead = steps - 1 if shape.kind == "multi" else 0
     rows = _rows(
         engine, shape.rows, shape.num_tokens, shape.pages, shape.logprobs, shape.kind != "prefill", lookahead,
-        shape.constrained,
+        shape.constrained, shape.grammar,
     )
     runner = engine.runner
     if shape.kind == "prefill":

@@ -133,7 +133,10 @@ def _tile_map(group_sizes: jax.Array, m: int, block_m: int, num_tiles: int):
     tiles_per_group = (ends - starts + block_m - 1) // block_m
     tile_ends = jnp.cumsum(tiles_per_group)  # exclusive end tile of each group
     tile = jnp.arange(num_tiles, dtype=jnp.int32)
-    group = jnp.searchsorted(tile_ends, tile, side="right").astype(jnp.int32)  # empty groups own no tile
+    # compare_all: one (tiles, G) comparison. The default scan method is a while loop of log2(G) steps per call, and
+    # on an H200 its selects and copies were ~0.6 ms of a 10 ms 26B-A4B decode step (480 copies, 240 loop steps).
+    # Empty groups own no tile.
+    group = jnp.searchsorted(tile_ends, tile, side="right", method="compare_all").astype(jnp.int32)
     in_use = group < group_sizes.shape[0]
     group = jnp.minimum(group, group_sizes.shape[0] - 1)
     row_start = starts[group] + (tile - (tile_ends[group] - tiles_per_group[group])) * block_m
