@@ -62,9 +62,9 @@ def test_plan_follows_the_scheduler_buckets(checkpoint):
     steps = sorted((s.kind, s.key[0]) for s in shapes if s.kind != "prompt_logprobs")
     # Keys (B, T, P, top logprobs, counts, token mask). One-token chunks run as decode steps; a prefill program
     # pads to at most the budget (one row of 16 tokens here) and always computes top logprobs; decode steps come
-    # plain, with logprobs, and constrained (penalties or a grammar: counts, mask and logprobs in one program).
-    # Page tables are at least 256 tokens wide (P = 16 pages).
-    decode_variants = [(0, False, False), (20, False, False), (20, True, True)]
+    # plain, with logprobs, in the grammar family (a token mask only) and in the full family (penalties, or a grammar
+    # beside logprobs: counts, mask and logprobs in one program). Page tables are at least 256 tokens wide (P = 16).
+    decode_variants = [(0, False, False), (20, False, False), (0, False, True), (20, True, True)]
     expected = sorted(
         [("decode", (b, 1, 16, *v)) for b in (1, 2) for v in decode_variants]
         + [("prefill", (1, 16, 16, 20, False, False))]
@@ -91,12 +91,13 @@ def test_plan_follows_the_scheduler_buckets(checkpoint):
         speculative_config={"method": "ngram", "num_speculative_tokens": 2},
         **LIMITS,
     )
-    extra = sorted((s.kind, s.key[0][:5]) for s in warmup.plan(speculative.engine) if s.kind in ("verify", "multi"))
+    extra = sorted((s.kind, s.key[0]) for s in warmup.plan(speculative.engine) if s.kind in ("verify", "multi"))
+    # A multi-step decode has no mask (grammar rows decode one step per call), so no grammar family either.
+    multi = ((0, False, False), (20, False, False), (20, True, False))
+    verify = ((0, False, False), (20, False, False), (0, False, True), (20, True, True))
     assert extra == sorted(
-        (kind, (b, t, 16, *v))
-        for kind, t in (("multi", 1), ("verify", 3))
-        for b in (1, 2)
-        for v in ((0, False), (20, False), (20, True))
+        [("multi", (b, 1, 16, *v)) for b in (1, 2) for v in multi]
+        + [("verify", (b, 3, 16, *v)) for b in (1, 2) for v in verify]
     )
 
 
@@ -147,7 +148,8 @@ def test_served_workload_compiles_nothing_after_warmup(checkpoint):
         assert sum(1 for _ in stream) > 1
         stream = client.completions.create(model="tiny", prompt="stream " * 6, max_tokens=5, stream=True, logprobs=1)
         assert sum(1 for _ in stream) > 1
-        # Penalties and a grammar: the constrained program (counts, token mask), its first token from a one-token step.
+        # Penalties, a grammar, a grammar with logprobs: the full and the grammar families, the first token of each
+        # from a one-token step.
         client.completions.create(
             model="tiny", prompt="repeat repeat", max_tokens=4, presence_penalty=0.5, frequency_penalty=0.3
         )
@@ -162,5 +164,14 @@ def test_served_workload_compiles_nothing_after_warmup(checkpoint):
             response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
         )
         assert out.choices[0].message.content.startswith("{")
+        out = client.chat.completions.create(
+            model="tiny",
+            messages=chat,
+            max_tokens=6,
+            logprobs=True,
+            top_logprobs=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+        )
+        assert out.choices[0].message.content.startswith("{") and out.choices[0].logprobs.content
         assert compiles.count == after_ready, f"{compiles.count - after_ready} compiles after ready"
         assert state.compiles == engine_after_ready
