@@ -139,12 +139,15 @@ class EngineSteps:
             self.allocate_counts()
             num_logprobs = MAX_LOGPROBS
         free_mask = (self.text_config.vocab_size + 31) // 32 if (full or grammar) and not lookahead else 0
+        # The grammar family's masks are filled while the forward runs (Runner.step splits the step); the full
+        # family, which rows without a grammar also enter (penalties), stays one program with the mask filled first.
+        defer = grammar and not full and getattr(self.runner, "splits_sampling", False)
         built, keys = [], []
         for group in groups:
             batch, sampling, steps, keep, _, key = build_rows(
                 [rows[i] for i in group], num_tokens, self.layout, self.config.max_num_seqs, lookahead=lookahead,
                 num_logprobs=num_logprobs, verify=verify, counts_on=full, grammars=self._grammars,
-                free_mask_words=free_mask)
+                free_mask_words=free_mask, defer_mask=defer)
             built.append((batch, sampling, steps, keep))
             keys.append(key)
         return groups, built, num_logprobs, tuple(keys)

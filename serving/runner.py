@@ -23,6 +23,7 @@ from gemma4_jax.model import FlatState, StaticGraph, merge
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import CacheLayout, PagedKVStore, StepBatch
 from gemma4_jax.serving.sampling import SamplingBatch, VerifyResult, sample, verify
+from gemma4_jax.serving.step_builder import DeferredMask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,20 +52,31 @@ def sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprob
     return result, counts
 
 
-def _step(graph, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
-          attention, phase, num_logprobs, return_routed=False, return_hidden=False):
+def _forward_last(graph, state, cache, batch, media, vision_blocks, layout, attention, phase, return_routed,
+                  return_hidden):
+    """The forward of a step against the pools, kept to each row's last token: (logits (B, V), routed (B, L_moe, k)
+    or None, hidden (B, D) or None, cache)."""
     model = merge(graph, state)
     store = PagedKVStore(cache, batch, layout)
     inputs = TokenInputs(tokens=batch.tokens, positions=batch.positions, media=media, vision_blocks=vision_blocks)
     out = forward(model, inputs, attention=attention, phase=phase, kv_store=store, keep_index=batch.last_index,
                   return_routed=return_routed, return_hidden=return_hidden)
-    logits = out.logits[:, 0]  # (B, V): only each row's last token reaches the KV-shared layers and the head
+    # (B, V): only each row's last token reaches the KV-shared layers and the head. The router's choices for it
+    # (B, L_moe, k); its final-normed state (B, D): the assistant drafter's next input.
+    return (out.logits[:, 0], out.routed[:, 0] if return_routed else None,
+            out.hidden[:, 0] if return_hidden else None, store.cache)
+
+
+def _step(graph, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
+          attention, phase, num_logprobs, return_routed=False, return_hidden=False):
+    logits, routed, hidden, cache = _forward_last(graph, state, cache, batch, media, vision_blocks, layout, attention,
+                                                  phase, return_routed, return_hidden)
     result, counts = sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprobs)
-    if return_routed:  # the router's choices for each row's last token: (B, L_moe, k)
-        result = result._replace(routed=(out.routed[:, 0],))
-    if return_hidden:  # the kept token's final-normed state (B, D): the assistant drafter's next input
-        return result, store.cache, counts, out.hidden[:, 0]
-    return result, store.cache, counts
+    if return_routed:
+        result = result._replace(routed=(routed,))
+    if return_hidden:
+        return result, cache, counts, hidden
+    return result, cache, counts
 
 
 @functools.partial(
@@ -106,6 +118,33 @@ def model_step(
     """
     return _step(graph, state, cache, counts, batch, sampling, steps, sample_rows, media, vision_blocks, layout,
                  attention, phase, num_logprobs, return_routed, return_hidden)
+
+
+@functools.partial(
+    model_jit,
+    static_argnames=("graph", "layout", "attention", "phase", "return_routed", "return_hidden"),
+    donate_argnames=("cache",),
+)
+def forward_logits(graph: StaticGraph, state, cache: dict[str, jax.Array], batch: StepBatch,
+                   media: MediaTokens | None = None, vision_blocks: jax.Array | None = None, *, layout: CacheLayout,
+                   attention: AttentionPlan, phase: str, return_routed: bool = False,
+                   return_hidden: bool = False) -> tuple:
+    """The first half of a split step (`Runner.step` with a `DeferredMask`): the forward of `model_step`, giving
+    (logits (B, V), routed (B, L_moe, k) or None, hidden (B, D) or None, cache). The host fills the grammar masks
+    while it runs; `sample_logits` is the second half."""
+    logits, routed, hidden, cache = _forward_last(graph, state, cache, batch, media, vision_blocks, layout, attention,
+                                                  phase, return_routed, return_hidden)
+    # Replicated over the mesh (the step's mesh context): the sampler half's program is looked up by its inputs'
+    # shardings, which the warm-up lowers it with before this half is compiled (warmup._lowering).
+    return jax.lax.with_sharding_constraint(logits, jax.sharding.PartitionSpec()), routed, hidden, cache
+
+
+@functools.partial(jax.jit, static_argnames=("num_logprobs",), donate_argnames=("counts",))
+def sample_logits(logits: jax.Array, counts, batch: StepBatch, sampling: SamplingBatch, steps: jax.Array,
+                  sample_rows: jax.Array, *, num_logprobs: int):
+    """The second half of a split step: `sample_step` of logits (B, V) with the filled token mask in `sampling`.
+    Returns (SampleResult, counts)."""
+    return sample_step(logits, counts, batch, sampling, steps, sample_rows, num_logprobs)
 
 
 @functools.partial(
@@ -239,6 +278,11 @@ class Runner:
     def counts_sharding(self) -> jax.sharding.Sharding:
         return sharding.replicated(self.mesh)
 
+    # Steps whose sampling carries a DeferredMask run split (forward_logits, then sample_logits): the grammar masks
+    # are filled on the host while the device runs the forward. PipelineRunner samples inside its last stage's
+    # program, so the engine fills masks before its steps instead.
+    splits_sampling = True
+
     def step(self, cache, counts, microbatches, num_logprobs: int, phase: str, media: StepMedia | None = None):
         """One step of each micro-batch. phase: "prefill" | "decode"; media: a prefill chunk's soft tokens."""
         results = []
@@ -246,6 +290,21 @@ class Runner:
         self.hidden = []
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, sample_rows in microbatches:
+                if isinstance(sampling.token_mask, DeferredMask):
+                    logits, routed, hidden, cache = forward_logits(
+                        self.model.static_graph, self.model.flat_state, cache, batch, tokens, blocks,
+                        layout=self.layout, attention=self.attention, phase=phase, return_routed=self.return_routed,
+                        return_hidden=self.return_hidden)
+                    # Dispatched, not finished: the host fills the masks while the device runs the forward.
+                    sampling = sampling.replace(token_mask=sampling.token_mask.fill())
+                    result, counts = sample_logits(logits, counts, batch, sampling, steps, sample_rows,
+                                                   num_logprobs=num_logprobs)
+                    if self.return_routed and result is not None:  # (None while the warm-up lowers the step)
+                        result = result._replace(routed=(routed,))
+                    if self.return_hidden:
+                        self.hidden.append(hidden)
+                    results.append(result)
+                    continue
                 result, cache, counts = self._keep_hidden(model_step(
                     self.model.static_graph, self.model.flat_state, cache, counts, batch, sampling, steps, sample_rows,
                     tokens, blocks, layout=self.layout, attention=self.attention, phase=phase,

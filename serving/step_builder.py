@@ -8,7 +8,9 @@ a configuration compiles a finite set of shapes (serving/warmup.py enumerates th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -19,6 +21,24 @@ from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingBatch, SamplingPar
 
 Row = tuple[Request, list[int], int]
 
+
+
+@dataclasses.dataclass
+class DeferredMask:
+    """The grammar masks of a step, filled later: `Runner.step` dispatches the forward first and calls `fill()`
+    while the device runs it (the mask needs only the matchers' states, which the previous step's tokens set).
+
+    matchers: one per padded row (None: free; no row is FREE_GRAMMAR here); words: ceil(V / 32)."""
+
+    grammars: Any  # structured.Grammars, or None when no row has a real grammar (the warm-up's FREE_GRAMMAR rows)
+    matchers: list[Any]
+    words: int
+
+    def fill(self) -> np.ndarray:
+        """(B, words) int32 bitmask, as structured.Grammars.fill gives it."""
+        if self.grammars is None or all(m is None for m in self.matchers):
+            return np.full((len(self.matchers), self.words), -1, np.int32)
+        return self.grammars.fill(self.matchers, len(self.matchers))
 
 def num_logprobs_for(params: Sequence[SamplingParams], always: bool = False) -> int:
     """Top logprobs to compute for a batch: none, or all MAX_LOGPROBS when any row asks for top logprobs (or
@@ -64,6 +84,7 @@ def build_rows(
     counts_on: bool = False,
     grammars=None,
     free_mask_words: int = 0,
+    defer_mask: bool = False,
 ):
     """Pad rows into a StepBatch and its sampling inputs. Returns (batch, sampling, steps (B,), keep (B,),
     num_logprobs, shape key).
@@ -72,7 +93,10 @@ def build_rows(
     speculative verify step ([last token, drafts...]): T is exactly num_tokens (k + 1, one shape for every step)
     and every row's tokens are kept. counts_on: the step takes the penalty counts (another program); grammars: the
     engine's structured.Grammars when a row has a matcher; free_mask_words: > 0 gives the step a token mask of that
-    many words per row even when no sampled row has a grammar (all tokens allowed: the constrained program)."""
+    many words per row even when no sampled row has a grammar (all tokens allowed: the constrained program);
+    defer_mask: a (non-verify) step whose rows have grammars gets a `DeferredMask` instead of the filled mask (the
+    runner fills it while the forward runs; FREE_GRAMMAR rows count as grammars there, so the warm-up lowers the
+    same split programs)."""
     page = layout.page_size
     b = bucket(len(rows), 1, max_rows)
     t = num_tokens if verify else token_bucket(num_tokens)
@@ -107,7 +131,10 @@ def build_rows(
     # Rows that sample a kept token this step follow their grammar; the rest (and padding) are free.
     matchers = [req.matcher if keep[i] and req.matcher is not FREE_GRAMMAR else None
                 for i, (req, _, _) in enumerate(rows)]
-    if any(m is not None for m in matchers):
+    if defer_mask and not verify and any(req.matcher is not None and keep[i] for i, (req, _, _) in enumerate(rows)):
+        words = free_mask_words or grammars.words
+        token_mask = DeferredMask(grammars, matchers + [None] * (b - len(rows)), words)
+    elif any(m is not None for m in matchers):
         if verify:  # one mask per position: the grammar's after the row's drafts before it
             token_mask = grammars.fill_drafts(matchers, [ids[1:] for _, ids, _ in rows], b, t)
         else:

@@ -193,3 +193,36 @@ def test_pipelined_model_follows_the_grammar(llm):
     for out, one in zip(outs, single):
         assert re.fullmatch("[a-f]{3}[0-9]", out.text) and out.finish_reason == "stop"
         assert out.token_ids == one.token_ids
+
+
+def test_grammar_masks_are_filled_while_the_forward_runs(llm, monkeypatch):
+    """A step whose sampled rows have grammars (and no penalties or logprobs) runs split: the forward is
+    dispatched, then the host fills the masks, then the sampler runs (serving/runner.py, Runner.step). Same tokens
+    and logprobs as the one-program step with the mask filled first."""
+    from gemma4_jax.serving import runner as runner_lib
+    from gemma4_jax.serving import step_builder
+
+    events = []
+
+    def recorded(name, fn):
+        def call(*args, **kwargs):
+            events.append(name)
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(runner_lib, "forward_logits", recorded("forward", runner_lib.forward_logits))
+    monkeypatch.setattr(runner_lib, "sample_logits", recorded("sample", runner_lib.sample_logits))
+    monkeypatch.setattr(step_builder.DeferredMask, "fill", recorded("fill", step_builder.DeferredMask.fill))
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=10, structured_outputs={"regex": "[a-f]{4}[0-9]"})
+              for s in range(3)] + [SamplingParams(temperature=1.0, seed=7, max_tokens=10)]
+    split = llm.generate(["p", "q", "r", "s"], params, use_tqdm=False)
+    assert events and events[:3] == ["forward", "fill", "sample"]
+    assert len(events) % 3 == 0 and all(events[i:i + 3] == ["forward", "fill", "sample"]
+                                        for i in range(0, len(events), 3))
+    events.clear()
+    monkeypatch.setattr(llm.engine.runner, "splits_sampling", False)
+    whole = llm.generate(["p", "q", "r", "s"], params, use_tqdm=False)
+    assert not events
+    for a, b in zip(split, whole):
+        assert a.token_ids == b.token_ids and a.text == b.text
+    assert all(re.fullmatch("[a-f]{4}[0-9]", out.text) for out in split[:3])
