@@ -29,6 +29,7 @@ from gemma4_jax.pipeline import Pipeline, run_stage, schedule_bubble, to_stage
 from gemma4_jax.serving import kv_cache
 from gemma4_jax.serving.kv_cache import PagedKVStore
 from gemma4_jax.serving.runner import StepMedia, sample_step, verify_step_logits
+from gemma4_jax.serving.step_builder import DeferredMask
 
 
 class PipelineRunner:
@@ -114,6 +115,10 @@ class PipelineRunner:
         come from a previous step on device; media: a prefill chunk's soft tokens for stage 0.
         Returns the (device) SampleResult; the last stage's hidden state (return_hidden) goes to `hidden`."""
         batch, sampling, steps, sample_rows = mb
+        deferred = sampling.token_mask if isinstance(sampling.token_mask, DeferredMask) else None
+        if deferred is not None:  # the stages before the last get an all-allowed mask of the same shape (unused)
+            early = sampling.replace(token_mask=np.full((len(deferred.matchers), deferred.words), -1, np.int32))
+            sampling = early
         meshes = self.pipeline.meshes
         carry = None
         if media is not None:
@@ -130,6 +135,9 @@ class PipelineRunner:
                 carry = to_stage(carry, meshes[s])
             fn = self.stage_fn(s, phase, num_logprobs)
             last = s == self.num_stages - 1
+            if last and deferred is not None:
+                # The earlier stages are dispatched and running: fill the grammar masks meanwhile.
+                sampling = early.replace(token_mask=deferred.fill())
             with jax.set_mesh(meshes[s]):
                 (carry, ids, hidden), cache[s], stage_counts = fn(self.pipeline.states[s], cache[s],
                                                           counts if last else None, carry, stage_batch, sampling,
@@ -144,6 +152,10 @@ class PipelineRunner:
         elif self.return_routed:
             carry = carry._replace(routed=tuple(stage_routed))
         return carry, cache, counts
+
+    # Steps whose sampling carries a DeferredMask fill it after the stages before the last are dispatched (the last
+    # stage samples), so the host fills the grammar masks while they run.
+    splits_sampling = True
 
     def step(self, cache, counts, microbatches, num_logprobs: int, phase: str, media: StepMedia | None = None):
         cache = list(cache)

@@ -279,8 +279,8 @@ class Runner:
         return sharding.replicated(self.mesh)
 
     # Steps whose sampling carries a DeferredMask run split (forward_logits, then sample_logits): the grammar masks
-    # are filled on the host while the device runs the forward. PipelineRunner samples inside its last stage's
-    # program, so the engine fills masks before its steps instead.
+    # are filled on the host while the device runs the forward. (PipelineRunner fills them once the stages before
+    # its last, which samples, are dispatched.)
     splits_sampling = True
 
     def step(self, cache, counts, microbatches, num_logprobs: int, phase: str, media: StepMedia | None = None):

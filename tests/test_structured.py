@@ -181,14 +181,21 @@ def test_params_stay_hashable_and_keep_key_order():
         SamplingParams(structured_outputs=StructuredOutputs(choice=("x", "y"))))
 
 
-def test_pipelined_model_follows_the_grammar(llm):
-    """pp=2: the bitmask rides with the sampling inputs to the last stage; same tokens as one stage."""
+def test_pipelined_model_follows_the_grammar(llm, monkeypatch):
+    """pp=2: the bitmask rides with the sampling inputs to the last stage, filled once the first stage is dispatched
+    (pipeline_runner: DeferredMask); same tokens as one stage."""
+    from gemma4_jax.serving import step_builder
+
+    fills = []
+    fill = step_builder.DeferredMask.fill
+    monkeypatch.setattr(step_builder.DeferredMask, "fill", lambda self: fills.append(1) or fill(self))
     staged = gemma4_jax.LLM(gemma4_jax.from_config("tiny", dtype="float32", seed=5, pp=2),
                             tokenizer=byte_level_tokenizer(), max_num_seqs=4, max_model_len=256,
                             max_num_batched_tokens=256, compilation_cache=False)
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=16, structured_outputs={"regex": "[a-f]{3}[0-9]"})
               for s in range(3)]
     outs = staged.generate(["p"] * 3, params, use_tqdm=False)
+    assert fills  # the pipelined steps deferred their masks
     single = llm.generate(["p"] * 3, params, use_tqdm=False)
     for out, one in zip(outs, single):
         assert re.fullmatch("[a-f]{3}[0-9]", out.text) and out.finish_reason == "stop"
