@@ -69,7 +69,8 @@ class Gemma4Multimodal(Gemma4Text):
                          ) -> tuple[jax.Array, jax.Array | None]:
         """Token embeddings with soft tokens spliced in.
 
-        input_ids (B, T); slots (M,) flat indices into B*T of the placeholders; soft_tokens (M, D) in that order.
+        input_ids (B, T); slots (M,) flat indices into B*T of the placeholders (>= B*T: ignored); soft_tokens (M, D)
+        in that order.
         Returns embeddings (B, T, D) and per-layer inputs (B, T, L, P) or None.
         """
         cfg = self.model_config
@@ -78,7 +79,8 @@ class Gemma4Multimodal(Gemma4Text):
         ids = jnp.where(placeholder, cfg.text.pad_token_id, input_ids)
         x = self.embed_tokens(ids)
         b, t, d = x.shape
-        x = x.reshape(b * t, d).at[slots].set(soft_tokens.astype(x.dtype)).reshape(b, t, d)
+        # Slots past B * T are padding (serving's prefill steps carry one slot per token): dropped.
+        x = x.reshape(b * t, d).at[slots].set(soft_tokens.astype(x.dtype), mode="drop").reshape(b, t, d)
         ple = self.per_layer_inputs(ids, x) if self.cfg.has_ple else None
         return x, ple
 

@@ -39,6 +39,13 @@ def soft_tokens(model: Any, kind: str, a: np.ndarray, b: np.ndarray) -> tuple[np
         return jax.device_get(_tower(model.graphdef, model.state, jnp.asarray(a), jnp.asarray(b), kind=kind))
 
 
+def compile_tower(model: Any, kind: str, a: np.ndarray, b: np.ndarray) -> None:
+    """Compile, without running, the program `soft_tokens` runs for inputs shaped as a and b (a single-program
+    model): its later calls with such inputs find it in JAX's in-memory cache (serving's warm-up)."""
+    with jax.set_mesh(model.mesh):
+        _tower.lower(model.graphdef, model.state, jnp.asarray(a), jnp.asarray(b), kind=kind).compile()
+
+
 def valid_soft_tokens(model: Any, kind: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The valid soft tokens (n, D) of a tower's inputs, row-major (placeholder order)."""
     tokens, valid = soft_tokens(model, kind, a, b)

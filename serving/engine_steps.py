@@ -26,7 +26,7 @@ import numpy as np
 from gemma4_jax.serving import media_chunks
 from gemma4_jax.serving.kv_cache import bucket
 from gemma4_jax.serving.requests import Request
-from gemma4_jax.serving.runner import reset_slot_counts
+from gemma4_jax.serving.runner import StepMedia, reset_slot_counts
 from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingParams
 from gemma4_jax.serving.speculative import AssistantProposer
 from gemma4_jax.serving.step_builder import build_rows, join_results, num_logprobs_for, prefill_groups
@@ -161,10 +161,14 @@ class EngineSteps:
         prefill shapes are few, and all of them are in the warm-up's plan (serving/warmup.py)."""
         if phase == "decode":
             return self._run_group(rows, num_tokens, phase)
-        groups = prefill_groups([len(ids) for _, ids, _ in rows], self.prefill_padded_tokens)
+        # A one-token chunk holding a media placeholder counts as two tokens: it runs in the 16-token prefill shape,
+        # which carries media (media_chunks), not as a decode-shaped step.
+        lens = [2 if len(ids) == 1 and media_chunks.holds_placeholders([row]) else len(ids)
+                for row in rows for ids in (row[1],)]
+        groups = prefill_groups(lens, self.prefill_padded_tokens)
         # One top-logprob count for all of the step's groups (their results are joined).
-        num_logprobs = MAX_LOGPROBS if num_tokens > 1 else None
-        results = [self._run_group([rows[i] for i in g], max(len(rows[i][1]) for i in g), phase, num_logprobs)
+        num_logprobs = MAX_LOGPROBS if max(lens) > 1 else None
+        results = [self._run_group([rows[i] for i in g], max(lens[i] for i in g), phase, num_logprobs)
                    for g in groups]
         return join_results(results, groups, axis=0)
 
@@ -176,14 +180,25 @@ class EngineSteps:
     def _run_group(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, phase: str,
                    num_logprobs: int | None = None):
         groups, built, num_logprobs, key = self._microbatches(rows, num_tokens, num_logprobs=num_logprobs)
-        # Prefill chunks holding image/audio placeholders pass their soft tokens (spliced into the embeddings);
-        # every other step carries no media.
-        media = media_chunks.chunk_media(self.model, rows, built[0][0].tokens.shape) if len(built) == 1 else None
+        media = self._step_media(rows, built)
         if media is None and num_tokens == 1:
             phase = "decode"  # one token per row: the decode program (same shapes, decode attention backends)
-        shape_key = ("step", phase, key) if media is None else ("media", key, media.shape_key)
-        results = self._timed(shape_key, self.runner.step, built, num_logprobs, phase=phase, media=media)
+        results = self._timed(self._step_key(phase, key, media), self.runner.step, built, num_logprobs, phase=phase,
+                              media=media)
         return join_results(results, groups, axis=0)
+
+    def _step_media(self, rows: list[tuple[Request, list[int], int]], built: list) -> StepMedia | None:
+        """A prefill step's media (T > 1, one micro-batch): on a model with towers always a StepMedia, the soft
+        tokens of the chunks' placeholders spliced into the embeddings (media_chunks.chunk_media); else None."""
+        shape = built[0][0].tokens.shape
+        if len(built) != 1 or shape[1] == 1:
+            return None
+        return media_chunks.chunk_media(self.model, rows, shape)
+
+    @staticmethod
+    def _step_key(phase: str, key: tuple, media: StepMedia | None) -> tuple:
+        """The shape key `_timed` counts compiles by (the warm-up marks the ones it compiled)."""
+        return ("step", phase, key) if media is None else ("media", key, media.shape_key)
 
     def _run_multi(self, decode: list[Request], num_steps: int):
         rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]

@@ -68,12 +68,13 @@ class LLM:
         if warmup:
             self.warmup()
 
-    def warmup(self, progress: bool = True):
-        """Compile (or load from the persistent compilation cache) every step shape the engine can run, with a
-        progress bar and the time per shape at INFO. Returns a `warmup.WarmupReport` (shapes, new compiles, s)."""
+    def warmup(self, progress: bool = True, max_audio_seconds: float = 30.0):
+        """Compile (or load from the persistent compilation cache) every step shape the engine can run, and a
+        multimodal model's towers (audio clips up to max_audio_seconds), with a progress bar and the time per shape
+        at INFO. Returns a `warmup.WarmupReport` (shapes, new compiles, s)."""
         from gemma4_jax.serving.warmup import warm_up
 
-        return warm_up(self.engine, progress=progress)
+        return warm_up(self.engine, progress=progress, max_audio_seconds=max_audio_seconds)
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -9,7 +9,10 @@ and the soft tokens of a step's chunks.
 3. `chunk_media` (each prefill step): the first time a chunk of a request runs, its towers run once
    (`MediaInputs.encode`, serving/mm_inputs.py); every chunk that holds placeholders passes its slice of soft
    tokens to the step as `StepMedia`, which the one forward splices into the embeddings (placeholder ids become pad
-   for the token and PLE lookups, as HF). Decode steps and chunks without placeholders carry no media.
+   for the token and PLE lookups, as HF). On a model with towers every prefill step (T > 1) carries a StepMedia of
+   one slot per token of its (B, T) batch, empty or not, so a text chunk and a media chunk of the same shape run
+   the same program and the warm-up's prefill programs cover both; a one-token chunk holding a placeholder runs in
+   the 16-token prefill shape (`holds_placeholders`). Decode steps carry no media.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from gemma4_jax import multimodal
 from gemma4_jax.forward import MediaTokens
 from gemma4_jax.processing import MediaError
-from gemma4_jax.serving.kv_cache import bucket
 from gemma4_jax.serving.mm_inputs import MediaInputs
 from gemma4_jax.serving.runner import StepMedia
 
@@ -72,12 +75,25 @@ def clamp_chunk(media: MediaInputs, start: int, size: int) -> int:
     return max(0, int(media.runs[inside, 0][0]) - start)
 
 
+def holds_placeholders(rows: Sequence[tuple[Any, list[int], int]]) -> bool:
+    """Whether any row's chunk (request, new token ids, start position) holds a media placeholder."""
+    for req, ids, start in rows:
+        media = getattr(req, "media", None)
+        if media is not None:
+            lo, hi = np.searchsorted(media.positions, [start, start + len(ids)])
+            if hi > lo:
+                return True
+    return False
+
+
 def chunk_media(model: Any, rows: Sequence[tuple[Any, list[int], int]], tokens_shape: tuple[int, int]
                 ) -> StepMedia | None:
-    """The media of a step's rows (request, new token ids, start position) over a (B, T) token batch; None when
-    no row's chunk holds a placeholder (then the plain text step runs). Runs the towers of requests seen first.
-    Slots are flat indices into the (B*T) chunk tokens; their count is padded to a bucket by repeating the last
-    entry (the same value written twice), so few shapes compile."""
+    """The media of a prefill step's rows (request, new token ids, start position) over a (B, T) token batch:
+    None on a model without towers, else a StepMedia of B * T slots,
+    possibly all padding. Runs the towers of requests seen first. Slots are flat indices into the (B*T) chunk
+    tokens; padding slots point one past them (B * T: the splice drops them) with zero soft tokens."""
+    if not multimodal.has_towers(model.config):
+        return None
     slots, soft, block_rows = [], [], {}
     t = tokens_shape[1]
     bidirectional = model.config.vision_bidirectional
@@ -92,14 +108,13 @@ def chunk_media(model: Any, rows: Sequence[tuple[Any, list[int], int]], tokens_s
             soft.append(tokens[lo:hi])
         if bidirectional and media.blocks is not None:
             block_rows[i] = media.blocks[start: start + len(ids)]
-    if not slots:
-        return None
-    slots_all = np.concatenate(slots).astype(np.int32)
-    soft_all = np.concatenate(soft)
-    m = bucket(slots_all.size, 16)
-    pad = m - slots_all.size
-    slots_all = np.concatenate([slots_all, np.full(pad, slots_all[-1], np.int32)])
-    soft_all = np.concatenate([soft_all, np.repeat(soft_all[-1:], pad, axis=0)])
+    m = tokens_shape[0] * t
+    slots_all = np.full((m,), m, np.int32)
+    soft_all = np.zeros((m, model.config.text.hidden_size), jnp.dtype(model.dtype))
+    if slots:
+        used = np.concatenate(slots).astype(np.int32)
+        slots_all[: used.size] = used
+        soft_all[: used.size] = np.concatenate(soft)
     blocks = None
     if bidirectional:
         blocks = np.full(tokens_shape, -1, np.int32)

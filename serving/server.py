@@ -102,7 +102,7 @@ def create_app(llm=None, config: ServerConfig | None = None, load: Callable[[], 
                     loaded = load() if llm is None else llm
                     if warmup:
                         state.warming_up = True
-                        loaded.warmup()
+                        loaded.warmup(max_audio_seconds=config.media_limits.max_audio_seconds)
                 except Exception as e:  # reported by /health and every route
                     log.exception("loading the model failed" if not state.warming_up else "the warm-up failed")
                     state.load_error = f"{type(e).__name__}: {e}"

@@ -347,7 +347,9 @@ def _engine_inputs(engine: Engine, shape: WarmupShape):
     runner = engine.runner
     if shape.kind == "prefill":
         _, built, num_logprobs, key = engine._microbatches(rows, shape.num_tokens, num_logprobs=MAX_LOGPROBS)
-        return runner.step, built, num_logprobs, dict(phase="prefill", media=None), ("step", "prefill", key)
+        media = engine._step_media(rows, built)  # an empty StepMedia on a model with towers, as Engine._run_group
+        return (runner.step, built, num_logprobs, dict(phase="prefill", media=media),
+                engine._step_key("prefill", key, media))
     if shape.kind == "decode":
         _, built, num_logprobs, key = engine._microbatches(rows, 1)
         return runner.step, built, num_logprobs, dict(phase="decode", media=None), ("step", "decode", key)
@@ -421,12 +423,60 @@ def default_threads() -> int:
     return max(1, min(16, os.cpu_count() or 1))
 
 
-def warm_up(engine: Engine, progress: bool = True, threads: int | None = None) -> WarmupReport:
+def tower_programs(engine: Engine, max_audio_seconds: float = 30.0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The tower programs a multimodal model's requests run, as (kind, a, b) inputs of `towers.soft_tokens`: the
+    vision tower at the image processor's and the video processor's patch budgets (one image or frame per call,
+    mm_inputs._vision_tokens), the audio tower at every padded clip length up to `max_audio_seconds`
+    (mm_inputs._audio_tokens pads a clip's frames to a power of two >= 64). Empty for a text-only model. Budgets
+    other than the checkpoint's processor config compile on first use."""
+    from gemma4_jax import multimodal
+    from gemma4_jax.processor import Processor
+
+    model = engine.model
+    cfg = model.config
+    if not multimodal.has_towers(cfg):
+        return []
+    processor = Processor.from_dir(model.path, None, cfg)
+    out = []
+    if cfg.vision is not None:
+        budgets = {processor.image_processor.patcher.max_patches, processor.video_processor.patcher.max_patches}
+        for p in sorted(budgets):
+            out.append(("vision", np.zeros((1, p, cfg.vision.patch_dim), np.float32), np.zeros((1, p, 2), np.int32)))
+    if getattr(cfg, "audio", None) is not None:
+        extractor = processor.audio_extractor
+        features, _ = extractor([np.zeros(int(max_audio_seconds * extractor.sampling_rate), np.float32)])
+        longest = bucket(features.shape[1], 64)
+        t = 64
+        while t <= longest:
+            out.append(("audio", np.zeros((1, t, features.shape[2]), np.float32), np.ones((1, t), bool)))
+            t *= 2
+    return out
+
+
+def _warm_towers(engine: Engine, max_audio_seconds: float) -> None:
+    """Compile the tower programs (`tower_programs`) by lowering them with the inputs' shapes as the requests'
+    calls pass them: the in-memory cache then serves those calls. A pipelined model's towers (on its first stage)
+    are run once on the zero inputs instead."""
+    from gemma4_jax import towers
+
+    model = engine.model
+    for kind, a, b in tower_programs(engine, max_audio_seconds):
+        t0 = time.perf_counter()
+        if model.pipeline is not None:
+            towers.soft_tokens(model, kind, a, b)
+        else:
+            towers.compile_tower(model, kind, a, b)
+        log.info("warm-up: %s tower for inputs %s in %.2f s", kind, tuple(a.shape), time.perf_counter() - t0)
+
+
+def warm_up(engine: Engine, progress: bool = True, threads: int | None = None,
+            max_audio_seconds: float = 30.0) -> WarmupReport:
     """Compile (or load from the persistent compilation cache) every shape of `plan(engine)`. Run it before the
     engine takes requests: it uses the engine's step inputs on dummy rows and must not interleave with real steps.
     progress: a tqdm bar on stderr, moving per compiled shape. threads: compile threads (default one per core);
     1, or a pipeline-parallel engine, runs each shape once through the engine's step path instead, one at a time.
-    Logs the plan, the time of each shape and a summary at INFO."""
+    Logs the plan, the time of each shape and a summary at INFO. A multimodal model's towers are compiled too
+    (`tower_programs`; audio clips up to max_audio_seconds)."""
     if engine.has_unfinished():
         raise RuntimeError("warm up the engine before adding requests")
     t_counts = time.perf_counter()
@@ -477,6 +527,7 @@ def warm_up(engine: Engine, progress: bool = True, threads: int | None = None) -
     finally:
         if bar is not None:
             bar.close()
+    _warm_towers(engine, max_audio_seconds)
     seconds = time.perf_counter() - t_start
     report = WarmupReport(len(shapes), engine.stats["compiles"] - compiles_before, seconds)
     cache = (

@@ -93,7 +93,8 @@ def _assert_matches(out, ref_logits):
 
 
 class _Spy:
-    """Records each engine step's rows (request, start, length) and whether it took the media step."""
+    """Records each engine step's rows (request, start, length) and whether its media held soft tokens (every
+    prefill step of a model with towers carries a StepMedia, empty for text-only chunks)."""
 
     def __init__(self, engine, monkeypatch):
         self.chunks, self.media_steps, self.encodes = [], 0, 0
@@ -105,7 +106,7 @@ class _Spy:
 
         def chunk(*args):
             media = real_chunk(*args)
-            self.media_steps += media is not None
+            self.media_steps += media is not None and bool(np.any(media.tokens.slots < media.tokens.slots.size))
             return media
 
         def vision(*args):

@@ -158,3 +158,37 @@ def test_caps_and_recovery(server, client):
     while server.llm.engine.num_used_pages and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.llm.engine.num_used_pages == 0
+
+
+def test_warmed_multimodal_server_compiles_nothing_for_media(ckpt_root):
+    """`serve`'s warm-up on a model with towers: every prefill program carries media (empty for text chunks) and
+    the vision and audio towers are compiled at the processor's budgets and the audio buckets up to the limit, so
+    chats with an image, an audio clip, both, and text alone compile nothing after ready."""
+    from test_warmup import CompileCounter
+
+    path = str(ckpt_root / "mm_server_warm")
+    make_mm_checkpoint(path, seed=22)
+    llm = gemma4_jax.LLM(path, dtype="float32", max_num_batched_tokens=64, max_model_len=256, max_num_seqs=2,
+                         page_size=16, compilation_cache=False)
+    app = create_app(llm, ServerConfig(served_model_name=MODEL, media_limits=LIMITS), warmup=True)
+    state = app.state.server
+    with CompileCounter() as compiles, live_server(app) as (url, _, _):
+        deadline = time.monotonic() + 900
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline and state.load_error is None, state.load_error
+            time.sleep(0.2)
+        after_ready = compiles.count
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        image, clip = png_bytes(40, 60, seed=5), noise(2900, seed=6)
+        parts = [
+            [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": _data_url(image)}}],
+            [{"type": "text", "text": "Listen:"}, _audio_part(wav_bytes(clip))],
+            [{"type": "image_url", "image_url": {"url": _data_url(png_bytes(30, 50, seed=7))}},
+             _audio_part(wav_bytes(noise(9000, seed=8))), {"type": "text", "text": "both"}],
+            [{"type": "text", "text": "just text, a little longer than the others"}],
+        ]
+        for content in parts:
+            reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                                   max_tokens=3, temperature=0.0)
+            assert reply.usage.completion_tokens == 3
+        assert compiles.count == after_ready, f"{compiles.count - after_ready} compiles after ready"
