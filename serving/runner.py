@@ -7,8 +7,10 @@ are donated: XLA updates them in place. Sampling runs inside the step so only (B
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +137,7 @@ def forward_logits(graph: StaticGraph, state, cache: dict[str, jax.Array], batch
     logits, routed, hidden, cache = _forward_last(graph, state, cache, batch, media, vision_blocks, layout, attention,
                                                   phase, return_routed, return_hidden)
     # Replicated over the mesh (the step's mesh context): the sampler half's program is looked up by its inputs'
-    # shardings, which the warm-up lowers it with before this half is compiled (warmup._lowering).
+    # shardings, which the warm-up lowers it with before this half is compiled (Runner.lowering).
     return jax.lax.with_sharding_constraint(logits, jax.sharding.PartitionSpec()), routed, hidden, cache
 
 
@@ -262,6 +264,37 @@ class Runner:
         self.return_routed = return_routed
         self.return_hidden = return_hidden
         self.hidden: list[jax.Array] = []
+        self._lowered: list | None = None  # set by `lowering`
+
+    @contextlib.contextmanager
+    def lowering(self, into: list) -> Iterator[None]:
+        """While active, `step`, `multi` and `verify` lower their jitted programs instead of running them: each
+        program's `jax.stages.Lowered` is appended to `into`, and the calls hand back the cache and counts untouched
+        and no results (None). Lowering with the very arguments a step passes (the same pools, static graph,
+        layout, mesh context) is what makes `Lowered.compile()` fill the in-memory cache that the step's later call
+        looks up (serving/warmup.py compiles them in parallel before the engine takes requests)."""
+        self._lowered = into
+        try:
+            yield
+        finally:
+            self._lowered = None
+
+    def _call(self, program, *args, **kwargs):
+        """Run a jitted program, or lower it (`lowering`). Lowered, it returns what the caller unpacks: the
+        forward half of a split step its logits' abstract value (replicated, as forward_logits pins them) so that
+        the sampler half can be lowered next; the others None results and their cache and counts as given."""
+        if self._lowered is None:
+            return program(*args, **kwargs)
+        lowered = program.lower(*args, **kwargs)
+        self._lowered.append(lowered)
+        if program is forward_logits:
+            logits, routed, hidden, _ = lowered.out_info
+            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            return jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=replicated), routed, hidden, args[2]
+        if program is sample_logits:
+            return None, args[1]
+        cache, counts = args[2], args[3]
+        return (None, cache, counts, None) if kwargs.get("return_hidden") else (None, cache, counts)
 
     def _keep_hidden(self, outputs: tuple) -> tuple:
         """(result, cache, counts[, hidden]) -> (result, cache, counts), the hidden state appended to `hidden`."""
@@ -291,23 +324,23 @@ class Runner:
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, sample_rows in microbatches:
                 if isinstance(sampling.token_mask, DeferredMask):
-                    logits, routed, hidden, cache = forward_logits(
-                        self.model.static_graph, self.model.flat_state, cache, batch, tokens, blocks,
+                    logits, routed, hidden, cache = self._call(
+                        forward_logits, self.model.static_graph, self.model.flat_state, cache, batch, tokens, blocks,
                         layout=self.layout, attention=self.attention, phase=phase, return_routed=self.return_routed,
                         return_hidden=self.return_hidden)
                     # Dispatched, not finished: the host fills the masks while the device runs the forward.
                     sampling = sampling.replace(token_mask=sampling.token_mask.fill())
-                    result, counts = sample_logits(logits, counts, batch, sampling, steps, sample_rows,
-                                                   num_logprobs=num_logprobs)
-                    if self.return_routed and result is not None:  # (None while the warm-up lowers the step)
+                    result, counts = self._call(sample_logits, logits, counts, batch, sampling, steps, sample_rows,
+                                                num_logprobs=num_logprobs)
+                    if self.return_routed and result is not None:  # (None while `lowering`)
                         result = result._replace(routed=(routed,))
                     if self.return_hidden:
                         self.hidden.append(hidden)
                     results.append(result)
                     continue
-                result, cache, counts = self._keep_hidden(model_step(
-                    self.model.static_graph, self.model.flat_state, cache, counts, batch, sampling, steps, sample_rows,
-                    tokens, blocks, layout=self.layout, attention=self.attention, phase=phase,
+                result, cache, counts = self._keep_hidden(self._call(
+                    model_step, self.model.static_graph, self.model.flat_state, cache, counts, batch, sampling, steps,
+                    sample_rows, tokens, blocks, layout=self.layout, attention=self.attention, phase=phase,
                     num_logprobs=num_logprobs, return_routed=self.return_routed, return_hidden=self.return_hidden))
                 results.append(result)
         return results, cache, counts
@@ -317,11 +350,10 @@ class Runner:
         self.hidden = []  # not returned by the multi-step scan (the engine does not run it for the assistant)
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, _ in microbatches:
-                result, cache, counts = decode_steps(self.model.static_graph, self.model.flat_state, cache, counts,
-                                                     batch, sampling, steps, layout=self.layout,
-                                                     attention=self.attention, num_logprobs=num_logprobs,
-                                                     num_steps=num_steps,
-                                                     return_routed=self.return_routed)
+                result, cache, counts = self._call(decode_steps, self.model.static_graph, self.model.flat_state,
+                                                   cache, counts, batch, sampling, steps, layout=self.layout,
+                                                   attention=self.attention, num_logprobs=num_logprobs,
+                                                   num_steps=num_steps, return_routed=self.return_routed)
                 results.append(result)
         return results, cache, counts
 
@@ -331,8 +363,8 @@ class Runner:
         self.hidden = []
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, _ in microbatches:
-                result, cache, counts = self._keep_hidden(verify_step(
-                    self.model.static_graph, self.model.flat_state, cache, counts, batch, sampling, steps,
+                result, cache, counts = self._keep_hidden(self._call(
+                    verify_step, self.model.static_graph, self.model.flat_state, cache, counts, batch, sampling, steps,
                     layout=self.layout, attention=self.attention, num_logprobs=num_logprobs,
                     return_routed=self.return_routed, return_hidden=self.return_hidden))
                 results.append(result)

@@ -294,47 +294,6 @@ def _run_shape(engine: Engine, shape: WarmupShape) -> None:
     engine._run(rows, shape.num_tokens, shape.kind)
 
 
-# The runner's jitted programs (serving/runner.py) that `_lowering` intercepts; forward_logits and sample_logits are
-# the two halves of a split step (a step with grammar rows: Runner.step).
-_RUNNER_PROGRAMS = ("model_step", "decode_steps", "verify_step", "forward_logits", "sample_logits")
-
-
-@contextlib.contextmanager
-def _lowering(into: list, mesh: jax.sharding.Mesh) -> Iterator[None]:
-    """While active, the single-program runner's jitted programs are lowered instead of run: each call appends its
-    `jax.stages.Lowered` to `into` and hands back its cache and counts untouched (no result, no device work).
-
-    Lowering with the very arguments a step passes (the same pools, static graph, layout, mesh context) is what
-    makes `Lowered.compile()` fill the in-memory cache that the step's later call looks up: it then runs without
-    compiling. Only for this module's use, single-threaded, before the engine takes requests."""
-    from gemma4_jax.serving import runner as runner_module
-
-    saved = {name: getattr(runner_module, name) for name in _RUNNER_PROGRAMS}
-
-    def intercept(name, program):
-        def call(*args, **kwargs):
-            lowered = program.lower(*args, **kwargs)
-            into.append(lowered)
-            if name == "forward_logits":  # the sampler half is lowered next, against the logits' abstract value
-                logits, routed, hidden, _ = lowered.out_info
-                replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # as forward_logits pins
-                return jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=replicated), routed, hidden, args[2]
-            if name == "sample_logits":
-                return None, args[1]
-            cache, counts = args[2], args[3]
-            return (None, cache, counts, None) if kwargs.get("return_hidden") else (None, cache, counts)
-
-        return call
-
-    try:
-        for name, program in saved.items():
-            setattr(runner_module, name, intercept(name, program))
-        yield
-    finally:
-        for name, program in saved.items():
-            setattr(runner_module, name, program)
-
-
 def _engine_inputs(engine: Engine, shape: WarmupShape):
     """(runner method, micro-batches, num_logprobs, keyword arguments, the engine's shape key) of a step shape,
     as Engine._run_group / _run_multi / _run_verify build them (their shape keys are the ones `_timed` counts)."""
@@ -364,7 +323,7 @@ def _lower_shape(engine: Engine, shape: WarmupShape) -> list:
     """The jax.stages.Lowered programs of one step shape (one per micro-batch of the single-program runner)."""
     method, built, num_logprobs, kwargs, _ = _engine_inputs(engine, shape)
     lowered: list = []
-    with _lowering(lowered, engine.runner.mesh):  # the counts go in only for constrained programs, as in Engine._timed
+    with engine.runner.lowering(lowered):  # the counts go in only for constrained programs, as in Engine._timed
         method(engine.cache, engine.counts if shape.constrained else None, built, num_logprobs, **kwargs)
     return lowered
 
