@@ -64,12 +64,12 @@ def measure(block: MoEBlock, x: jax.Array, iters: int) -> tuple[float, float]:
         return nnx.merge(graphdef, state)(x)
 
     start = time.perf_counter()
-    step(state, x).block_until_ready()
+    jax.block_until_ready(step(state, x))  # the block returns (out, router ids)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(iters):
         out = step(state, x)
-    out.block_until_ready()
+    jax.block_until_ready(out)
     return compile_s, (time.perf_counter() - start) / iters
 
 

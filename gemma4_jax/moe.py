@@ -69,9 +69,13 @@ class Experts(nnx.Module):
         """x: (M, D), weights/ids: (M, k) -> (M, D)."""
         order, token_of, group_sizes, _ = _dispatch(ids, self.gate_up_proj.shape[0])
         rows = jnp.take(x, token_of, axis=0)  # (M*k, D), grouped by expert
-        gate_up = jax.lax.ragged_dot(rows, self.gate_up_proj[...].astype(x.dtype), group_sizes)
+        gate_up_w, down_w = self.gate_up_proj[...], self.down_proj[...]
+        if rows.shape[0] < gate_up_w.shape[0]:  # decode: read only the experts that hold rows (quant.used_experts)
+            experts, group_sizes = quant.used_experts(group_sizes, rows.shape[0])
+            gate_up_w, down_w = gate_up_w[experts], down_w[experts]
+        gate_up = jax.lax.ragged_dot(rows, gate_up_w.astype(x.dtype), group_sizes)
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        out = jax.lax.ragged_dot(self.act(gate) * up, self.down_proj[...].astype(x.dtype), group_sizes)
+        out = jax.lax.ragged_dot(self.act(gate) * up, down_w.astype(x.dtype), group_sizes)
         out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
         return jax.ops.segment_sum(out, token_of, num_segments=x.shape[0])
 

@@ -89,6 +89,16 @@ def matmul(fmt: str, x: jax.Array, w: jax.Array, block_scale: jax.Array | None, 
     return (y * row_scale).astype(x.dtype)
 
 
+def used_experts(group_sizes: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """For M = num_rows rows sorted by expert, fewer than the E experts: the experts that hold rows, in expert
+    order, padded to M slots -> (expert ids (M,), their group sizes (M,), 0 on padding slots). A grouped matmul over
+    the weights gathered at those ids and these sizes equals the one over all E experts (the rows keep their order)
+    and reads M experts' weights instead of E: XLA's ragged_dot reads every group's weights, rows or not."""
+    used = group_sizes > 0
+    (experts,) = jnp.nonzero(used, size=num_rows, fill_value=0)
+    return experts, jnp.where(jnp.arange(num_rows) < jnp.sum(used), group_sizes[experts], 0)
+
+
 def grouped_matmul(fmt: str, rows: jax.Array, w: jax.Array, block_scale: jax.Array | None, row_scale: jax.Array,
                    group_sizes: jax.Array, group_ids: jax.Array, backend: str = "xla") -> jax.Array:
     """Per-expert matmul of rows sorted by expert. rows (M, K); w (E, N, K // 2 or K); group_sizes (E,) int32;
@@ -106,7 +116,13 @@ def grouped_matmul(fmt: str, rows: jax.Array, w: jax.Array, block_scale: jax.Arr
             return _fp4_expert_parallel(rows, w, block_scale, row_scale, group_sizes, mesh, interpret)
         return fp4_grouped_matmul(rows, w, block_scale, row_scale, group_sizes, out_dtype=rows.dtype,
                                   backend="pallas", interpret=interpret)
-    values = jnp.swapaxes(weight_values(fmt, w, block_scale, rows.dtype), 1, 2)  # (E, K, N)
+    if rows.shape[0] < w.shape[0]:
+        # Fewer rows than experts (decode): only the experts that hold rows are unpacked. Unpacking all E every
+        # step was ~80 ms of 26B-A4B's 100 ms NVFP4 decode step on an H200 (docs/benchmarks.md, "On one H200").
+        experts, group_sizes = used_experts(group_sizes, rows.shape[0])
+        w = w[experts]
+        block_scale = None if block_scale is None else block_scale[experts]
+    values = jnp.swapaxes(weight_values(fmt, w, block_scale, rows.dtype), 1, 2)  # (E or M, K, N)
     y = jax.lax.ragged_dot(rows, values, group_sizes, preferred_element_type=jnp.float32)
     return (y * row_scale[group_ids]).astype(rows.dtype)
 

@@ -13,6 +13,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -402,3 +403,28 @@ def test_packed_weights_shard_like_bf16(layout):
             assert arr.dtype == np.uint8
             shard = arr.addressable_shards[0].data.shape
             assert shard[0] == arr.shape[0] // 2, f"{path_}: experts not split over tp ({shard} of {arr.shape})"
+
+
+@pytest.mark.parametrize("fmt", [quant.NVFP4, quant.FP8])
+def test_xla_experts_with_fewer_rows_than_experts_unpack_only_the_used_ones(fmt):
+    """Decode-sized calls (M rows < E experts) unpack only the experts that hold rows: the same values as a
+    per-row matmul against each row's expert (empty experts, uneven groups, padding rows past the sum)."""
+    rng = np.random.default_rng(1)
+    groups, k, n = 16, 32, 24
+    sizes = np.zeros(groups, np.int32)
+    sizes[[2, 3, 9, 15]] = [3, 1, 4, 2]
+    m = int(sizes.sum()) + 2  # 12 rows < 16 experts; two padding rows
+    rows = rng.standard_normal((m, k)).astype(np.float32)
+    if fmt == quant.NVFP4:
+        w = rng.integers(0, 256, (groups, n, k // 2), dtype=np.uint8)
+        block_scale = (rng.uniform(0.5, 1.5, (groups, n, k // 16)) * 0.1).astype(jnp.float8_e4m3fn)
+    else:
+        w, block_scale = rng.uniform(-2, 2, (groups, n, k)).astype(jnp.float8_e4m3fn), None
+    row_scale = rng.uniform(0.5, 2.0, (groups, n)).astype(np.float32)
+    ids = np.concatenate([np.repeat(np.arange(groups), sizes), np.full(2, groups - 1)]).astype(np.int32)
+    got = np.asarray(quant.grouped_matmul(fmt, rows, w, block_scale, row_scale, sizes, ids, "xla"))
+    values = np.asarray(quant.weight_values(fmt, w, block_scale, jnp.float32))  # (E, N, K)
+    want = np.zeros((m, n), np.float32)
+    for r in range(int(sizes.sum())):
+        want[r] = (values[ids[r]] @ rows[r]) * row_scale[ids[r]]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
