@@ -109,7 +109,7 @@ def test_failed_warmup_is_a_failed_load():
     from gemma4_jax.serving.server import create_app
 
     class BrokenLLM:
-        def warmup(self):
+        def warmup(self, max_audio_seconds: float = 30.0):
             raise RuntimeError("no memory for the step")
 
     errors = []
