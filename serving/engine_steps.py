@@ -163,8 +163,7 @@ class EngineSteps:
             return self._run_group(rows, num_tokens, phase)
         # A one-token chunk holding a media placeholder counts as two tokens: it runs in the 16-token prefill shape,
         # which carries media (media_chunks), not as a decode-shaped step.
-        lens = [2 if len(ids) == 1 and media_chunks.holds_placeholders([row]) else len(ids)
-                for row in rows for ids in (row[1],)]
+        lens = [2 if len(row[1]) == 1 and media_chunks.holds_placeholders([row]) else len(row[1]) for row in rows]
         groups = prefill_groups(lens, self.prefill_padded_tokens)
         # One top-logprob count for all of the step's groups (their results are joined).
         num_logprobs = MAX_LOGPROBS if max(lens) > 1 else None

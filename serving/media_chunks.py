@@ -75,12 +75,18 @@ def clamp_chunk(media: MediaInputs, start: int, size: int) -> int:
     return max(0, int(media.runs[inside, 0][0]) - start)
 
 
+def _placeholders(media: MediaInputs, start: int, num_tokens: int) -> tuple[int, int]:
+    """[lo, hi): the indices of media.positions inside the chunk [start, start + num_tokens)."""
+    lo, hi = np.searchsorted(media.positions, [start, start + num_tokens])
+    return int(lo), int(hi)
+
+
 def holds_placeholders(rows: Sequence[tuple[Any, list[int], int]]) -> bool:
     """Whether any row's chunk (request, new token ids, start position) holds a media placeholder."""
     for req, ids, start in rows:
         media = getattr(req, "media", None)
         if media is not None:
-            lo, hi = np.searchsorted(media.positions, [start, start + len(ids)])
+            lo, hi = _placeholders(media, start, len(ids))
             if hi > lo:
                 return True
     return False
@@ -101,7 +107,7 @@ def chunk_media(model: Any, rows: Sequence[tuple[Any, list[int], int]], tokens_s
         media = getattr(req, "media", None)
         if media is None:
             continue
-        lo, hi = np.searchsorted(media.positions, [start, start + len(ids)])
+        lo, hi = _placeholders(media, start, len(ids))
         if hi > lo:
             tokens = media.encode(model)
             slots.append(i * t + media.positions[lo:hi] - start)

@@ -117,8 +117,7 @@ class PipelineRunner:
         batch, sampling, steps, sample_rows = mb
         deferred = sampling.token_mask if isinstance(sampling.token_mask, DeferredMask) else None
         if deferred is not None:  # the stages before the last get an all-allowed mask of the same shape (unused)
-            early = sampling.replace(token_mask=np.full((len(deferred.matchers), deferred.words), -1, np.int32))
-            sampling = early
+            sampling = early = sampling.replace(token_mask=deferred.allow_all())
         meshes = self.pipeline.meshes
         carry = None
         if media is not None:

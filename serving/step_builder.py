@@ -22,7 +22,6 @@ from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingBatch, SamplingPar
 Row = tuple[Request, list[int], int]
 
 
-
 @dataclasses.dataclass
 class DeferredMask:
     """The grammar masks of a step, filled later: `Runner.step` dispatches the forward first and calls `fill()`
@@ -34,11 +33,16 @@ class DeferredMask:
     matchers: list[Any]
     words: int
 
+    def allow_all(self) -> np.ndarray:
+        """A (B, words) mask of the same shape allowing every token."""
+        return np.full((len(self.matchers), self.words), -1, np.int32)
+
     def fill(self) -> np.ndarray:
         """(B, words) int32 bitmask, as structured.Grammars.fill gives it."""
-        if self.grammars is None or all(m is None for m in self.matchers):
-            return np.full((len(self.matchers), self.words), -1, np.int32)
+        if self.grammars is None:
+            return self.allow_all()
         return self.grammars.fill(self.matchers, len(self.matchers))
+
 
 def num_logprobs_for(params: Sequence[SamplingParams], always: bool = False) -> int:
     """Top logprobs to compute for a batch: none, or all MAX_LOGPROBS when any row asks for top logprobs (or
