@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     ap.add_argument("--profile-batches", type=_ints, default=[], help="decode batch sizes to profile (one call under "
                     "jax.profiler.trace after timing): the device's kernels by total time go into the result")
+    ap.add_argument("--profile-top", type=int, default=60, help="kernels kept per profile, by total time")
     ap.add_argument("--hlo-dir", default=None, help="write the optimized HLO of each profiled decode program here")
     args = ap.parse_args(argv)
     if args.reduced:  # the tiny preset (with 8 small experts where the preset has experts)
@@ -82,10 +83,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Building the model and the batches
 
 
+def _random_pool(key, pool, dtype):
+    """Random values in a pool's storage (uint16 pools hold bfloat16 bits: kv_cache.pool_dtype)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gemma4_jax.kv_view import BF16_BITS
+
+    values = jax.random.normal(key, pool.shape, jnp.float32) * 0.5
+    if pool.dtype == BF16_BITS:
+        return jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), BF16_BITS)
+    return values.astype(pool.dtype)
+
+
 def build(args):
     """The random-weight model, its text config, the attention plan and a Runner with allocated, random pools."""
     import jax
-    import jax.numpy as jnp
 
     import gemma4_jax
     from gemma4_jax.attention_backends import resolve_attention
@@ -94,7 +107,12 @@ def build(args):
     from gemma4_jax.serving.runner import Runner
 
     moe = dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32)
-    cfg = gemma4_jax.preset(args.preset, **(moe if getattr(args, "moe", False) else {}))
+    from gemma4_jax.bench.presets import BENCH_PRESETS, bench_config
+
+    if args.preset in BENCH_PRESETS:  # bench-100m: the CPU bench's model, to profile its steps here
+        cfg = bench_config(args.preset)
+    else:
+        cfg = gemma4_jax.preset(args.preset, **(moe if getattr(args, "moe", False) else {}))
     text = cfg.text
     if args.experts != "bf16" and not text.enable_moe_block:
         raise SystemExit(f"--experts {args.experts} needs a MoE preset; {args.preset} has no experts")
@@ -122,7 +140,7 @@ def build(args):
     cache = runner.allocate()
     _say(args, f"pools allocated: {sum(v.nbytes for v in cache.values()) / 1e9:.1f} GB")
     key = jax.random.key(7)
-    cache = {name: (jax.random.normal(jax.random.fold_in(key, i), pool.shape, jnp.float32) * 0.5).astype(pool.dtype)
+    cache = {name: _random_pool(jax.random.fold_in(key, i), pool, model.dtype)
              for i, (name, pool) in enumerate(sorted(cache.items()))}
     jax.block_until_ready(cache)
     return model, runner, cache, per_row, init_s
@@ -427,7 +445,8 @@ def run(args) -> list[dict[str, Any]]:
             result["decode"][str(b)] = entry
             if b in args.profile_batches:
                 try:
-                    result.setdefault("profile", {})[f"decode_b{b}"] = profile_call(call, args.decode_steps)
+                    result.setdefault("profile", {})[f"decode_b{b}"] = profile_call(call, args.decode_steps,
+                                                                                    args.profile_top)
                 except Exception as e:  # noqa: BLE001 (a profile is a diagnostic: the figures stand without it)
                     result.setdefault("profile", {})[f"decode_b{b}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
                 if args.hlo_dir:

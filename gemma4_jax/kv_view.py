@@ -27,6 +27,17 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+# Pools of bfloat16 K/V on CPU are stored as their uint16 bit patterns (serving/kv_cache.py `pool_dtype`): XLA:CPU
+# writes a step's tokens into a bfloat16 pool by widening the whole pool to float32 and back, or, through bit casts
+# of the pool, by copying it twice; a uint16 pool is written in place. Readers turn what they gather back into
+# bfloat16 (`stored_values`), a bit cast of the gathered pages only.
+BF16_BITS = jnp.uint16
+
+
+def stored_values(x: jax.Array) -> jax.Array:
+    """Pool contents (or pages gathered from a pool) in their float dtype: uint16 storage holds bfloat16 bits."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == BF16_BITS else x
+
 
 @dataclasses.dataclass(frozen=True)
 class KeySource:
@@ -63,7 +74,8 @@ class DenseKV:
 
 @struct.dataclass
 class PagedKV:
-    """k_pages, v_pages: (num_pages, page_size, K, H) pools that already hold this step's tokens; page_table:
+    """k_pages, v_pages: (num_pages, page_size, K, H) pools that already hold this step's tokens (uint16: bfloat16
+    bits, see BF16_BITS); page_table:
     (B, P) int32; lengths: (B,) int32, one past the last position per row (context + this step's valid tokens).
     start: (B,) int32 position of each row's first key (a multiple of page_size; None: 0, logical index ==
     position): a windowed table leaves out the pages before the window. dtype: the compute dtype that `dense()`
@@ -88,12 +100,15 @@ class PagedKV:
 
     def dense(self) -> DenseKV:
         b = self.page_table.shape[0]
-        all_k = self.k_pages[self.page_table].reshape(b, self.num_keys, *self.k_pages.shape[2:])
-        all_v = self.v_pages[self.page_table].reshape(all_k.shape)
+        all_k = stored_values(self.k_pages[self.page_table]).reshape(b, self.num_keys, *self.k_pages.shape[2:])
+        all_v = stored_values(self.v_pages[self.page_table]).reshape(all_k.shape)
         return DenseKV(all_k.astype(self.dtype), all_v.astype(self.dtype), self.key_positions())
 
     def sources(self) -> tuple[KeySource, ...]:
-        return (KeySource(self.k_pages, self.v_pages, self.page_table, self.key_positions()),)
+        # Kernels read the pools in place; uint16 storage exists only on CPU, where they run in interpret mode
+        # (the bit cast copies the pool there).
+        k, v = stored_values(self.k_pages), stored_values(self.v_pages)
+        return (KeySource(k, v, self.page_table, self.key_positions()),)
 
 
 KVView = DenseKV | PagedKV

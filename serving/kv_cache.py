@@ -27,7 +27,7 @@ import numpy as np
 from flax import struct
 
 from gemma4_jax.config import TextConfig
-from gemma4_jax.kv_view import KVView, PagedKV
+from gemma4_jax.kv_view import BF16_BITS, KVView, PagedKV
 
 TRASH_PAGE = 0
 
@@ -74,9 +74,10 @@ class CacheLayout:
 
 
 def allocate(cfg: TextConfig, layout: CacheLayout, dtype, sharding=None, layers=None) -> dict[str, jax.Array]:
-    """Zeroed pools: {"k{l}", "v{l}"} for every layer that owns K/V (among `layers`, default all: a pipeline stage
-    allocates its own). sharding: one Sharding for all pools, or a function pool shape -> Sharding (per layer
-    kind: a pool is sharded by KV head only where the tensor axis divides its head count)."""
+    """Zeroed pools, stored in `pool_dtype`: {"k{l}", "v{l}"} for every layer that owns K/V (among `layers`,
+    default all: a pipeline stage allocates its own). sharding: one Sharding for all pools, or a function pool
+    shape -> Sharding (per layer kind: a pool is sharded by KV head only where the tensor axis divides its head
+    count)."""
     cache = {}
     wanted = set(range(cfg.num_hidden_layers) if layers is None else layers)
     for spec in cfg.layers:
@@ -85,8 +86,9 @@ def allocate(cfg: TextConfig, layout: CacheLayout, dtype, sharding=None, layers=
         pages = layout.num_window_pages if spec.is_sliding else layout.num_pages
         shape = (pages, layout.page_size, spec.num_kv_heads, spec.head_dim)
         where = sharding(shape) if callable(sharding) else sharding
+        platform = next(iter(where.device_set)).platform if where is not None else jax.default_backend()
         for kind in ("k", "v"):
-            cache[f"{kind}{spec.index}"] = jnp.zeros(shape, dtype, device=where)
+            cache[f"{kind}{spec.index}"] = jnp.zeros(shape, pool_dtype(dtype, platform), device=where)
     return cache
 
 
@@ -140,20 +142,21 @@ class PagedKVStore:
         return PagedKV(kc, vc, table, end, dtype=k.dtype, start=start)
 
 
-def write_slots(pool: jax.Array, pages: jax.Array, offsets: jax.Array, values: jax.Array) -> jax.Array:
-    """pool.at[pages, offsets].set(values): (num_pages, page_size, K, H) <- values (B, T, K, H) at (B, T) slots.
+def pool_dtype(dtype, platform: str) -> jnp.dtype:
+    """The dtype K/V pools of a `dtype` model are stored in on `platform`: bfloat16 as its uint16 bits on CPU
+    (kv_view.BF16_BITS), where XLA:CPU cannot scatter into a bfloat16 array in place: it widened the whole pool to
+    float32 and back around each layer's write (~240 ms of a 516 ms bench-100m batch-64 decode step), and through
+    bit casts of the pool it still copied it twice (~13 ms of thread time per step, ~6x the write itself)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(BF16_BITS) if dtype == jnp.bfloat16 and platform == "cpu" else dtype
 
-    On CPU, two-byte float pools are written as their uint16 bit patterns (the same bits): XLA:CPU widens a
-    bfloat16 pool to float32 around a scatter (two whole-pool conversions per layer per step, ~240 ms of a 516 ms
-    bench-100m batch-64 decode step); through uint16 the pool is still copied twice (XLA:CPU materialises the
-    bit casts) but ~1.7x faster (64 rows into a 268 MB pool: 16 vs 28 ms). Other platforms scatter bfloat16 in
-    place, where the casts would only add copies."""
-    values = values.astype(pool.dtype)
-    if pool.dtype.itemsize != 2 or not jnp.issubdtype(pool.dtype, jnp.floating) or jax.default_backend() != "cpu":
-        return pool.at[pages, offsets].set(values)
-    bits = jax.lax.bitcast_convert_type(pool, jnp.uint16)
-    bits = bits.at[pages, offsets].set(jax.lax.bitcast_convert_type(values, jnp.uint16))
-    return jax.lax.bitcast_convert_type(bits, pool.dtype)
+
+def write_slots(pool: jax.Array, pages: jax.Array, offsets: jax.Array, values: jax.Array) -> jax.Array:
+    """pool.at[pages, offsets].set(values): (num_pages, page_size, K, H) <- values (B, T, K, H) at (B, T) slots,
+    rounded to the pool's dtype (a uint16 pool takes the bits of the values rounded to bfloat16)."""
+    if pool.dtype == BF16_BITS:
+        return pool.at[pages, offsets].set(jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), BF16_BITS))
+    return pool.at[pages, offsets].set(values.astype(pool.dtype))
 
 
 def context_view(cache: dict[str, jax.Array], layout: CacheLayout, layer: int, page_table: jax.Array,
