@@ -53,8 +53,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     g.add_argument("--chat-template", default=None, help="a chat template file (jinja) to use instead of the model's")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
-                   help="auto (default): float32 on CPU, where bfloat16 runs at 0.67-0.85x float32's speed, bfloat16 "
-                        "on GPU; the demo model is float32")
+                   help="auto (default): bfloat16 on GPU and on CPUs with AVX512-BF16/AMX (1.2-1.35x float32's "
+                        "tokens/s there), float32 on other CPUs; the demo model is float32")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="tensor (and expert) parallel degree")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="data parallel degree")
@@ -111,7 +111,7 @@ def _bench_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None, help="checkpoint directory (default: a --preset with random weights)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
-                   help="auto: float32 on CPU, bfloat16 on GPU")
+                   help="auto: bfloat16 on GPU and on CPUs with AVX512-BF16/AMX, float32 on other CPUs")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)

@@ -38,15 +38,31 @@ log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
+@functools.cache
+def cpu_multiplies_bf16() -> bool:
+    """Whether this machine's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16, read from the flags of
+    /proc/cpuinfo; False where that file does not exist), i.e. whether XLA:CPU's YNNPACK bfloat16 GEMM runs at
+    about twice the float32 rate."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def resolve_dtype(dtype: Any, platform: str | None = None) -> jnp.dtype:
     """A dtype name or numpy/jax dtype -> the parameter and activation dtype.
 
-    "auto" (vLLM's name) picks per platform: float32 on CPU, where a bfloat16 engine runs at 0.67x float32's speed
-    at batch 1 and 0.85x at batch 64 on bench-100m (docs/benchmarks.md, "bfloat16 on CPU"), and bfloat16 (Gemma
-    4's checkpoint dtype) on accelerators."""
+    "auto" (vLLM's name) is bfloat16 (Gemma 4's checkpoint dtype) on accelerators and on CPUs that multiply
+    bfloat16 natively (`cpu_multiplies_bf16`), float32 on other CPUs. On this project's AVX512-BF16 machine a
+    bench-100m engine in bfloat16 runs 1.2-1.35x float32's tokens/s from 2 rows up and its prefill ~1.15-1.45x,
+    batch 1 within ~10% either way, in half the memory (docs/benchmarks.md, "bfloat16 on CPU")."""
     if isinstance(dtype, str):
         if dtype == "auto":
-            return jnp.dtype(jnp.float32 if (platform or jax.default_backend()) == "cpu" else jnp.bfloat16)
+            platform = platform or jax.default_backend()
+            wide = platform == "cpu" and not cpu_multiplies_bf16()
+            return jnp.dtype(jnp.float32 if wide else jnp.bfloat16)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; choose one of {['auto', *sorted(_DTYPES)]}")
         return jnp.dtype(_DTYPES[dtype])

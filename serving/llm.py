@@ -22,7 +22,8 @@ class LLM:
     """A model, its tokenizer and a continuous-batching engine.
 
     path: a checkpoint directory, or an already loaded `Model` (then pass `tokenizer` too for text prompts).
-    dtype: "auto" (default: float32 on CPU, bfloat16 on accelerators; model.resolve_dtype), "bfloat16",
+    dtype: "auto" (default: bfloat16 on accelerators and on CPUs that multiply it natively, float32 on other
+    CPUs; model.resolve_dtype), "bfloat16",
     "float32" or "float16".
     Engine options (max_num_seqs, max_model_len, page_size, num_pages, kv_memory_gb, max_num_batched_tokens,
     attention_backend, prefill_backend, decode_backend) are keyword arguments. moe_backend ("auto", "xla",

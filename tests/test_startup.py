@@ -1,5 +1,5 @@
-"""Start-up choices: dtype "auto" (vLLM's name: float32 on CPU, where XLA's bfloat16 dots are several times
-slower, bfloat16 on accelerators; the default of LLM and the CLI), and the persistent compilation cache."""
+"""Start-up choices: dtype "auto" (vLLM's name: bfloat16 on accelerators and on CPUs that multiply bfloat16
+natively, float32 on other CPUs; the default of LLM and the CLI), and the persistent compilation cache."""
 
 import inspect
 
@@ -11,18 +11,24 @@ from gemma4_jax import cli
 from gemma4_jax.model import resolve_dtype
 
 
-def test_auto_per_platform():
-    assert resolve_dtype("auto", platform="cpu") == jnp.float32
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_per_platform(monkeypatch, native):
+    from gemma4_jax import model as model_lib
+
+    monkeypatch.setattr(model_lib, "cpu_multiplies_bf16", lambda: native)
+    cpu = jnp.bfloat16 if native else jnp.float32
+    assert resolve_dtype("auto", platform="cpu") == cpu
     assert resolve_dtype("auto", platform="gpu") == jnp.bfloat16
-    assert resolve_dtype("auto") == jnp.float32  # the test machine is a CPU
+    assert resolve_dtype("auto") == cpu  # the test machine is a CPU
     assert resolve_dtype("bfloat16", platform="cpu") == jnp.bfloat16
+    assert resolve_dtype("float32", platform="gpu") == jnp.float32
     with pytest.raises(ValueError, match=r"dtype 'float8' is not supported; choose one of \['auto', 'bfloat16'"):
         resolve_dtype("float8")
 
 
 def test_llm_and_cli_default_to_auto():
     model = gemma4_jax.from_config("tiny", dtype="auto")
-    assert model.dtype == jnp.float32
+    assert model.dtype == resolve_dtype("auto")
     assert inspect.signature(gemma4_jax.LLM.__init__).parameters["dtype"].default == "auto"
     with pytest.raises(SystemExit) as exit_info:  # argparse refuses a name it does not know
         cli.main(["generate", "--dtype", "float8"])

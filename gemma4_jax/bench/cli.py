@@ -160,7 +160,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     XlaCompiles.install()
     from gemma4_jax.model import resolve_dtype
 
-    dtype = np.dtype(resolve_dtype(args.dtype or "auto")).name  # "auto": float32 on CPU, bfloat16 on GPU
+    dtype = np.dtype(resolve_dtype(args.dtype or "auto")).name  # "auto": model.resolve_dtype
     for name in ("num_prompts", "input_len", "output_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")

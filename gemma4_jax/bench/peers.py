@@ -17,8 +17,9 @@ One run:
    step x steps per second against the measured GEMV read bandwidth). `--json` / `--markdown` save it.
 
 Systems not installed are skipped with the command that installs them (benchmarks/install_peers.sh).
-`ours_auto` is ours loaded with `--dtype auto` (float32 compute on CPU): it runs in the bfloat16 session only,
-where it shows what the default dtype makes of a bfloat16 checkpoint.
+`ours_auto` is ours loaded with `--dtype auto` (model.resolve_dtype: bfloat16 on CPUs that multiply it
+natively, float32 on others): it runs only in the session whose checkpoint dtype auto does not compute in, where
+it shows what the default dtype makes of that checkpoint.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ SYSTEMS = {
     s.name: s
     for s in (
         System("ours", "gemma4-jax", "ours.py", "hf", None),
-        # What `--dtype auto` (the default of serve/generate/LLM) makes of the checkpoint: float32 compute on CPU.
-        # Run only where auto differs from the checkpoint's dtype (a bfloat16 checkpoint on CPU).
+        # What `--dtype auto` (the default of serve/generate/LLM) makes of the checkpoint; run only where auto
+        # differs from the checkpoint's dtype.
         System("ours_auto", "gemma4-jax --dtype auto", "ours.py", "hf", None),
         System("hf", "HF transformers generate", "hf.py", "hf", None),
         System("vllm", "vLLM CPU", "vllm_cpu.py", "hf", "vllm"),
@@ -287,8 +288,12 @@ def _num_prompts(args: argparse.Namespace, batch: int) -> int:
     return args.num_prompts if batch > 1 else min(args.batch1_prompts, args.num_prompts)
 
 
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
 def _auto_dtype() -> str:
-    """The dtype `--dtype auto` computes in on this platform (float32 on CPU)."""
+    """The dtype `--dtype auto` computes in on this platform (model.resolve_dtype)."""
     import numpy as np
 
     from gemma4_jax.model import resolve_dtype
@@ -375,7 +380,8 @@ def _interleave(runners: dict[str, Runner], args: argparse.Namespace, session: d
                 )
 
 
-def _summarize(session: dict[str, Any], args: argparse.Namespace, gemm: float, read: float) -> list[dict[str, Any]]:
+def _summarize(session: dict[str, Any], args: argparse.Namespace, gemm: float, read: float,
+               dtype: str) -> list[dict[str, Any]]:
     """One row per (batch, system): medians and ranges over the windows, ratios within each window."""
     rows = []
     runs = session["runs"]
@@ -390,8 +396,9 @@ def _summarize(session: dict[str, Any], args: argparse.Namespace, gemm: float, r
             flops = session["costs"]["flops_per_prompt"] * _num_prompts(args, batch)
             compute = [flops / r["wall_s"] / (gemm * 1e9) for r in mine]
             # Every step (the prefill one included) reads every weight once and yields one token per sequence;
-            # ours_auto holds a bfloat16 checkpoint's weights in float32: twice the bytes.
-            step_bytes = session["costs"]["bytes_per_step"] * (2 if name == "ours_auto" else 1)
+            # ours_auto holds the checkpoint's weights in auto's dtype: scaled by the itemsizes.
+            widen = _itemsize(_auto_dtype()) / _itemsize(dtype) if name == "ours_auto" else 1
+            step_bytes = session["costs"]["bytes_per_step"] * widen
             bandwidth = [step_bytes * r["output_tok_s"] / (read * 1e9) for r in mine]
             agreements = [r["agreement"] for r in mine if "agreement" in r]
             rows.append(
@@ -527,7 +534,7 @@ def run_peers(args: argparse.Namespace) -> dict[str, Any]:
         gemm = {d: max(best_gemm_gflops(m, d) for m in machine) for d in checkpoints}
         read = max(best_read_gb_s(m) for m in machine)
         for dtype, session in sessions.items():
-            session["summary"] = _summarize(session, args, gemm[dtype], read)
+            session["summary"] = _summarize(session, args, gemm[dtype], read, dtype)
     finally:
         if tmp is not None:
             tmp.cleanup()
