@@ -71,3 +71,29 @@ def test_modules_use_it():
     emb = Embed(64, D, 1.0, dtype=jnp.bfloat16, rngs=rngs)
     logits = emb.attend(y)
     assert logits.shape == (1, 1, 64) and logits.dtype == jnp.bfloat16
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's loop-invariant code motion")
+def test_bf16_embedding_lookup_in_a_loop_does_not_widen_the_table():
+    """A bfloat16 lookup inside a loop (the multi-step decode) gathers the rows' bits: XLA:CPU computes the
+    scaled lookup in float32 and hoisted the widening of the whole (V, D) table out of the loop, on every call."""
+    from flax import nnx
+
+    emb = Embed(F, D, 16.0, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    ids = jnp.asarray([[3, 1000]], jnp.int32)
+
+    graph, state = nnx.split(emb)
+
+    def loop(state, ids):
+        lookup = nnx.merge(graph, state)
+        body = lambda i, acc: acc + lookup(ids + i)  # noqa: E731
+        return jax.lax.fori_loop(0, 4, body, jnp.zeros((1, 2, D), jnp.bfloat16))
+
+    table = emb.embedding[...]
+    assert not _weight_converted(loop, state, ids)
+    plain = lambda t, i: jax.lax.fori_loop(  # noqa: E731 (what XLA does with the plain lookup)
+        0, 4, lambda j, acc: acc + jnp.take(t, i + j, axis=0) * jnp.asarray(16.0, t.dtype),
+        jnp.zeros((1, 2, D), jnp.bfloat16))
+    assert _weight_converted(plain, table, ids)
+    np.testing.assert_array_equal(emb(ids), jnp.take(table, ids, axis=0) * jnp.asarray(16.0, jnp.bfloat16))
+    np.testing.assert_array_equal(jax.jit(loop)(state, ids), jax.jit(plain)(table, ids))

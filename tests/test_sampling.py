@@ -15,10 +15,12 @@ from gemma4_jax.serving.sampling import (
     SamplingParams,
     apply_penalties,
     counts_from_tokens,
+    first_argmax,
     inverse_cdf,
     prompt_mask_from_tokens,
     request_key,
     sample,
+    token_log_softmax,
     truncate_logits,
     update_counts,
 )
@@ -384,6 +386,8 @@ def test_logprobs_are_of_raw_logits():
 
     none = sample_jit(logits, make_batch(params), zero_steps(4), num_logprobs=0)
     assert none.top_logprobs.shape == (4, 0) and none.top_ids.shape == (4, 0)
+    # Without top logprobs the sampled token's logprob comes from token_log_softmax (no (B, V) log_softmax).
+    np.testing.assert_allclose(none.logprobs, raw[np.arange(4), np.asarray(none.tokens)], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="num_logprobs"):
         sample(logits, make_batch(params), zero_steps(4), num_logprobs=21)
 
@@ -420,3 +424,26 @@ def test_new_parameter_values_do_not_recompile():
         counts = update_counts(counts, jnp.zeros((batch_size,), jnp.int32))
     assert len(traces) == 1
     assert step._cache_size() == 1
+
+
+def test_first_argmax_is_argmax_with_ties_infinities_and_nans():
+    """The sampler's greedy pick (two plain reductions instead of argmax's paired one, which XLA:CPU runs as
+    scalar code) returns what jnp.argmax returns: the first maximum, the first NaN of a row that has one."""
+    x = jax.random.normal(jax.random.key(3), (8, 1000), jnp.float32)
+    x = x.at[0, [5, 700]].set(9.0)  # a tie: the first one
+    x = x.at[1, [30, 31]].set(jnp.inf)
+    x = x.at[2, [400, 12]].set(jnp.nan)  # NaN wins, the first one
+    x = x.at[3].set(-jnp.inf)  # all -inf: index 0
+    x = x.at[4, 999].set(50.0)  # the last index
+    x = x.at[5].set(0.0)
+    got = jax.jit(first_argmax)(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+    np.testing.assert_array_equal(got[:6], [5, 30, 12, 0, 999, 0])
+
+
+def test_token_log_softmax_is_log_softmax_at_the_token():
+    logits = jax.random.normal(jax.random.key(5), (5, 300), jnp.float32) * 4
+    tokens = jnp.asarray([0, 299, 17, 150, 3], jnp.int32)
+    want = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    np.testing.assert_array_equal(jax.jit(token_log_softmax)(logits, tokens), jax.jit(lambda a: a)(want))
