@@ -52,7 +52,15 @@ ONE_ROW_PAD_BACKENDS: tuple[str, ...] = ("cpu", "gpu")
 # since weights are arguments of the program it concatenates them on every call: E4B's MLP weights (2 x 52 MB per
 # layer) were copied each decode step, ~2 ms of a 7.8 ms step on an H200 (docs/benchmarks.md, "On one H200").
 # Other backends ignore the option.
-MODEL_COMPILER_OPTIONS: dict[str, int] = {"xla_gpu_dot_merger_threshold_mb": 0}
+# No loop-invariant code motion out of while loops (the multi-step decode's scan, `xla-rows`' map): the model's
+# weights are loop invariants, and what XLA hoists out of the loop is a whole-weight transform materialized on every
+# call. On CPU it hoisted the float32 (or, gathered as bits, uint16) copy of the embedding tables that a bfloat16
+# lookup implies: a bench-100m bfloat16 decode at 4 steps per call ran 53.5-55 ms per step at 64 rows and
+# 14.6-15.3 ms at 1 row with the pass, 45.2-45.5 and 9.45-9.5 without it (docs/benchmarks.md).
+MODEL_COMPILER_OPTIONS: dict[str, int | str] = {
+    "xla_gpu_dot_merger_threshold_mb": 0,
+    "xla_disable_hlo_passes": "while-loop-invariant-code-motion",
+}
 
 
 def model_jit(fun=None, /, **jit_kwargs):
@@ -201,13 +209,6 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         table = self.embedding[...]
-        if table.dtype == jnp.bfloat16:
-            # Gather the rows' bits: XLA:CPU computes bfloat16 arithmetic in float32, and in a multi-step decode
-            # loop it hoisted that widening of the *whole* table out of the loop body (loop-invariant code motion):
-            # bench-100m's two tables, 42M entries, converted on every call: batch-1 decode at 4 steps per call ran
-            # 19.8 ms per step, 15.0 without it (one step per call, the engine's default, has no loop).
-            rows = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0)
-            return jax.lax.bitcast_convert_type(rows, jnp.bfloat16) * jnp.asarray(self.scale, table.dtype)
         return jnp.take(table, ids, axis=0) * jnp.asarray(self.scale, table.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:

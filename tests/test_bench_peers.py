@@ -60,6 +60,7 @@ def test_peers_refuses_options_it_cannot_honour(tmp_path, capsys):
         (["--hf-baseline"], "--hf-baseline is not supported with --peers"),
         (["--peer-dtypes", "float16"], "--peer-dtypes: ['float16'] not supported"),
         (["--peer-systems", "ours,sglang"], "unknown ['sglang']"),
+        (["--num-scheduler-steps", "0"], "--num-scheduler-steps must be >= 1"),
     ):
         assert main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
@@ -71,6 +72,8 @@ def test_peers_tiny_ours_and_hf_interleaved(tmp_path):
     args = ["bench", "--peers", "--preset", "tiny", "--num-prompts", "2", "--input-len", "8", "--output-len", "3"]
     args += ["--concurrency", "2,1", "--windows", "2", "--batch1-prompts", "1", "--peers-dir", str(tmp_path / "none")]
     args += ["--gemm-size", "128", "--bandwidth-mib", "4", "--json", str(out), "--markdown", str(md)]
+    # ours_auto is left out (it runs only on CPUs where auto is not float32); ours_steps: 2 decode steps per call.
+    args += ["--peer-systems", "ours,ours_steps,hf,vllm,llama_cpp", "--num-scheduler-steps", "2"]
     assert main(args) == 0
     results = json.loads(out.read_text())
 
@@ -79,19 +82,21 @@ def test_peers_tiny_ours_and_hf_interleaved(tmp_path):
         assert f"install_peers.sh --dir {tmp_path / 'none'} {name}" in results["skipped"][name]
     session = results["dtypes"]["float32"]
     assert session["failed"] == {}
-    assert set(session["systems"]) == {"ours", "hf"}
-    # Interleaved: in each window, each batch size, ours then HF.
+    assert set(session["systems"]) == {"ours", "ours_steps", "hf"}
+    # Interleaved: in each window, each batch size, ours, ours with 2 steps per call, then HF.
     order = [(r["window"], r["batch"], r["system"]) for r in session["runs"]]
-    assert order == [(w, b, s) for w in (0, 1) for b in (2, 1) for s in ("ours", "hf")]
+    assert order == [(w, b, s) for w in (0, 1) for b in (2, 1) for s in ("ours", "ours_steps", "hf")]
     for r in session["runs"]:
         assert r["output_tokens"] == (2 if r["batch"] == 2 else 1) * 3
         assert r["output_tok_s"] > 0 and r["load_before"] >= 0 and r["load_after"] >= 0
         assert r["agreement"] >= 0.9  # same float32 weights, greedy
-        if r["system"] == "ours":
+        if r["system"] in ("ours", "ours_steps"):
             assert r["extra"] == {"compiles": 0, "xla_compiles": 0}  # warmed up before the timed runs
 
     summary = {(row["batch"], row["system"]): row for row in session["summary"]}
-    assert set(summary) == {(2, "ours"), (2, "hf"), (1, "ours"), (1, "hf")}
+    assert set(summary) == {(b, s) for b in (2, 1) for s in ("ours", "ours_steps", "hf")}
+    assert summary[2, "ours_steps"]["version"].endswith("2 steps per call")
+    assert summary[2, "ours_steps"]["agreement_min"] == 1.0  # the same greedy tokens as one step per call
     for (batch, system), row in summary.items():
         assert len(row["output_tok_s"]) == 2 and len(row["peer_over_ours"]) == 2
         if system == "ours":

@@ -137,7 +137,8 @@ def add_parser(
             "--num-scheduler-steps",
             type=int,
             default=None,
-            help="decode steps per engine call when no prefill is pending (default: the engine's)",
+            help="decode steps per engine call when no prefill is pending (default: the engine's; with --peers: "
+            "the steps of the extra 'ours_steps' row, default 4, 1 leaves it out)",
         )
     except argparse.ArgumentError:
         pass  # the shared engine options already provide it

@@ -19,7 +19,8 @@ One run:
 Systems not installed are skipped with the command that installs them (benchmarks/install_peers.sh).
 `ours_auto` is ours loaded with `--dtype auto` (model.resolve_dtype: bfloat16 on CPUs that multiply it
 natively, float32 on others): it runs only in the session whose checkpoint dtype auto does not compute in, where
-it shows what the default dtype makes of that checkpoint.
+it shows what the default dtype makes of that checkpoint. `ours_steps` is ours with the multi-step decode
+(`--num-scheduler-steps`, default 4 here; 1 leaves the row out): the engine's default is one step per call.
 """
 
 from __future__ import annotations
@@ -67,11 +68,18 @@ SYSTEMS = {
         # What `--dtype auto` (the default of serve/generate/LLM) makes of the checkpoint; run only where auto
         # differs from the checkpoint's dtype.
         System("ours_auto", "gemma4-jax --dtype auto", "ours.py", "hf", None),
+        # The multi-step decode (`--num-scheduler-steps`, N decode steps per host round trip when no prefill is
+        # pending), in the checkpoint's dtype.
+        System("ours_steps", "gemma4-jax --num-scheduler-steps", "ours.py", "hf", None),
         System("hf", "HF transformers generate", "hf.py", "hf", None),
         System("vllm", "vLLM CPU", "vllm_cpu.py", "hf", "vllm"),
         System("llama_cpp", "llama.cpp (llama-cpp-python)", "llama_cpp_runner.py", "gguf", "llama_cpp"),
     )
 }
+
+
+# Decode steps per call of the `ours_steps` row when --num-scheduler-steps is not given (1: no such row).
+PEERS_SCHEDULER_STEPS = 4
 
 
 def llama_cpp_converter(peers_dir: str) -> Path | None:
@@ -301,6 +309,12 @@ def _auto_dtype() -> str:
     return np.dtype(resolve_dtype("auto")).name
 
 
+def multi_steps(args) -> int:
+    """Decode steps per call of the `ours_steps` row: --num-scheduler-steps, else PEERS_SCHEDULER_STEPS."""
+    given = getattr(args, "num_scheduler_steps", None)
+    return PEERS_SCHEDULER_STEPS if given is None else given
+
+
 def _start(systems, dtype, checkpoints, ggufs, args, prompts, workdir, session) -> dict[str, Runner]:
     """Start every system's runner for one dtype, one after the other (warm-ups never overlap)."""
     warmup, timed = prompts
@@ -312,11 +326,15 @@ def _start(systems, dtype, checkpoints, ggufs, args, prompts, workdir, session) 
         if name == "ours_auto" and _auto_dtype() == dtype:
             continue  # auto computes in the checkpoint's dtype here: the same run as "ours"
         options: dict[str, Any] = {}
-        if name in ("ours", "ours_auto"):
+        if name == "ours_steps" and multi_steps(args) <= 1:
+            continue  # one step per call: the same run as "ours"
+        if name in ("ours", "ours_auto", "ours_steps"):
             options = {
                 "max_num_batched_tokens": args.max_num_batched_tokens,
                 "attention_backend": args.attention_backend,
             }
+            if name == "ours_steps":
+                options["num_scheduler_steps"] = multi_steps(args)
         elif name == "vllm":
             options = {"gpu_memory_utilization": args.vllm_gpu_memory_utilization}
         spec = {
@@ -595,6 +613,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} is not supported with --peers (it builds its own checkpoint from --preset)")
     if args.peer_dtypes is None:
         args.peer_dtypes = ["float32" if args.dtype == "auto" else args.dtype]
+    if getattr(args, "num_scheduler_steps", None) is not None and args.num_scheduler_steps < 1:
+        raise ValueError(f"--num-scheduler-steps must be >= 1 (the ours_steps row), got {args.num_scheduler_steps}")
     bad = sorted(set(args.peer_dtypes) - {"float32", "bfloat16"})
     if bad:
         raise ValueError(f"--peer-dtypes: {bad} not supported; use float32 and/or bfloat16")

@@ -34,7 +34,10 @@ def make(spec):
         _protocol.EXTRA.update(compiles=result["compiles"], xla_compiles=result["xla_compiles"])
         return result["tokens"]
 
-    info = {"version": f"gemma4-jax {gemma4_jax.__version__}, jax {jax.__version__}", "engine_options": options}
+    version = f"gemma4-jax {gemma4_jax.__version__}, jax {jax.__version__}"
+    if options.get("num_scheduler_steps", 1) > 1:
+        version += f", {options['num_scheduler_steps']} steps per call"
+    info = {"version": version, "engine_options": options}
     return run, info
 
 
