@@ -55,8 +55,8 @@ ONE_ROW_PAD_BACKENDS: tuple[str, ...] = ("cpu", "gpu")
 # No loop-invariant code motion out of while loops (the multi-step decode's scan, `xla-rows`' map): the model's
 # weights are loop invariants, and what XLA hoists out of the loop is a whole-weight transform materialized on every
 # call. On CPU it hoisted the float32 (or, gathered as bits, uint16) copy of the embedding tables that a bfloat16
-# lookup implies: a bench-100m bfloat16 decode at 4 steps per call ran 53.5-55 ms per step at 64 rows and
-# 14.6-15.3 ms at 1 row with the pass, 45.2-45.5 and 9.45-9.5 without it (docs/benchmarks.md).
+# lookup implies: a bench-100m bfloat16 decode at 4 steps per call ran 59.5-61.7 ms per step at 64 rows and
+# 19.6-20.0 ms at 1 row with the pass, 44.7-46.7 and 9.2-9.6 without it (docs/benchmarks.md).
 MODEL_COMPILER_OPTIONS: dict[str, int | str] = {
     "xla_gpu_dot_merger_threshold_mb": 0,
     "xla_disable_hlo_passes": "while-loop-invariant-code-motion",

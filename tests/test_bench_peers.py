@@ -61,6 +61,7 @@ def test_peers_refuses_options_it_cannot_honour(tmp_path, capsys):
         (["--peer-dtypes", "float16"], "--peer-dtypes: ['float16'] not supported"),
         (["--peer-systems", "ours,sglang"], "unknown ['sglang']"),
         (["--num-scheduler-steps", "0"], "--num-scheduler-steps must be >= 1"),
+        (["--num-scheduler-steps", "2", "--peer-systems", "ours,hf"], "which --peer-systems leaves out"),
     ):
         assert main([*base, *extra]) == 2
         assert message in capsys.readouterr().err

@@ -613,8 +613,10 @@ def cmd_peers(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} is not supported with --peers (it builds its own checkpoint from --preset)")
     if args.peer_dtypes is None:
         args.peer_dtypes = ["float32" if args.dtype == "auto" else args.dtype]
-    if getattr(args, "num_scheduler_steps", None) is not None and args.num_scheduler_steps < 1:
-        raise ValueError(f"--num-scheduler-steps must be >= 1 (the ours_steps row), got {args.num_scheduler_steps}")
+    if multi_steps(args) < 1:
+        raise ValueError(f"--num-scheduler-steps must be >= 1 (the ours_steps row), got {multi_steps(args)}")
+    if getattr(args, "num_scheduler_steps", None) is not None and "ours_steps" not in args.peer_systems:
+        raise ValueError("--num-scheduler-steps sets the ours_steps row, which --peer-systems leaves out")
     bad = sorted(set(args.peer_dtypes) - {"float32", "bfloat16"})
     if bad:
         raise ValueError(f"--peer-dtypes: {bad} not supported; use float32 and/or bfloat16")
