@@ -17,4 +17,6 @@ def _packages() -> list[str]:
     return packages
 
 
-setup(packages=_packages(), package_dir={"gemma4_jax": "gemma4_jax", **MAPPED})
+# The CPU attention kernel's C++ source is compiled on the user's machine at first use (kernels/cpu_attention).
+setup(packages=_packages(), package_dir={"gemma4_jax": "gemma4_jax", **MAPPED},
+      package_data={"gemma4_jax.kernels.cpu_attention": ["*.cc"]})

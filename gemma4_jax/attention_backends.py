@@ -8,7 +8,9 @@ build causal / window / bidirectional-block masking inside its tiles instead of 
 
 `xla` (plain XLA einsums over the gathered keys, `KVView.dense()`) is the reference and runs everywhere; `pallas`
 (pallas_attention.py: the paged-attention kernel reading the pools in place) is auto's choice on GPU and
-`pallas-interpret` runs that kernel in interpret mode anywhere. Other backends join the registry with `register`;
+`pallas-interpret` runs that kernel in interpret mode anywhere; on CPU `cpu` (cpu_attention.py: a C++ custom call
+reading the pools in place) is auto's choice, and `xla-rows` where it cannot be built. Other backends join the
+registry with `register`;
 `resolve_attention` turns a user's choice (auto, one name, or separate prefill and decode names, as SGLang's
 --prefill-attention-backend / --decode-attention-backend) into a plan, refusing at start-up a name that is unknown
 or cannot run on this platform, and logging what `auto` picked and why.
@@ -24,6 +26,7 @@ from collections.abc import Callable
 import jax
 
 from gemma4_jax.attention import attention_mask, reference_attention
+from gemma4_jax.cpu_attention import CpuAttention
 from gemma4_jax.kv_view import AttentionBackend, DenseKV, KVView, PagedKV  # noqa: F401 (AttentionBackend, KVView: re-exported)
 from gemma4_jax.pallas_attention import PallasAttention
 
@@ -51,8 +54,9 @@ class XlaRowsAttention(AttentionBackend):
     """The reference's math a few rows at a time (`jax.lax.map` over blocks of `rows` rows): each block gathers
     its rows' keys from the pool and consumes them while they are still in cache, instead of the whole batch's
     gathered, transposed keys making three trips through memory. Same dots per row as `xla`, so the same numbers
-    (bit for bit with rows >= 2 on CPU; tests/test_attention_backends.py). auto's choice on CPU: a bench-100m
-    decode step's attention costs ~3x less CPU time at 64 rows (docs/benchmarks.md). Off CPU the kernels or one
+    (bit for bit with rows >= 2 on CPU; tests/test_attention_backends.py). auto's choice on CPU where the `cpu`
+    kernel cannot be built: a bench-100m decode step's attention costs ~3x less CPU time at 64 rows than with
+    `xla` (docs/benchmarks.md). Off CPU the kernels or one
     batched `xla` call are better, so auto does not pick it there."""
 
     name: str = "xla-rows"
@@ -122,6 +126,8 @@ register(XlaAttention(), auto=False)
 _AUTO_ORDER.append("xla")
 # On CPU, auto's choice ahead of xla (see XlaRowsAttention); the kernels, registered after it, come first.
 register(XlaRowsAttention())
+# The CPU kernel (cpu_attention.py): auto's choice on CPU wherever it builds, ahead of xla-rows.
+register(CpuAttention())
 # The Pallas kernels: `pallas` is auto's first choice wherever it can run (GPU, or interpret mode on request);
 # `pallas-interpret` runs the same kernel in interpret mode anywhere, for tests, and only when named.
 register(PallasAttention())

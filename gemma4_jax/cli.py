@@ -83,7 +83,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto"],
                    help="auto: the model dtype (the only one supported)")
     g.add_argument("--attention-backend", default="auto",
-                   help="auto (xla-rows on CPU, pallas on GPU), xla, xla-rows, pallas, pallas-interpret (both phases)")
+                   help="auto (cpu on CPU, xla-rows where its kernel cannot be built; pallas on GPU), xla, "
+                        "xla-rows, cpu, pallas, pallas-interpret (both phases)")
     g.add_argument("--prefill-attention-backend", default=None, help="the prefill phase's backend (SGLang's name)")
     g.add_argument("--decode-attention-backend", default=None, help="the decode phase's backend (SGLang's name)")
     g.add_argument("--enable-auto-tool-choice", action="store_true",

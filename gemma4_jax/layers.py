@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemma4_jax import quant
+from gemma4_jax.kernels import cpu_matmul
 
 Axes = tuple[str | None, ...]
 
@@ -71,6 +72,42 @@ def model_jit(fun=None, /, **jit_kwargs):
     return jax.jit(fun, compiler_options=MODEL_COMPILER_OPTIONS, **jit_kwargs)
 
 
+# Products of at most this many rows go to the CPU custom call (kernels/cpu_matmul) on CPU: it streams each weight
+# once at close to the memory's rate where XLA's GEMM reads a one-row bfloat16 product at 10-31 GB/s
+# (docs/benchmarks.md, "Native CPU kernels"). Above it XLA's GEMM wins.
+CPU_MATMUL_MAX_ROWS = 4
+
+
+def few_row_cpu_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int) -> jax.Array | None:
+    """`weight_einsum` through the CPU custom call when it applies (read at trace time): the CPU backend, at most
+    CPU_MATMUL_MAX_ROWS rows, float32 or bfloat16, no multi-device mesh (a custom call would get the sharded
+    weight gathered whole), the kernel built, and a spec whose weight holds the contracted axes first (Linear's
+    (in..., out...)) or last (the tied LM head's (V, D)) with the other axes in the output's order. Else None."""
+    lead = x.shape[: x.ndim - n_in]
+    rows = math.prod(lead)
+    if jax.default_backend() != "cpu" or rows > CPU_MATMUL_MAX_ROWS or x.dtype not in (jnp.float32, jnp.bfloat16):
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return None
+    inputs, out = spec.replace(" ", "").split("->")
+    x_spec, w_spec = inputs.split(",")
+    ins, outs = x_spec.removeprefix("...")[-n_in:], out.removeprefix("...")
+    if w_spec == ins + outs:
+        transposed = False
+    elif w_spec == outs + ins:
+        transposed = True
+    else:
+        return None
+    if cpu_matmul.load() is not None:
+        return None
+    k = math.prod(x.shape[x.ndim - n_in :])
+    out_shape = w.shape[: w.ndim - n_in] if transposed else w.shape[n_in:]
+    n = math.prod(out_shape)
+    y = cpu_matmul.cpu_matmul(x.reshape(rows, k), w.reshape((n, k) if transposed else (k, n)), transposed=transposed)
+    return y.reshape(*lead, *out_shape)
+
+
 def weight_einsum(spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     """einsum(spec, x, w) of activations x (..., *in) and a weight, accumulated in float32, the result in x's dtype.
 
@@ -83,8 +120,12 @@ def weight_einsum(spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.A
     - a one-row product (batch-1 decode) goes to XLA's own matrix-vector loop, which converts the weight too; it is
       padded to two rows so it reaches the GEMM (~5x faster; still slower than float32, which `--dtype auto` picks
       on CPU). docs/benchmarks.md, "bfloat16 on CPU".
+    On CPU, products of up to CPU_MATMUL_MAX_ROWS rows go to the custom call (`few_row_cpu_matmul`).
     """
     w = w.astype(x.dtype)
+    few = few_row_cpu_matmul(spec, x, w, n_in)
+    if few is not None:
+        return few
     if x.dtype == jnp.float32:
         return jnp.einsum(spec, x, w)
     lead = x.shape[: x.ndim - n_in]

@@ -3,7 +3,8 @@
 A recording backend (the xla math plus a host callback that logs its name, the layer kind and the query length
 at run time) is registered under two names; an explicit choice, and a split prefill/decode choice, must be what
 runs in `Model.logits`, in the engine (single-program and multi-step decode) and in a pipelined model, with the
-same greedy tokens as `xla`. `auto` picks xla-rows on CPU and pallas on GPU; an unknown or unavailable choice fails at
+same greedy tokens as `xla`. `auto` picks the cpu kernel on CPU (xla-rows where it cannot be built) and pallas
+on GPU; an unknown or unavailable choice fails at
 start-up. The Pallas kernels in interpret mode give the engine the tokens of `xla`.
 """
 
@@ -19,6 +20,8 @@ import pytest
 import gemma4_jax
 from gemma4_jax import SamplingParams, attention_backends
 from gemma4_jax.attention_backends import AttentionBackend, XlaAttention, resolve_attention
+from gemma4_jax.cpu_attention import CpuAttention
+from gemma4_jax.kernels.cpu_attention import load as load_cpu_kernel
 from gemma4_jax.kv_view import PagedKV
 from gemma4_jax.pallas_attention import INTERPRET_ENV
 
@@ -65,7 +68,7 @@ PROMPTS = [[2, *range(20, 45)], [2, 7, 9, 11, 13]]  # 26 tokens (chunked, past t
 
 @pytest.fixture(scope="module")
 def model():
-    return gemma4_jax.from_config("tiny", dtype="float32", seed=3)
+    return gemma4_jax.from_config("tiny", dtype="float32", seed=3, attention_backend="xla")
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +86,23 @@ def _names(phase_filter=None):
     return {name for name, _, t in CALLS if phase_filter is None or phase_filter(t)}
 
 
-def test_auto_picks_xla_rows_on_cpu_only():
+def test_auto_picks_the_cpu_kernel_on_cpu_and_xla_rows_without_it(monkeypatch):
     plan = resolve_attention("auto")
-    assert {plan.backend(p, s).name for p in ("prefill", "decode") for s in (True, False)} == {"xla-rows"}
+    want = "cpu" if load_cpu_kernel() is None else "xla-rows"
+    assert {plan.backend(p, s).name for p in ("prefill", "decode") for s in (True, False)} == {want}
     assert gemma4_jax.from_config("tiny", dtype="float32").attention == plan
-    # Correct anywhere, faster only on CPU: named, it runs on a GPU; auto does not pick it there.
+    # Correct anywhere, faster only on CPU: named, xla-rows runs on a GPU; auto does not pick it there.
     assert resolve_attention("xla-rows", platform="gpu").decode_full.name == "xla-rows"
     assert resolve_attention("auto", platform="gpu", log_choice=CALLS.append).decode_full.name == "pallas"
+    with pytest.raises(ValueError, match="runs on CPU only"):
+        resolve_attention("cpu", platform="gpu")
+    # Where the kernel cannot be built, auto says why and takes xla-rows; naming it is refused with the reason.
+    monkeypatch.setattr(CpuAttention, "unavailable", lambda self, platform, phase, kind: "no C++ compiler found")
+    said = []
+    plan = resolve_attention("auto", log_choice=said.append)
+    assert plan.decode_full.name == plan.prefill_sliding.name == "xla-rows" and "no C++ compiler" in said[0]
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
+        resolve_attention("cpu")
 
 
 def _paged_case(rng, b, t, kv_heads, groups, head_dim, page, pages, windowed):
@@ -219,3 +232,36 @@ def test_engine_with_the_pallas_kernels_gives_the_xla_tokens(model, xla_tokens):
     llm = gemma4_jax.LLM(model, attention_backend="pallas-interpret", **ENGINE)
     assert llm.engine.backends == ("pallas-interpret", "pallas-interpret")
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == xla_tokens
+
+
+NEEDS_CPU_KERNEL = pytest.mark.skipif(load_cpu_kernel() is not None, reason=f"no CPU kernel: {load_cpu_kernel()}")
+
+
+@NEEDS_CPU_KERNEL
+def test_model_logits_with_the_cpu_kernel(model):
+    """The custom call behind the identity store (dense views: whole prompts, causal and window masks)."""
+    ids = np.array([PROMPTS[0], [*PROMPTS[1], *range(50, 71)]])
+    chosen = gemma4_jax.from_config("tiny", dtype="float32", seed=3, attention_backend="cpu")
+    np.testing.assert_allclose(np.asarray(chosen.logits(ids)), np.asarray(model.logits(ids)), rtol=5e-5, atol=5e-5)
+
+
+@NEEDS_CPU_KERNEL
+@pytest.mark.parametrize("steps", [1, 3])
+def test_engine_with_the_cpu_kernel_gives_the_xla_tokens(model, xla_tokens, steps):
+    """Chunked prefill over the paged pools and the windowed sliding tables, then decode (one step per call and
+    a multi-step scan), through the custom call: the greedy tokens of xla."""
+    llm = gemma4_jax.LLM(model, attention_backend="cpu", num_scheduler_steps=steps, **ENGINE)
+    assert llm.engine.backends == ("cpu", "cpu")
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == xla_tokens
+
+
+@NEEDS_CPU_KERNEL
+def test_engine_with_the_cpu_kernel_in_bfloat16():
+    """bfloat16 pools stored as uint16 bits, read by the custom call without a bit cast of the pool: the greedy
+    tokens of xla on the same bfloat16 weights."""
+    model = gemma4_jax.from_config("tiny", dtype="bfloat16", seed=3)
+    tokens = {}
+    for name in ("xla", "cpu"):
+        llm = gemma4_jax.LLM(model, attention_backend=name, **ENGINE)
+        tokens[name] = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert tokens["cpu"] == tokens["xla"]

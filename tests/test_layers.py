@@ -26,7 +26,7 @@ LAYERS = {
     "gemma4_jax.attention_backends": MATH, "gemma4_jax.mlp": MATH, "gemma4_jax.moe": MATH,
     "gemma4_jax.decoder": MATH, "gemma4_jax.vision": MATH, "gemma4_jax.audio": MATH,
     "gemma4_jax.multimodal": MATH, "gemma4_jax.forward": MATH, "gemma4_jax.kv_view": MATH,
-    "gemma4_jax.pallas_attention": MATH, "gemma4_jax.assistant": MATH,
+    "gemma4_jax.pallas_attention": MATH, "gemma4_jax.cpu_attention": MATH, "gemma4_jax.assistant": MATH,
     # loading: key tables, quantized formats, orbax, media processors (files and bytes -> arrays)
     "gemma4_jax.checkpoint_rules": LOADING, "gemma4_jax.quant_formats": LOADING, "gemma4_jax.checkpoint": LOADING,
     "gemma4_jax.orbax_io": LOADING, "gemma4_jax.processing": LOADING, "gemma4_jax.audio_processing": LOADING,

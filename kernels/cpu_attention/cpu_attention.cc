@@ -1,0 +1,407 @@
+// Paged attention on the CPU as an XLA FFI custom call: the K/V pools read in place through the page table.
+//
+// Why a custom call: XLA:CPU runs attention over a paged pool as a gather of every row's pages, a widening of the
+// gathered bfloat16 keys to float32 and a transpose into the batched dots' layout, three trips through memory for
+// keys that are used once (~20% of a bench-100m batch-64 bfloat16 decode step; docs/benchmarks.md). Here each
+// (row, KV head) is one task that reads its visible keys straight from the pool, widens them in registers and
+// consumes them while they are in cache; keys past a row's length (pages padded to a power of two) are never read.
+//
+// The math is the reference's (kernels/paged_attention/reference.py, `paged_attention_reference`): logits and
+// softmax in float32, the probabilities rounded to the compute dtype before the value product (as the model's
+// reference attention casts them to the values' dtype), the value product accumulated in float32 and the output
+// rounded to q's dtype; a query that sees no key gets 0. Two passes per query tile (logits of the visible keys into
+// a scratch row, then softmax and the value product), so the normalised probabilities are rounded exactly as the
+// reference rounds them. Masking by position: query t of row b sees key s when q_pos >= 0, key_pos >= 0 and
+// (key_pos <= q_pos, or both carry the same vision block id >= 0), and, with a window W > 0, key_pos > q_pos - W.
+//
+// Operands (all row-major): q (B, T, N, H) f32 or bf16; k_pages, v_pages (num_pages, page_size, K, H) f32, bf16
+// or u16 (bfloat16 bits); page_table (B, P) s32; key_pos (B, P * page_size) s32 (-1: empty); q_pos (B, T) s32;
+// q_blocks (B, T) and key_blocks (B, P * page_size) s32, or both of shape (0,) when there are no vision blocks.
+// Attribute window (0: none). Result (B, T, N, H) in q's dtype. Tasks run on XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float bf16_to_f32(uint16_t bits) {
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as XLA's float32 -> bfloat16 conversion (NaN stays NaN).
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+inline void widen(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(&dst[i], &u, sizeof u);
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float p, const float* x, float* y, int64_t n);
+
+#if defined(__AVX512F__)
+// 16 pool elements as float32: bfloat16 bits widened in registers.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+#endif
+
+// Logits of `rows` consecutive query rows (qf, rows x n, float32) against one pool row k (n elements): out[r *
+// stride]. With AVX-512 (n a multiple of 16) four query rows at a time, each with its own accumulator: a dot ends
+// in a serial horizontal sum, and four of them hide each other's latency. Else widen, then a dot per row.
+template <typename KT>
+inline void key_logits(const float* qf, int64_t rows, const KT* k, int64_t n, float* kbuf, float* out,
+                       int64_t stride) {
+  int64_t r = 0;
+#if defined(__AVX512F__)
+  if (n % 16 == 0) {
+    for (; r + 4 <= rows; r += 4) {
+      const float* q0 = qf + r * n;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t i = 0; i < n; i += 16) {
+        const __m512 kv = load16(k + i);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + i), kv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + n + i), kv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * n + i), kv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * n + i), kv, a3);
+      }
+      out[r * stride] = _mm512_reduce_add_ps(a0);
+      out[(r + 1) * stride] = _mm512_reduce_add_ps(a1);
+      out[(r + 2) * stride] = _mm512_reduce_add_ps(a2);
+      out[(r + 3) * stride] = _mm512_reduce_add_ps(a3);
+    }
+    if (r == rows) return;
+  }
+#endif
+  widen(k, kbuf, n);
+  for (; r < rows; ++r) out[r * stride] = dot(qf + r * n, kbuf, n);
+}
+
+// acc (rows x n) = probs (rows x n_seen, row stride `stride`) @ the seen value rows (v + offsets[j], n elements
+// each). With AVX-512 (n a multiple of 64) the accumulators of up to 4 rows x 64 columns stay in registers across
+// all keys (each value chunk is read once per 4 rows, from cache after the first); else one axpy per (key, row).
+template <typename KT>
+inline void value_product(const float* probs, int64_t rows, int64_t stride, const KT* v, const int64_t* offsets,
+                          int64_t n_seen, int64_t n, float* kbuf, float* acc) {
+#if defined(__AVX512F__)
+  if (n % 64 == 0) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      const int64_t nr = std::min<int64_t>(4, rows - r0);
+      for (int64_t c = 0; c < n; c += 64) {
+        __m512 a[4][4];
+        for (int rr = 0; rr < 4; ++rr)
+          for (int q = 0; q < 4; ++q) a[rr][q] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n_seen; ++j) {
+          const KT* row = v + offsets[j] + c;
+          const __m512 v0 = load16(row), v1 = load16(row + 16), v2 = load16(row + 32), v3 = load16(row + 48);
+          for (int rr = 0; rr < 4; ++rr) {
+            if (rr >= nr) break;
+            const __m512 p = _mm512_set1_ps(probs[(r0 + rr) * stride + j]);
+            a[rr][0] = _mm512_fmadd_ps(p, v0, a[rr][0]);
+            a[rr][1] = _mm512_fmadd_ps(p, v1, a[rr][1]);
+            a[rr][2] = _mm512_fmadd_ps(p, v2, a[rr][2]);
+            a[rr][3] = _mm512_fmadd_ps(p, v3, a[rr][3]);
+          }
+        }
+        for (int64_t rr = 0; rr < nr; ++rr)
+          for (int q = 0; q < 4; ++q) _mm512_storeu_ps(acc + (r0 + rr) * n + c + 16 * q, a[rr][q]);
+      }
+    }
+    return;
+  }
+#endif
+  std::fill(acc, acc + rows * n, 0.f);
+  for (int64_t j = 0; j < n_seen; ++j) {
+    widen(v + offsets[j], kbuf, n);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float p = probs[r * stride + j];
+      if (p != 0.f) axpy(p, kbuf, acc + r * n, n);
+    }
+  }
+}
+
+inline void axpy(float p, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += p * x[i];
+}
+
+struct Shape {
+  int64_t b, t, n, h, k, g;  // batch, query tokens, query heads, head dim, KV heads, query heads per KV head
+  int64_t num_pages, page_size, pages_per_row, keys;  // keys = pages_per_row * page_size (the logical key axis S)
+  int64_t window;                          // 0: none
+  int64_t tile;                            // query tokens per task
+  bool blocks, bf16_compute;
+};
+
+// exp(x) for x <= 0 as the reference needs it (x = logit - row max), written so that the compiler vectorizes the
+// loop around it (std::exp is a scalar call, and a decode step evaluates ~B * N * context of them): 2^n * e^r with
+// |r| <= ln2 / 2 and Cephes' degree-6 polynomial for e^r (relative error ~1e-7, XLA's own expf is an approximation
+// of the same order). -inf (a masked key) and anything below float32's range give exactly 0.
+inline float exp_nonpositive(float x) {
+  const bool zero = !(x >= -87.33654f);  // also true for -inf and NaN-free masked entries
+  const float xc = zero ? 0.f : x;
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return zero ? 0.f : p * scale;
+}
+
+// Scratch of one thread, kept across tasks and calls (grown, never shrunk): no allocation per task.
+struct Scratch {
+  std::vector<float> qf, acc, kv, logits;
+  std::vector<int64_t> seen;  // pool offset of each seen key's row
+};
+
+Scratch& scratch(int64_t rows, int64_t h, int64_t keys) {
+  thread_local Scratch sc;
+  auto grow = [](auto& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+  };
+  grow(sc.qf, rows * h);
+  grow(sc.acc, rows * h);
+  grow(sc.kv, h);
+  grow(sc.logits, rows * keys);
+  grow(sc.seen, keys);
+  return sc;
+}
+
+// One task: row b, KV head kh, query tokens [t0, t0 + tile). QT: q/out element (float or uint16_t bits of
+// bfloat16); KT: pool element. Logits are kept row-major (query row r, seen key j) so that the softmax runs over
+// contiguous memory.
+template <typename QT, typename KT>
+void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, const KT* kp, const KT* vp,
+            const int32_t* table, const int32_t* key_pos, const int32_t* q_pos, const int32_t* q_blk,
+            const int32_t* key_blk, QT* out) {
+  const int64_t tt = std::min(s.tile, s.t - t0), rows = tt * s.g, h = s.h, stride = s.keys;
+  Scratch& sc = scratch(rows, h, s.keys);
+  float *qf = sc.qf.data(), *acc = sc.acc.data(), *kv = sc.kv.data(), *logits = sc.logits.data();
+  int64_t* seen = sc.seen.data();
+  int32_t lo = std::numeric_limits<int32_t>::max(), hi = -1;  // the tile's first and last query positions
+  for (int64_t t = 0; t < tt; ++t) {
+    const int32_t p = q_pos[b * s.t + t0 + t];
+    if (p < 0) continue;
+    lo = std::min(lo, p);
+    hi = std::max(hi, p);
+    for (int64_t g = 0; g < s.g; ++g) {
+      widen(q + ((b * s.t + t0 + t) * s.n + kh * s.g + g) * h, qf + (t * s.g + g) * h, h);
+    }
+  }
+  auto store = [&](int64_t r) {
+    QT* dst = out + ((b * s.t + t0 + r / s.g) * s.n + kh * s.g + r % s.g) * h;
+    const float* row = acc + r * h;
+    if constexpr (std::is_same_v<QT, float>) {
+      std::memcpy(dst, row, h * sizeof(float));
+    } else {
+      for (int64_t i = 0; i < h; ++i) dst[i] = f32_to_bf16(row[i]);
+    }
+  };
+  if (hi < 0) {  // padding queries only
+    std::fill(acc, acc + rows * h, 0.f);
+    for (int64_t r = 0; r < rows; ++r) store(r);
+    return;
+  }
+  // Pass 1: logits of every key some query of the tile sees (-inf for the queries that do not).
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t row_stride = s.h * s.k;
+  int64_t n_seen = 0;
+  for (int64_t pi = 0; pi < s.pages_per_row; ++pi) {
+    // Clamped as XLA clamps a gather's indices (the reference gathers), so no table entry reads outside the pool.
+    const int64_t page = std::clamp<int64_t>(table[b * s.pages_per_row + pi], 0, s.num_pages - 1);
+    const int64_t page_base = page * s.page_size;
+    for (int64_t o = 0; o < s.page_size; ++o) {
+      const int64_t i = pi * s.page_size + o;
+      const int32_t kpos = key_pos[b * s.keys + i];
+      if (kpos < 0) continue;
+      const int32_t kblk = s.blocks ? key_blk[b * s.keys + i] : -1;
+      if (kpos > hi && kblk < 0) continue;                   // after every query, and no block to see it through
+      if (s.window > 0 && kpos <= lo - s.window) continue;  // before the window of every query
+      const int64_t offset = (page_base + o) * row_stride + kh * h;
+      bool any = false;
+      for (int64_t t = 0; t < tt; ++t) {
+        const int32_t qp = q_pos[b * s.t + t0 + t];
+        bool sees = qp >= 0 && kpos <= qp;
+        if (s.blocks && qp >= 0) {
+          const int32_t qb = q_blk[b * s.t + t0 + t];
+          sees = sees || (qb >= 0 && qb == kblk);
+        }
+        if (s.window > 0) sees = sees && kpos > qp - s.window;
+        float* dst = logits + t * s.g * stride + n_seen;
+        if (sees) {
+          key_logits(qf + t * s.g * h, s.g, kp + offset, h, kv, dst, stride);
+        } else {
+          for (int64_t g = 0; g < s.g; ++g) dst[g * stride] = neg_inf;
+        }
+        any = any || sees;
+      }
+      if (any) seen[n_seen++] = offset;
+    }
+  }
+  // Softmax per query row over the seen keys; the probabilities rounded to the compute dtype as the reference's.
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = logits + r * stride;
+    float peak = neg_inf;
+    for (int64_t j = 0; j < n_seen; ++j) peak = std::max(peak, row[j]);
+    if (peak == neg_inf) {  // this query sees nothing (a padding query beside real ones)
+      std::fill(row, row + n_seen, 0.f);
+      continue;
+    }
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < n_seen; ++j) {
+      const float w = exp_nonpositive(row[j] - peak);
+      row[j] = w;
+      total += w;
+    }
+    if (s.bf16_compute) {
+#pragma omp simd
+      for (int64_t j = 0; j < n_seen; ++j) row[j] = bf16_to_f32(f32_to_bf16(row[j] / total));
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n_seen; ++j) row[j] = row[j] / total;
+    }
+  }
+  // Pass 2: the value product.
+  value_product(logits, rows, stride, vp, seen, n_seen, h, kv, acc);
+  for (int64_t r = 0; r < rows; ++r) store(r);
+}
+
+struct Pending {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Runs fn(task) for task in [0, total) on the caller and on up to threads - 1 pool threads. The caller claims tasks
+// too, so it never waits on a helper that has not started; helpers that start after every task is claimed return
+// without touching anything but the shared counters they own a reference to.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t total, F fn) {
+  auto pending = std::make_shared<Pending>();
+  auto run = [pending, total, fn]() {
+    for (int64_t task; (task = pending->next.fetch_add(1)) < total;) {
+      fn(task);
+      pending->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), total) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    auto task = run;
+    pool.Schedule(std::move(task));
+  }
+  run();
+  while (pending->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+}
+
+bool is_16bit(ffi::DataType t) { return t == ffi::DataType::BF16 || t == ffi::DataType::U16; }
+
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages,
+                          ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> key_pos,
+                          ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> q_blocks,
+                          ffi::Buffer<ffi::S32> key_blocks, int64_t window, int64_t tile,
+                          ffi::Result<ffi::AnyBuffer> out) {
+  auto qd = q.dimensions(), kd = k_pages.dimensions(), td = page_table.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || td.size() != 2) return ffi::Error::InvalidArgument("bad operand ranks");
+  Shape s;
+  s.b = qd[0], s.t = qd[1], s.n = qd[2], s.h = qd[3];
+  s.num_pages = kd[0], s.page_size = kd[1], s.k = kd[2], s.pages_per_row = td[1];
+  s.keys = s.pages_per_row * s.page_size;
+  s.g = s.k > 0 ? s.n / s.k : 0;
+  s.window = window;
+  s.tile = std::max<int64_t>(tile, 1);
+  s.blocks = q_blocks.element_count() > 0;
+  auto count = [](const auto& buf) { return static_cast<int64_t>(buf.element_count()); };
+  if (kd[3] != s.h || s.k == 0 || s.num_pages == 0 || s.n % s.k || td[0] != s.b || count(key_pos) != s.b * s.keys ||
+      count(q_pos) != s.b * s.t || v_pages.dimensions().size() != 4 || count(v_pages) != count(k_pages) ||
+      (s.blocks && (count(q_blocks) != s.b * s.t || count(key_blocks) != s.b * s.keys))) {
+    return ffi::Error::InvalidArgument("operand shapes do not fit q (B, T, N, H) and pools (pages, size, K, H)");
+  }
+  const bool q16 = q.element_type() == ffi::DataType::BF16, q32 = q.element_type() == ffi::DataType::F32;
+  const auto kt = k_pages.element_type();
+  if (kt != v_pages.element_type() || out->element_type() != q.element_type() ||
+      !((q16 && is_16bit(kt)) || (q32 && kt == ffi::DataType::F32))) {
+    return ffi::Error::InvalidArgument("q, pools and result must be float32 throughout or bfloat16 throughout");
+  }
+  s.bf16_compute = q16;
+  const int64_t tiles = (s.t + s.tile - 1) / s.tile, total = s.b * s.k * tiles;
+  const int32_t *table = page_table.typed_data(), *kpos = key_pos.typed_data(), *qpos = q_pos.typed_data();
+  const int32_t *qblk = s.blocks ? q_blocks.typed_data() : nullptr;
+  const int32_t *kblk = s.blocks ? key_blocks.typed_data() : nullptr;
+  auto run = [&](auto* q_data, auto* kp, auto* vp, auto* o) {
+    parallel_for(pool, total, [=](int64_t task) {
+      const int64_t tile_i = task % tiles, bk = task / tiles;
+      attend(s, bk / s.k, bk % s.k, tile_i * s.tile, q_data, kp, vp, table, kpos, qpos, qblk, kblk, o);
+    });
+  };
+  if (q16) {
+    run(static_cast<const uint16_t*>(q.untyped_data()), static_cast<const uint16_t*>(k_pages.untyped_data()),
+        static_cast<const uint16_t*>(v_pages.untyped_data()), static_cast<uint16_t*>(out->untyped_data()));
+  } else {
+    run(static_cast<const float*>(q.untyped_data()), static_cast<const float*>(k_pages.untyped_data()),
+        static_cast<const float*>(v_pages.untyped_data()), static_cast<float*>(out->untyped_data()));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma4CpuPagedAttention, PagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()        // q
+                                  .Arg<ffi::AnyBuffer>()        // k_pages
+                                  .Arg<ffi::AnyBuffer>()        // v_pages
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_table
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // key_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_blocks
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // key_blocks
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("tile")
+                                  .Ret<ffi::AnyBuffer>());

@@ -1,0 +1,233 @@
+// Few-row weight products on the CPU as an XLA FFI custom call: y (M, N) = x (M, K) @ W for the decode steps of
+// small batches, where each weight is read once per step and the product is bound by how fast the weights stream
+// from memory.
+//
+// Why a custom call: XLA:CPU hands a one-row bfloat16 product to YNNPACK's GEMM padded to two rows, which streams
+// the weights at 10-31 GB/s by shape (a batch-1 bench-100m decode step spends ~8.7 of its ~11 ms in its products;
+// docs/benchmarks.md), against the machine's ~55-76 GB/s. Here each task owns a block of output columns, keeps the
+// block's accumulators for every row in registers and streams the weight rows of that block once; bfloat16
+// weights are widened in registers.
+//
+// W is stored (K, N) row-major (attr transposed = 0: the model's Linear kernels, in-features first) or (N, K)
+// (transposed = 1: the tied LM head, the embedding table (V, D)). x, W and y are float32 throughout or bfloat16
+// throughout (y = the float32 sum of float32 products, rounded once: what XLA computes for a bfloat16 einsum asked
+// for a float32 result and cast). Tasks run on XLA's intra-op thread pool. Reference: kernels/cpu_matmul/reference.py.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as XLA's float32 -> bfloat16 conversion (NaN stays NaN).
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline void put(float* y, float v) { *y = v; }
+inline void put(uint16_t* y, float v) { *y = f32_to_bf16(v); }
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(uint16_t* p, __m512 v) {
+  alignas(64) float tmp[16];
+  _mm512_store_ps(tmp, v);
+  for (int i = 0; i < 16; ++i) p[i] = f32_to_bf16(tmp[i]);
+}
+
+// (K, N) weights: rows [m0, m0 + R) of y, columns [n0, n0 + 16 * C), accumulators in registers over all of K.
+template <int R, int C, typename T>
+void kn_block(const float* xf, int64_t k_dim, const T* w, int64_t n_dim, int64_t m0, int64_t n0, T* y) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const T* col = w + n0;
+  for (int64_t k = 0; k < k_dim; ++k, col += n_dim) {
+    __m512 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = load16(col + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xb = _mm512_set1_ps(xf[(m0 + r) * k_dim + k]);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xb, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) store16(y + (m0 + r) * n_dim + n0 + 16 * c, acc[r][c]);
+}
+
+// (N, K) weights: rows [m0, m0 + R) of y against 4 weight rows n0..n0+3 (k_dim a multiple of 16).
+template <int R, typename T>
+void nk_block(const float* xf, int64_t k_dim, const T* w, int64_t n_dim, int64_t m0, int64_t n0, T* y) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  const T* w0 = w + n0 * k_dim;
+  for (int64_t k = 0; k < k_dim; k += 16) {
+    const __m512 a = load16(w0 + k), b = load16(w0 + k_dim + k), c = load16(w0 + 2 * k_dim + k),
+                 d = load16(w0 + 3 * k_dim + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(xf + (m0 + r) * k_dim + k);
+      acc[r][0] = _mm512_fmadd_ps(xv, a, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xv, b, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(xv, c, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(xv, d, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) put(y + (m0 + r) * n_dim + n0 + c, _mm512_reduce_add_ps(acc[r][c]));
+}
+#endif
+
+// Plain loops for what the blocks above do not cover (no AVX-512, ragged edges): y[m, n] for n in [n0, n1).
+template <typename T>
+void plain_columns(const float* xf, int64_t m_dim, int64_t k_dim, const T* w, int64_t n_dim, bool transposed,
+                   int64_t n0, int64_t n1, T* y) {
+  for (int64_t m = 0; m < m_dim; ++m) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float s = 0.f;
+      if (transposed) {
+        for (int64_t k = 0; k < k_dim; ++k) s += xf[m * k_dim + k] * to_f32(w[n * k_dim + k]);
+      } else {
+        for (int64_t k = 0; k < k_dim; ++k) s += xf[m * k_dim + k] * to_f32(w[k * n_dim + n]);
+      }
+      put(y + m * n_dim + n, s);
+    }
+  }
+}
+
+struct Pending {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// fn(task) for task in [0, total) on the caller and up to threads - 1 pool threads; the caller claims tasks too,
+// so it never waits on a helper that has not started (see kernels/cpu_attention/cpu_attention.cc).
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t total, F fn) {
+  auto pending = std::make_shared<Pending>();
+  auto run = [pending, total, fn]() {
+    for (int64_t task; (task = pending->next.fetch_add(1)) < total;) {
+      fn(task);
+      pending->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), total) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    auto task = run;
+    pool.Schedule(std::move(task));
+  }
+  run();
+  while (pending->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+}
+
+// Column blocks per task: wide enough that a task streams long contiguous runs of each weight row, narrow enough
+// that every thread gets several.
+constexpr int64_t kTaskColumns = 256;
+
+template <typename T>
+void matmul(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim, const T* w, int64_t n_dim,
+            bool transposed, T* y) {
+  std::vector<float> xf(m_dim * k_dim);  // the few activation rows, widened once
+  for (int64_t i = 0; i < m_dim * k_dim; ++i) xf[i] = to_f32(x[i]);
+  const float* xs = xf.data();
+  const int64_t tasks = (n_dim + kTaskColumns - 1) / kTaskColumns;
+  parallel_for(pool, tasks, [=](int64_t task) {
+    const int64_t n0 = task * kTaskColumns, n1 = std::min(n_dim, n0 + kTaskColumns);
+    int64_t n = n0;
+#if defined(__AVX512F__)
+    if (!transposed) {
+      // Register blocks of 16 accumulators (rows x 16-column vectors): one row over 256 columns (each weight row
+      // read as one 512-byte run in bfloat16), two over 128, four over 64; then narrower edges.
+      if (m_dim == 1) {
+        for (; n + 256 <= n1; n += 256) kn_block<1, 16>(xs, k_dim, w, n_dim, 0, n, y);
+      } else if (m_dim < 4) {
+        for (; n + 128 <= n1; n += 128) {
+          int64_t m = 0;
+          for (; m + 2 <= m_dim; m += 2) kn_block<2, 8>(xs, k_dim, w, n_dim, m, n, y);
+          for (; m < m_dim; ++m) kn_block<1, 8>(xs, k_dim, w, n_dim, m, n, y);
+        }
+      }
+      for (; n + 64 <= n1; n += 64) {
+        int64_t m = 0;
+        for (; m + 4 <= m_dim; m += 4) kn_block<4, 4>(xs, k_dim, w, n_dim, m, n, y);
+        for (; m + 2 <= m_dim; m += 2) kn_block<2, 4>(xs, k_dim, w, n_dim, m, n, y);
+        for (; m < m_dim; ++m) kn_block<1, 4>(xs, k_dim, w, n_dim, m, n, y);
+      }
+      for (; n + 16 <= n1; n += 16)
+        for (int64_t m = 0; m < m_dim; ++m) kn_block<1, 1>(xs, k_dim, w, n_dim, m, n, y);
+    } else if (k_dim % 16 == 0) {
+      for (; n + 4 <= n1; n += 4) {
+        int64_t m = 0;
+        for (; m + 2 <= m_dim; m += 2) nk_block<2>(xs, k_dim, w, n_dim, m, n, y);
+        for (; m < m_dim; ++m) nk_block<1>(xs, k_dim, w, n_dim, m, n, y);
+      }
+    }
+#endif
+    if (n < n1) plain_columns(xs, m_dim, k_dim, w, n_dim, transposed, n, n1, y);
+  });
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int64_t transposed,
+                  ffi::Result<ffi::AnyBuffer> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) return ffi::Error::InvalidArgument("operands must be 2-D");
+  const int64_t m_dim = xd[0], k_dim = xd[1];
+  const int64_t n_dim = transposed ? wd[0] : wd[1];
+  if ((transposed ? wd[1] : wd[0]) != k_dim || yd[0] != m_dim || yd[1] != n_dim) {
+    return ffi::Error::InvalidArgument("x (M, K), W (K, N) or (N, K) and y (M, N) do not fit");
+  }
+  const auto t = x.element_type();
+  if (w.element_type() != t || y->element_type() != t) {
+    return ffi::Error::InvalidArgument("x, W and y must share one dtype");
+  }
+  if (t == ffi::DataType::F32) {
+    matmul(pool, static_cast<const float*>(x.untyped_data()), m_dim, k_dim,
+           static_cast<const float*>(w.untyped_data()), n_dim, transposed != 0, static_cast<float*>(y->untyped_data()));
+  } else if (t == ffi::DataType::BF16) {
+    matmul(pool, static_cast<const uint16_t*>(x.untyped_data()), m_dim, k_dim,
+           static_cast<const uint16_t*>(w.untyped_data()), n_dim, transposed != 0,
+           static_cast<uint16_t*>(y->untyped_data()));
+  } else {
+    return ffi::Error::InvalidArgument("x, W and y must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma4CpuMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x (M, K)
+                                  .Arg<ffi::AnyBuffer>()  // W (K, N) or (N, K)
+                                  .Attr<int64_t>("transposed")
+                                  .Ret<ffi::AnyBuffer>());

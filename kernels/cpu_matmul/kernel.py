@@ -1,0 +1,37 @@
+"""The CPU few-row weight product: registering cpu_matmul.cc with XLA (kernels/cpu_build.py) and calling it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma4_jax.kernels import cpu_build
+
+SOURCE = Path(__file__).with_name("cpu_matmul.cc")
+TARGET = "gemma4_cpu_matmul"
+
+
+def load() -> str | None:
+    """Build and register the custom call once per process: None when ready, else why it is not."""
+    return cpu_build.load(SOURCE, "Gemma4CpuMatmul", TARGET)
+
+
+def cpu_matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array:
+    """x (M, K) @ w, w (K, N) or, transposed, (N, K) -> (M, N) in x's dtype; equals `matmul_reference`. x and w
+    float32 or bfloat16, the same. Raises ValueError for shapes or dtypes it does not take, RuntimeError when the
+    kernel could not be built."""
+    if x.ndim != 2 or w.ndim != 2:
+        raise ValueError(f"cpu_matmul takes x (M, K) and a 2-D weight, got {x.shape} and {w.shape}")
+    k, n = (w.shape[1], w.shape[0]) if transposed else w.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x {x.shape} does not fit the weight {w.shape} (transposed={transposed})")
+    if x.dtype != w.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"cpu_matmul takes float32 or bfloat16 x and weight of one dtype, got {x.dtype}, {w.dtype}")
+    reason = load()
+    if reason is not None:
+        raise RuntimeError(reason)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))
+    return call(x, w, transposed=np.int64(bool(transposed)))

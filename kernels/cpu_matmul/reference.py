@@ -1,0 +1,18 @@
+"""Few-row weight products, reference side: what the CPU custom call (cpu_matmul.cc) must equal.
+
+y (M, N) = x (M, K) @ W with W stored (K, N) or, transposed, (N, K); float32 products summed in float32 and the sum
+rounded once to x's dtype: the model's `weight_einsum` for bfloat16 (an einsum asked for a float32 result, then
+cast), the plain product for float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def matmul_reference(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array:
+    """x (M, K), w (K, N) or (N, K) when transposed -> (M, N) in x's dtype."""
+    spec = "mk,nk->mn" if transposed else "mk,kn->mn"
+    y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)

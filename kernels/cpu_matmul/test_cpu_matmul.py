@@ -1,0 +1,97 @@
+"""The CPU few-row weight product (cpu_matmul.cc) against its reference (reference.py), and its place in the model.
+
+Shapes cover each register block (1 row over 256 columns, 2 over 128, 4 over 64), the 16-column and plain-loop
+edges, (N, K) weights with K a multiple of 16 and not, float32 and bfloat16 (bfloat16: the same bits as the
+reference but for rare last-bit ties of a differently ordered sum). Then `weight_einsum` on CPU: few-row products
+of Linear kernels and of the tied LM head go through the custom call, more rows (and a mesh) through XLA, with the
+model's logits unchanged.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma4_jax import layers
+from gemma4_jax.kernels.cpu_matmul import cpu_matmul, load, matmul_reference
+
+pytestmark = pytest.mark.skipif(load() is not None, reason=f"CPU matmul kernel unavailable: {load()}")
+
+
+def _case(rng, m, k, n, transposed, dtype):
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((n, k) if transposed else (k, n)) * k**-0.5, dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m,k,n,transposed", [
+    (1, 512, 2048, False), (1, 64, 592, False), (2, 512, 384, False), (3, 96, 200, False), (4, 512, 64, False),
+    (7, 40, 37, False), (1, 512, 1030, True), (2, 64, 33, True), (3, 40, 9, True), (5, 128, 260, True),
+])
+def test_matches_reference(m, k, n, transposed, dtype):
+    rng = np.random.default_rng(m * 1000 + n)
+    x, w = _case(rng, m, k, n, transposed, dtype)
+    got = jax.jit(lambda x, w: cpu_matmul(x, w, transposed=transposed))(x, w)
+    want = matmul_reference(x, w, transposed=transposed)
+    assert got.shape == (m, n) and got.dtype == dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_allclose(got, want, rtol=8e-3, atol=8e-3)
+        assert np.mean(got == want) > 0.99
+
+
+def test_refuses_what_it_does_not_take():
+    rng = np.random.default_rng(0)
+    x, w = _case(rng, 2, 16, 8, False, jnp.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_matmul(x, w, transposed=True)
+    with pytest.raises(ValueError, match="one dtype"):
+        cpu_matmul(x.astype(jnp.bfloat16), w)
+    with pytest.raises(ValueError, match="2-D"):
+        cpu_matmul(x[None], w)
+
+
+def _custom_calls(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).as_text().count("gemma4_cpu_matmul")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_weight_einsum_routes_few_rows_to_the_kernel(dtype):
+    """Linear kernels ((in..., out...) weights, several in/out axes) and the tied LM head ((V, D) weight): up to
+    CPU_MATMUL_MAX_ROWS rows through the custom call with the reference's numbers, more rows through XLA."""
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((64, 4, 16)) * 0.1, dtype)  # (D,) -> (N, H), as q_proj
+    table = jnp.asarray(rng.standard_normal((300, 64)) * 0.1, dtype)  # the tied embedding (V, D)
+    o = jnp.asarray(rng.standard_normal((4, 16, 64)) * 0.1, dtype)  # (N, H) -> (D,), as o_proj
+    proj = lambda x: layers.weight_einsum("...a,abc->...bc", x, w)
+    head = lambda x: layers.weight_einsum("...D,VD->...V", x, table)
+    out = lambda x: layers.weight_einsum("...ab,abc->...c", x, o, n_in=2)
+    limit = layers.CPU_MATMUL_MAX_ROWS
+    for rows in (1, limit, limit + 1):
+        x = jnp.asarray(rng.standard_normal((rows, 1, 64)), dtype)
+        xh = jnp.asarray(rng.standard_normal((rows, 1, 4, 16)), dtype)
+        calls = sum(_custom_calls(f, a) for f, a in ((proj, x), (head, x), (out, xh)))
+        assert calls == (3 if rows <= limit else 0), rows
+        for f, a, want in ((proj, x, jnp.einsum("tsa,abc->tsbc", x, w, preferred_element_type=jnp.float32)),
+                           (head, x, jnp.einsum("tsD,VD->tsV", x, table, preferred_element_type=jnp.float32)),
+                           (out, xh, jnp.einsum("tsab,abc->tsc", xh, o, preferred_element_type=jnp.float32))):
+            got = jax.jit(f)(a)
+            assert got.dtype == dtype and got.shape == want.shape
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(dtype), np.float32),
+                                       rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5, atol=1e-5)
+
+
+def test_weight_einsum_keeps_xla_under_a_mesh():
+    """A weight sharded over several devices would be gathered whole for a custom call: XLA keeps those."""
+    devices = jax.devices()
+    if len(devices) < 2:
+        pytest.skip("needs several (simulated) devices")
+    mesh = jax.make_mesh((2,), ("tp",), devices=devices[:2])
+    x = jnp.ones((1, 64), jnp.float32)
+    w = jnp.ones((64, 32), jnp.float32)
+    with jax.set_mesh(mesh):
+        assert _custom_calls(lambda x: layers.weight_einsum("...a,ab->...b", x, w), x) == 0
+    assert _custom_calls(lambda x: layers.weight_einsum("...a,ab->...b", x, w), x) == 1
