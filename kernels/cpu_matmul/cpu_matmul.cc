@@ -84,26 +84,24 @@ void kn_block(const float* xf, int64_t k_dim, const T* w, int64_t n_dim, int64_t
     for (int c = 0; c < C; ++c) store16(y + (m0 + r) * n_dim + n0 + 16 * c, acc[r][c]);
 }
 
-// (N, K) weights: rows [m0, m0 + R) of y against 4 weight rows n0..n0+3 (k_dim a multiple of 16).
-template <int R, typename T>
+// (N, K) weights: rows [m0, m0 + R) of y against V weight rows n0..n0+V-1 (k_dim a multiple of 16): R x V
+// accumulators, horizontal sums at the end.
+template <int R, int V, typename T>
 void nk_block(const float* xf, int64_t k_dim, const T* w, int64_t n_dim, int64_t m0, int64_t n0, T* y) {
-  __m512 acc[R][4];
+  __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
   const T* w0 = w + n0 * k_dim;
   for (int64_t k = 0; k < k_dim; k += 16) {
-    const __m512 a = load16(w0 + k), b = load16(w0 + k_dim + k), c = load16(w0 + 2 * k_dim + k),
-                 d = load16(w0 + 3 * k_dim + k);
+    __m512 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = load16(w0 + v * k_dim + k);
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_loadu_ps(xf + (m0 + r) * k_dim + k);
-      acc[r][0] = _mm512_fmadd_ps(xv, a, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(xv, b, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(xv, c, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(xv, d, acc[r][3]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) put(y + (m0 + r) * n_dim + n0 + c, _mm512_reduce_add_ps(acc[r][c]));
+    for (int v = 0; v < V; ++v) put(y + (m0 + r) * n_dim + n0 + v, _mm512_reduce_add_ps(acc[r][v]));
 }
 #endif
 
@@ -185,10 +183,15 @@ void matmul(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim, con
       for (; n + 16 <= n1; n += 16)
         for (int64_t m = 0; m < m_dim; ++m) kn_block<1, 1>(xs, k_dim, w, n_dim, m, n, y);
     } else if (k_dim % 16 == 0) {
+      // 8 weight rows per block for one activation row, 4 for more (R x V accumulators <= 16).
+      if (m_dim == 1) {
+        for (; n + 8 <= n1; n += 8) nk_block<1, 8>(xs, k_dim, w, n_dim, 0, n, y);
+      }
       for (; n + 4 <= n1; n += 4) {
         int64_t m = 0;
-        for (; m + 2 <= m_dim; m += 2) nk_block<2>(xs, k_dim, w, n_dim, m, n, y);
-        for (; m < m_dim; ++m) nk_block<1>(xs, k_dim, w, n_dim, m, n, y);
+        for (; m + 4 <= m_dim; m += 4) nk_block<4, 4>(xs, k_dim, w, n_dim, m, n, y);
+        for (; m + 2 <= m_dim; m += 2) nk_block<2, 4>(xs, k_dim, w, n_dim, m, n, y);
+        for (; m < m_dim; ++m) nk_block<1, 4>(xs, k_dim, w, n_dim, m, n, y);
       }
     }
 #endif
