@@ -1,12 +1,13 @@
 """Building and registering the CPU custom calls (kernels/cpu_attention, kernels/cpu_matmul).
 
-Each kernel is one C++ source written against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`). It
-is compiled on first use with the machine's C++ compiler (`$CXX`, else g++, c++ or clang++) and `-march=native`,
-into a cache folder (`$GEMMA4_JAX_KERNEL_CACHE`, else `~/.cache/gemma4_jax/kernels`) under a name that hashes the
-source, jaxlib's version, the flags and the CPU's feature flags: a changed source, jaxlib or machine gets its own
-build, and a second process reuses the first one's (a build takes ~3 s). Where no compiler exists or the build
-fails, `load` returns the reason and the code that would use the kernel keeps to XLA (the attention backend reports
-itself unavailable with that reason); GEMMA4_JAX_CPU_KERNELS=0 switches every CPU kernel off the same way.
+Each kernel is one C++ source written against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), plus
+the shared cpu_ffi_common.h. It is compiled on first use with the machine's C++ compiler (`$CXX`, else g++, c++ or
+clang++) and `-march=native`, into a cache folder (`$GEMMA4_JAX_KERNEL_CACHE`, else `~/.cache/gemma4_jax/kernels`)
+under a name that hashes the source and the shared header, jaxlib's version, the flags and the CPU's feature flags:
+a changed source, jaxlib or machine gets its own build, and a second process reuses the first one's (a build takes
+~3 s). Where no compiler exists or the build fails, `load` returns the reason and the code that would use the
+kernel keeps to XLA (the attention backend reports itself unavailable with that reason); GEMMA4_JAX_CPU_KERNELS=0
+switches every CPU kernel off the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import jax
 
 SWITCH_ENV = "GEMMA4_JAX_CPU_KERNELS"
 CACHE_ENV = "GEMMA4_JAX_KERNEL_CACHE"
+# The headers every source includes (cpu_ffi_common.h): part of each build's hash.
+HEADERS = Path(__file__).parent
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -50,7 +53,9 @@ def library_path(source: Path) -> Path:
     import jaxlib
 
     key = hashlib.sha256()
-    for part in (source.read_bytes(), jaxlib.__version__.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
+    headers = [h.read_bytes() for h in sorted(HEADERS.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, jaxlib.__version__.encode(), " ".join(FLAGS).encode(),
+                 _cpu_flags().encode()):
         key.update(part)
     folder = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gemma4_jax" / "kernels")
     return folder / f"{source.stem}-{key.hexdigest()[:16]}.so"

@@ -20,41 +20,22 @@
 // Attribute window (0: none). Result (B, T, N, H) in q's dtype. Tasks run on XLA's intra-op thread pool.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-#include "xla/ffi/api/ffi.h"
+#include "../cpu_ffi_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-inline float bf16_to_f32(uint16_t bits) {
-  uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// Round to nearest even, as XLA's float32 -> bfloat16 conversion (NaN stays NaN).
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+using gemma4_cpu::f32_to_bf16;
+using gemma4_cpu::parallel_for;
+using gemma4_cpu::to_f32;
 
 inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 
@@ -76,12 +57,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 inline void axpy(float p, const float* x, float* y, int64_t n);
 
 #if defined(__AVX512F__)
-// 16 pool elements as float32: bfloat16 bits widened in registers.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
+using gemma4_cpu::load16;
 #endif
 
 // Logits of `rows` consecutive query rows (qf, rows x n, float32) against one pool row k (n elements): out[r *
@@ -302,7 +278,7 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
     }
     if (s.bf16_compute) {
 #pragma omp simd
-      for (int64_t j = 0; j < n_seen; ++j) row[j] = bf16_to_f32(f32_to_bf16(row[j] / total));
+      for (int64_t j = 0; j < n_seen; ++j) row[j] = to_f32(f32_to_bf16(row[j] / total));
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < n_seen; ++j) row[j] = row[j] / total;
@@ -311,32 +287,6 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
   // Pass 2: the value product.
   value_product(logits, rows, stride, vp, seen, n_seen, h, kv, acc);
   for (int64_t r = 0; r < rows; ++r) store(r);
-}
-
-struct Pending {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-// Runs fn(task) for task in [0, total) on the caller and on up to threads - 1 pool threads. The caller claims tasks
-// too, so it never waits on a helper that has not started; helpers that start after every task is claimed return
-// without touching anything but the shared counters they own a reference to.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t total, F fn) {
-  auto pending = std::make_shared<Pending>();
-  auto run = [pending, total, fn]() {
-    for (int64_t task; (task = pending->next.fetch_add(1)) < total;) {
-      fn(task);
-      pending->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), total) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    auto task = run;
-    pool.Schedule(std::move(task));
-  }
-  run();
-  while (pending->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
 bool is_16bit(ffi::DataType t) { return t == ffi::DataType::BF16 || t == ffi::DataType::U16; }

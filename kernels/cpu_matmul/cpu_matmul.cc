@@ -14,55 +14,27 @@
 // for a float32 result and cast). Tasks run on XLA's intra-op thread pool. Reference: kernels/cpu_matmul/reference.py.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
-#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-#include "xla/ffi/api/ffi.h"
+#include "../cpu_ffi_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-inline float to_f32(float x) { return x; }
-inline float to_f32(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// Round to nearest even, as XLA's float32 -> bfloat16 conversion (NaN stays NaN).
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline void put(float* y, float v) { *y = v; }
-inline void put(uint16_t* y, float v) { *y = f32_to_bf16(v); }
+using gemma4_cpu::parallel_for;
+using gemma4_cpu::put;
+using gemma4_cpu::to_f32;
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
+using gemma4_cpu::load16;
+
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(uint16_t* p, __m512 v) {
   alignas(64) float tmp[16];
   _mm512_store_ps(tmp, v);
-  for (int i = 0; i < 16; ++i) p[i] = f32_to_bf16(tmp[i]);
+  for (int i = 0; i < 16; ++i) p[i] = gemma4_cpu::f32_to_bf16(tmp[i]);
 }
 
 // (K, N) weights: rows [m0, m0 + R) of y, columns [n0, n0 + 16 * C), accumulators in registers over all of K.
@@ -120,31 +92,6 @@ void plain_columns(const float* xf, int64_t m_dim, int64_t k_dim, const T* w, in
       put(y + m * n_dim + n, s);
     }
   }
-}
-
-struct Pending {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-// fn(task) for task in [0, total) on the caller and up to threads - 1 pool threads; the caller claims tasks too,
-// so it never waits on a helper that has not started (see kernels/cpu_attention/cpu_attention.cc).
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t total, F fn) {
-  auto pending = std::make_shared<Pending>();
-  auto run = [pending, total, fn]() {
-    for (int64_t task; (task = pending->next.fetch_add(1)) < total;) {
-      fn(task);
-      pending->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), total) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    auto task = run;
-    pool.Schedule(std::move(task));
-  }
-  run();
-  while (pending->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
 // Column blocks per task: wide enough that a task streams long contiguous runs of each weight row, narrow enough
