@@ -56,8 +56,9 @@ def resolve_dtype(dtype: Any, platform: str | None = None) -> jnp.dtype:
 
     "auto" (vLLM's name) is bfloat16 (Gemma 4's checkpoint dtype) on accelerators and on CPUs that multiply
     bfloat16 natively (`cpu_multiplies_bf16`), float32 on other CPUs. On this project's AVX512-BF16 machine a
-    bench-100m engine in bfloat16 runs 1.2-1.35x float32's tokens/s from 2 rows up and its prefill ~1.15-1.45x,
-    batch 1 within ~10% either way, in half the memory (docs/benchmarks.md, "bfloat16 on CPU")."""
+    bench-100m engine in bfloat16 runs 1.2-1.35x float32's tokens/s from 2 rows up and its prefill ~1.15-1.45x, and
+    with the CPU product kernel ~1.5x at batch 1, in half the memory (docs/benchmarks.md, "bfloat16 on CPU" and
+    "Native CPU kernels")."""
     if isinstance(dtype, str):
         if dtype == "auto":
             platform = platform or jax.default_backend()
