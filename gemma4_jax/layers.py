@@ -72,20 +72,22 @@ def model_jit(fun=None, /, **jit_kwargs):
     return jax.jit(fun, compiler_options=MODEL_COMPILER_OPTIONS, **jit_kwargs)
 
 
-# Products of at most this many rows go to the CPU custom call (kernels/cpu_matmul) on CPU: it streams each weight
-# once at close to the memory's rate where XLA's GEMM reads a one-row bfloat16 product at 10-31 GB/s
-# (docs/benchmarks.md, "Native CPU kernels"). Above it XLA's GEMM wins.
-CPU_MATMUL_MAX_ROWS = 4
+# Products of at most this many rows go to the CPU custom call (kernels/cpu_matmul) on CPU, by dtype: it streams
+# each weight once at close to the memory's rate where XLA's GEMM reads a one-row bfloat16 product at 10-31 GB/s;
+# above these XLA's GEMM is as fast or faster (docs/benchmarks.md, "Native CPU kernels").
+CPU_MATMUL_MAX_ROWS = {jnp.dtype(jnp.bfloat16): 8, jnp.dtype(jnp.float32): 4}
+# Weights stored (N, K) (the tied LM head): its blocks of 4 weight rows lose to XLA above 4 rows.
+CPU_MATMUL_MAX_ROWS_TRANSPOSED = 4
 
 
 def few_row_cpu_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int) -> jax.Array | None:
-    """`weight_einsum` through the CPU custom call when it applies (read at trace time): the CPU backend, at most
-    CPU_MATMUL_MAX_ROWS rows, float32 or bfloat16, no multi-device mesh (a custom call would get the sharded
+    """`weight_einsum` through the CPU custom call when it applies (read at trace time): the CPU backend, float32
+    or bfloat16 with at most CPU_MATMUL_MAX_ROWS[dtype] rows, no multi-device mesh (a custom call would get the sharded
     weight gathered whole), the kernel built, and a spec whose weight holds the contracted axes first (Linear's
     (in..., out...)) or last (the tied LM head's (V, D)) with the other axes in the output's order. Else None."""
     lead = x.shape[: x.ndim - n_in]
     rows = math.prod(lead)
-    if jax.default_backend() != "cpu" or rows > CPU_MATMUL_MAX_ROWS or x.dtype not in (jnp.float32, jnp.bfloat16):
+    if jax.default_backend() != "cpu" or rows > CPU_MATMUL_MAX_ROWS.get(jnp.dtype(x.dtype), 0):
         return None
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:
@@ -95,7 +97,7 @@ def few_row_cpu_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int) -> jax.
     ins, outs = x_spec.removeprefix("...")[-n_in:], out.removeprefix("...")
     if w_spec == ins + outs:
         transposed = False
-    elif w_spec == outs + ins:
+    elif w_spec == outs + ins and rows <= CPU_MATMUL_MAX_ROWS_TRANSPOSED:
         transposed = True
     else:
         return None

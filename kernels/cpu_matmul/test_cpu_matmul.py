@@ -1,10 +1,10 @@
 """The CPU few-row weight product (cpu_matmul.cc) against its reference (reference.py), and its place in the model.
 
-Shapes cover each register block (1 row over 256 columns, 2 over 128, 4 over 64), the 16-column and plain-loop
-edges, (N, K) weights with K a multiple of 16 and not, float32 and bfloat16 (bfloat16: the same bits as the
-reference but for rare last-bit ties of a differently ordered sum). Then `weight_einsum` on CPU: few-row products
-of Linear kernels and of the tied LM head go through the custom call, more rows (and a mesh) through XLA, with the
-model's logits unchanged.
+Shapes cover each register block (1 row over 256 columns, 2 over 128, 4 over 64; with AVX512-BF16, bfloat16 pairs
+from 4 rows, odd K included), the 16-column and plain-loop edges, (N, K) weights with K a multiple of 16 and not,
+float32 and bfloat16 (bfloat16: the same bits as the reference but for rare last-bit ties of a differently ordered
+sum). Then `weight_einsum` on CPU: few-row products of Linear kernels and of the tied LM head go through the custom
+call, more rows (and a mesh) through XLA.
 """
 
 import jax
@@ -27,7 +27,8 @@ def _case(rng, m, k, n, transposed, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("m,k,n,transposed", [
     (1, 512, 2048, False), (1, 64, 592, False), (2, 512, 384, False), (3, 96, 200, False), (4, 512, 64, False),
-    (7, 40, 37, False), (1, 512, 1030, True), (2, 64, 33, True), (3, 40, 9, True), (5, 128, 260, True),
+    (7, 40, 37, False), (2, 41, 136, False), (4, 33, 64, False), (8, 512, 320, False), (5, 64, 128, False),
+    (1, 512, 1030, True), (2, 64, 33, True), (3, 40, 9, True), (5, 128, 260, True),
 ])
 def test_matches_reference(m, k, n, transposed, dtype):
     rng = np.random.default_rng(m * 1000 + n)
@@ -61,7 +62,8 @@ def _custom_calls(fn, *args) -> int:
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_weight_einsum_routes_few_rows_to_the_kernel(dtype):
     """Linear kernels ((in..., out...) weights, several in/out axes) and the tied LM head ((V, D) weight): up to
-    CPU_MATMUL_MAX_ROWS rows through the custom call with the reference's numbers, more rows through XLA."""
+    CPU_MATMUL_MAX_ROWS[dtype] rows (the head: CPU_MATMUL_MAX_ROWS_TRANSPOSED) through the custom call with the
+    reference's numbers, more rows through XLA."""
     rng = np.random.default_rng(1)
     w = jnp.asarray(rng.standard_normal((64, 4, 16)) * 0.1, dtype)  # (D,) -> (N, H), as q_proj
     table = jnp.asarray(rng.standard_normal((300, 64)) * 0.1, dtype)  # the tied embedding (V, D)
@@ -69,12 +71,13 @@ def test_weight_einsum_routes_few_rows_to_the_kernel(dtype):
     proj = lambda x: layers.weight_einsum("...a,abc->...bc", x, w)
     head = lambda x: layers.weight_einsum("...D,VD->...V", x, table)
     out = lambda x: layers.weight_einsum("...ab,abc->...c", x, o, n_in=2)
-    limit = layers.CPU_MATMUL_MAX_ROWS
-    for rows in (1, limit, limit + 1):
+    limit = layers.CPU_MATMUL_MAX_ROWS[jnp.dtype(dtype)]
+    head_limit = min(limit, layers.CPU_MATMUL_MAX_ROWS_TRANSPOSED)
+    for rows in sorted({1, head_limit, head_limit + 1, limit, limit + 1}):
         x = jnp.asarray(rng.standard_normal((rows, 1, 64)), dtype)
         xh = jnp.asarray(rng.standard_normal((rows, 1, 4, 16)), dtype)
-        calls = sum(_custom_calls(f, a) for f, a in ((proj, x), (head, x), (out, xh)))
-        assert calls == (3 if rows <= limit else 0), rows
+        calls = [_custom_calls(f, a) for f, a in ((proj, x), (head, x), (out, xh))]
+        assert calls == [rows <= limit, rows <= head_limit, rows <= limit], rows
         for f, a, want in ((proj, x, jnp.einsum("tsa,abc->tsbc", x, w, preferred_element_type=jnp.float32)),
                            (head, x, jnp.einsum("tsD,VD->tsV", x, table, preferred_element_type=jnp.float32)),
                            (out, xh, jnp.einsum("tsab,abc->tsc", xh, o, preferred_element_type=jnp.float32))):
