@@ -18,24 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-from jax.sharding import PartitionSpec as P
-
-from gemma4_jax.kernels.cpu_attention import cpu_paged_attention, load, supported_dtypes
-from gemma4_jax.kernels.paged_attention import KVSource
-from gemma4_jax.kv_view import AttentionBackend, DenseKV, KVView, PagedKV
-from gemma4_jax.pallas_attention import head_sharded_mesh
-
-
-def stored_source(kv: KVView, key_blocks: jax.Array | None) -> KVSource:
-    """The view as the kernel's one key source, pools as stored (a uint16 pool is not bit-cast: on CPU that
-    copies the whole pool)."""
-    if isinstance(kv, PagedKV):
-        return KVSource(kv.k_pages, kv.v_pages, kv.page_table, kv.key_positions(), key_blocks)
-    if isinstance(kv, DenseKV):
-        (src,) = kv.sources()
-        return KVSource(src.k_pages, src.v_pages, src.page_table, src.positions, key_blocks)
-    raise TypeError(f"the cpu attention backend takes a PagedKV or DenseKV view, got {type(kv).__name__}")
+from gemma4_jax.kernels.cpu_attention import cpu_paged_attention, load
+from gemma4_jax.kv_view import AttentionBackend
+from gemma4_jax.pallas_attention import attend_by_head, kernel_sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,21 +37,11 @@ class CpuAttention(AttentionBackend):
 
     def __call__(self, q, kv, q_positions, *, sliding_window, blocks):
         q_blocks, key_blocks = (None, None) if blocks is None else blocks
-        source = stored_source(kv, key_blocks)
-        if not supported_dtypes(q.dtype, source.k_pages.dtype):
-            raise ValueError(
-                f"attention backend 'cpu' takes float32 or bfloat16 models (K/V pools in the model's dtype), got "
-                f"queries in {q.dtype} over pools of {source.k_pages.dtype}; choose --attention-backend xla"
-            )
+        # Pools as stored: a uint16 pool bit-cast to bfloat16 would be copied whole on CPU.
+        sources = kernel_sources(kv, key_blocks, stored=True)
 
-        def attend(q, source, q_positions, q_blocks):
+        def attend(q, sources, q_positions, q_blocks):
+            (source,) = sources  # views have one key source (kv_view.py)
             return cpu_paged_attention(q, source, q_positions, sliding_window=sliding_window, q_blocks=q_blocks)
 
-        mesh = head_sharded_mesh(q, [source])
-        if mesh is None:
-            return attend(q, source, q_positions, q_blocks)
-        # As the Pallas backend: each device attends with its own query heads over its own slice of the pools.
-        heads, whole = P(None, None, "tp", None), P()
-        spec = KVSource(heads, heads, whole, whole, None if key_blocks is None else whole)
-        return jax.shard_map(attend, mesh=mesh, in_specs=(heads, spec, whole, None if q_blocks is None else whole),
-                             out_specs=heads, check_vma=False)(q, source, q_positions, q_blocks)
+        return attend_by_head(attend, q, sources, q_positions, q_blocks)

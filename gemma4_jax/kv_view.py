@@ -67,7 +67,7 @@ class DenseKV:
     def dense(self) -> DenseKV:
         return self
 
-    def sources(self) -> tuple[KeySource, ...]:
+    def sources(self, stored: bool = False) -> tuple[KeySource, ...]:
         b = self.k.shape[0]
         return (KeySource(self.k, self.v, jnp.arange(b, dtype=jnp.int32)[:, None], self.positions),)
 
@@ -104,10 +104,11 @@ class PagedKV:
         all_v = stored_values(self.v_pages[self.page_table]).reshape(all_k.shape)
         return DenseKV(all_k.astype(self.dtype), all_v.astype(self.dtype), self.key_positions())
 
-    def sources(self) -> tuple[KeySource, ...]:
-        # Kernels read the pools in place; uint16 storage exists only on CPU, where they run in interpret mode
-        # (the bit cast copies the pool there).
-        k, v = stored_values(self.k_pages), stored_values(self.v_pages)
+    def sources(self, stored: bool = False) -> tuple[KeySource, ...]:
+        # Kernels read the pools in place. uint16 storage exists only on CPU: the Pallas kernel (interpret mode
+        # there) takes it bit-cast to bfloat16, which copies the pool; stored=True hands the pools as they are
+        # (the CPU custom call reads the bits itself).
+        k, v = (self.k_pages, self.v_pages) if stored else (stored_values(self.k_pages), stored_values(self.v_pages))
         return (KeySource(k, v, self.page_table, self.key_positions()),)
 
 

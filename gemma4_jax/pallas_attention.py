@@ -36,11 +36,11 @@ def interpret_requested() -> bool:
     return os.environ.get(INTERPRET_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def kernel_sources(kv: KVView, key_blocks: jax.Array | None) -> list[KVSource]:
+def kernel_sources(kv: KVView, key_blocks: jax.Array | None, stored: bool = False) -> list[KVSource]:
     """The view's key sources as the kernel takes them, with the vision key-block ids (B, S) of the view's logical
-    key axis cut into each source's stretch."""
+    key axis cut into each source's stretch. stored: pools as stored (uint16 bfloat16 bits not bit-cast)."""
     sources, offset = [], 0
-    for src in kv.sources():
+    for src in kv.sources(stored):
         width = src.positions.shape[1]
         blocks = None if key_blocks is None else key_blocks[:, offset : offset + width]
         sources.append(KVSource(src.k_pages, src.v_pages, src.page_table, src.positions, blocks))
@@ -79,16 +79,23 @@ class PallasAttention(AttentionBackend):
                                      interpret=interpret)
             return out
 
-        mesh = head_sharded_mesh(q, sources)
-        if mesh is None:
-            return attend(q, sources, q_positions, q_blocks)
-        # Each device runs the kernel on its own query heads and the KV heads they read (the pools are split by KV
-        # head, sharding.kv_pool_sharding): no pool crosses devices. Left to XLA, a custom call is handed whole
-        # (gathered) operands.
-        heads, whole = P(None, None, "tp", None), P()
-        specs = [KVSource(heads, heads, whole, whole, None if s.blocks is None else whole) for s in sources]
-        return jax.shard_map(attend, mesh=mesh, in_specs=(heads, specs, whole, None if q_blocks is None else whole),
-                             out_specs=heads, check_vma=False)(q, sources, q_positions, q_blocks)
+        return attend_by_head(attend, q, sources, q_positions, q_blocks)
+
+
+def attend_by_head(attend, q: jax.Array, sources: list[KVSource], q_positions: jax.Array,
+                   q_blocks: jax.Array | None) -> jax.Array:
+    """attend(q, sources, q_positions, q_blocks) -> (B, T, N, H): a kernel call (a plain `pallas_call` or custom
+    call, which XLA does not partition). On a mesh whose tensor axis splits the heads (`head_sharded_mesh`) each
+    device runs it on its own query heads and the KV heads they read (the pools are split by KV head,
+    sharding.kv_pool_sharding): no pool crosses devices. Left to XLA, a kernel is handed whole (gathered)
+    operands. Otherwise it runs on whole heads."""
+    mesh = head_sharded_mesh(q, sources)
+    if mesh is None:
+        return attend(q, sources, q_positions, q_blocks)
+    heads, whole = P(None, None, "tp", None), P()
+    specs = [KVSource(heads, heads, whole, whole, None if s.blocks is None else whole) for s in sources]
+    return jax.shard_map(attend, mesh=mesh, in_specs=(heads, specs, whole, None if q_blocks is None else whole),
+                         out_specs=heads, check_vma=False)(q, sources, q_positions, q_blocks)
 
 
 def head_sharded_mesh(q: jax.Array, sources: list[KVSource]):

@@ -4,6 +4,6 @@ paged-attention reference (kernels/paged_attention/reference.py); test_cpu_atten
 attention backend (gemma4_jax/cpu_attention.py) puts it behind the backend seam.
 """
 
-from gemma4_jax.kernels.cpu_attention.kernel import cpu_paged_attention, load, supported_dtypes
+from gemma4_jax.kernels.cpu_attention.kernel import cpu_paged_attention, load
 
-__all__ = ["cpu_paged_attention", "load", "supported_dtypes"]
+__all__ = ["cpu_paged_attention", "load"]

@@ -54,7 +54,10 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-inline void axpy(float p, const float* x, float* y, int64_t n);
+inline void axpy(float p, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += p * x[i];
+}
 
 #if defined(__AVX512F__)
 using gemma4_cpu::load16;
@@ -132,11 +135,6 @@ inline void value_product(const float* probs, int64_t rows, int64_t stride, cons
       if (p != 0.f) axpy(p, kbuf, acc + r * n, n);
     }
   }
-}
-
-inline void axpy(float p, const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += p * x[i];
 }
 
 struct Shape {
