@@ -72,22 +72,39 @@ def model_jit(fun=None, /, **jit_kwargs):
     return jax.jit(fun, compiler_options=MODEL_COMPILER_OPTIONS, **jit_kwargs)
 
 
-# Products of at most this many rows go to the CPU custom call (kernels/cpu_matmul) on CPU, by dtype: it streams
-# each weight once at close to the memory's rate where XLA's GEMM reads a one-row bfloat16 product at 10-31 GB/s;
-# above these XLA's GEMM is as fast or faster (docs/benchmarks.md, "Native CPU kernels").
-CPU_MATMUL_MAX_ROWS = {jnp.dtype(jnp.bfloat16): 8, jnp.dtype(jnp.float32): 4}
-# Weights stored (N, K) (the tied LM head): its blocks of 4 weight rows lose to XLA above 4 rows.
-CPU_MATMUL_MAX_ROWS_TRANSPOSED = 4
+# Which products go to the CPU custom call (kernels/cpu_matmul) on CPU, by dtype: the most rows for weights stored
+# (K, N) (Linear) and (N, K) (the tied LM head); None = any number when K is even (else the few-row limit below).
+# Few rows: it streams each weight once at close to the memory's rate where XLA's GEMM reads a one-row bfloat16
+# product at 10-31 GB/s. Many bfloat16 rows: weight panels packed as bfloat16 pairs run 600-900 GFLOP/s where XLA's
+# YNNPACK GEMM runs 310-650 (docs/benchmarks.md, "Native CPU kernels"); float32 above 4 rows stays with XLA,
+# whose float32 GEMM is as fast.
+CPU_MATMUL_MAX_ROWS = {jnp.dtype(jnp.bfloat16): None, jnp.dtype(jnp.float32): 4}
+CPU_MATMUL_MAX_ROWS_TRANSPOSED = {jnp.dtype(jnp.bfloat16): None, jnp.dtype(jnp.float32): 4}
+# bfloat16 with an odd K: only the few-row blocks take it (the packed pairs need K even).
+CPU_MATMUL_ODD_K_MAX_ROWS = (8, 4)
 
 
-def few_row_cpu_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int) -> jax.Array | None:
-    """`weight_einsum` through the CPU custom call when it applies (read at trace time): the CPU backend, float32
-    or bfloat16 with at most CPU_MATMUL_MAX_ROWS[dtype] rows, no multi-device mesh (a custom call would get the sharded
-    weight gathered whole), the kernel built, and a spec whose weight holds the contracted axes first (Linear's
+def cpu_matmul_takes(dtype, rows: int, k: int, transposed: bool) -> bool:
+    """Whether the CPU custom call takes a product of `rows` rows and contraction K in this dtype."""
+    limits = CPU_MATMUL_MAX_ROWS_TRANSPOSED if transposed else CPU_MATMUL_MAX_ROWS
+    dtype = jnp.dtype(dtype)
+    if dtype not in limits:
+        return False
+    limit = limits[dtype]
+    if limit is None:
+        limit = math.inf if k % 2 == 0 else CPU_MATMUL_ODD_K_MAX_ROWS[transposed]
+    return rows <= limit
+
+
+def cpu_weight_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int) -> jax.Array | None:
+    """`weight_einsum` through the CPU custom call when it applies (read at trace time): the CPU backend, a
+    product `cpu_matmul_takes` (dtype, rows, K), no multi-device mesh (a custom call would get the sharded weight
+    gathered whole), the kernel built, and a spec whose weight holds the contracted axes first (Linear's
     (in..., out...)) or last (the tied LM head's (V, D)) with the other axes in the output's order. Else None."""
     lead = x.shape[: x.ndim - n_in]
     rows = math.prod(lead)
-    if jax.default_backend() != "cpu" or rows > CPU_MATMUL_MAX_ROWS.get(jnp.dtype(x.dtype), 0):
+    k = math.prod(x.shape[x.ndim - n_in :])
+    if jax.default_backend() != "cpu":
         return None
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:
@@ -97,13 +114,12 @@ def few_row_cpu_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int) -> jax.
     ins, outs = x_spec.removeprefix("...")[-n_in:], out.removeprefix("...")
     if w_spec == ins + outs:
         transposed = False
-    elif w_spec == outs + ins and rows <= CPU_MATMUL_MAX_ROWS_TRANSPOSED:
+    elif w_spec == outs + ins:
         transposed = True
     else:
         return None
-    if cpu_matmul.load() is not None:
+    if not cpu_matmul_takes(x.dtype, rows, k, transposed) or cpu_matmul.load() is not None:
         return None
-    k = math.prod(x.shape[x.ndim - n_in :])
     out_shape = w.shape[: w.ndim - n_in] if transposed else w.shape[n_in:]
     n = math.prod(out_shape)
     y = cpu_matmul.cpu_matmul(x.reshape(rows, k), w.reshape((n, k) if transposed else (k, n)), transposed=transposed)
@@ -122,12 +138,12 @@ def weight_einsum(spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.A
     - a one-row product (batch-1 decode) goes to XLA's own matrix-vector loop, which converts the weight too; it is
       padded to two rows so it reaches the GEMM (~5x faster; still slower than float32, which `--dtype auto` picks
       on CPU). docs/benchmarks.md, "bfloat16 on CPU".
-    On CPU, products of up to CPU_MATMUL_MAX_ROWS rows go to the custom call (`few_row_cpu_matmul`).
+    On CPU, the products `cpu_matmul_takes` go to the custom call (`cpu_weight_matmul`).
     """
     w = w.astype(x.dtype)
-    few = few_row_cpu_matmul(spec, x, w, n_in)
-    if few is not None:
-        return few
+    custom = cpu_weight_matmul(spec, x, w, n_in)
+    if custom is not None:
+        return custom
     if x.dtype == jnp.float32:
         return jnp.einsum(spec, x, w)
     lead = x.shape[: x.ndim - n_in]

@@ -109,6 +109,210 @@ void kn_block_bf16_pairs(const uint16_t* x, int64_t k_dim, const uint16_t* w, in
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// Many-row bfloat16 products (the decode steps of large batches, prefill chunks, the LM head over a batch): the
+// weights of a panel of 64 output columns are packed once per task as bfloat16 pairs (element (k, k + 1) of each
+// column side by side, 16 columns per vector in order; K * 128 bytes, L2-resident), and every block of 6 activation
+// rows then runs all of K with its 6 x 4 accumulators in registers, one vdpbf16ps per accumulator and pair of K.
+// XLA's YNNPACK GEMM runs these shapes at 310-650 GFLOP/s on a machine whose bfloat16 rate is ~1,000; this runs
+// 600-900 (docs/benchmarks.md). The products of bfloat16 numbers are exact in float32; the instruction adds each
+// pair before accumulating (another order of the same sum) and treats denormals as zero.
+constexpr int64_t kPanel = 64;
+constexpr int kPanelVectors = 4;
+constexpr int kPanelRows = 6;
+// Pairs of weight rows the packing prefetches ahead of its loads.
+constexpr int64_t kPackAhead = 8;
+
+// 16 float32 lanes rounded to bfloat16 bits (f32_to_bf16 in 16 lanes: round to nearest even, NaN kept quiet).
+inline __m256i round_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+}
+
+inline __mmask32 first_bits32(int64_t n) {
+  return n >= 32 ? ~__mmask32{0} : n <= 0 ? __mmask32{0} : static_cast<__mmask32>((uint64_t{1} << n) - 1);
+}
+
+// (K, N) weights, columns [n0, n0 + cols), K even -> packed[kp * 4 + c] = the pairs (W[2kp, j], W[2kp + 1, j]) of
+// columns j = n0 + 16c ... + 15 (zeros past cols). unpacklo/hi pair the two rows within 128-bit lanes (columns
+// 8i..8i+3 and 8i+4..8i+7 of lane i); one permute per vector puts the columns back in order.
+void pack_kn(const uint16_t* w, int64_t k_dim, int64_t n_dim, int64_t n0, int64_t cols, __m512i* packed) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __mmask32 keep[2] = {first_bits32(cols), first_bits32(cols - 32)};
+  const int64_t pairs = k_dim / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const uint16_t* a = w + 2 * kp * n_dim + n0;
+    if (kp + kPackAhead < pairs) {  // a task's first panel was not prefetched: run ahead of the loads
+      _mm_prefetch(reinterpret_cast<const char*>(a + 2 * kPackAhead * n_dim), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(a + 2 * kPackAhead * n_dim) + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(a + (2 * kPackAhead + 1) * n_dim), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(a + (2 * kPackAhead + 1) * n_dim) + 64, _MM_HINT_T0);
+    }
+    for (int h = 0; h < 2; ++h) {  // 32 columns at a time
+      const __m512i ra = _mm512_maskz_loadu_epi16(keep[h], a + 32 * h);
+      const __m512i rb = _mm512_maskz_loadu_epi16(keep[h], a + n_dim + 32 * h);
+      const __m512i lo = _mm512_unpacklo_epi16(ra, rb), hi = _mm512_unpackhi_epi16(ra, rb);
+      packed[kp * kPanelVectors + 2 * h] = _mm512_permutex2var_epi32(lo, first, hi);
+      packed[kp * kPanelVectors + 2 * h + 1] = _mm512_permutex2var_epi32(lo, second, hi);
+    }
+  }
+}
+
+// 16 x 16 32-bit transpose in registers: r[i] lane j -> r[j] lane i.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // u[4q + e] holds, in 128-bit block b, element 4b + e of rows 4q .. 4q + 3.
+  for (int e = 0; e < 4; ++e) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88), v1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xdd);
+    r[e] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[8 + e] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+    r[4 + e] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+  }
+}
+
+// (N, K) weights (the tied LM head), rows [n0, n0 + cols) as the output columns, K even -> the same packing as
+// pack_kn: each weight row's 32-bit pairs are already side by side, so 16 x 16 blocks of pairs are transposed.
+void pack_nk(const uint16_t* w, int64_t k_dim, int64_t n0, int64_t cols, __m512i* packed) {
+  const int64_t pairs = k_dim / 2;
+  const int32_t* rows = reinterpret_cast<const int32_t*>(w);  // rows[n * pairs + kp]: a pair (k_dim even)
+  for (int c = 0; c < kPanelVectors; ++c) {
+    for (int64_t kp0 = 0; kp0 < pairs; kp0 += 16) {
+      const int64_t span = std::min<int64_t>(16, pairs - kp0);
+      const __mmask16 keep = span == 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << span) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = 16 * c + i;
+        r[i] = n < cols ? _mm512_maskz_loadu_epi32(keep, rows + (n0 + n) * pairs + kp0) : _mm512_setzero_si512();
+      }
+      transpose16(r);
+      for (int64_t j = 0; j < span; ++j) packed[(kp0 + j) * kPanelVectors + c] = r[j];
+    }
+  }
+}
+
+// Cache lines of the panel a task packs next, prefetched a share at a time while the current panel computes (a
+// prefetch past the weights does not fault): K pieces of 2 lines, piece i at base + i * stride; the block's pair
+// kp of K takes pieces 2 (begin + kp) and 2 (begin + kp) + 1 for kp < count.
+struct Prefetch {
+  const char* base = nullptr;
+  int64_t stride = 0;
+  int64_t begin = 0, count = 0;
+};
+
+// Rows [m0, m0 + R) of y, columns [n0, n0 + cols) from a packed panel.
+template <int R>
+void panel_rows(const uint16_t* x, int64_t k_dim, const __m512i* packed, int64_t m0, uint16_t* y, int64_t n_dim,
+                int64_t n0, int64_t cols, const Prefetch& pre) {
+  __m512 acc[R][kPanelVectors];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kPanelVectors; ++c) acc[r][c] = _mm512_setzero_ps();
+  const uint16_t* xr = x + m0 * k_dim;
+  for (int64_t kp = 0; kp < k_dim / 2; ++kp) {
+    __m512bh wv[kPanelVectors];
+    for (int c = 0; c < kPanelVectors; ++c) wv[c] = (__m512bh)_mm512_load_si512(packed + kp * kPanelVectors + c);
+    if (kp < pre.count) {
+      const char* line = pre.base + 2 * (pre.begin + kp) * pre.stride;
+      _mm_prefetch(line, _MM_HINT_T0);
+      _mm_prefetch(line + 64, _MM_HINT_T0);
+      _mm_prefetch(line + pre.stride, _MM_HINT_T0);
+      _mm_prefetch(line + pre.stride + 64, _MM_HINT_T0);
+    }
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, xr + r * k_dim + 2 * kp, sizeof pair);
+      const __m512bh xp = (__m512bh)_mm512_set1_epi32(pair);
+      for (int c = 0; c < kPanelVectors; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xp);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    uint16_t* out = y + (m0 + r) * n_dim + n0;
+    for (int c = 0; c < kPanelVectors; ++c) {
+      const int64_t left = cols - 16 * c;
+      if (left <= 0) break;
+      const __mmask16 keep = left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+      _mm256_mask_storeu_epi16(out + 16 * c, keep, round_bf16(acc[r][c]));
+    }
+  }
+}
+
+void panel_rows_any(int64_t rows, const uint16_t* x, int64_t k_dim, const __m512i* packed, int64_t m0, uint16_t* y,
+                    int64_t n_dim, int64_t n0, int64_t cols, const Prefetch& pre) {
+  switch (rows) {
+    case 6: return panel_rows<6>(x, k_dim, packed, m0, y, n_dim, n0, cols, pre);
+    case 5: return panel_rows<5>(x, k_dim, packed, m0, y, n_dim, n0, cols, pre);
+    case 4: return panel_rows<4>(x, k_dim, packed, m0, y, n_dim, n0, cols, pre);
+    case 3: return panel_rows<3>(x, k_dim, packed, m0, y, n_dim, n0, cols, pre);
+    case 2: return panel_rows<2>(x, k_dim, packed, m0, y, n_dim, n0, cols, pre);
+    default: return panel_rows<1>(x, k_dim, packed, m0, y, n_dim, n0, cols, pre);
+  }
+}
+
+// Rows per task: enough that packing is paid back many times, few enough that a prefill chunk still splits into
+// several tasks per run of panels.
+constexpr int64_t kTaskRows = 16 * kPanelRows;
+
+// y (M, N) = x (M, K) @ W, W (K, N) or, transposed, (N, K); K even.
+void gemm_bf16(ffi::ThreadPool& pool, const uint16_t* x, int64_t m_dim, int64_t k_dim, const uint16_t* w,
+               int64_t n_dim, bool transposed, uint16_t* y) {
+  const int64_t panels = (n_dim + kPanel - 1) / kPanel, chunks = (m_dim + kTaskRows - 1) / kTaskRows;
+  // A task owns a run of up to 4 panels, so that it knows which panel comes next and can prefetch it, while
+  // leaving at least two tasks per thread.
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t per_task = std::clamp<int64_t>(panels * chunks / (2 * threads), 1, 4);
+  const int64_t runs = (panels + per_task - 1) / per_task;
+  const int64_t pairs = k_dim / 2;
+  parallel_for(pool, runs * chunks, [=](int64_t task) {
+    thread_local std::vector<__m512i> buffer;
+    if (static_cast<int64_t>(buffer.size()) < pairs * kPanelVectors) buffer.resize(pairs * kPanelVectors);
+    const int64_t p_begin = task / chunks * per_task, p_end = std::min(panels, p_begin + per_task);
+    const int64_t m_begin = task % chunks * kTaskRows, m_end = std::min(m_dim, m_begin + kTaskRows);
+    const int64_t blocks = (m_end - m_begin + kPanelRows - 1) / kPanelRows;
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const int64_t n0 = p * kPanel, cols = std::min(kPanel, n_dim - n0);
+      if (transposed) {
+        pack_nk(w, k_dim, n0, cols, buffer.data());
+      } else {
+        pack_kn(w, k_dim, n_dim, n0, cols, buffer.data());
+      }
+      // The next panel, K pieces of 2 lines: the weight rows' 128 bytes of its columns, or 128-byte slices of its
+      // contiguous (64, K) block of the transposed weight; a share of them in each row block.
+      Prefetch pre;
+      int64_t share = 0;
+      if (p + 1 < p_end) {
+        pre.base = reinterpret_cast<const char*>(transposed ? w + (n0 + kPanel) * k_dim : w + n0 + kPanel);
+        pre.stride = transposed ? 128 : 2 * n_dim;
+        share = (pairs + blocks - 1) / blocks;
+      }
+      for (int64_t m = m_begin; m < m_end; m += kPanelRows) {
+        pre.count = std::clamp<int64_t>(pairs - pre.begin, 0, share);
+        panel_rows_any(std::min<int64_t>(kPanelRows, m_end - m), x, k_dim, buffer.data(), m, y, n_dim, n0, cols,
+                       pre);
+        pre.begin += pre.count;
+      }
+    }
+  });
+}
+#endif
+
 // (N, K) weights: rows [m0, m0 + R) of y against V weight rows n0..n0+V-1 (k_dim a multiple of 16): R x V
 // accumulators, horizontal sums at the end.
 template <int R, int V, typename T>
@@ -150,10 +354,18 @@ void plain_columns(const float* xf, int64_t m_dim, int64_t k_dim, const T* w, in
 // Column blocks per task: wide enough that a task streams long contiguous runs of each weight row, narrow enough
 // that every thread gets several.
 constexpr int64_t kTaskColumns = 256;
+// Above this many rows, bfloat16 products with an even K (both layouts) take the packed panels (gemm_bf16): at
+// 5-8 rows they stream as fast as the blocks above, and the (N, K) blocks lose to XLA there.
+constexpr int64_t kManyRows = 4;
 
 template <typename T>
 void matmul(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim, const T* w, int64_t n_dim,
             bool transposed, T* y) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (m_dim > kManyRows && k_dim % 2 == 0) return gemm_bf16(pool, x, m_dim, k_dim, w, n_dim, transposed, y);
+  }
+#endif
   std::vector<float> xf(m_dim * k_dim);  // the few activation rows, widened once
   for (int64_t i = 0; i < m_dim * k_dim; ++i) xf[i] = to_f32(x[i]);
   const float* xs = xf.data();

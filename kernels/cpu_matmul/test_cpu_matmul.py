@@ -1,10 +1,12 @@
-"""The CPU few-row weight product (cpu_matmul.cc) against its reference (reference.py), and its place in the model.
+"""The CPU weight product (cpu_matmul.cc) against its reference (reference.py), and its place in the model.
 
-Shapes cover each register block (1 row over 256 columns, 2 over 128, 4 over 64; with AVX512-BF16, bfloat16 pairs
-from 4 rows, odd K included), the 16-column and plain-loop edges, (N, K) weights with K a multiple of 16 and not,
-float32 and bfloat16 (bfloat16: the same bits as the reference but for rare last-bit ties of a differently ordered
-sum). Then `weight_einsum` on CPU: few-row products of Linear kernels and of the tied LM head go through the custom
-call, more rows (and a mesh) through XLA.
+Shapes cover each few-row register block (1 row over 256 columns, 2 over 128, 4 over 64; with AVX512-BF16,
+bfloat16 pairs at 4 rows, odd K included), the 16-column and plain-loop edges, (N, K) weights with K a multiple of 16
+and not; and the packed panels of bfloat16 pairs above 4 rows (both layouts: blocks of 6 rows and their 1-5 row
+tails, task row chunks of 96, ragged 64-column panels, (N, K) transposes with K / 2 not a multiple of 16). float32
+and bfloat16 (bfloat16: the same bits as the reference but for rare last-bit ties of a differently ordered sum).
+Then `weight_einsum` on CPU: which products go through the custom call, more rows of float32 (and a mesh) through
+XLA.
 """
 
 import jax
@@ -29,6 +31,11 @@ def _case(rng, m, k, n, transposed, dtype):
     (1, 512, 2048, False), (1, 64, 592, False), (2, 512, 384, False), (3, 96, 200, False), (4, 512, 64, False),
     (7, 40, 37, False), (2, 41, 136, False), (4, 33, 64, False), (8, 512, 320, False), (5, 64, 128, False),
     (1, 512, 1030, True), (2, 64, 33, True), (3, 40, 9, True), (5, 128, 260, True),
+    # packed bfloat16 panels (float32 above 4 rows: the few-row blocks)
+    (6, 64, 64, False), (9, 512, 300, False), (13, 30, 17, False), (64, 512, 1024, False), (97, 96, 130, False),
+    (200, 40, 65, False), (7, 2, 5, False), (9, 33, 70, False),
+    (6, 64, 64, True), (9, 512, 300, True), (13, 40, 17, True), (64, 512, 1000, True), (97, 34, 130, True),
+    (200, 64, 65, True),
 ])
 def test_matches_reference(m, k, n, transposed, dtype):
     rng = np.random.default_rng(m * 1000 + n)
@@ -55,32 +62,52 @@ def test_refuses_what_it_does_not_take():
         cpu_matmul(x[None], w)
 
 
+def test_non_finite_values_propagate():
+    """NaN and infinities in activations or weights reach the outputs as in the reference (packed panels and
+    few-row blocks)."""
+    rng = np.random.default_rng(7)
+    for m, transposed in ((3, False), (12, False), (12, True)):
+        x, w = _case(rng, m, 64, 80, transposed, jnp.bfloat16)
+        x = x.at[1, 5].set(jnp.nan).at[2, 9].set(jnp.inf)
+        w = w.at[(7, 3) if transposed else (3, 7)].set(-jnp.inf)
+        got = np.asarray(jax.jit(lambda x, w: cpu_matmul(x, w, transposed=transposed))(x, w), np.float32)
+        want = np.asarray(matmul_reference(x, w, transposed=transposed), np.float32)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+        finite = np.isfinite(want)
+        np.testing.assert_allclose(got[finite], want[finite], rtol=8e-3, atol=8e-3)
+
+
 def _custom_calls(fn, *args) -> int:
     return jax.jit(fn).lower(*args).as_text().count("gemma4_cpu_matmul")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_weight_einsum_routes_few_rows_to_the_kernel(dtype):
-    """Linear kernels ((in..., out...) weights, several in/out axes) and the tied LM head ((V, D) weight): up to
-    CPU_MATMUL_MAX_ROWS[dtype] rows (the head: CPU_MATMUL_MAX_ROWS_TRANSPOSED) through the custom call with the
-    reference's numbers, more rows through XLA."""
+def test_weight_einsum_routes_products_to_the_kernel(dtype):
+    """Linear kernels ((in..., out...) weights, several in/out axes) and the tied LM head ((V, D) weight) through the
+    custom call with the reference's numbers where `cpu_matmul_takes` says so: bfloat16 at any row count (K even;
+    odd K up to the few-row limits), float32 up to 4 rows; more float32 rows through XLA."""
     rng = np.random.default_rng(1)
     w = jnp.asarray(rng.standard_normal((64, 4, 16)) * 0.1, dtype)  # (D,) -> (N, H), as q_proj
     table = jnp.asarray(rng.standard_normal((300, 64)) * 0.1, dtype)  # the tied embedding (V, D)
     o = jnp.asarray(rng.standard_normal((4, 16, 64)) * 0.1, dtype)  # (N, H) -> (D,), as o_proj
+    w_odd = jnp.asarray(rng.standard_normal((33, 48)) * 0.1, dtype)  # an odd K
     proj = lambda x: layers.weight_einsum("...a,abc->...bc", x, w)
     head = lambda x: layers.weight_einsum("...D,VD->...V", x, table)
     out = lambda x: layers.weight_einsum("...ab,abc->...c", x, o, n_in=2)
-    limit = layers.CPU_MATMUL_MAX_ROWS[jnp.dtype(dtype)]
-    head_limit = min(limit, layers.CPU_MATMUL_MAX_ROWS_TRANSPOSED)
-    for rows in sorted({1, head_limit, head_limit + 1, limit, limit + 1}):
+    odd = lambda x: layers.weight_einsum("...a,ab->...b", x, w_odd)
+    bf16 = jnp.dtype(dtype) == jnp.bfloat16
+    for rows in (1, 4, 5, 8, 9, 64):
         x = jnp.asarray(rng.standard_normal((rows, 1, 64)), dtype)
         xh = jnp.asarray(rng.standard_normal((rows, 1, 4, 16)), dtype)
-        calls = [_custom_calls(f, a) for f, a in ((proj, x), (head, x), (out, xh))]
-        assert calls == [rows <= limit, rows <= head_limit, rows <= limit], rows
+        xo = jnp.asarray(rng.standard_normal((rows, 1, 33)), dtype)
+        calls = [_custom_calls(f, a) for f, a in ((proj, x), (head, x), (out, xh), (odd, xo))]
+        few = rows <= 4
+        assert calls == [bf16 or few, bf16 or few, bf16 or few, few or (bf16 and rows <= 8)], rows
         for f, a, want in ((proj, x, jnp.einsum("tsa,abc->tsbc", x, w, preferred_element_type=jnp.float32)),
                            (head, x, jnp.einsum("tsD,VD->tsV", x, table, preferred_element_type=jnp.float32)),
-                           (out, xh, jnp.einsum("tsab,abc->tsc", xh, o, preferred_element_type=jnp.float32))):
+                           (out, xh, jnp.einsum("tsab,abc->tsc", xh, o, preferred_element_type=jnp.float32)),
+                           (odd, xo, jnp.einsum("tsa,ab->tsb", xo, w_odd, preferred_element_type=jnp.float32))):
             got = jax.jit(f)(a)
             assert got.dtype == dtype and got.shape == want.shape
             np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(dtype), np.float32),
