@@ -380,13 +380,27 @@ def allowed_tokens(bitmask: jax.Array, vocab_size: int) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _max_or_nan(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.where((a >= b) | jnp.isnan(a), a, b)
+
+
+def row_max(x: jax.Array) -> jax.Array:
+    """jnp.max(x, axis=-1, keepdims=True) for float x (NaN where a row holds one). On CPU it is a reduction with a
+    NaN-propagating combiner of its own, which XLA does not hand to YNNPACK: there a row max over (64, 32768) logits
+    became a fusion writing its broadcast back as a (64, 32768) array, ~3 ms per use in a ~40 ms batch-64 decode
+    step, where this one runs in a plain loop (docs/benchmarks.md, "Packed bfloat16 products")."""
+    if jax.default_backend() != "cpu":
+        return jnp.max(x, axis=-1, keepdims=True)
+    return jax.lax.reduce(x, jnp.asarray(-jnp.inf, x.dtype), _max_or_nan, (x.ndim - 1,))[..., None]
+
+
 def first_argmax(x: jax.Array) -> jax.Array:
     """jnp.argmax(x, axis=-1) as int32 (the first maximum; the first NaN where a row has one), as two plain
     reductions: the row's max, then the smallest index holding it. XLA:CPU runs argmax's paired (value, index)
     reduction as scalar code: over a (64, 32768) logits block 4.3 ms against 1.5 ms for the two reductions (in a
     ~52 ms batch-64 bench-100m bfloat16 decode step, argmax and the (B, V) log_softmax took 5.6 ms of thread time,
     these two and `token_log_softmax` 3.3)."""
-    top = jnp.max(x, axis=-1, keepdims=True)  # NaN where the row holds one (max propagates it)
+    top = row_max(x)  # NaN where the row holds one (max propagates it)
     index = jnp.arange(x.shape[-1], dtype=jnp.int32)
     hit = (x == top) | jnp.isnan(x)
     return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
@@ -396,7 +410,7 @@ def token_log_softmax(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """log_softmax(logits)[b, tokens[b]] for (B, V) float32 logits, without the (B, V) log_softmax: the same
     operations as jax.nn.log_softmax on the one entry per row (shifted by the row max, minus the log of the summed
     exponentials)."""
-    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    top = jax.lax.stop_gradient(row_max(logits))
     shifted = logits - top
     log_total = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
     return jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0] - log_total
