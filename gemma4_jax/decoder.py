@@ -23,7 +23,7 @@ from flax import nnx
 from gemma4_jax.attention import Attention
 from gemma4_jax.config import LayerSpec, TextConfig
 from gemma4_jax.kv_view import DenseKV, KVView
-from gemma4_jax.layers import Embed, Linear, RMSNorm, activation, param
+from gemma4_jax.layers import Embed, Linear, RMSNorm, activation, logits_einsum, param
 from gemma4_jax.mlp import MLP
 from gemma4_jax.moe import MoEBlock
 
@@ -153,9 +153,7 @@ class Gemma4Text(nnx.Module):
     def head(self, x: jax.Array) -> jax.Array:
         """Final norm, LM head and soft-capping. (..., D) -> float32 logits (..., V)."""
         x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.cfg.tie_word_embeddings else self.lm_head(x)
-        logits = logits.astype(jnp.float32)
         cap = self.cfg.final_logit_softcapping
-        if cap:
-            logits = jnp.tanh(logits / cap) * cap
-        return logits
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.logits(x, cap)
+        return logits_einsum("...a,ab->...b", x, self.lm_head.kernel[...], cap)

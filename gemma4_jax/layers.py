@@ -96,11 +96,14 @@ def cpu_matmul_takes(dtype, rows: int, k: int, transposed: bool) -> bool:
     return rows <= limit
 
 
-def cpu_weight_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int) -> jax.Array | None:
+def cpu_weight_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int,
+                      logits_softcap: float | None = None) -> jax.Array | None:
     """`weight_einsum` through the CPU custom call when it applies (read at trace time): the CPU backend, a
     product `cpu_matmul_takes` (dtype, rows, K), no multi-device mesh (a custom call would get the sharded weight
     gathered whole), the kernel built, and a spec whose weight holds the contracted axes first (Linear's
-    (in..., out...)) or last (the tied LM head's (V, D)) with the other axes in the output's order. Else None."""
+    (in..., out...)) or last (the tied LM head's (V, D)) with the other axes in the output's order. Else None.
+    logits_softcap: not None = the LM head's float32 logits, soft-capped when > 0, from the custom call's epilogue
+    (bfloat16 products of the packed panels only; None for anything else)."""
     lead = x.shape[: x.ndim - n_in]
     rows = math.prod(lead)
     k = math.prod(x.shape[x.ndim - n_in :])
@@ -120,9 +123,15 @@ def cpu_weight_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int) -> jax.A
         return None
     if not cpu_matmul_takes(x.dtype, rows, k, transposed) or cpu_matmul.load() is not None:
         return None
+    epilogue = {}
+    if logits_softcap is not None:
+        if x.dtype != jnp.bfloat16 or rows <= cpu_matmul.MANY_ROWS or k % 2:
+            return None
+        epilogue = {"float32_out": True, "softcap": logits_softcap or None}
     out_shape = w.shape[: w.ndim - n_in] if transposed else w.shape[n_in:]
     n = math.prod(out_shape)
-    y = cpu_matmul.cpu_matmul(x.reshape(rows, k), w.reshape((n, k) if transposed else (k, n)), transposed=transposed)
+    y = cpu_matmul.cpu_matmul(x.reshape(rows, k), w.reshape((n, k) if transposed else (k, n)), transposed=transposed,
+                              **epilogue)
     return y.reshape(*lead, *out_shape)
 
 
@@ -153,6 +162,20 @@ def weight_einsum(spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.A
         y = jnp.einsum(spec, two, w, preferred_element_type=jnp.float32)[0]
         return y.astype(x.dtype).reshape(*lead, *y.shape)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def logits_einsum(spec: str, x: jax.Array, w: jax.Array, softcap: float | None) -> jax.Array:
+    """The LM head: float32 logits of weight_einsum(spec, x, w), soft-capped as tanh(y / softcap) * softcap when
+    softcap is set. On CPU, bfloat16 heads of many rows get both from the product's own epilogue: XLA ran the
+    widening, the tanh and a copy of (64, 32768) logits as separate passes at ~1 ns per element, ~5.5 ms of a
+    ~40 ms batch-64 decode step (docs/benchmarks.md, "Packed bfloat16 products")."""
+    fused = cpu_weight_matmul(spec, x, w.astype(x.dtype), 1, logits_softcap=softcap or 0.0)
+    if fused is not None:
+        return fused
+    logits = weight_einsum(spec, x, w).astype(jnp.float32)
+    if softcap:
+        logits = jnp.tanh(logits / softcap) * softcap
+    return logits
 
 
 class Linear(nnx.Module):
@@ -273,6 +296,10 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied LM head: (..., D) -> (..., V)."""
         return weight_einsum("...D,VD->...V", x, self.embedding[...])
+
+    def logits(self, x: jax.Array, softcap: float | None) -> jax.Array:
+        """Tied LM head as float32 logits, soft-capped when softcap is set (`logits_einsum`): (..., D) -> (..., V)."""
+        return logits_einsum("...D,VD->...V", x, self.embedding[...], softcap)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

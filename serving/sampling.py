@@ -411,9 +411,10 @@ def token_log_softmax(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     operations as jax.nn.log_softmax on the one entry per row (shifted by the row max, minus the log of the summed
     exponentials)."""
     top = jax.lax.stop_gradient(row_max(logits))
-    shifted = logits - top
-    log_total = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
-    return jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0] - log_total
+    log_total = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    # The shift of the one picked entry (the same subtraction as in the (B, V) shift, which is then never written)
+    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1) - top
+    return picked[:, 0] - log_total
 
 
 def sample(

@@ -1,9 +1,10 @@
-"""CPU few-row weight products: an XLA FFI custom call (cpu_matmul.cc) that streams each weight once per step for
-the decode of small batches, built on first use (kernels/cpu_build.py). reference.py is what it must equal;
-test_cpu_matmul.py compares the two. `gemma4_jax.layers.weight_einsum` routes few-row products to it on CPU.
+"""CPU weight products: an XLA FFI custom call (cpu_matmul.cc), built on first use (kernels/cpu_build.py), that
+streams each weight once per step for few rows and runs packed panels of bfloat16 pairs for many (with the LM
+head's float32 soft-capped epilogue). reference.py is what it must equal; test_cpu_matmul.py compares the two.
+`gemma4_jax.layers.weight_einsum` and `logits_einsum` route products to it on CPU.
 """
 
-from gemma4_jax.kernels.cpu_matmul.kernel import cpu_matmul, load
+from gemma4_jax.kernels.cpu_matmul.kernel import MANY_ROWS, cpu_matmul, load
 from gemma4_jax.kernels.cpu_matmul.reference import matmul_reference
 
-__all__ = ["cpu_matmul", "load", "matmul_reference"]
+__all__ = ["MANY_ROWS", "cpu_matmul", "load", "matmul_reference"]

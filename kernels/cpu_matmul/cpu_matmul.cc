@@ -218,9 +218,68 @@ struct Prefetch {
   int64_t begin = 0, count = 0;
 };
 
+// tanh in 16 lanes for the LM head's logit soft-cap, cap * tanh(logit / cap): Cephes' tanhf (an odd polynomial
+// below 0.625, 1 - 2 / (e^2|x| + 1) above, e^t as 2^n e^r), within a few ulp of XLA's own approximation, and like
+// it exactly +-1 from |x| ~= 7.99881 on (the true tanh rounds to 1 from ~9.01), so that saturated logits tie as
+// they do there. NaN stays NaN, +-inf gives +-1.
+inline __m512 tanh16(__m512 x) {
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(0x80000000u)));
+  const __m512 a = _mm512_andnot_ps(sign, x);
+  const __m512 one = _mm512_set1_ps(1.f);
+  // e^t, t = 2|x| (kept below float32's overflow; tanh is 1 long before)
+  const __m512 t = _mm512_mul_ps(_mm512_set1_ps(2.f), _mm512_min_ps(a, _mm512_set1_ps(44.f)));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(t, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), t);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, one));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  const __m512 big = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
+  const __m512 z = _mm512_mul_ps(a, a);
+  __m512 q = _mm512_set1_ps(-5.70498872745e-3f);
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(2.06390887954e-2f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(-5.37397155531e-2f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.33314422036e-1f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(-3.33332819422e-1f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(q, z), a, a);
+  __m512 m = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ), big, small);
+  m = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(7.9988117f), _CMP_GE_OQ), m, one);
+  const __m512 signed_m = _mm512_or_ps(m, _mm512_and_ps(sign, x));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), signed_m, x);
+}
+
+// Where a packed product writes: bfloat16 y, or float32 y holding the bfloat16-rounded values widened (what the
+// model's `logits.astype(float32)` sees), soft-capped when cap > 0 (the LM head: tanh(y / cap) * cap).
+struct Out {
+  uint16_t* bf16 = nullptr;
+  float* f32 = nullptr;
+  float cap = 0.f;
+};
+
+inline void store_out(const Out& out, int64_t offset, __mmask16 keep, __m512 acc) {
+  const __m256i bits = round_bf16(acc);
+  if (out.f32 == nullptr) {
+    _mm256_mask_storeu_epi16(out.bf16 + offset, keep, bits);
+    return;
+  }
+  __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  if (out.cap > 0.f) {
+    const __m512 cap = _mm512_set1_ps(out.cap);
+    v = _mm512_mul_ps(tanh16(_mm512_div_ps(v, cap)), cap);
+  }
+  _mm512_mask_storeu_ps(out.f32 + offset, keep, v);
+}
+
 // Rows [m0, m0 + R) of y, columns [n0, n0 + cols) from a packed panel.
 template <int R>
-void panel_rows(const uint16_t* x, int64_t k_dim, const __m512i* packed, int64_t m0, uint16_t* y, int64_t n_dim,
+void panel_rows(const uint16_t* x, int64_t k_dim, const __m512i* packed, int64_t m0, const Out& y, int64_t n_dim,
                 int64_t n0, int64_t cols, const Prefetch& pre) {
   __m512 acc[R][kPanelVectors];
   for (int r = 0; r < R; ++r)
@@ -244,17 +303,16 @@ void panel_rows(const uint16_t* x, int64_t k_dim, const __m512i* packed, int64_t
     }
   }
   for (int r = 0; r < R; ++r) {
-    uint16_t* out = y + (m0 + r) * n_dim + n0;
     for (int c = 0; c < kPanelVectors; ++c) {
       const int64_t left = cols - 16 * c;
       if (left <= 0) break;
       const __mmask16 keep = left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
-      _mm256_mask_storeu_epi16(out + 16 * c, keep, round_bf16(acc[r][c]));
+      store_out(y, (m0 + r) * n_dim + n0 + 16 * c, keep, acc[r][c]);
     }
   }
 }
 
-void panel_rows_any(int64_t rows, const uint16_t* x, int64_t k_dim, const __m512i* packed, int64_t m0, uint16_t* y,
+void panel_rows_any(int64_t rows, const uint16_t* x, int64_t k_dim, const __m512i* packed, int64_t m0, const Out& y,
                     int64_t n_dim, int64_t n0, int64_t cols, const Prefetch& pre) {
   switch (rows) {
     case 6: return panel_rows<6>(x, k_dim, packed, m0, y, n_dim, n0, cols, pre);
@@ -272,7 +330,7 @@ constexpr int64_t kTaskRows = 16 * kPanelRows;
 
 // y (M, N) = x (M, K) @ W, W (K, N) or, transposed, (N, K); K even.
 void gemm_bf16(ffi::ThreadPool& pool, const uint16_t* x, int64_t m_dim, int64_t k_dim, const uint16_t* w,
-               int64_t n_dim, bool transposed, uint16_t* y) {
+               int64_t n_dim, bool transposed, Out y) {
   const int64_t panels = (n_dim + kPanel - 1) / kPanel, chunks = (m_dim + kTaskRows - 1) / kTaskRows;
   // A task owns a run of up to 4 panels, so that it knows which panel comes next and can prefetch it, while
   // leaving at least two tasks per thread.
@@ -363,7 +421,9 @@ void matmul(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim, con
             bool transposed, T* y) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, uint16_t>) {
-    if (m_dim > kManyRows && k_dim % 2 == 0) return gemm_bf16(pool, x, m_dim, k_dim, w, n_dim, transposed, y);
+    if (m_dim > kManyRows && k_dim % 2 == 0) {
+      return gemm_bf16(pool, x, m_dim, k_dim, w, n_dim, transposed, Out{y, nullptr, 0.f});
+    }
   }
 #endif
   std::vector<float> xf(m_dim * k_dim);  // the few activation rows, widened once
@@ -423,7 +483,7 @@ void matmul(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim, con
   });
 }
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int64_t transposed,
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int64_t transposed, float softcap,
                   ffi::Result<ffi::AnyBuffer> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) return ffi::Error::InvalidArgument("operands must be 2-D");
@@ -433,8 +493,20 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int6
     return ffi::Error::InvalidArgument("x (M, K), W (K, N) or (N, K) and y (M, N) do not fit");
   }
   const auto t = x.element_type();
-  if (w.element_type() != t || y->element_type() != t) {
-    return ffi::Error::InvalidArgument("x, W and y must share one dtype");
+  if (w.element_type() != t) return ffi::Error::InvalidArgument("x and W must share one dtype");
+  if (y->element_type() != t || softcap != 0.f) {
+    // bfloat16 x with a float32 y (and optionally the soft-cap): the packed panels' epilogue only.
+#if defined(__AVX512BF16__)
+    if (t == ffi::DataType::BF16 && y->element_type() == ffi::DataType::F32 && m_dim > kManyRows &&
+        k_dim % 2 == 0 && softcap >= 0.f) {
+      gemm_bf16(pool, static_cast<const uint16_t*>(x.untyped_data()), m_dim, k_dim,
+                static_cast<const uint16_t*>(w.untyped_data()), n_dim, transposed != 0,
+                Out{nullptr, static_cast<float*>(y->untyped_data()), softcap});
+      return ffi::Error::Success();
+    }
+#endif
+    return ffi::Error::InvalidArgument(
+        "a float32 result or a soft-cap needs bfloat16 x and W, more than 4 rows, an even K and AVX512-BF16");
   }
   if (t == ffi::DataType::F32) {
     matmul(pool, static_cast<const float*>(x.untyped_data()), m_dim, k_dim,
@@ -457,4 +529,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma4CpuMatmul, Matmul,
                                   .Arg<ffi::AnyBuffer>()  // x (M, K)
                                   .Arg<ffi::AnyBuffer>()  // W (K, N) or (N, K)
                                   .Attr<int64_t>("transposed")
+                                  .Attr<float>("softcap")  // 0: none
                                   .Ret<ffi::AnyBuffer>());

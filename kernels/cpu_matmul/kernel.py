@@ -19,10 +19,17 @@ def load() -> str | None:
     return cpu_build.load(SOURCE, "Gemma4CpuMatmul", TARGET)
 
 
-def cpu_matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array:
+# bfloat16 products above this many rows with an even K go through the packed panels (cpu_matmul.cc kManyRows),
+# which alone also give a float32 result and the LM head's soft-cap.
+MANY_ROWS = 4
+
+
+def cpu_matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False, float32_out: bool = False,
+               softcap: float | None = None) -> jax.Array:
     """x (M, K) @ w, w (K, N) or, transposed, (N, K) -> (M, N) in x's dtype; equals `matmul_reference`. x and w
-    float32 or bfloat16, the same. Raises ValueError for shapes or dtypes it does not take, RuntimeError when the
-    kernel could not be built."""
+    float32 or bfloat16, the same. float32_out: a float32 result holding the bfloat16-rounded values; softcap: then
+    tanh(y / softcap) * softcap (the LM head); both need bfloat16 operands, more than MANY_ROWS rows and an even K.
+    Raises ValueError for shapes or dtypes it does not take, RuntimeError when the kernel could not be built."""
     if x.ndim != 2 or w.ndim != 2:
         raise ValueError(f"cpu_matmul takes x (M, K) and a 2-D weight, got {x.shape} and {w.shape}")
     k, n = (w.shape[1], w.shape[0]) if transposed else w.shape
@@ -30,8 +37,15 @@ def cpu_matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.A
         raise ValueError(f"x {x.shape} does not fit the weight {w.shape} (transposed={transposed})")
     if x.dtype != w.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"cpu_matmul takes float32 or bfloat16 x and weight of one dtype, got {x.dtype}, {w.dtype}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    if (float32_out or softcap is not None) and not (x.dtype == jnp.bfloat16 and x.shape[0] > MANY_ROWS
+                                                     and k % 2 == 0):
+        raise ValueError(f"a float32 result or a soft-cap needs bfloat16 operands, more than {MANY_ROWS} rows and an "
+                         f"even K; got {x.dtype} x {x.shape}")
     reason = load()
     if reason is not None:
         raise RuntimeError(reason)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))
-    return call(x, w, transposed=np.int64(bool(transposed)))
+    out = jnp.float32 if float32_out or softcap is not None else x.dtype
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), out))
+    return call(x, w, transposed=np.int64(bool(transposed)), softcap=np.float32(softcap or 0.0))

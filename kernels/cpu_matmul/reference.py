@@ -11,8 +11,15 @@ import jax
 import jax.numpy as jnp
 
 
-def matmul_reference(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array:
-    """x (M, K), w (K, N) or (N, K) when transposed -> (M, N) in x's dtype."""
+def matmul_reference(x: jax.Array, w: jax.Array, *, transposed: bool = False, float32_out: bool = False,
+                     softcap: float | None = None) -> jax.Array:
+    """x (M, K), w (K, N) or (N, K) when transposed -> (M, N) in x's dtype; float32_out / softcap: that result
+    widened to float32, then tanh(y / softcap) * softcap (the model's LM head)."""
     spec = "mk,nk->mn" if transposed else "mk,kn->mn"
     y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
-    return y.astype(x.dtype)
+    y = y.astype(x.dtype)
+    if float32_out or softcap is not None:
+        y = y.astype(jnp.float32)
+    if softcap is not None:
+        y = jnp.tanh(y / softcap) * softcap
+    return y

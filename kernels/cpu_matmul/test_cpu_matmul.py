@@ -80,6 +80,59 @@ def test_non_finite_values_propagate():
         np.testing.assert_allclose(got[finite], want[finite], rtol=8e-3, atol=8e-3)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("softcap", [None, 30.0, 0.5])
+def test_float32_logits_and_softcap_epilogue(transposed, softcap):
+    """The LM head's epilogue: the bfloat16-rounded product widened to float32, tanh(y / cap) * cap, within a few
+    ulp of XLA's tanh (the argmax of every row the same); logits of all sizes, the soft-cap's saturation included,
+    non-finite values as the reference's."""
+    rng = np.random.default_rng(3)
+    x, w = _case(rng, 13, 64, 300, transposed, jnp.bfloat16)
+    x = x * 40  # logits of +-100s: tanh's polynomial and exponential ranges, and saturation for the small cap
+    x = x.at[4, 3].set(jnp.nan).at[7, 1].set(jnp.inf)
+    fn = functools.partial(cpu_matmul, transposed=transposed, float32_out=True, softcap=softcap)
+    got = np.asarray(jax.jit(fn)(x, w))
+    want = np.asarray(matmul_reference(x, w, transposed=transposed, float32_out=True, softcap=softcap))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    scale = softcap or 1.0
+    np.testing.assert_allclose(got[finite], want[finite], rtol=2e-6, atol=2e-6 * scale)
+    if softcap is None:
+        np.testing.assert_array_equal(got, want)  # only the widening: exact
+    rows = np.all(finite, axis=1)
+    np.testing.assert_array_equal(np.argmax(got[rows], axis=1), np.argmax(want[rows], axis=1))
+
+
+def test_epilogue_needs_the_packed_panels():
+    rng = np.random.default_rng(0)
+    x, w = _case(rng, 4, 64, 32, False, jnp.bfloat16)
+    with pytest.raises(ValueError, match="more than 4 rows"):
+        cpu_matmul(x, w, softcap=30.0)
+    with pytest.raises(ValueError, match="more than 4 rows"):
+        cpu_matmul(x.astype(jnp.float32), w.astype(jnp.float32), float32_out=True)
+    with pytest.raises(ValueError, match="positive"):
+        cpu_matmul(x, w, softcap=-1.0)
+
+
+def test_logits_einsum_fuses_the_head_on_cpu():
+    """`layers.logits_einsum` (the decoder's head): bfloat16 of many rows as one custom call with the epilogue (no
+    tanh left to XLA), the same logits as the unfused path; float32 and few rows keep XLA's tanh."""
+    rng = np.random.default_rng(5)
+    table = jnp.asarray(rng.standard_normal((300, 64)) * 0.5, jnp.bfloat16)
+    head = lambda x: layers.logits_einsum("...D,VD->...V", x, table, 30.0)
+    for rows, dtype, fused in ((9, jnp.bfloat16, True), (3, jnp.bfloat16, False), (9, jnp.float32, False)):
+        x = jnp.asarray(rng.standard_normal((rows, 1, 64)) * 4, dtype)
+        text = jax.jit(head).lower(x).as_text()
+        assert ("stablehlo.tanh" not in text) == fused, (rows, dtype)
+        assert ("gemma4_cpu_matmul" in text) == (fused or rows <= 4), (rows, dtype)
+        got = np.asarray(jax.jit(head)(x))
+        y = jnp.einsum("tsD,VD->tsV", x, table.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+        want = np.asarray(jnp.tanh(y.astype(jnp.float32) / 30.0) * 30.0)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-4 if dtype == jnp.float32 else 6e-5)
+
+
 def _custom_calls(fn, *args) -> int:
     return jax.jit(fn).lower(*args).as_text().count("gemma4_cpu_matmul")
 
