@@ -75,11 +75,11 @@ def model_jit(fun=None, /, **jit_kwargs):
 # Which products go to the CPU custom call (kernels/cpu_matmul) on CPU, by dtype: the most rows for weights stored
 # (K, N) (Linear) and (N, K) (the tied LM head); None = any number when K is even (else the few-row limit below).
 # Few rows: it streams each weight once at close to the memory's rate where XLA's GEMM reads a one-row bfloat16
-# product at 10-31 GB/s. Many bfloat16 rows: weight panels packed as bfloat16 pairs run 600-900 GFLOP/s where XLA's
-# YNNPACK GEMM runs 310-650 (docs/benchmarks.md, "Native CPU kernels"); float32 above 4 rows stays with XLA,
-# whose float32 GEMM is as fast.
-CPU_MATMUL_MAX_ROWS = {jnp.dtype(jnp.bfloat16): None, jnp.dtype(jnp.float32): 4}
-CPU_MATMUL_MAX_ROWS_TRANSPOSED = {jnp.dtype(jnp.bfloat16): None, jnp.dtype(jnp.float32): 4}
+# product at 10-31 GB/s. Above 4 rows, weight panels packed once per task: bfloat16 pairs run 600-900 GFLOP/s where
+# XLA's YNNPACK GEMM runs 310-650; float32 panels 340-375 against ~310 up to ~100 rows, and XLA's float32 GEMM is
+# faster from a few hundred (docs/benchmarks.md, "Packed products").
+CPU_MATMUL_MAX_ROWS = {jnp.dtype(jnp.bfloat16): None, jnp.dtype(jnp.float32): 128}
+CPU_MATMUL_MAX_ROWS_TRANSPOSED = CPU_MATMUL_MAX_ROWS
 # bfloat16 with an odd K: only the few-row blocks take it (the packed pairs need K even).
 CPU_MATMUL_ODD_K_MAX_ROWS = (8, 4)
 
@@ -103,7 +103,7 @@ def cpu_weight_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int,
     gathered whole), the kernel built, and a spec whose weight holds the contracted axes first (Linear's
     (in..., out...)) or last (the tied LM head's (V, D)) with the other axes in the output's order. Else None.
     logits_softcap: not None = the LM head's float32 logits, soft-capped when > 0, from the custom call's epilogue
-    (bfloat16 products of the packed panels only; None for anything else)."""
+    (products of the packed panels only; None for anything else)."""
     lead = x.shape[: x.ndim - n_in]
     rows = math.prod(lead)
     k = math.prod(x.shape[x.ndim - n_in :])
@@ -125,7 +125,7 @@ def cpu_weight_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int,
         return None
     epilogue = {}
     if logits_softcap is not None:
-        if x.dtype != jnp.bfloat16 or rows <= cpu_matmul.MANY_ROWS or k % 2:
+        if not cpu_matmul.takes_packed(x.dtype, rows, k):
             return None
         epilogue = {"float32_out": True, "softcap": logits_softcap or None}
     out_shape = w.shape[: w.ndim - n_in] if transposed else w.shape[n_in:]
@@ -166,7 +166,7 @@ def weight_einsum(spec: str, x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.A
 
 def logits_einsum(spec: str, x: jax.Array, w: jax.Array, softcap: float | None) -> jax.Array:
     """The LM head: float32 logits of weight_einsum(spec, x, w), soft-capped as tanh(y / softcap) * softcap when
-    softcap is set. On CPU, bfloat16 heads of many rows get both from the product's own epilogue: XLA ran the
+    softcap is set. On CPU, heads of more than 4 rows get both from the product's own epilogue: XLA ran the
     widening, the tanh and a copy of (64, 32768) logits as separate passes at ~1 ns per element, ~5.5 ms of a
     ~40 ms batch-64 decode step (docs/benchmarks.md, "Packed bfloat16 products")."""
     fused = cpu_weight_matmul(spec, x, w.astype(x.dtype), 1, logits_softcap=softcap or 0.0)

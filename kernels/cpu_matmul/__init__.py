@@ -4,7 +4,7 @@ head's float32 soft-capped epilogue). reference.py is what it must equal; test_c
 `gemma4_jax.layers.weight_einsum` and `logits_einsum` route products to it on CPU.
 """
 
-from gemma4_jax.kernels.cpu_matmul.kernel import MANY_ROWS, cpu_matmul, load
+from gemma4_jax.kernels.cpu_matmul.kernel import MANY_ROWS, cpu_matmul, load, takes_packed
 from gemma4_jax.kernels.cpu_matmul.reference import matmul_reference
 
-__all__ = ["MANY_ROWS", "cpu_matmul", "load", "matmul_reference"]
+__all__ = ["MANY_ROWS", "cpu_matmul", "load", "matmul_reference", "takes_packed"]

@@ -109,19 +109,26 @@ void kn_block_bf16_pairs(const uint16_t* x, int64_t k_dim, const uint16_t* w, in
 }
 #endif
 
-#if defined(__AVX512BF16__)
-// Many-row bfloat16 products (the decode steps of large batches, prefill chunks, the LM head over a batch): the
-// weights of a panel of 64 output columns are packed once per task as bfloat16 pairs (element (k, k + 1) of each
-// column side by side, 16 columns per vector in order; K * 128 bytes, L2-resident), and every block of 6 activation
-// rows then runs all of K with its 6 x 4 accumulators in registers, one vdpbf16ps per accumulator and pair of K.
-// XLA's YNNPACK GEMM runs these shapes at 310-650 GFLOP/s on a machine whose bfloat16 rate is ~1,000; this runs
-// 600-900 (docs/benchmarks.md). The products of bfloat16 numbers are exact in float32; the instruction adds each
-// pair before accumulating (another order of the same sum) and treats denormals as zero.
+#if defined(__AVX512F__)
+// Many-row products (the decode steps of large batches, prefill chunks, the LM head over a batch): the weights of a
+// panel of 64 output columns are packed once per task, 16 columns per vector in order (bfloat16: as pairs, element
+// (k, k + 1) of each column side by side in 32 bits; float32: as they are), K * 128 or K * 256 bytes, L2-resident;
+// every block of 6 activation rows then runs all of K with its 6 x 4 accumulators in registers, one vdpbf16ps per
+// accumulator and pair of K (bfloat16) or one FMA per accumulator and K (float32). XLA's YNNPACK GEMM runs these
+// shapes at 310-650 GFLOP/s in bfloat16 and ~300 in float32 on a machine whose rates are ~1,000 and ~490; this runs
+// 600-900 and ~400 (docs/benchmarks.md). bfloat16: the products of bfloat16 numbers are exact in float32; the
+// instruction adds each pair before accumulating (another order of the same sum) and treats denormals as zero.
 constexpr int64_t kPanel = 64;
 constexpr int kPanelVectors = 4;
 constexpr int kPanelRows = 6;
-// Pairs of weight rows the packing prefetches ahead of its loads.
+// Steps of K (pairs in bfloat16) the packing prefetches ahead of its loads.
 constexpr int64_t kPackAhead = 8;
+
+// Steps along K of one accumulation: pairs of K for bfloat16, K for float32.
+template <typename T>
+constexpr int64_t k_steps(int64_t k_dim) {
+  return std::is_same_v<T, uint16_t> ? k_dim / 2 : k_dim;
+}
 
 // 16 float32 lanes rounded to bfloat16 bits (f32_to_bf16 in 16 lanes: round to nearest even, NaN kept quiet).
 inline __m256i round_bf16(__m512 v) {
@@ -137,29 +144,43 @@ inline __m256i round_bf16(__m512 v) {
 inline __mmask32 first_bits32(int64_t n) {
   return n >= 32 ? ~__mmask32{0} : n <= 0 ? __mmask32{0} : static_cast<__mmask32>((uint64_t{1} << n) - 1);
 }
+inline __mmask16 first_bits16(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << n) - 1);
+}
 
-// (K, N) weights, columns [n0, n0 + cols), K even -> packed[kp * 4 + c] = the pairs (W[2kp, j], W[2kp + 1, j]) of
-// columns j = n0 + 16c ... + 15 (zeros past cols). unpacklo/hi pair the two rows within 128-bit lanes (columns
-// 8i..8i+3 and 8i+4..8i+7 of lane i); one permute per vector puts the columns back in order.
-void pack_kn(const uint16_t* w, int64_t k_dim, int64_t n_dim, int64_t n0, int64_t cols, __m512i* packed) {
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  const __mmask32 keep[2] = {first_bits32(cols), first_bits32(cols - 32)};
-  const int64_t pairs = k_dim / 2;
-  for (int64_t kp = 0; kp < pairs; ++kp) {
-    const uint16_t* a = w + 2 * kp * n_dim + n0;
-    if (kp + kPackAhead < pairs) {  // a task's first panel was not prefetched: run ahead of the loads
-      _mm_prefetch(reinterpret_cast<const char*>(a + 2 * kPackAhead * n_dim), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(a + 2 * kPackAhead * n_dim) + 64, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(a + (2 * kPackAhead + 1) * n_dim), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(a + (2 * kPackAhead + 1) * n_dim) + 64, _MM_HINT_T0);
+// (K, N) weights, columns [n0, n0 + cols) -> packed[step * 4 + c] = columns n0 + 16c ... + 15 of that step (zeros
+// past cols). bfloat16 (K even): the pairs (W[2kp, j], W[2kp + 1, j]); unpacklo/hi pair the two rows within 128-bit
+// lanes (columns 8i..8i+3 and 8i+4..8i+7 of lane i), one permute per vector puts the columns back in order.
+template <typename T>
+void pack_kn(const T* w, int64_t k_dim, int64_t n_dim, int64_t n0, int64_t cols, __m512i* packed) {
+  const int64_t steps = k_steps<T>(k_dim);
+  constexpr int64_t rows_per_step = std::is_same_v<T, uint16_t> ? 2 : 1;
+  for (int64_t st = 0; st < steps; ++st) {
+    const T* a = w + rows_per_step * st * n_dim + n0;
+    if (st + kPackAhead < steps) {  // a task's first panel was not prefetched: run ahead of the loads
+      for (int64_t i = 0; i < rows_per_step; ++i) {
+        const char* line = reinterpret_cast<const char*>(a + (rows_per_step * kPackAhead + i) * n_dim);
+        for (int l = 0; l < 4 / rows_per_step; ++l) _mm_prefetch(line + 64 * l, _MM_HINT_T0);
+      }
     }
-    for (int h = 0; h < 2; ++h) {  // 32 columns at a time
-      const __m512i ra = _mm512_maskz_loadu_epi16(keep[h], a + 32 * h);
-      const __m512i rb = _mm512_maskz_loadu_epi16(keep[h], a + n_dim + 32 * h);
-      const __m512i lo = _mm512_unpacklo_epi16(ra, rb), hi = _mm512_unpackhi_epi16(ra, rb);
-      packed[kp * kPanelVectors + 2 * h] = _mm512_permutex2var_epi32(lo, first, hi);
-      packed[kp * kPanelVectors + 2 * h + 1] = _mm512_permutex2var_epi32(lo, second, hi);
+    if constexpr (std::is_same_v<T, uint16_t>) {
+#if defined(__AVX512BF16__)
+      const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+      const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+      for (int h = 0; h < 2; ++h) {  // 32 columns at a time
+        const __mmask32 keep = first_bits32(cols - 32 * h);
+        const __m512i ra = _mm512_maskz_loadu_epi16(keep, a + 32 * h);
+        const __m512i rb = _mm512_maskz_loadu_epi16(keep, a + n_dim + 32 * h);
+        const __m512i lo = _mm512_unpacklo_epi16(ra, rb), hi = _mm512_unpackhi_epi16(ra, rb);
+        packed[st * kPanelVectors + 2 * h] = _mm512_permutex2var_epi32(lo, first, hi);
+        packed[st * kPanelVectors + 2 * h + 1] = _mm512_permutex2var_epi32(lo, second, hi);
+      }
+#endif
+    } else {
+      for (int c = 0; c < kPanelVectors; ++c) {
+        packed[st * kPanelVectors + c] =
+            _mm512_castps_si512(_mm512_maskz_loadu_ps(first_bits16(cols - 16 * c), a + 16 * c));
+      }
     }
   }
 }
@@ -189,32 +210,35 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-// (N, K) weights (the tied LM head), rows [n0, n0 + cols) as the output columns, K even -> the same packing as
-// pack_kn: each weight row's 32-bit pairs are already side by side, so 16 x 16 blocks of pairs are transposed.
-void pack_nk(const uint16_t* w, int64_t k_dim, int64_t n0, int64_t cols, __m512i* packed) {
-  const int64_t pairs = k_dim / 2;
-  const int32_t* rows = reinterpret_cast<const int32_t*>(w);  // rows[n * pairs + kp]: a pair (k_dim even)
+// (N, K) weights (the tied LM head), rows [n0, n0 + cols) as the output columns -> the same packing as pack_kn:
+// each weight row's steps (bfloat16 pairs, float32 values) are 32 bits side by side, so 16 x 16 blocks of them are
+// transposed.
+template <typename T>
+void pack_nk(const T* w, int64_t k_dim, int64_t n0, int64_t cols, __m512i* packed) {
+  const int64_t steps = k_steps<T>(k_dim);
+  const int32_t* rows = reinterpret_cast<const int32_t*>(w);  // rows[n * steps + st]
   for (int c = 0; c < kPanelVectors; ++c) {
-    for (int64_t kp0 = 0; kp0 < pairs; kp0 += 16) {
-      const int64_t span = std::min<int64_t>(16, pairs - kp0);
-      const __mmask16 keep = span == 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << span) - 1);
+    for (int64_t st0 = 0; st0 < steps; st0 += 16) {
+      const int64_t span = std::min<int64_t>(16, steps - st0);
+      const __mmask16 keep = first_bits16(span);
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t n = 16 * c + i;
-        r[i] = n < cols ? _mm512_maskz_loadu_epi32(keep, rows + (n0 + n) * pairs + kp0) : _mm512_setzero_si512();
+        r[i] = n < cols ? _mm512_maskz_loadu_epi32(keep, rows + (n0 + n) * steps + st0) : _mm512_setzero_si512();
       }
       transpose16(r);
-      for (int64_t j = 0; j < span; ++j) packed[(kp0 + j) * kPanelVectors + c] = r[j];
+      for (int64_t j = 0; j < span; ++j) packed[(st0 + j) * kPanelVectors + c] = r[j];
     }
   }
 }
 
 // Cache lines of the panel a task packs next, prefetched a share at a time while the current panel computes (a
-// prefetch past the weights does not fault): K pieces of 2 lines, piece i at base + i * stride; the block's pair
-// kp of K takes pieces 2 (begin + kp) and 2 (begin + kp) + 1 for kp < count.
+// prefetch past the weights does not fault): step st of K takes `rows` pieces of `lines` lines, piece i of step st
+// at base + (st * rows + i) * stride; a block prefetches steps [begin, begin + count).
 struct Prefetch {
   const char* base = nullptr;
   int64_t stride = 0;
+  int rows = 1, lines = 4;
   int64_t begin = 0, count = 0;
 };
 
@@ -255,21 +279,23 @@ inline __m512 tanh16(__m512 x) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), signed_m, x);
 }
 
-// Where a packed product writes: bfloat16 y, or float32 y holding the bfloat16-rounded values widened (what the
-// model's `logits.astype(float32)` sees), soft-capped when cap > 0 (the LM head: tanh(y / cap) * cap).
+// Where a packed product writes: y in the operands' dtype, or float32 y holding, for bfloat16, the rounded values
+// widened (what the model's `logits.astype(float32)` sees), soft-capped when cap > 0 (the LM head: tanh(y / cap) *
+// cap).
 struct Out {
   uint16_t* bf16 = nullptr;
   float* f32 = nullptr;
   float cap = 0.f;
+  bool round = false;  // float32 y of bfloat16 operands
 };
 
 inline void store_out(const Out& out, int64_t offset, __mmask16 keep, __m512 acc) {
-  const __m256i bits = round_bf16(acc);
-  if (out.f32 == nullptr) {
-    _mm256_mask_storeu_epi16(out.bf16 + offset, keep, bits);
+  if (out.bf16 != nullptr) {
+    _mm256_mask_storeu_epi16(out.bf16 + offset, keep, round_bf16(acc));
     return;
   }
-  __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  __m512 v = acc;
+  if (out.round) v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(round_bf16(acc)), 16));
   if (out.cap > 0.f) {
     const __m512 cap = _mm512_set1_ps(out.cap);
     v = _mm512_mul_ps(tanh16(_mm512_div_ps(v, cap)), cap);
@@ -278,41 +304,47 @@ inline void store_out(const Out& out, int64_t offset, __mmask16 keep, __m512 acc
 }
 
 // Rows [m0, m0 + R) of y, columns [n0, n0 + cols) from a packed panel.
-template <int R>
-void panel_rows(const uint16_t* x, int64_t k_dim, const __m512i* packed, int64_t m0, const Out& y, int64_t n_dim,
+template <int R, typename T>
+void panel_rows(const T* x, int64_t k_dim, const __m512i* packed, int64_t m0, const Out& y, int64_t n_dim,
                 int64_t n0, int64_t cols, const Prefetch& pre) {
   __m512 acc[R][kPanelVectors];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < kPanelVectors; ++c) acc[r][c] = _mm512_setzero_ps();
-  const uint16_t* xr = x + m0 * k_dim;
-  for (int64_t kp = 0; kp < k_dim / 2; ++kp) {
-    __m512bh wv[kPanelVectors];
-    for (int c = 0; c < kPanelVectors; ++c) wv[c] = (__m512bh)_mm512_load_si512(packed + kp * kPanelVectors + c);
-    if (kp < pre.count) {
-      const char* line = pre.base + 2 * (pre.begin + kp) * pre.stride;
-      _mm_prefetch(line, _MM_HINT_T0);
-      _mm_prefetch(line + 64, _MM_HINT_T0);
-      _mm_prefetch(line + pre.stride, _MM_HINT_T0);
-      _mm_prefetch(line + pre.stride + 64, _MM_HINT_T0);
+  const T* xr = x + m0 * k_dim;
+  const int64_t steps = k_steps<T>(k_dim);
+  for (int64_t st = 0; st < steps; ++st) {
+    __m512i wv[kPanelVectors];
+    for (int c = 0; c < kPanelVectors; ++c) wv[c] = _mm512_load_si512(packed + st * kPanelVectors + c);
+    if (st < pre.count) {
+      for (int i = 0; i < pre.rows; ++i) {
+        const char* line = pre.base + ((pre.begin + st) * pre.rows + i) * pre.stride;
+        for (int l = 0; l < pre.lines; ++l) _mm_prefetch(line + 64 * l, _MM_HINT_T0);
+      }
     }
     for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, xr + r * k_dim + 2 * kp, sizeof pair);
-      const __m512bh xp = (__m512bh)_mm512_set1_epi32(pair);
-      for (int c = 0; c < kPanelVectors; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xp);
+      if constexpr (std::is_same_v<T, uint16_t>) {
+#if defined(__AVX512BF16__)
+        int32_t pair;
+        std::memcpy(&pair, xr + r * k_dim + 2 * st, sizeof pair);
+        const __m512bh xp = (__m512bh)_mm512_set1_epi32(pair);
+        for (int c = 0; c < kPanelVectors; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)wv[c], xp);
+#endif
+      } else {
+        const __m512 xb = _mm512_set1_ps(xr[r * k_dim + st]);
+        for (int c = 0; c < kPanelVectors; ++c) acc[r][c] = _mm512_fmadd_ps(xb, _mm512_castsi512_ps(wv[c]), acc[r][c]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < kPanelVectors; ++c) {
-      const int64_t left = cols - 16 * c;
-      if (left <= 0) break;
-      const __mmask16 keep = left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
-      store_out(y, (m0 + r) * n_dim + n0 + 16 * c, keep, acc[r][c]);
+      if (cols <= 16 * c) break;
+      store_out(y, (m0 + r) * n_dim + n0 + 16 * c, first_bits16(cols - 16 * c), acc[r][c]);
     }
   }
 }
 
-void panel_rows_any(int64_t rows, const uint16_t* x, int64_t k_dim, const __m512i* packed, int64_t m0, const Out& y,
+template <typename T>
+void panel_rows_any(int64_t rows, const T* x, int64_t k_dim, const __m512i* packed, int64_t m0, const Out& y,
                     int64_t n_dim, int64_t n0, int64_t cols, const Prefetch& pre) {
   switch (rows) {
     case 6: return panel_rows<6>(x, k_dim, packed, m0, y, n_dim, n0, cols, pre);
@@ -328,19 +360,21 @@ void panel_rows_any(int64_t rows, const uint16_t* x, int64_t k_dim, const __m512
 // several tasks per run of panels.
 constexpr int64_t kTaskRows = 16 * kPanelRows;
 
-// y (M, N) = x (M, K) @ W, W (K, N) or, transposed, (N, K); K even.
-void gemm_bf16(ffi::ThreadPool& pool, const uint16_t* x, int64_t m_dim, int64_t k_dim, const uint16_t* w,
-               int64_t n_dim, bool transposed, Out y) {
+// y (M, N) = x (M, K) @ W, W (K, N) or, transposed, (N, K); bfloat16: K even.
+template <typename T>
+void gemm_packed(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim, const T* w, int64_t n_dim,
+                 bool transposed, Out y) {
   const int64_t panels = (n_dim + kPanel - 1) / kPanel, chunks = (m_dim + kTaskRows - 1) / kTaskRows;
   // A task owns a run of up to 4 panels, so that it knows which panel comes next and can prefetch it, while
   // leaving at least two tasks per thread.
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   const int64_t per_task = std::clamp<int64_t>(panels * chunks / (2 * threads), 1, 4);
   const int64_t runs = (panels + per_task - 1) / per_task;
-  const int64_t pairs = k_dim / 2;
+  const int64_t steps = k_steps<T>(k_dim);
+  constexpr int kn_rows = std::is_same_v<T, uint16_t> ? 2 : 1;  // weight rows per step of a (K, N) weight
   parallel_for(pool, runs * chunks, [=](int64_t task) {
     thread_local std::vector<__m512i> buffer;
-    if (static_cast<int64_t>(buffer.size()) < pairs * kPanelVectors) buffer.resize(pairs * kPanelVectors);
+    if (static_cast<int64_t>(buffer.size()) < steps * kPanelVectors) buffer.resize(steps * kPanelVectors);
     const int64_t p_begin = task / chunks * per_task, p_end = std::min(panels, p_begin + per_task);
     const int64_t m_begin = task % chunks * kTaskRows, m_end = std::min(m_dim, m_begin + kTaskRows);
     const int64_t blocks = (m_end - m_begin + kPanelRows - 1) / kPanelRows;
@@ -351,17 +385,19 @@ void gemm_bf16(ffi::ThreadPool& pool, const uint16_t* x, int64_t m_dim, int64_t 
       } else {
         pack_kn(w, k_dim, n_dim, n0, cols, buffer.data());
       }
-      // The next panel, K pieces of 2 lines: the weight rows' 128 bytes of its columns, or 128-byte slices of its
-      // contiguous (64, K) block of the transposed weight; a share of them in each row block.
+      // The next panel, 256 bytes per step of K: its columns' run of each weight row, or a slice of its contiguous
+      // (64, K) block of the transposed weight; a share of the steps in each row block.
       Prefetch pre;
       int64_t share = 0;
       if (p + 1 < p_end) {
         pre.base = reinterpret_cast<const char*>(transposed ? w + (n0 + kPanel) * k_dim : w + n0 + kPanel);
-        pre.stride = transposed ? 128 : 2 * n_dim;
-        share = (pairs + blocks - 1) / blocks;
+        pre.stride = transposed ? 256 : n_dim * static_cast<int64_t>(sizeof(T));
+        pre.rows = transposed ? 1 : kn_rows;
+        pre.lines = 4 / pre.rows;
+        share = (steps + blocks - 1) / blocks;
       }
       for (int64_t m = m_begin; m < m_end; m += kPanelRows) {
-        pre.count = std::clamp<int64_t>(pairs - pre.begin, 0, share);
+        pre.count = std::clamp<int64_t>(steps - pre.begin, 0, share);
         panel_rows_any(std::min<int64_t>(kPanelRows, m_end - m), x, k_dim, buffer.data(), m, y, n_dim, n0, cols,
                        pre);
         pre.begin += pre.count;
@@ -412,20 +448,43 @@ void plain_columns(const float* xf, int64_t m_dim, int64_t k_dim, const T* w, in
 // Column blocks per task: wide enough that a task streams long contiguous runs of each weight row, narrow enough
 // that every thread gets several.
 constexpr int64_t kTaskColumns = 256;
-// Above this many rows, bfloat16 products with an even K (both layouts) take the packed panels (gemm_bf16): at
-// 5-8 rows they stream as fast as the blocks above, and the (N, K) blocks lose to XLA there.
+// Above this many rows, products take the packed panels (gemm_packed; both layouts; bfloat16 with an even K and
+// AVX512-BF16, float32 with AVX-512): at 5-8 rows they stream as fast as the blocks above, and the (N, K) blocks
+// lose to XLA there.
 constexpr int64_t kManyRows = 4;
+
+template <typename T>
+bool takes_packed(int64_t m_dim, int64_t k_dim) {
+  if (m_dim <= kManyRows) return false;
+  if constexpr (std::is_same_v<T, uint16_t>) {
+#if defined(__AVX512BF16__)
+    return k_dim % 2 == 0;
+#else
+    return false;
+#endif
+  } else {
+#if defined(__AVX512F__)
+    return true;
+#else
+    return false;
+#endif
+  }
+}
 
 template <typename T>
 void matmul(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim, const T* w, int64_t n_dim,
             bool transposed, T* y) {
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    if (m_dim > kManyRows && k_dim % 2 == 0) {
-      return gemm_bf16(pool, x, m_dim, k_dim, w, n_dim, transposed, Out{y, nullptr, 0.f});
+  if (takes_packed<T>(m_dim, k_dim)) {
+#if defined(__AVX512F__)
+    Out out;
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      out.bf16 = y;
+    } else {
+      out.f32 = y;
     }
-  }
+    return gemm_packed(pool, x, m_dim, k_dim, w, n_dim, transposed, out);
 #endif
+  }
   std::vector<float> xf(m_dim * k_dim);  // the few activation rows, widened once
   for (int64_t i = 0; i < m_dim * k_dim; ++i) xf[i] = to_f32(x[i]);
   const float* xs = xf.data();
@@ -495,18 +554,23 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int6
   const auto t = x.element_type();
   if (w.element_type() != t) return ffi::Error::InvalidArgument("x and W must share one dtype");
   if (y->element_type() != t || softcap != 0.f) {
-    // bfloat16 x with a float32 y (and optionally the soft-cap): the packed panels' epilogue only.
-#if defined(__AVX512BF16__)
-    if (t == ffi::DataType::BF16 && y->element_type() == ffi::DataType::F32 && m_dim > kManyRows &&
-        k_dim % 2 == 0 && softcap >= 0.f) {
-      gemm_bf16(pool, static_cast<const uint16_t*>(x.untyped_data()), m_dim, k_dim,
-                static_cast<const uint16_t*>(w.untyped_data()), n_dim, transposed != 0,
-                Out{nullptr, static_cast<float*>(y->untyped_data()), softcap});
-      return ffi::Error::Success();
+    // A float32 y of bfloat16 operands and the soft-cap: the packed panels' epilogue only.
+    if (softcap >= 0.f && y->element_type() == ffi::DataType::F32) {
+      Out out{nullptr, static_cast<float*>(y->untyped_data()), softcap, t == ffi::DataType::BF16};
+      if (t == ffi::DataType::BF16 && takes_packed<uint16_t>(m_dim, k_dim)) {
+        gemm_packed(pool, static_cast<const uint16_t*>(x.untyped_data()), m_dim, k_dim,
+                    static_cast<const uint16_t*>(w.untyped_data()), n_dim, transposed != 0, out);
+        return ffi::Error::Success();
+      }
+      if (t == ffi::DataType::F32 && takes_packed<float>(m_dim, k_dim)) {
+        gemm_packed(pool, static_cast<const float*>(x.untyped_data()), m_dim, k_dim,
+                    static_cast<const float*>(w.untyped_data()), n_dim, transposed != 0, out);
+        return ffi::Error::Success();
+      }
     }
-#endif
     return ffi::Error::InvalidArgument(
-        "a float32 result or a soft-cap needs bfloat16 x and W, more than 4 rows, an even K and AVX512-BF16");
+        "a float32 result of bfloat16 operands or a soft-cap needs more than 4 rows (bfloat16: an even K and "
+        "AVX512-BF16; float32: AVX-512) and a float32 y");
   }
   if (t == ffi::DataType::F32) {
     matmul(pool, static_cast<const float*>(x.untyped_data()), m_dim, k_dim,

@@ -19,16 +19,21 @@ def load() -> str | None:
     return cpu_build.load(SOURCE, "Gemma4CpuMatmul", TARGET)
 
 
-# bfloat16 products above this many rows with an even K go through the packed panels (cpu_matmul.cc kManyRows),
-# which alone also give a float32 result and the LM head's soft-cap.
+# Products above this many rows go through the packed panels (cpu_matmul.cc kManyRows; bfloat16 with an even K),
+# which alone also give a float32 result of bfloat16 operands and the LM head's soft-cap.
 MANY_ROWS = 4
+
+
+def takes_packed(dtype, rows: int, k: int) -> bool:
+    """Whether a product of `rows` rows and contraction K in this dtype runs in the packed panels."""
+    return rows > MANY_ROWS and (jnp.dtype(dtype) == jnp.float32 or k % 2 == 0)
 
 
 def cpu_matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False, float32_out: bool = False,
                softcap: float | None = None) -> jax.Array:
     """x (M, K) @ w, w (K, N) or, transposed, (N, K) -> (M, N) in x's dtype; equals `matmul_reference`. x and w
-    float32 or bfloat16, the same. float32_out: a float32 result holding the bfloat16-rounded values; softcap: then
-    tanh(y / softcap) * softcap (the LM head); both need bfloat16 operands, more than MANY_ROWS rows and an even K.
+    float32 or bfloat16, the same. float32_out: a float32 result (of bfloat16 operands: the rounded values widened);
+    softcap: then tanh(y / softcap) * softcap (the LM head); both need `takes_packed` (more than MANY_ROWS rows).
     Raises ValueError for shapes or dtypes it does not take, RuntimeError when the kernel could not be built."""
     if x.ndim != 2 or w.ndim != 2:
         raise ValueError(f"cpu_matmul takes x (M, K) and a 2-D weight, got {x.shape} and {w.shape}")
@@ -39,10 +44,9 @@ def cpu_matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False, float32_
         raise ValueError(f"cpu_matmul takes float32 or bfloat16 x and weight of one dtype, got {x.dtype}, {w.dtype}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
-    if (float32_out or softcap is not None) and not (x.dtype == jnp.bfloat16 and x.shape[0] > MANY_ROWS
-                                                     and k % 2 == 0):
-        raise ValueError(f"a float32 result or a soft-cap needs bfloat16 operands, more than {MANY_ROWS} rows and an "
-                         f"even K; got {x.dtype} x {x.shape}")
+    if (float32_out or softcap is not None) and not takes_packed(x.dtype, x.shape[0], k):
+        raise ValueError(f"a float32 result or a soft-cap needs more than {MANY_ROWS} rows (and an even K in "
+                         f"bfloat16); got {x.dtype} x {x.shape}")
     reason = load()
     if reason is not None:
         raise RuntimeError(reason)
