@@ -385,12 +385,19 @@ def _max_or_nan(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def row_max(x: jax.Array) -> jax.Array:
-    """jnp.max(x, axis=-1, keepdims=True) for float x (NaN where a row holds one). On CPU it is a reduction with a
-    NaN-propagating combiner of its own, which XLA does not hand to YNNPACK: there a row max over (64, 32768) logits
-    became a fusion writing its broadcast back as a (64, 32768) array, ~3 ms per use in a ~40 ms batch-64 decode
-    step, where this one runs in a plain loop (docs/benchmarks.md, "Packed bfloat16 products")."""
-    if jax.default_backend() != "cpu":
+    """jnp.max(x, axis=-1, keepdims=True) for float x (NaN where a row holds one). On a one-device CPU it is
+    `reduce_max_or_nan`, a reduction XLA does not hand to YNNPACK: there a row max over (64, 32768) logits became a
+    fusion writing its broadcast back as a (64, 32768) array, ~3 ms per use in a ~40 ms batch-64 decode step
+    (docs/benchmarks.md, "Packed products"). With several devices the logits may be sharded, and XLA's SPMD
+    partitioner only splits reductions it recognises, so those keep jnp.max."""
+    if jax.default_backend() != "cpu" or jax.device_count() > 1:
         return jnp.max(x, axis=-1, keepdims=True)
+    return reduce_max_or_nan(x)
+
+
+def reduce_max_or_nan(x: jax.Array) -> jax.Array:
+    """jnp.max(x, axis=-1, keepdims=True) as a reduction with a combiner of its own that propagates NaN from either
+    side (the same values, ties of +-0 aside, which compare equal)."""
     return jax.lax.reduce(x, jnp.asarray(-jnp.inf, x.dtype), _max_or_nan, (x.ndim - 1,))[..., None]
 
 

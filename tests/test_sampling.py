@@ -426,7 +426,30 @@ def test_new_parameter_values_do_not_recompile():
     assert step._cache_size() == 1
 
 
-def test_first_argmax_is_argmax_with_ties_infinities_and_nans():
+@pytest.fixture(params=["jnp.max", "reduce_max_or_nan"])
+def row_max_kind(request, monkeypatch):
+    """The sampler's row max both ways: jnp.max (several devices, accelerators) and, on a one-device CPU, its own
+    NaN-propagating reduction (these tests run with 8 simulated devices: pretend there is one)."""
+    if request.param == "reduce_max_or_nan":
+        if jax.default_backend() != "cpu":
+            pytest.skip("the CPU's reduction")
+        monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    return request.param
+
+
+def test_reduce_max_or_nan_is_max():
+    from gemma4_jax.serving.sampling import reduce_max_or_nan
+
+    x = jax.random.normal(jax.random.key(4), (7, 300), jnp.float32)
+    x = x.at[0, 0].set(jnp.nan).at[1, 299].set(jnp.nan).at[2, 150].set(jnp.nan)  # first, last, middle
+    x = x.at[3].set(-jnp.inf).at[4, 7].set(jnp.inf).at[5].set(0.0).at[5, 9].set(-0.0)
+    got = jax.jit(reduce_max_or_nan)(x)
+    assert got.shape == (7, 1)
+    np.testing.assert_array_equal(got, jnp.max(x, axis=-1, keepdims=True))
+    assert np.isnan(np.asarray(got[:3])).all()
+
+
+def test_first_argmax_is_argmax_with_ties_infinities_and_nans(row_max_kind):
     """The sampler's greedy pick (two plain reductions instead of argmax's paired one, which XLA:CPU runs as
     scalar code) returns what jnp.argmax returns: the first maximum, the first NaN of a row that has one."""
     x = jax.random.normal(jax.random.key(3), (8, 1000), jnp.float32)
@@ -442,7 +465,7 @@ def test_first_argmax_is_argmax_with_ties_infinities_and_nans():
     np.testing.assert_array_equal(got[:6], [5, 30, 12, 0, 999, 0])
 
 
-def test_token_log_softmax_is_log_softmax_at_the_token():
+def test_token_log_softmax_is_log_softmax_at_the_token(row_max_kind):
     logits = jax.random.normal(jax.random.key(5), (5, 300), jnp.float32) * 4
     tokens = jnp.asarray([0, 299, 17, 150, 3], jnp.int32)
     want = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
