@@ -72,28 +72,23 @@ def model_jit(fun=None, /, **jit_kwargs):
     return jax.jit(fun, compiler_options=MODEL_COMPILER_OPTIONS, **jit_kwargs)
 
 
-# Which products go to the CPU custom call (kernels/cpu_matmul) on CPU, by dtype: the most rows for weights stored
-# (K, N) (Linear) and (N, K) (the tied LM head); None = any number when K is even (else the few-row limit below).
-# Few rows: it streams each weight once at close to the memory's rate where XLA's GEMM reads a one-row bfloat16
-# product at 10-31 GB/s. Above 4 rows, weight panels packed once per task: bfloat16 pairs run 600-900 GFLOP/s where
-# XLA's YNNPACK GEMM runs 310-650; float32 panels 340-375 against ~310 up to ~100 rows, and XLA's float32 GEMM is
-# faster from a few hundred (docs/benchmarks.md, "Packed products").
-CPU_MATMUL_MAX_ROWS = {jnp.dtype(jnp.bfloat16): None, jnp.dtype(jnp.float32): 128}
-CPU_MATMUL_MAX_ROWS_TRANSPOSED = CPU_MATMUL_MAX_ROWS
-# bfloat16 with an odd K: only the few-row blocks take it (the packed pairs need K even).
+# Which products go to the CPU custom call (kernels/cpu_matmul) on CPU: the ranges of row counts it takes, by dtype
+# (None: no upper end). Few rows (1-4): it streams each weight once at close to the memory's rate where XLA's GEMM
+# reads a one-row bfloat16 product at 10-31 GB/s. More rows: weight panels packed once per task; bfloat16 pairs run
+# 600-900 GFLOP/s where XLA's YNNPACK GEMM runs 310-650 (from 5 rows, an even K); float32 panels gain from ~32 rows
+# (1.1-1.2x at 64, with the LM head's epilogue) and lose ~5% at 8-16 and to XLA's float32 GEMM from a few hundred
+# (docs/benchmarks.md, "Packed products").
+CPU_MATMUL_ROWS = {jnp.dtype(jnp.bfloat16): ((1, None),), jnp.dtype(jnp.float32): ((1, 4), (32, 128))}
+# bfloat16 with an odd K: only the few-row blocks take it (the packed pairs need K even); (K, N) and (N, K) weights.
 CPU_MATMUL_ODD_K_MAX_ROWS = (8, 4)
 
 
 def cpu_matmul_takes(dtype, rows: int, k: int, transposed: bool) -> bool:
     """Whether the CPU custom call takes a product of `rows` rows and contraction K in this dtype."""
-    limits = CPU_MATMUL_MAX_ROWS_TRANSPOSED if transposed else CPU_MATMUL_MAX_ROWS
     dtype = jnp.dtype(dtype)
-    if dtype not in limits:
-        return False
-    limit = limits[dtype]
-    if limit is None:
-        limit = math.inf if k % 2 == 0 else CPU_MATMUL_ODD_K_MAX_ROWS[transposed]
-    return rows <= limit
+    if dtype == jnp.bfloat16 and k % 2:
+        return rows <= CPU_MATMUL_ODD_K_MAX_ROWS[transposed]
+    return any(lo <= rows and (hi is None or rows <= hi) for lo, hi in CPU_MATMUL_ROWS.get(dtype, ()))
 
 
 def cpu_weight_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int,

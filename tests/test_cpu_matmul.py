@@ -51,17 +51,17 @@ def test_bf16_products_equal_the_plain_einsum(rows):
 
 
 def test_float32_is_the_plain_einsum():
-    """float32: XLA's plain einsum where the CPU custom call does not take the product (here above 128 rows), and
-    the same numbers up to the order of the float32 sums where it does."""
+    """float32: XLA's plain einsum where the CPU custom call does not take the product (here 130 rows), and
+    the same numbers up to the order of the float32 sums where it does (here 32-128 rows)."""
     kx, kw = jax.random.split(jax.random.PRNGKey(1))
     w = jax.random.normal(kw, (D, F), jnp.float32)
-    for rows, exact in ((6, jax.default_backend() != "cpu"), (130, True)):
+    for rows, exact in ((40, jax.default_backend() != "cpu"), (130, True)):
         x = jax.random.normal(kx, (2, rows // 2, D), jnp.float32)
         got, want = weight_einsum("...a,ab->...b", x, w), jnp.einsum("...a,ab->...b", x, w)
         if exact:
             np.testing.assert_array_equal(got, want)
         else:
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # sums of ~30 in another order
 
 
 def test_modules_use_it():

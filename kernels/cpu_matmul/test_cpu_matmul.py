@@ -124,8 +124,8 @@ def test_logits_einsum_fuses_the_head_on_cpu():
     rng = np.random.default_rng(5)
     table = jnp.asarray(rng.standard_normal((300, 64)) * 0.5, jnp.bfloat16)
     head = lambda x: layers.logits_einsum("...D,VD->...V", x, table, 30.0)
-    for rows, dtype, fused in ((9, jnp.bfloat16, True), (3, jnp.bfloat16, False), (9, jnp.float32, True),
-                               (3, jnp.float32, False), (129, jnp.float32, False)):
+    for rows, dtype, fused in ((9, jnp.bfloat16, True), (3, jnp.bfloat16, False), (40, jnp.float32, True),
+                               (3, jnp.float32, False), (9, jnp.float32, False), (129, jnp.float32, False)):
         x = jnp.asarray(rng.standard_normal((rows, 1, 64)) * 4, dtype)
         text = jax.jit(head).lower(x).as_text()
         assert ("stablehlo.tanh" not in text) == fused, (rows, dtype)
@@ -144,7 +144,7 @@ def _custom_calls(fn, *args) -> int:
 def test_weight_einsum_routes_products_to_the_kernel(dtype):
     """Linear kernels ((in..., out...) weights, several in/out axes) and the tied LM head ((V, D) weight) through the
     custom call with the reference's numbers where `cpu_matmul_takes` says so: bfloat16 at any row count (K even;
-    odd K up to the few-row limits), float32 up to 128 rows; more float32 rows through XLA."""
+    odd K up to the few-row limits), float32 up to 4 rows and from 32 to 128; other float32 products through XLA."""
     rng = np.random.default_rng(1)
     w = jnp.asarray(rng.standard_normal((64, 4, 16)) * 0.1, dtype)  # (D,) -> (N, H), as q_proj
     table = jnp.asarray(rng.standard_normal((300, 64)) * 0.1, dtype)  # the tied embedding (V, D)
@@ -155,12 +155,12 @@ def test_weight_einsum_routes_products_to_the_kernel(dtype):
     out = lambda x: layers.weight_einsum("...ab,abc->...c", x, o, n_in=2)
     odd = lambda x: layers.weight_einsum("...a,ab->...b", x, w_odd)
     bf16 = jnp.dtype(dtype) == jnp.bfloat16
-    for rows in (1, 4, 5, 8, 9, 64, 129):
+    for rows in (1, 4, 5, 8, 9, 32, 64, 129):
         x = jnp.asarray(rng.standard_normal((rows, 1, 64)), dtype)
         xh = jnp.asarray(rng.standard_normal((rows, 1, 4, 16)), dtype)
         xo = jnp.asarray(rng.standard_normal((rows, 1, 33)), dtype)
         calls = [_custom_calls(f, a) for f, a in ((proj, x), (head, x), (out, xh), (odd, xo))]
-        f32 = rows <= 128  # float32: few-row blocks, then packed panels up to 128 rows, odd K included
+        f32 = rows <= 4 or 32 <= rows <= 128  # float32: few-row blocks, packed panels at 32-128 (odd K too)
         assert calls == [bf16 or f32, bf16 or f32, bf16 or f32, rows <= 4 or (bf16 and rows <= 8) or
                          (not bf16 and f32)], rows
         for f, a, want in ((proj, x, jnp.einsum("tsa,abc->tsbc", x, w, preferred_element_type=jnp.float32)),
