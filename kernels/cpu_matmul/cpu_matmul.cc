@@ -31,6 +31,7 @@ using gemma4_cpu::to_f32;
 
 #if defined(__AVX512F__)
 using gemma4_cpu::load16;
+using gemma4_cpu::round_bf16;
 
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(uint16_t* p, __m512 v) {
@@ -128,17 +129,6 @@ constexpr int64_t kPackAhead = 8;
 template <typename T>
 constexpr int64_t k_steps(int64_t k_dim) {
   return std::is_same_v<T, uint16_t> ? k_dim / 2 : k_dim;
-}
-
-// 16 float32 lanes rounded to bfloat16 bits (f32_to_bf16 in 16 lanes: round to nearest even, NaN kept quiet).
-inline __m256i round_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
 }
 
 inline __mmask32 first_bits32(int64_t n) {
