@@ -238,9 +238,9 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
     // Clamped as XLA clamps a gather's indices (the reference gathers), so no table entry reads outside the pool.
     const int64_t page = std::clamp<int64_t>(table[b * s.pages_per_row + pi], 0, s.num_pages - 1);
     const int64_t page_base = page * s.page_size;
-    if (pi + 1 < s.pages_per_row) {
+    if (pi + 1 < s.pages_per_row && key_pos[b * s.keys + (pi + 1) * s.page_size] >= 0) {
       // The next page is anywhere in the pool: fetch its key rows of this head while this page computes (the
-      // loads of each key row were the call's largest stall).
+      // loads of each key row were the call's largest stall); not when it starts empty (past the row's length).
       const int64_t next = std::clamp<int64_t>(table[b * s.pages_per_row + pi + 1], 0, s.num_pages - 1);
       for (int64_t o = 0; o < s.page_size; ++o) {
         const char* line = reinterpret_cast<const char*>(kp + (next * s.page_size + o) * row_stride + kh * h);
