@@ -163,7 +163,7 @@ def logits_einsum(spec: str, x: jax.Array, w: jax.Array, softcap: float | None) 
     """The LM head: float32 logits of weight_einsum(spec, x, w), soft-capped as tanh(y / softcap) * softcap when
     softcap is set. On CPU, heads of more than 4 rows get both from the product's own epilogue: XLA ran the
     widening, the tanh and a copy of (64, 32768) logits as separate passes at ~1 ns per element, ~5.5 ms of a
-    ~40 ms batch-64 decode step (docs/benchmarks.md, "Packed bfloat16 products")."""
+    ~40 ms batch-64 decode step (docs/benchmarks.md, "Packed products")."""
     fused = cpu_weight_matmul(spec, x, w.astype(x.dtype), 1, logits_softcap=softcap or 0.0)
     if fused is not None:
         return fused

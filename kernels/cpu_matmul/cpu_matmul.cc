@@ -1,17 +1,21 @@
-// Few-row weight products on the CPU as an XLA FFI custom call: y (M, N) = x (M, K) @ W for the decode steps of
-// small batches, where each weight is read once per step and the product is bound by how fast the weights stream
-// from memory.
+// Weight products on the CPU as an XLA FFI custom call: y (M, N) = x (M, K) @ W, in two regimes.
 //
-// Why a custom call: XLA:CPU hands a one-row bfloat16 product to YNNPACK's GEMM padded to two rows, which streams
-// the weights at 10-31 GB/s by shape (a batch-1 bench-100m decode step spends ~8.7 of its ~11 ms in its products;
-// docs/benchmarks.md), against the machine's ~55-76 GB/s. Here each task owns a block of output columns, keeps the
-// block's accumulators for every row in registers and streams the weight rows of that block once; bfloat16
-// weights are widened in registers.
+// Few rows (1-4, the decode steps of small batches): each weight is read once per step and the product is bound by
+// how fast the weights stream from memory. XLA:CPU hands a one-row bfloat16 product to YNNPACK's GEMM padded to two
+// rows, which streams the weights at 10-31 GB/s by shape, against the machine's ~55-76 GB/s. Here each task owns a
+// block of output columns, keeps the block's accumulators for every row in registers and streams the weight rows
+// of that block once; bfloat16 weights are widened in registers (or multiplied as pairs at 4 rows).
+//
+// More rows (gemm_packed: larger decode batches, prefill chunks, the LM head over a batch): bound by compute; weight
+// panels packed once per task and 6 x 4 register blocks, where YNNPACK runs these shapes well below the machine's
+// rate (docs/benchmarks.md, "Packed products").
 //
 // W is stored (K, N) row-major (attr transposed = 0: the model's Linear kernels, in-features first) or (N, K)
-// (transposed = 1: the tied LM head, the embedding table (V, D)). x, W and y are float32 throughout or bfloat16
-// throughout (y = the float32 sum of float32 products, rounded once: what XLA computes for a bfloat16 einsum asked
-// for a float32 result and cast). Tasks run on XLA's intra-op thread pool. Reference: kernels/cpu_matmul/reference.py.
+// (transposed = 1: the tied LM head, the embedding table (V, D)). x and W are float32 or bfloat16, the same; y is
+// their dtype (the float32 sum of float32 products, rounded once: what XLA computes for a bfloat16 einsum asked
+// for a float32 result and cast) or, in the packed regime, float32 (bfloat16 sums rounded, then widened), with
+// attr softcap > 0 the LM head's tanh(y / softcap) * softcap. Tasks run on XLA's intra-op thread pool. Reference:
+// kernels/cpu_matmul/reference.py.
 
 #include <algorithm>
 #include <cstdint>
