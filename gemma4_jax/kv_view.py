@@ -68,6 +68,7 @@ class DenseKV:
         return self
 
     def sources(self, stored: bool = False) -> tuple[KeySource, ...]:
+        # Dense keys are already in the model's dtype (never uint16 bits), so `stored` changes nothing here.
         b = self.k.shape[0]
         return (KeySource(self.k, self.v, jnp.arange(b, dtype=jnp.int32)[:, None], self.positions),)
 

@@ -57,15 +57,13 @@ inline __m256i round_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
 }
 
-// exp(x) in 16 lanes for x <= 0 (a logit minus its row max): 2^n * e^r with |r| <= ln2 / 2 and Cephes' degree-6
-// polynomial for e^r (relative error ~1e-7, XLA's own expf is an approximation of the same order); lanes below
-// float32's range (-inf: a masked key) and NaN give exactly 0.
-inline __m512 exp16_nonpositive(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_GE_OQ);
-  const __m512 xc = _mm512_maskz_mov_ps(live, x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+// e^x in 16 lanes for x within float32's exponent range (about -87.3 .. 88.7; not checked): 2^n * e^r with
+// |r| <= ln2 / 2 and Cephes' degree-6 polynomial for e^r (relative error ~1e-7, XLA's own expf is an approximation
+// of the same order).
+inline __m512 exp16_in_range(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
@@ -75,7 +73,14 @@ inline __m512 exp16_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(live, p, _mm512_castsi512_ps(bits));
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// exp(x) in 16 lanes for x <= 0 (a logit minus its row max); lanes below float32's range (-inf: a masked key) and
+// NaN give exactly 0.
+inline __m512 exp16_nonpositive(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_GE_OQ);
+  return _mm512_maskz_mov_ps(live, exp16_in_range(_mm512_maskz_mov_ps(live, x)));
 }
 #endif
 

@@ -35,6 +35,7 @@ using gemma4_cpu::to_f32;
 
 #if defined(__AVX512F__)
 using gemma4_cpu::load16;
+using gemma4_cpu::exp16_in_range;
 using gemma4_cpu::round_bf16;
 
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
@@ -237,7 +238,7 @@ struct Prefetch {
 };
 
 // tanh in 16 lanes for the LM head's logit soft-cap, cap * tanh(logit / cap): Cephes' tanhf (an odd polynomial
-// below 0.625, 1 - 2 / (e^2|x| + 1) above, e^t as 2^n e^r), within a few ulp of XLA's own approximation, and like
+// below 0.625, 1 - 2 / (e^2|x| + 1) above), within a few ulp of XLA's own approximation, and like
 // it exactly +-1 from |x| ~= 7.99881 on (the true tanh rounds to 1 from ~9.01), so that saturated logits tie as
 // they do there. NaN stays NaN, +-inf gives +-1.
 inline __m512 tanh16(__m512 x) {
@@ -246,19 +247,7 @@ inline __m512 tanh16(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.f);
   // e^t, t = 2|x| (kept below float32's overflow; tanh is 1 long before)
   const __m512 t = _mm512_mul_ps(_mm512_set1_ps(2.f), _mm512_min_ps(a, _mm512_set1_ps(44.f)));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(t, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), t);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, one));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  const __m512 e = exp16_in_range(t);
   const __m512 big = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
   const __m512 z = _mm512_mul_ps(a, a);
   __m512 q = _mm512_set1_ps(-5.70498872745e-3f);
