@@ -267,7 +267,9 @@ class EngineSteps:
     def _multi_step_size(self, decode: list[Request]) -> int:
         """Decode steps to run in one call: >1 only when nothing else waits and every row has pages for them."""
         k = self.config.num_scheduler_steps
-        if k <= 1 or self.waiting or any(not r.in_decode for r in self.running):
+        # A waiting request that could start now (a free slot) gets its prefill at the next step; one that waits
+        # for a slot cannot start before a running row finishes, and finishing rows take single steps (below).
+        if k <= 1 or (self.waiting and self.free_slots) or any(not r.in_decode for r in self.running):
             return 1
         if isinstance(self.proposer, AssistantProposer):
             return 1  # the drafter needs each step's hidden states, which the multi-step scan does not return

@@ -218,6 +218,33 @@ def test_multi_step_decode_equals_single_step(ckpts):
     assert multi_llm.engine.num_used_pages == 0
 
 
+def test_multi_step_decode_with_a_queue_behind_full_slots():
+    """Requests waiting for a slot do not turn multi-step decode off: none of them can start before a running row
+    finishes (finishing rows take single steps), so the running row decodes several steps per call; the tokens
+    equal one step at a time. (Before, any waiting request forced single steps: a batch-1 run over a queue of
+    prompts never used the option.)"""
+    from gemma4_jax.serving.engine import Engine, EngineConfig
+
+    model = gemma4_jax.from_config("tiny", dtype="float32")
+    params = SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)
+    runs = {}
+    for steps in (1, 4):
+        engine = Engine(model, config=EngineConfig(max_num_seqs=1, page_size=8, num_pages=32, max_model_len=64,
+                                                   num_scheduler_steps=steps))
+        for i in range(3):
+            engine.add_request([2, 10 + i, 20 + i, 30 + i], params, request_id=f"r{i}")
+        done = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+        runs[steps] = (engine.stats["steps"], done)
+    (single_steps, single), (multi_steps, multi) = runs[1], runs[4]
+    assert multi == single and len(multi) == 3
+    assert single_steps == 3 * 13  # a prefill (first token) and 12 decode steps per request
+    assert multi_steps <= 3 * (1 + 3 + 3)  # 4-step calls until fewer than 4 tokens are left
+
+
 def test_prefill_not_starved_by_decode_rows():
     """More decode rows than the step's token budget: a waiting request still gets its prefill (one step without
     the decodes) instead of waiting for them to finish; its tokens equal a run on its own."""

@@ -390,6 +390,53 @@ void gemm_packed(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// (K, N) bfloat16 weights, one activation row, columns [n0, n0 + 256): each weight row's 32-column vectors go to
+// vdpbf16ps twice as they are loaded, once against the pair (x_k, 0) (the even columns) and once against (0, x_k)
+// (the odd ones): no widening, half the instructions of load16 + FMA per weight, which lets more weight loads be in
+// flight. One of each pair's products is 0 * w, so every accumulation is acc + x_k * w_kn rounded once, as an FMA
+// (denormals flushed, as in the pair blocks above).
+void kn_row_bf16(const uint16_t* x, int64_t k_dim, const uint16_t* w, int64_t n_dim, int64_t n0, uint16_t* y) {
+  __m512 even[8], odd[8];
+  for (int c = 0; c < 8; ++c) even[c] = odd[c] = _mm512_setzero_ps();
+  const uint16_t* row = w + n0;
+  for (int64_t k = 0; k < k_dim; ++k, row += n_dim) {
+    const uint32_t bits = x[k];
+    const __m512bh xe = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
+    const __m512bh xo = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits << 16));
+    for (int c = 0; c < 8; ++c) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + 32 * c);
+      even[c] = _mm512_dpbf16_ps(even[c], wv, xe);
+      odd[c] = _mm512_dpbf16_ps(odd[c], wv, xo);
+    }
+  }
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int c = 0; c < 8; ++c) {
+    store16(y + n0 + 32 * c, _mm512_permutex2var_ps(even[c], first, odd[c]));
+    store16(y + n0 + 32 * c + 16, _mm512_permutex2var_ps(even[c], second, odd[c]));
+  }
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// (N, K) bfloat16 weights (the tied LM head), one activation row, k_dim a multiple of 32: V weight rows at a time,
+// each 32-element run of a weight row multiplied as pairs against the same run of x by one vdpbf16ps (no widening,
+// no broadcast), horizontal sums at the end. As in the pair blocks, each pair is added before accumulating.
+template <int V>
+void nk_row_bf16(const uint16_t* x, int64_t k_dim, const uint16_t* w, int64_t n0, uint16_t* y) {
+  __m512 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
+  const uint16_t* w0 = w + n0 * k_dim;
+  for (int64_t k = 0; k < k_dim; k += 32) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+    for (int v = 0; v < V; ++v)
+      acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_loadu_si512(w0 + v * k_dim + k), xv);
+  }
+  for (int v = 0; v < V; ++v) put(y + n0 + v, _mm512_reduce_add_ps(acc[v]));
+}
+#endif
+
 // (N, K) weights: rows [m0, m0 + R) of y against V weight rows n0..n0+V-1 (k_dim a multiple of 16): R x V
 // accumulators, horizontal sums at the end.
 template <int R, int V, typename T>
@@ -480,6 +527,11 @@ void matmul(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim, con
       // Register blocks of 16 accumulators (rows x 16-column vectors): one row over 256 columns (each weight row
       // read as one 512-byte run in bfloat16), two over 128, four over 64; then narrower edges.
       if (m_dim == 1) {
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, uint16_t>) {
+          for (; n + 256 <= n1; n += 256) kn_row_bf16(x, k_dim, w, n_dim, n, y);
+        }
+#endif
         for (; n + 256 <= n1; n += 256) kn_block<1, 16>(xs, k_dim, w, n_dim, 0, n, y);
       } else if (m_dim < 4) {
         for (; n + 128 <= n1; n += 128) {
@@ -511,6 +563,12 @@ void matmul(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim, con
     } else if (k_dim % 16 == 0) {
       // 8 weight rows per block for one activation row, 4 for more (R x V accumulators <= 16).
       if (m_dim == 1) {
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, uint16_t>) {
+          if (k_dim % 32 == 0)
+            for (; n + 8 <= n1; n += 8) nk_row_bf16<8>(x, k_dim, w, n, y);
+        }
+#endif
         for (; n + 8 <= n1; n += 8) nk_block<1, 8>(xs, k_dim, w, n_dim, 0, n, y);
       }
       for (; n + 4 <= n1; n += 4) {

@@ -1,7 +1,8 @@
 """The CPU weight product (cpu_matmul.cc) against its reference (reference.py), and its place in the model.
 
 Shapes cover each few-row register block (1 row over 256 columns, 2 over 128, 4 over 64; with AVX512-BF16,
-bfloat16 pairs at 4 rows, odd K included), the 16-column and plain-loop edges, (N, K) weights with K a multiple of 16
+bfloat16 pairs at 4 rows, odd K included, and one bfloat16 row as (x, 0) / (0, x) pairs, or against (N, K) rows
+as pairs when K is a multiple of 32), the 16-column and plain-loop edges, (N, K) weights with K a multiple of 16
 and not; and the packed panels of bfloat16 pairs above 4 rows (both layouts: blocks of 6 rows and their 1-5 row
 tails, task row chunks of 96, ragged 64-column panels, (N, K) transposes with K / 2 not a multiple of 16). float32
 and bfloat16 (bfloat16: the same bits as the reference but for rare last-bit ties of a differently ordered sum).
@@ -32,7 +33,7 @@ def _case(rng, m, k, n, transposed, dtype):
 @pytest.mark.parametrize("m,k,n,transposed", [
     (1, 512, 2048, False), (1, 64, 592, False), (2, 512, 384, False), (3, 96, 200, False), (4, 512, 64, False),
     (7, 40, 37, False), (2, 41, 136, False), (4, 33, 64, False), (8, 512, 320, False), (5, 64, 128, False),
-    (1, 512, 1030, True), (2, 64, 33, True), (3, 40, 9, True), (5, 128, 260, True),
+    (1, 512, 1030, True), (1, 48, 24, True), (1, 96, 520, False), (2, 64, 33, True), (3, 40, 9, True), (5, 128, 260, True),
     # packed bfloat16 panels (float32 above 4 rows: the few-row blocks)
     (6, 64, 64, False), (9, 512, 300, False), (13, 30, 17, False), (64, 512, 1024, False), (97, 96, 130, False),
     (200, 40, 65, False), (7, 2, 5, False), (9, 33, 70, False),
