@@ -10,6 +10,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile into memory only: no writes to the user's persistent compilation cache, and no shared cache files
 # between concurrent test processes (tests/test_startup.py turns it on explicitly in a temporary directory).
 os.environ.setdefault("GEMMA4_JAX_COMPILATION_CACHE", "off")
+# One process runs the whole suite: malloc keeps returning freed memory to the kernel there (serving/host_memory.py
+# is on in engines by default; tests/test_engine.py checks it in a process of its own).
+os.environ.setdefault("GEMMA4_JAX_KEEP_FREED_MEMORY", "0")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()

@@ -35,7 +35,7 @@ import numpy as np
 
 from gemma4_jax.attention_backends import AttentionPlan, resolve_attention
 from gemma4_jax.model import Model
-from gemma4_jax.serving import media_chunks, mm_inputs
+from gemma4_jax.serving import host_memory, media_chunks, mm_inputs
 from gemma4_jax.serving.detokenizer import IncrementalDetokenizer, StopChecker
 from gemma4_jax.serving.engine_steps import EngineSteps
 from gemma4_jax.serving.kv_cache import CacheLayout, pages_needed
@@ -106,6 +106,8 @@ class Engine(EngineSteps):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
+        if jax.default_backend() == "cpu":
+            host_memory.keep_freed_memory()  # no page faults on each step's temporaries (host_memory.py)
         self.attention = config.resolve_attention()
         cfg = model.config.text
         self.text_config = cfg

@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -243,6 +246,58 @@ def test_multi_step_decode_with_a_queue_behind_full_slots():
     assert multi == single and len(multi) == 3
     assert single_steps == 3 * 13  # a prefill (first token) and 12 decode steps per request
     assert multi_steps <= 3 * (1 + 3 + 3)  # 4-step calls until fewer than 4 tokens are left
+
+
+def test_engine_keeps_freed_host_memory_on_cpu(tmp_path):
+    """On CPU the engine sets glibc's malloc to keep freed memory (serving/host_memory.py), in a process of its own
+    (the suite's process runs with it off): a batch-64 decode step over a 32k vocabulary (> 32 MB of temporaries,
+    past glibc's largest mmap threshold) then takes no page faults once warm, where the default settings fault on
+    every page its temporaries write, and the tokens are the same either way; a value of the switch other than 0
+    or 1 is refused by name."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "faults.py"
+    script.write_text(
+        "import json, resource, sys\n"
+        "import gemma4_jax\n"
+        "from gemma4_jax.serving.engine import Engine, EngineConfig\n"
+        "from gemma4_jax.serving.sampling import SamplingParams\n"
+        "from gemma4_jax.serving import host_memory\n"
+        "from gemma4_jax.config import config_from_dict, preset_dict\n"
+        "cfg = dict(preset_dict('tiny'), vocab_size=32768, vocab_size_per_layer_input=32768)\n"
+        "model = gemma4_jax.from_config(config_from_dict(cfg), dtype='float32')\n"
+        "engine = Engine(model, config=EngineConfig(max_num_seqs=64, page_size=8, num_pages=600, max_model_len=64))\n"
+        "params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)\n"
+        "def run(tag):\n"
+        "    for i in range(64):\n"
+        "        engine.add_request([2, 10 + i, 20 + i], params, request_id=f'{tag}{i}')\n"
+        "    out, steps, faults = {}, 0, 0\n"
+        "    while engine.has_unfinished():\n"
+        "        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "        decode = all(r.in_decode for r in engine.running) and not engine.waiting\n"
+        "        for o in engine.step():\n"
+        "            if o.finished: out[o.request_id[len(tag):]] = o.token_ids\n"
+        "        if decode:\n"
+        "            steps += 1; faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+        "    return out, faults / max(steps, 1)\n"
+        "run('w')\n"
+        "tokens, faults = run('t')\n"
+        "print(json.dumps({'applied': host_memory.keep_freed_memory(), 'faults': faults, 'tokens': tokens}))\n")
+
+    def run(value):
+        env = dict(os.environ, GEMMA4_JAX_KEEP_FREED_MEMORY=value)
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    on, off = run("1"), run("0")
+    assert on["applied"] and not off["applied"]
+    assert on["tokens"] == off["tokens"] and len(on["tokens"]) == 64
+    assert 10 * on["faults"] < off["faults"] and off["faults"] > 1000, (on["faults"], off["faults"])
+    bad = subprocess.run([sys.executable, str(script)], env=dict(os.environ, GEMMA4_JAX_KEEP_FREED_MEMORY="yes"),
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "GEMMA4_JAX_KEEP_FREED_MEMORY must be 0 or 1" in bad.stderr
 
 
 def test_prefill_not_starved_by_decode_rows():

@@ -351,7 +351,7 @@ void gemm_packed(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim
   // A task owns a run of up to 4 panels, so that it knows which panel comes next and can prefetch it, while
   // leaving at least two tasks per thread.
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t per_task = std::clamp<int64_t>(panels * chunks / (2 * threads), 1, 4);
+  const int64_t per_task = std::clamp<int64_t>(panels * chunks / (2 * threads), 1, 16);
   const int64_t runs = (panels + per_task - 1) / per_task;
   const int64_t steps = k_steps<T>(k_dim);
   constexpr int kn_rows = std::is_same_v<T, uint16_t> ? 2 : 1;  // weight rows per step of a (K, N) weight
