@@ -349,9 +349,12 @@ void gemm_packed(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim
                  bool transposed, Out y) {
   const int64_t panels = (n_dim + kPanel - 1) / kPanel, chunks = (m_dim + kTaskRows - 1) / kTaskRows;
   // A task owns a run of up to 4 panels, so that it knows which panel comes next and can prefetch it, while
-  // leaving at least two tasks per thread.
+  // leaving at least two tasks per thread; products with hundreds of panels (the LM head) take runs of up to 16,
+  // each run's first panel being packed from memory without a prefetch (the head's cold (N, K) weight: 7.6-8.1
+  // -> 6.4-6.7 ms at 64 rows; runs of 16 everywhere left too few tasks per thread for the layers' products).
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t per_task = std::clamp<int64_t>(panels * chunks / (2 * threads), 1, 16);
+  const int64_t per_task = std::max(std::clamp<int64_t>(panels * chunks / (2 * threads), 1, 4),
+                                    std::min<int64_t>(16, panels / (16 * threads)));
   const int64_t runs = (panels + per_task - 1) / per_task;
   const int64_t steps = k_steps<T>(k_dim);
   constexpr int kn_rows = std::is_same_v<T, uint16_t> ? 2 : 1;  // weight rows per step of a (K, N) weight
