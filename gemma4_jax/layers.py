@@ -92,13 +92,14 @@ def cpu_matmul_takes(dtype, rows: int, k: int, transposed: bool) -> bool:
 
 
 def cpu_weight_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int,
-                      logits_softcap: float | None = None) -> jax.Array | None:
+                      logits_softcap: float | None = None, gate: jax.Array | None = None) -> jax.Array | None:
     """`weight_einsum` through the CPU custom call when it applies (read at trace time): the CPU backend, a
     product `cpu_matmul_takes` (dtype, rows, K), no multi-device mesh (a custom call would get the sharded weight
     gathered whole), the kernel built, and a spec whose weight holds the contracted axes first (Linear's
     (in..., out...)) or last (the tied LM head's (V, D)) with the other axes in the output's order. Else None.
     logits_softcap: not None = the LM head's float32 logits, soft-capped when > 0, from the custom call's epilogue
-    (products of the packed panels only; None for anything else)."""
+    (products of the packed panels only; None for anything else). gate (..., out...) in x's dtype:
+    gelu_tanh(gate) * the product from the epilogue (packed panels only; None for anything else)."""
     lead = x.shape[: x.ndim - n_in]
     rows = math.prod(lead)
     k = math.prod(x.shape[x.ndim - n_in :])
@@ -119,12 +120,17 @@ def cpu_weight_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int,
     if not cpu_matmul_takes(x.dtype, rows, k, transposed) or cpu_matmul.load() is not None:
         return None
     epilogue = {}
-    if logits_softcap is not None:
-        if not cpu_matmul.takes_packed(x.dtype, rows, k):
-            return None
-        epilogue = {"float32_out": True, "softcap": logits_softcap or None}
     out_shape = w.shape[: w.ndim - n_in] if transposed else w.shape[n_in:]
     n = math.prod(out_shape)
+    if logits_softcap is not None or gate is not None:
+        if not cpu_matmul.takes_packed(x.dtype, rows, k):
+            return None
+        if logits_softcap is not None:
+            epilogue = {"float32_out": True, "softcap": logits_softcap or None}
+        if gate is not None:
+            if gate.shape != (*lead, *out_shape) or gate.dtype != x.dtype:
+                return None
+            epilogue["gate"] = gate.reshape(rows, n)
     y = cpu_matmul.cpu_matmul(x.reshape(rows, k), w.reshape((n, k) if transposed else (k, n)), transposed=transposed,
                               **epilogue)
     return y.reshape(*lead, *out_shape)
@@ -201,6 +207,26 @@ class Linear(nnx.Module):
         letters = "abcdefgh"
         ins, outs = letters[:n_in], letters[n_in : n_in + n_out]
         return weight_einsum(f"...{ins},{ins}{outs}->...{outs}", x, self.kernel[...], n_in)
+
+    def gated(self, x: jax.Array, gate: jax.Array, act: str) -> jax.Array | None:
+        """act(gate) * self(x) from one product when `gated_weight_einsum` applies, else None."""
+        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        letters = "abcdefgh"
+        ins, outs = letters[:n_in], letters[n_in : n_in + n_out]
+        return gated_weight_einsum(f"...{ins},{ins}{outs}->...{outs}", x, self.kernel[...], gate, act, n_in)
+
+
+def gated_weight_einsum(spec: str, x: jax.Array, w: jax.Array, gate: jax.Array, act: str,
+                        n_in: int = 1) -> jax.Array | None:
+    """act(gate) * weight_einsum(spec, x, w) from one CPU custom call, the activation in the product's epilogue
+    (a table of its value at every bfloat16, computed by XLA: the same bits as the separate ops), when it applies:
+    bfloat16, a GELU-tanh gate, a product of the packed panels (more than 4 rows) and `cpu_weight_matmul`'s
+    conditions. Else None.
+    XLA ran the bfloat16 GELU as a fusion rounding after every operation, ~1 ns per element: 2.65 ms of a ~30 ms
+    batch-64 decode step (docs/benchmarks.md, "The MLP's gate in the up projection's epilogue")."""
+    if ACTIVATIONS.get(act) is not gelu_tanh or x.dtype != jnp.bfloat16:
+        return None
+    return cpu_weight_matmul(spec, x, w.astype(x.dtype), n_in, gate=gate)
 
 
 class QuantLinear(nnx.Module):

@@ -264,21 +264,44 @@ inline __m512 tanh16(__m512 x) {
 
 // Where a packed product writes: y in the operands' dtype, or float32 y holding, for bfloat16, the rounded values
 // widened (what the model's `logits.astype(float32)` sees), soft-capped when cap > 0 (the LM head: tanh(y / cap) *
-// cap).
+// cap); or, given a gate (M, N) in the operands' dtype, gelu_tanh(gate) * y (the MLP's up projection).
 struct Out {
   uint16_t* bf16 = nullptr;
   float* f32 = nullptr;
   float cap = 0.f;
   bool round = false;  // float32 y of bfloat16 operands
+  const uint16_t* gate = nullptr;   // bfloat16 (M, N)
+  const uint16_t* table = nullptr;  // the activation of every bfloat16 value, by bits (65536 + 1 entries)
 };
 
+inline __m512 widen_bf16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// act(gate) * u for bfloat16: the activation of a bfloat16 value is a bfloat16 value, so it is looked up (a table
+// of all 65536 that XLA itself computed, kernel.py) with one 16-lane gather, then multiplied by u, the product's
+// rounded value, and rounded once more, as XLA's elementwise graph does. The table has one entry past the end so
+// that the 32-bit gather of the last one stays inside it.
+inline __m512 gated_bf16(const uint16_t* table, __m256i gate_bits, __m512 u) {
+  const __m512i index = _mm512_cvtepu16_epi32(gate_bits);
+  const __m512i words = _mm512_i32gather_epi32(index, reinterpret_cast<const int*>(table), 2);
+  const __m512 act = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));  // the low half, moved up
+  return _mm512_mul_ps(act, u);
+}
+
 inline void store_out(const Out& out, int64_t offset, __mmask16 keep, __m512 acc) {
+  if (out.gate != nullptr) {
+    const __m256i gate = _mm256_maskz_loadu_epi16(keep, out.gate + offset);
+    const __m512 up = widen_bf16(round_bf16(acc));  // the up projection as XLA would have stored it
+    _mm256_mask_storeu_epi16(out.bf16 + offset, keep, round_bf16(gated_bf16(out.table, gate, up)));
+    return;
+  }
   if (out.bf16 != nullptr) {
     _mm256_mask_storeu_epi16(out.bf16 + offset, keep, round_bf16(acc));
     return;
   }
   __m512 v = acc;
-  if (out.round) v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(round_bf16(acc)), 16));
+  if (out.round) v = widen_bf16(round_bf16(acc));
   if (out.cap > 0.f) {
     const __m512 cap = _mm512_set1_ps(out.cap);
     v = _mm512_mul_ps(tanh16(_mm512_div_ps(v, cap)), cap);
@@ -629,6 +652,42 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int6
   return ffi::Error::Success();
 }
 
+// act(gate) * (x @ W) in bfloat16: the MLP's up projection with its gate's activation in the epilogue, act given
+// as the table of its value at every bfloat16 (65537 entries, the last a pad); packed panels only (more than 4
+// rows, an even K, AVX512-BF16).
+ffi::Error MatmulGated(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer gate,
+                       ffi::AnyBuffer table, int64_t transposed, ffi::Result<ffi::AnyBuffer> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), gd = gate.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || gd.size() != 2 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument("operands must be 2-D");
+  }
+  const int64_t m_dim = xd[0], k_dim = xd[1];
+  const int64_t n_dim = transposed ? wd[0] : wd[1];
+  if ((transposed ? wd[1] : wd[0]) != k_dim || yd[0] != m_dim || yd[1] != n_dim || gd[0] != m_dim || gd[1] != n_dim) {
+    return ffi::Error::InvalidArgument("x (M, K), W (K, N) or (N, K), gate and y (M, N) do not fit");
+  }
+  if (table.dimensions().size() != 1 || table.dimensions()[0] != 65537 ||
+      (table.element_type() != ffi::DataType::U16 && table.element_type() != ffi::DataType::BF16)) {
+    return ffi::Error::InvalidArgument("the activation table must be (65537,) 16-bit");
+  }
+  const auto t = x.element_type();
+  if (t != ffi::DataType::BF16 || w.element_type() != t || gate.element_type() != t || y->element_type() != t) {
+    return ffi::Error::InvalidArgument("x, W, gate and y must be bfloat16");
+  }
+#if defined(__AVX512F__)
+  if (takes_packed<uint16_t>(m_dim, k_dim)) {
+    Out out;
+    out.bf16 = static_cast<uint16_t*>(y->untyped_data());
+    out.gate = static_cast<const uint16_t*>(gate.untyped_data());
+    out.table = static_cast<const uint16_t*>(table.untyped_data());
+    gemm_packed(pool, static_cast<const uint16_t*>(x.untyped_data()), m_dim, k_dim,
+                static_cast<const uint16_t*>(w.untyped_data()), n_dim, transposed != 0, out);
+    return ffi::Error::Success();
+  }
+#endif
+  return ffi::Error::InvalidArgument("a gated product needs more than 4 rows, an even K and AVX512-BF16");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma4CpuMatmul, Matmul,
@@ -638,4 +697,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma4CpuMatmul, Matmul,
                                   .Arg<ffi::AnyBuffer>()  // W (K, N) or (N, K)
                                   .Attr<int64_t>("transposed")
                                   .Attr<float>("softcap")  // 0: none
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma4CpuMatmulGated, MatmulGated,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x (M, K)
+                                  .Arg<ffi::AnyBuffer>()  // W (K, N) or (N, K)
+                                  .Arg<ffi::AnyBuffer>()  // gate (M, N)
+                                  .Arg<ffi::AnyBuffer>()  // the activation's table (65537,)
+                                  .Attr<int64_t>("transposed")
                                   .Ret<ffi::AnyBuffer>());

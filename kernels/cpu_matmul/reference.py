@@ -12,12 +12,15 @@ import jax.numpy as jnp
 
 
 def matmul_reference(x: jax.Array, w: jax.Array, *, transposed: bool = False, float32_out: bool = False,
-                     softcap: float | None = None) -> jax.Array:
+                     softcap: float | None = None, gate: jax.Array | None = None) -> jax.Array:
     """x (M, K), w (K, N) or (N, K) when transposed -> (M, N) in x's dtype; float32_out / softcap: that result
-    widened to float32, then tanh(y / softcap) * softcap (the model's LM head)."""
+    widened to float32, then tanh(y / softcap) * softcap (the model's LM head); gate (M, N): gelu_tanh(gate) * y
+    in x's dtype (the model's MLP: act(gate_proj(x)) * up_proj(x))."""
     spec = "mk,nk->mn" if transposed else "mk,kn->mn"
     y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
     y = y.astype(x.dtype)
+    if gate is not None:
+        return jax.nn.gelu(gate, approximate=True) * y
     if float32_out or softcap is not None:
         y = y.astype(jnp.float32)
     if softcap is not None:

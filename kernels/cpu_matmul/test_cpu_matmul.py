@@ -138,6 +138,75 @@ def test_logits_einsum_fuses_the_head_on_cpu():
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-4 if dtype == jnp.float32 else 6e-5)
 
 
+def test_activation_table_is_what_xla_computes():
+    """The gated product's table: jax.nn.gelu(approximate=True) of every bfloat16 value (NaNs and infinities
+    included) equals the fused bfloat16 graph XLA runs on a runtime argument, bit for bit, with one pad entry."""
+    from gemma4_jax.kernels.cpu_matmul.kernel import activation_table
+
+    table = activation_table("gelu_tanh")
+    assert table.shape == (65537,) and table.dtype == np.uint16 and table[-1] == table[0]
+    graph = jax.jit(lambda bits: jax.lax.bitcast_convert_type(
+        jax.nn.gelu(jax.lax.bitcast_convert_type(bits, jnp.bfloat16), approximate=True), jnp.uint16))
+    np.testing.assert_array_equal(table[:-1], np.asarray(graph(jnp.arange(65536, dtype=jnp.uint16))))
+
+
+@pytest.mark.parametrize("m,k,n,transposed", [(64, 512, 2048, False), (9, 64, 100, False), (5, 32, 70, False),
+                                              (97, 96, 130, False), (13, 40, 17, True)])
+def test_gated_product_equals_the_separate_ops(m, k, n, transposed):
+    """gelu_tanh(gate) * (x @ W) from the epilogue: the same bits as the model's separate ops (the product rounded
+    to bfloat16, then XLA's elementwise graph), gates spread over the GELU's whole range, NaN and inf included."""
+    rng = np.random.default_rng(m + n)
+    x, w = _case(rng, m, k, n, transposed, jnp.bfloat16)
+    gate = rng.standard_normal((m, n)) * 4
+    gate.flat[:4] = [np.nan, np.inf, -np.inf, -30.0]
+    gate = jnp.asarray(gate, jnp.bfloat16)
+    got = jax.jit(lambda x, w, g: cpu_matmul(x, w, transposed=transposed, gate=g))(x, w, gate)
+    want = jax.jit(lambda x, w, g: matmul_reference(x, w, transposed=transposed, gate=g))(x, w, gate)
+    assert got.dtype == jnp.bfloat16 and got.shape == (m, n)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    assert np.mean(same) > 0.99 and np.isnan(got.flat[0])  # ties of a differently ordered sum, as above
+    np.testing.assert_allclose(got, want, rtol=8e-3, atol=8e-3)
+
+
+def test_gated_product_refuses_what_it_does_not_take():
+    rng = np.random.default_rng(1)
+    x, w = _case(rng, 8, 16, 24, False, jnp.bfloat16)
+    gate = jnp.zeros((8, 24), jnp.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 only"):
+        cpu_matmul(x.astype(jnp.float32), w.astype(jnp.float32), gate=gate.astype(jnp.float32))
+    with pytest.raises(ValueError, match="gate must be"):
+        cpu_matmul(x, w, gate=gate[:, :8])
+    with pytest.raises(ValueError, match="more than 4 rows"):
+        cpu_matmul(x[:4], w, gate=gate[:4])
+    with pytest.raises(ValueError, match="gate_activation"):
+        cpu_matmul(x, w, gate=gate, gate_activation="relu")
+    with pytest.raises(ValueError, match="neither"):
+        cpu_matmul(x, w, gate=gate, float32_out=True)
+
+
+def test_mlp_puts_the_gate_in_the_up_projection_on_cpu():
+    """The MLP (bfloat16, more than 4 rows) runs act(gate) * up as one gated call and no tanh in XLA, with the
+    same output as the separate ops; float32 and few rows keep XLA's activation."""
+    from flax import nnx
+
+    from gemma4_jax.mlp import MLP
+
+    for rows, dtype, fused in ((16, jnp.bfloat16, True), (3, jnp.bfloat16, False), (16, jnp.float32, False)):
+        mlp = MLP(64, 96, "gelu_pytorch_tanh", dtype=dtype, rngs=nnx.Rngs(3))
+        x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, 1, 64)), dtype)
+        graph, state = nnx.split(mlp)
+        run = jax.jit(lambda state, x, graph=graph: nnx.merge(graph, state)(x))
+        text = run.lower(state, x).as_text()
+        assert ("gemma4_cpu_matmul_gated" in text) == fused and ("stablehlo.tanh" in text) != fused, (rows, dtype)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        want = mlp.down_proj(jax.nn.gelu(gate, approximate=True) * up)
+        got, want = np.asarray(run(state, x), np.float32), np.asarray(want, np.float32)
+        if dtype == jnp.bfloat16:  # (float32: the eager ops sum in another order than the compiled program)
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _custom_calls(fn, *args) -> int:
     return jax.jit(fn).lower(*args).as_text().count("gemma4_cpu_matmul")
 
