@@ -202,18 +202,19 @@ class Linear(nnx.Module):
         self.kernel = param(rngs, self.in_shape + self.out_shape, tuple(in_axes) + tuple(out_axes), dtype,
                             scale=fan_in**-0.5)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _spec(self) -> str:
+        """The einsum of activations (..., *in) with the kernel (*in, *out)."""
         n_in, n_out = len(self.in_shape), len(self.out_shape)
         letters = "abcdefgh"
         ins, outs = letters[:n_in], letters[n_in : n_in + n_out]
-        return weight_einsum(f"...{ins},{ins}{outs}->...{outs}", x, self.kernel[...], n_in)
+        return f"...{ins},{ins}{outs}->...{outs}"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return weight_einsum(self._spec(), x, self.kernel[...], len(self.in_shape))
 
     def gated(self, x: jax.Array, gate: jax.Array, act: str) -> jax.Array | None:
         """act(gate) * self(x) from one product when `gated_weight_einsum` applies, else None."""
-        n_in, n_out = len(self.in_shape), len(self.out_shape)
-        letters = "abcdefgh"
-        ins, outs = letters[:n_in], letters[n_in : n_in + n_out]
-        return gated_weight_einsum(f"...{ins},{ins}{outs}->...{outs}", x, self.kernel[...], gate, act, n_in)
+        return gated_weight_einsum(self._spec(), x, self.kernel[...], gate, act, len(self.in_shape))
 
 
 def gated_weight_einsum(spec: str, x: jax.Array, w: jax.Array, gate: jax.Array, act: str,

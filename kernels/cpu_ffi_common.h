@@ -1,6 +1,7 @@
 // Shared by the CPU custom calls (cpu_attention/cpu_attention.cc, cpu_matmul/cpu_matmul.cc): bfloat16 bits <->
 // float32 as XLA converts them (one value or 16 lanes), 16-lane loads that widen bfloat16 in registers, a 16-lane
-// exp for softmax weights, and the task loop over XLA's intra-op thread pool. kernels/cpu_build.py hashes this header with each source.
+// exp for softmax weights, and the task loop over XLA's intra-op thread pool. kernels/cpu_build.py hashes this
+// header with each source.
 #pragma once
 
 #include <algorithm>
@@ -41,9 +42,12 @@ inline void put(uint16_t* y, float v) { *y = f32_to_bf16(v); }
 #if defined(__AVX512F__)
 // 16 elements as float32: bfloat16 bits widened in registers.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+// 16 bfloat16 bits as float32 lanes.
+inline __m512 widen_bf16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
 inline __m512 load16(const uint16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // 16 float32 lanes rounded to bfloat16 bits (f32_to_bf16 in 16 lanes: round to nearest even, NaN kept quiet).

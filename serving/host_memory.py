@@ -19,6 +19,7 @@ GEMMA4_JAX_KEEP_FREED_MEMORY=0 leaves malloc alone (other platforms, or glibc mi
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -38,9 +39,6 @@ SETTINGS: tuple[tuple[str, int, int], ...] = (
     ("M_ARENA_MAX", M_ARENA_MAX, 1),
 )
 
-_state: dict[str, bool] = {}
-
-
 def enabled_by_env() -> bool:
     """GEMMA4_JAX_KEEP_FREED_MEMORY: unset or "1" on, "0" off; anything else is refused with ValueError."""
     value = os.environ.get(ENV, "1").strip()
@@ -49,29 +47,24 @@ def enabled_by_env() -> bool:
     return value == "1"
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Apply the malloc settings above once per process (later calls return the first call's result). True when
     they are in effect; False when switched off by the environment or when the C library is not glibc."""
-    if "applied" in _state:
-        return _state["applied"]
-    applied = False
-    if enabled_by_env() and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None)
-            version = libc.gnu_get_libc_version
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):  # not glibc (musl has no mallopt settings to speak of)
-            mallopt = None
-        if mallopt is not None:
-            version.restype = ctypes.c_char_p
-            mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-            failed = [name for name, param, value in SETTINGS if mallopt(param, value) != 1]
-            if failed:
-                log.warning("glibc %s refused mallopt %s; freed host memory may be returned to the kernel",
-                            version().decode(), ", ".join(failed))
-            applied = not failed
-            if applied:
-                log.info("host malloc keeps freed memory (glibc %s: %s)", version().decode(),
-                         ", ".join(f"{name}={value}" for name, _, value in SETTINGS))
-    _state["applied"] = applied
-    return applied
+    if not enabled_by_env() or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        version, mallopt = libc.gnu_get_libc_version, libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt settings to speak of)
+        return False
+    version.restype = ctypes.c_char_p
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    failed = [name for name, param, value in SETTINGS if mallopt(param, value) != 1]
+    if failed:
+        log.warning("glibc %s refused mallopt %s; freed host memory may be returned to the kernel",
+                    version().decode(), ", ".join(failed))
+        return False
+    log.info("host malloc keeps freed memory (glibc %s: %s)", version().decode(),
+             ", ".join(f"{name}={value}" for name, _, value in SETTINGS))
+    return True

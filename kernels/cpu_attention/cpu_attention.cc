@@ -290,7 +290,8 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n_seen; j += 16) {
       const __mmask16 keep = n_seen - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n_seen - j)) - 1);
-      const __m512 w = _mm512_maskz_mov_ps(keep, exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, row + j), top)));
+      const __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(keep, row + j), top);
+      const __m512 w = _mm512_maskz_mov_ps(keep, exp16_nonpositive(shifted));  // lanes past n_seen: 0
       _mm512_mask_storeu_ps(row + j, keep, w);
       sum = _mm512_add_ps(sum, w);
     }
@@ -298,7 +299,7 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
     for (int64_t j = 0; j < n_seen; j += 16) {
       const __mmask16 keep = n_seen - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n_seen - j)) - 1);
       __m512 p = _mm512_div_ps(_mm512_maskz_loadu_ps(keep, row + j), total);
-      if (s.bf16_compute) p = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(round_bf16(p)), 16));
+      if (s.bf16_compute) p = gemma4_cpu::widen_bf16(round_bf16(p));
       _mm512_mask_storeu_ps(row + j, keep, p);
     }
 #else

@@ -37,6 +37,7 @@ using gemma4_cpu::to_f32;
 using gemma4_cpu::load16;
 using gemma4_cpu::exp16_in_range;
 using gemma4_cpu::round_bf16;
+using gemma4_cpu::widen_bf16;
 
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(uint16_t* p, __m512 v) {
@@ -273,10 +274,6 @@ struct Out {
   const uint16_t* gate = nullptr;   // bfloat16 (M, N)
   const uint16_t* table = nullptr;  // the activation of every bfloat16 value, by bits (65536 + 1 entries)
 };
-
-inline __m512 widen_bf16(__m256i bits) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
 
 // act(gate) * u for bfloat16: the activation of a bfloat16 value is a bfloat16 value, so it is looked up (a table
 // of all 65536 that XLA itself computed, kernel.py) with one 16-lane gather, then multiplied by u, the product's
