@@ -80,6 +80,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of cached prompt prefixes in every layer kind (vLLM's flag; on by default; "
                    "--no-enable-prefix-caching turns it off). docs/prefix_caching.md")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap a decode step's host work with the next step on the device (vLLM's flag; on by "
+                        "default where it applies: one program, no speculative decoding; --no-async-scheduling "
+                        "turns it off). docs/architecture.md")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto"],
                    help="auto: the model dtype (the only one supported)")
     g.add_argument("--attention-backend", default="auto",
@@ -119,6 +123,10 @@ def _bench_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="automatic prefix caching (on by default; the report shows the hit rate)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap a decode step's host work with the next step on the device (vLLM's flag; on by "
+                        "default where it applies: one program, no speculative decoding; --no-async-scheduling "
+                        "turns it off). docs/benchmarks.md")
 
 
 def _model_path(args: argparse.Namespace) -> str | None:
@@ -192,7 +200,8 @@ def build_llm(args: argparse.Namespace):
     options = dict(**limits, attention_backend=args.attention_backend,
                    prefill_backend=args.prefill_attention_backend, decode_backend=args.decode_attention_backend,
                    page_size=args.block_size, compilation_cache=False if args.no_compilation_cache
-                   else args.compilation_cache_dir, enable_prefix_caching=args.enable_prefix_caching)
+                   else args.compilation_cache_dir, enable_prefix_caching=args.enable_prefix_caching,
+                   async_scheduling=args.async_scheduling)
     if args.num_gpu_blocks_override is not None:
         options["num_pages"] = args.num_gpu_blocks_override + 1  # plus the trash page
     if args.speculative_config or args.draft_model or args.num_speculative_tokens:

@@ -37,7 +37,7 @@ from gemma4_jax.attention_backends import AttentionPlan, resolve_attention
 from gemma4_jax.model import Model
 from gemma4_jax.serving import host_memory, media_chunks, mm_inputs
 from gemma4_jax.serving.detokenizer import IncrementalDetokenizer, StopChecker
-from gemma4_jax.serving.engine_steps import EngineSteps
+from gemma4_jax.serving.engine_steps import EngineSteps, InFlight
 from gemma4_jax.serving.kv_cache import CacheLayout, pages_needed
 from gemma4_jax.serving.pipeline_runner import PipelineRunner
 from gemma4_jax.serving.prefix_cache import KVBlocks, PrefixKey, window_pool_pages
@@ -67,6 +67,10 @@ class EngineConfig:
     kv_memory_gb: float = 4.0
     max_num_batched_tokens: int = 512  # token budget per step (decode tokens + prefill chunks)
     num_scheduler_steps: int = 1  # decode steps per host round-trip when no prefill is pending (vLLM's name)
+    # Async scheduling (vLLM's async_scheduling, SGLang's overlap scheduler): a decode step's host bookkeeping runs
+    # while the device computes the next one (engine_steps.py). None = on wherever it applies: one program (no
+    # pipeline stages), num_scheduler_steps 1, no speculative decoding; True there refuses the others; False = off.
+    async_scheduling: bool | None = None
     # Attention backends (gemma4_jax/attention_backends.py): one name for both phases, or separate prefill and
     # decode names (SGLang's --prefill-attention-backend / --decode-attention-backend). Checked at start-up.
     attention_backend: str = "auto"
@@ -164,6 +168,9 @@ class Engine(EngineSteps):
         if assistant is not None:
             self.proposer = AssistantProposer(assistant, model, self.layout, self.attention,
                                               self.speculative.num_speculative_tokens)
+        self.async_scheduling = self._resolve_async()
+        self._inflight: InFlight | None = None  # the decode step left in flight (async scheduling)
+        self.next_token_programs: dict[tuple, jax.stages.Compiled] = {}  # by shape: _next_tokens
         self.cache = self.runner.allocate()
         self.counts: dict[str, jax.Array] | None = None  # penalty state, allocated on first use
         self.blocks = KVBlocks(self.layout, caching=config.enable_prefix_caching)
@@ -174,7 +181,7 @@ class Engine(EngineSteps):
         self._grammars: Grammars | None = None  # built on the first request with structured outputs
         self.stats = {"compiles": 0, "compile_time_s": 0.0, "steps": 0, "preemptions": 0,
                       "prompt_tokens": 0, "generated_tokens": 0, "prefix_cache_queries": 0,
-                      "prefix_cache_hits": 0}
+                      "prefix_cache_hits": 0, "chained_steps": 0}
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, model.config.vision_bidirectional, self.stats,
                                    on_start=self._init_counts)
         # Speculative decoding counters over all requests (requests.SpecDecodeStats); None when it is off.
@@ -188,11 +195,28 @@ class Engine(EngineSteps):
                               pipeline_microbatches=self.runner.microbatches, pipeline_bubble=0.0)
         self._log_start(sized)
 
+    def _resolve_async(self) -> bool:
+        """EngineConfig.async_scheduling -> on or off; True with a configuration it does not apply to raises."""
+        wanted = self.config.async_scheduling
+        if wanted not in (None, True, False):
+            raise ValueError(f"async_scheduling must be True, False or None (auto), got {wanted!r}")
+        why = None
+        if self.runner.num_stages > 1:
+            why = "pipeline stages (pp > 1) run their own micro-batch schedule"
+        elif self.config.num_scheduler_steps > 1:
+            why = "num_scheduler_steps > 1 already runs several decode steps per host round-trip"
+        elif self.speculative is not None:
+            why = "speculative decoding needs each step's tokens on the host to draft the next"
+        if wanted and why is not None:
+            raise ValueError(f"async_scheduling=True does not apply here: {why}")
+        return why is None and wanted is not False
+
     def _window_pages(self, keep: int, num_pages: int) -> int:
         """Size of the sliding-window pool, trash page included (prefix_cache.window_pool_pages)."""
         config = self.config
-        per_step = max(config.num_scheduler_steps, 1 + (self.speculative.num_speculative_tokens
-                                                        if self.speculative is not None else 0))
+        # (Async scheduling holds pages for 2 tokens per row: the in-flight step's and the next.)
+        per_step = max(config.num_scheduler_steps, 2, 1 + (self.speculative.num_speculative_tokens
+                                                           if self.speculative is not None else 0))
         windows = 0
         if config.enable_prefix_caching:
             windows = config.max_num_seqs if config.prefix_cache_windows is None else config.prefix_cache_windows
@@ -355,7 +379,19 @@ class Engine(EngineSteps):
     # The scheduling loop (the steps it runs: engine_steps.py)
 
     def step(self) -> list[RequestOutput]:
-        """One scheduling iteration. Returns outputs of requests that produced tokens or finished."""
+        """One scheduling iteration. Returns outputs of requests that produced tokens or finished.
+
+        With async scheduling a plain decode step is left in flight and its tokens come with the next call, which
+        first dispatches the step after it when that is the same rows' plain decode (engine_steps.py)."""
+        touched: list[Request] = []
+        if self._inflight is not None:
+            done = self._inflight
+            self._inflight = self._chain(done)
+            touched = self._collect(done)
+            if self._inflight is not None:
+                self.stats["steps"] += 1
+                return [self.output(r) for r in dict.fromkeys(touched)]
+            # Collected: schedule as usual, in the same call.
         decode = self.scheduler.schedule_decode()
         prefill = self.scheduler.schedule_prefill(self.config.max_num_batched_tokens - len(decode))
         if decode and not prefill and (self.waiting or any(not r.in_decode for r in self.running)):
@@ -365,7 +401,6 @@ class Engine(EngineSteps):
             prefill = self.scheduler.schedule_prefill(self.config.max_num_batched_tokens)
             if prefill:
                 decode = []
-        touched: list[Request] = []
         if prefill:
             prefill = [(req, self._prefill_chunk(req, n)) for req, n in prefill]
             rows = [(req, req.all_ids[req.num_computed: req.num_computed + n], req.num_computed)
@@ -390,6 +425,8 @@ class Engine(EngineSteps):
                         self.scheduler.computed(req, 1)
                         self._append(req, step_result, i)
             touched.extend(decode)
+        elif decode and not prefill and self._async_decode(decode):
+            self._inflight = self._launch(decode)  # its tokens come with the next call
         elif decode:
             rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
             result = self._run(rows, 1, "decode")

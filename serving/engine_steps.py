@@ -16,6 +16,7 @@ on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from gemma4_jax.serving import media_chunks
 from gemma4_jax.serving.kv_cache import bucket
-from gemma4_jax.serving.requests import Request
+from gemma4_jax.serving.requests import Request, Status
 from gemma4_jax.serving.runner import StepMedia, reset_slot_counts
 from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingParams
 from gemma4_jax.serving.speculative import AssistantProposer
@@ -33,6 +34,21 @@ from gemma4_jax.serving.step_builder import build_rows, join_results, num_logpro
 from gemma4_jax.serving.structured import grammar_prefix
 
 log = logging.getLogger("gemma4_jax.serving.engine")
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A plain decode step dispatched and not yet collected (async scheduling, `EngineSteps._launch`).
+
+    rows: the decode rows in batch order; results: the runner's per-micro-batch SampleResults, still on the
+    device; groups: each micro-batch's row indices; built: the micro-batches as dispatched; t0: dispatch time."""
+
+    rows: list[Request]
+    results: list
+    groups: list[list[int]]
+    built: list
+    shape_key: tuple
+    t0: float
 
 
 class EngineSteps:
@@ -94,6 +110,12 @@ class EngineSteps:
         its time. The counts go in when the shape key says so (constrained steps). Returns the per-micro-batch
         SampleResults on the host."""
         t0 = time.perf_counter()
+        results = self._dispatch(shape_key, fn, microbatches, num_logprobs, **kwargs)
+        return self._fetch(shape_key, results, t0)
+
+    def _dispatch(self, shape_key: tuple, fn, microbatches: list, num_logprobs: int, **kwargs) -> list:
+        """Start a runner call (the device runs it asynchronously); the per-micro-batch results stay on the device.
+        The cache and counts are the call's outputs from here on."""
         counts_on = self._key_counts_on(shape_key)
         results, self.cache, counts = fn(self.cache, self.counts if counts_on else None, microbatches, num_logprobs,
                                          **kwargs)
@@ -103,6 +125,11 @@ class EngineSteps:
             # The drafter's next input, by slot, without leaving the device.
             for (batch, *_), hidden in zip(microbatches, self.runner.hidden, strict=False):
                 self.proposer.record(batch.slots, hidden)
+        return results
+
+    def _fetch(self, shape_key: tuple, results: list, t0: float) -> list:
+        """Wait for a dispatched call's results and bring them to the host; a shape key seen for the first time
+        counts as a compile event, timed from t0 (its dispatch)."""
         results = jax.device_get(results)
         if shape_key not in self._shapes_seen:
             self._shapes_seen.add(shape_key)
@@ -121,7 +148,7 @@ class EngineSteps:
         return bool(shape_key[-1][0][4]) if shape_key[0] != "media" else bool(shape_key[1][0][4])
 
     def _microbatches(self, rows: list[tuple[Request, list[int], int]], num_tokens: int, lookahead: int = 0,
-                      verify: bool = False, num_logprobs: int | None = None):
+                      verify: bool = False, num_logprobs: int | None = None, ahead: int = 0):
         """Split rows into the runner's decode micro-batches (a prefill runs as one) and build each.
         num_logprobs: None = what the rows ask for (step_builder.num_logprobs_for). A constrained step (a sampled
         row with penalties or a grammar) has a token mask (per position in a verify step; none in a multi-step
@@ -129,7 +156,7 @@ class EngineSteps:
         Returns (row groups, [(batch, sampling, steps, keep)], num_logprobs, shape key)."""
         m = self.runner.microbatches if num_tokens == 1 or verify else 1
         groups = [list(g) for g in np.array_split(np.arange(len(rows)), max(1, min(m, len(rows))))]
-        sampled = [req for req, ids, start in rows if verify or start + len(ids) == len(req.all_ids)]
+        sampled = [req for req, ids, start in rows if verify or start + len(ids) == len(req.all_ids) + ahead]
         penalties = any(self._uses_penalties(req.params) for req in sampled)
         grammar = any(req.matcher is not None for req in sampled)
         if num_logprobs is None:
@@ -147,7 +174,7 @@ class EngineSteps:
             batch, sampling, steps, keep, _, key = build_rows(
                 [rows[i] for i in group], num_tokens, self.layout, self.config.max_num_seqs, lookahead=lookahead,
                 num_logprobs=num_logprobs, verify=verify, counts_on=full, grammars=self._grammars,
-                free_mask_words=free_mask, defer_mask=defer)
+                free_mask_words=free_mask, defer_mask=defer, ahead=ahead)
             built.append((batch, sampling, steps, keep))
             keys.append(key)
         return groups, built, num_logprobs, tuple(keys)
@@ -282,3 +309,84 @@ class EngineSteps:
         for req in decode:
             self.scheduler.ensure_pages(req, req.num_computed + k)
         return k
+
+    # Async scheduling (EngineConfig.async_scheduling; SGLang's overlap scheduler, vLLM's --async-scheduling).
+    # A plain decode step is dispatched and left in flight: `step()` returns, and the next `step()` first dispatches
+    # the step after it, whose input tokens are the in-flight step's sampled tokens still on the device, and only
+    # then collects the in-flight results (tokens, detokenizing, stop checks). So the host's bookkeeping and the
+    # next step's inputs are prepared while the device computes, and the device does not wait for the host between
+    # steps. A row that ends in the collected step (a stop token or string) has computed one more token for
+    # nothing; its result is dropped. Whenever the next step is not the same rows' plain decode (a request could
+    # start, a row reaches its limits or has a grammar, pages run short), the in-flight step is collected first
+    # and the engine schedules as usual: tokens and finish reasons are those of synchronous scheduling.
+
+    def _async_decode(self, decode: list[Request]) -> bool:
+        """Whether this decode batch may be left in flight: async scheduling on and no row with a grammar (its
+        mask needs the host's state after every token)."""
+        return self.async_scheduling and bool(decode) and all(r.matcher is None for r in decode)
+
+    def _launch(self, decode: list[Request]) -> InFlight:
+        """Dispatch one plain decode step of `decode` (whose pages cover the token) and leave it in flight."""
+        rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
+        groups, built, num_logprobs, key = self._microbatches(rows, 1)
+        shape_key = self._step_key("decode", key, None)
+        t0 = time.perf_counter()
+        results = self._dispatch(shape_key, self.runner.step, built, num_logprobs, phase="decode", media=None)
+        return InFlight(list(decode), results, groups, built, shape_key, t0)
+
+    def _chain(self, done: InFlight) -> InFlight | None:
+        """The step after `done` for the same rows, dispatched before `done` is collected (its input tokens are
+        `done`'s sampled tokens, on the device); None when the next step must be scheduled after collecting."""
+        rows = done.rows
+        if (self.waiting and self.free_slots) or len(self.running) != len(rows) or not self._async_decode(rows):
+            return None
+        if len(done.built) != 1:
+            return None  # one micro-batch (Runner); the pipeline's micro-batches are not chained
+        for req in rows:
+            if req.status is not Status.RUNNING or not req.in_decode:
+                return None
+            # After `done` a row has one more token; this step adds another, within max_tokens and the model length.
+            if req.params.max_tokens - len(req.output_ids) < 2 or len(req.all_ids) + 2 > self.max_model_len:
+                return None
+        if not self.blocks.fits([(r, r.num_computed + 2) for r in rows]):
+            return None  # check first: a failed attempt would leave some rows with pages they do not use yet
+        for req in rows:
+            self.scheduler.ensure_pages(req, req.num_computed + 2)
+        ahead = [(req, [0], req.num_computed + 1) for req in rows]  # token ids: placeholders for done's tokens
+        groups, built, num_logprobs, key = self._microbatches(ahead, 1, ahead=1)
+        (batch, sampling, steps, keep), = built
+        batch = batch.replace(tokens=self._next_tokens(done.results[0].tokens))
+        shape_key = self._step_key("decode", key, None)
+        t0 = time.perf_counter()
+        results = self._dispatch(shape_key, self.runner.step, [(batch, sampling, steps, keep)], num_logprobs,
+                                 phase="decode", media=None)
+        self.stats["chained_steps"] += 1
+        return InFlight(list(rows), results, groups, [(batch, sampling, steps, keep)], shape_key, t0)
+
+    def _next_tokens(self, tokens: jax.Array) -> jax.Array:
+        """`next_tokens` of a step's sampled tokens (replicated, as every step gives them) through its compiled
+        program for their shape (the warm-up compiles them: serving/warmup.py; a missing one is compiled here, in
+        milliseconds)."""
+        program = self.next_token_programs.get(tokens.shape)
+        if program is None:
+            program = self.next_token_programs[tokens.shape] = next_tokens.lower(tokens).compile()
+        return program(tokens)
+
+    def _collect(self, done: InFlight) -> list[Request]:
+        """Wait for an in-flight step and append each still-running row's token (a row aborted meanwhile gets
+        none). Returns the rows that got one."""
+        result = join_results(self._fetch(done.shape_key, done.results, done.t0), done.groups, axis=0)
+        touched = []
+        for i, req in enumerate(done.rows):
+            if req.status is Status.RUNNING:
+                self.scheduler.computed(req, 1)
+                self._append(req, result, i)
+                touched.append(req)
+        return touched
+
+
+@jax.jit
+def next_tokens(tokens: jax.Array) -> jax.Array:
+    """(B,) sampled tokens -> (B, 1) int32 input tokens of the next decode step, on the device (a program per
+    decode batch size, held by the engine: `EngineSteps._next_tokens`)."""
+    return tokens[:, None].astype(jnp.int32)

@@ -265,6 +265,7 @@ class Runner:
         self.return_hidden = return_hidden
         self.hidden: list[jax.Array] = []
         self._lowered: list | None = None  # set by `lowering`
+        self.replicated = sharding.replicated(self.mesh)
 
     @contextlib.contextmanager
     def lowering(self, into: list) -> Iterator[None]:
@@ -323,6 +324,9 @@ class Runner:
         self.hidden = []
         with jax.set_mesh(self.mesh):
             for batch, sampling, steps, sample_rows in microbatches:
+                # The input tokens as a replicated device array, whether they come from the host or (async
+                # scheduling) from the previous step's sampled tokens on the device: one program for both.
+                batch = batch.replace(tokens=jax.device_put(batch.tokens, self.replicated))
                 if isinstance(sampling.token_mask, DeferredMask):
                     logits, routed, hidden, cache = self._call(
                         forward_logits, self.model.static_graph, self.model.flat_state, cache, batch, tokens, blocks,

@@ -89,6 +89,7 @@ def build_rows(
     grammars=None,
     free_mask_words: int = 0,
     defer_mask: bool = False,
+    ahead: int = 0,
 ):
     """Pad rows into a StepBatch and its sampling inputs. Returns (batch, sampling, steps (B,), keep (B,),
     num_logprobs, shape key).
@@ -100,7 +101,8 @@ def build_rows(
     many words per row even when no sampled row has a grammar (all tokens allowed: the constrained program);
     defer_mask: a (non-verify) step whose rows have grammars gets a `DeferredMask` instead of the filled mask (the
     runner fills it while the forward runs; FREE_GRAMMAR rows count as grammars there, so the warm-up lowers the
-    same split programs)."""
+    same split programs); ahead: tokens each row has in a step still in flight, not yet in its `output_ids`
+    (async scheduling: the rows' ids are placeholders, the engine passes the in-flight step's tokens instead)."""
     page = layout.page_size
     b = bucket(len(rows), 1, max_rows)
     t = num_tokens if verify else token_bucket(num_tokens)
@@ -128,8 +130,8 @@ def build_rows(
             window[i, : len(live)] = live
             window_start[i] = first * page
         last[i] = len(ids) - 1
-        steps[i] = len(req.output_ids)
-        keep[i] = verify or start + len(ids) == len(req.all_ids)
+        steps[i] = len(req.output_ids) + ahead
+        keep[i] = verify or start + len(ids) == len(req.all_ids) + ahead
     params = [req.params for req, _, _ in rows]
     token_mask = None
     # Rows that sample a kept token this step follow their grammar; the rest (and padding) are free.

@@ -98,6 +98,9 @@ def test_demo_serve_limits_and_enforce_eager(monkeypatch):
         assert cli.main([*parser_args, "--enforce-eager"]) == 0
         config = captured["llm"].engine.config
         assert not captured["warmup"] and (config.max_num_seqs, config.max_num_batched_tokens) == (64, 512)
+        assert captured["llm"].engine.async_scheduling  # on by default (auto)
+        assert cli.main([*parser_args, "--enforce-eager", "--no-async-scheduling"]) == 0
+        assert captured["llm"].engine.config.async_scheduling is False and not captured["llm"].engine.async_scheduling
     finally:
         server.serve_cli = original
 

@@ -233,7 +233,7 @@ def test_multi_step_decode_with_a_queue_behind_full_slots():
     runs = {}
     for steps in (1, 4):
         engine = Engine(model, config=EngineConfig(max_num_seqs=1, page_size=8, num_pages=32, max_model_len=64,
-                                                   num_scheduler_steps=steps))
+                                                   num_scheduler_steps=steps, async_scheduling=False))
         for i in range(3):
             engine.add_request([2, 10 + i, 20 + i, 30 + i], params, request_id=f"r{i}")
         done = {}
@@ -246,6 +246,94 @@ def test_multi_step_decode_with_a_queue_behind_full_slots():
     assert multi == single and len(multi) == 3
     assert single_steps == 3 * 13  # a prefill (first token) and 12 decode steps per request
     assert multi_steps <= 3 * (1 + 3 + 3)  # 4-step calls until fewer than 4 tokens are left
+
+
+def _async_params(free_ids: list[int], free_text: str) -> list[SamplingParams]:
+    """A mix for async scheduling: greedy and seeded rows, logprobs, penalties, a stop id, a stop string, EOS."""
+    return [SamplingParams(temperature=0.0, max_tokens=21, ignore_eos=True),
+            SamplingParams(temperature=0.9, seed=4, max_tokens=17, ignore_eos=True, logprobs=3),
+            SamplingParams(temperature=0.0, max_tokens=30),
+            SamplingParams(temperature=1.0, top_k=5, seed=7, max_tokens=14, ignore_eos=True, frequency_penalty=1.0,
+                           presence_penalty=0.5),
+            SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[free_ids[6]]),
+            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop=[free_text[3:5]])]
+
+
+def _generated(out) -> tuple:
+    logprobs = [(t.token_id, round(t.logprob, 5)) for t in out.logprobs] if out.logprobs is not None else None
+    return out.token_ids, out.text, out.finish_reason, logprobs
+
+
+@pytest.mark.parametrize("num_pages", [None, 17], ids=["roomy", "preempting"])
+def test_async_scheduling_equals_synchronous(ckpts, num_pages):
+    """Async scheduling (the next decode step dispatched before the last one's tokens are collected: engine_steps.py)
+    gives the same tokens, text, logprobs and finish reasons as synchronous steps, with stop ids and strings ending
+    rows while their next step is in flight, penalties, seeded sampling (the RNG counter of a chained step counts
+    the in-flight token), the sliding window's pages, and preemption in a tight pool; and it does chain steps."""
+    path = ckpts["ple_kvshare_window"][0]
+    prompts = _prompts([7, 19, 12, 5, 9, 11], seed=13)
+    options = {**ENGINE, "num_pages": num_pages} if num_pages else ENGINE
+    sync = gemma4_jax.LLM(path, dtype="float32", **options, async_scheduling=False)
+    free = sync.generate(prompts[4:], GREEDY, use_tqdm=False)  # the stop id's and stop string's rows, unstopped
+    params = _async_params(free[0].token_ids, free[1].text)
+    want = [_generated(o) for o in sync.generate(prompts, params, use_tqdm=False)]
+    assert sync.engine.stats["chained_steps"] == 0
+    overlapped = gemma4_jax.LLM(path, dtype="float32", **options)  # async scheduling is the default here
+    got = [_generated(o) for o in overlapped.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert [g[2] for g in got][4:] == ["stop", "stop"]
+    stats = overlapped.engine.stats
+    assert stats["chained_steps"] > 10 and (num_pages is None or stats["preemptions"] > 0)
+    assert overlapped.engine.num_used_pages == 0 and overlapped.engine._inflight is None
+
+
+def test_async_scheduling_abort_and_arrival_in_flight(llm):
+    """A request aborted while its step is in flight gets no token from it and is not reported again; one that
+    arrives meanwhile starts at the next call; the others' tokens equal synchronous steps."""
+    from gemma4_jax.serving.engine import Engine, EngineConfig
+
+    prompts = _prompts([6, 9, 8], seed=21)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    runs = {}
+    for overlap in (False, True):
+        engine = Engine(llm.model, config=EngineConfig(**ENGINE, async_scheduling=overlap))
+        engine.add_request(prompts[0], params, request_id="a")
+        engine.add_request(prompts[1], params, request_id="b")
+        for _ in range(4):
+            engine.step()
+        assert (engine._inflight is not None) == overlap
+        engine.abort("b")
+        engine.add_request(prompts[2], params, request_id="c")
+        done, seen_after_abort = {}, []
+        while engine.has_unfinished():
+            for out in engine.step():
+                seen_after_abort.append(out.request_id)
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+        assert "b" not in seen_after_abort and engine.output(engine.get("b")).finish_reason == "abort"
+        runs[overlap] = (done, engine.get("b").output_ids)
+    (sync_done, sync_b), (async_done, async_b) = runs[False], runs[True]
+    assert async_done == sync_done and set(sync_done) == {"a", "c"}
+    # The aborted row's in-flight token was dropped: it has what was collected before, a prefix of the sync run's.
+    assert async_b == sync_b[: len(async_b)] and len(async_b) == len(sync_b) - 1
+
+
+def test_async_scheduling_option():
+    """On by default where it applies; True where it does not is refused with the reason; auto turns it off."""
+    from gemma4_jax.serving.engine import Engine, EngineConfig
+
+    model = gemma4_jax.from_config("tiny", dtype="float32")
+    small = dict(max_num_seqs=2, page_size=8, num_pages=32, max_model_len=64)
+    assert Engine(model, config=EngineConfig(**small)).async_scheduling
+    assert not Engine(model, config=EngineConfig(**small, async_scheduling=False)).async_scheduling
+    assert not Engine(model, config=EngineConfig(**small, num_scheduler_steps=4)).async_scheduling
+    with pytest.raises(ValueError, match=r"async_scheduling=True does not apply here: num_scheduler_steps > 1"):
+        Engine(model, config=EngineConfig(**small, num_scheduler_steps=4, async_scheduling=True))
+    spec = {"method": "ngram", "num_speculative_tokens": 2}
+    with pytest.raises(ValueError, match=r"async_scheduling=True does not apply here: speculative decoding"):
+        Engine(model, config=EngineConfig(**small, speculative_config=spec, async_scheduling=True))
+    with pytest.raises(ValueError, match=r"async_scheduling must be True, False or None"):
+        Engine(model, config=EngineConfig(**small, async_scheduling="yes"))
 
 
 def test_engine_keeps_freed_host_memory_on_cpu(tmp_path):

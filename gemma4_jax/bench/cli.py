@@ -201,6 +201,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             max_num_batched_tokens=args.max_num_batched_tokens,
             attention_backend=args.attention_backend,
             enable_prefix_caching=args.enable_prefix_caching,
+            async_scheduling=getattr(args, "async_scheduling", None),
         )
         if getattr(args, "num_scheduler_steps", None) is not None:
             engine_options["num_scheduler_steps"] = args.num_scheduler_steps
