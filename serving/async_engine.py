@@ -47,6 +47,8 @@ from gemma4_jax.serving.sampling import MAX_LOGPROBS, SamplingParams
 log = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.5  # how long the idle engine thread blocks on the command queue before looking at `_stopping`
+# The longest the engine thread waits for the loop to take a step's outputs while its next step is in flight.
+DELIVERY_WAIT_S = 0.002
 
 
 class EngineError(RuntimeError):
@@ -349,11 +351,14 @@ class AsyncEngine:
         self._active_tokens -= self._active.pop(rid, 0)
         self._groups.pop(rid, None)
 
-    def _deliver(self, batch: list[tuple[RequestGroup, int, RequestOutput]]) -> None:
+    def _deliver(self, batch: list[tuple[RequestGroup, int, RequestOutput]],
+                 delivered: threading.Event | None = None) -> None:
         for group, index, out in batch:
             if out.finished:
                 self._release(out.request_id)
             group._put(index, out)
+        if delivered is not None:
+            delivered.set()
 
     def _fail(self, groups: list[RequestGroup], error: BaseException) -> None:
         for group in groups:
@@ -477,7 +482,15 @@ class AsyncEngine:
                     tracked.scheduled = True
                     self.metrics.queue_time.observe(now - tracked.arrival)
         if batch:
-            self._call_loop(self._deliver, batch)
+            if not self.engine.has_step_in_flight:
+                self._call_loop(self._deliver, batch)
+                return
+            # Async scheduling: the device computes the next step meanwhile, so wait (briefly, GIL released) for the
+            # loop to take this step's outputs. Otherwise, when steps are as short as their host work, this thread
+            # holds the GIL from step to step and streams reach their readers in one piece at the end.
+            delivered = threading.Event()
+            self._call_loop(self._deliver, batch, delivered)
+            delivered.wait(DELIVERY_WAIT_S)
 
     def _observe(self, tracked: _Tracked, out: RequestOutput, now: float) -> None:
         m = self.metrics

@@ -339,6 +339,11 @@ class Engine(EngineSteps):
         return bool(self.waiting or self.running)
 
     @property
+    def has_step_in_flight(self) -> bool:
+        """Whether a decode step was dispatched and its tokens come with the next `step()` (async scheduling)."""
+        return self._inflight is not None
+
+    @property
     def num_free_pages(self) -> int:
         """Full-attention pages an allocation can take (free or cached)."""
         return self.blocks.num_free
