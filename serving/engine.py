@@ -170,7 +170,7 @@ class Engine(EngineSteps):
                                               self.speculative.num_speculative_tokens)
         self.async_scheduling = self._resolve_async()
         self._inflight: InFlight | None = None  # the decode step left in flight (async scheduling)
-        self.next_token_programs: dict[tuple, jax.stages.Compiled] = {}  # by shape: _next_tokens
+        self.next_token_programs: dict[int, jax.stages.Compiled] = {}  # by rows: next_token_program
         self.cache = self.runner.allocate()
         self.counts: dict[str, jax.Array] | None = None  # penalty state, allocated on first use
         self.blocks = KVBlocks(self.layout, caching=config.enable_prefix_caching)

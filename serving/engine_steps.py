@@ -40,13 +40,12 @@ log = logging.getLogger("gemma4_jax.serving.engine")
 class InFlight:
     """A plain decode step dispatched and not yet collected (async scheduling, `EngineSteps._launch`).
 
-    rows: the decode rows in batch order; results: the runner's per-micro-batch SampleResults, still on the
-    device; groups: each micro-batch's row indices; built: the micro-batches as dispatched; t0: dispatch time."""
+    rows: the decode rows in batch order; results: the runner's SampleResults (one micro-batch), still on the
+    device; groups: the micro-batch's row indices; t0: dispatch time."""
 
     rows: list[Request]
     results: list
     groups: list[list[int]]
-    built: list
     shape_key: tuple
     t0: float
 
@@ -325,23 +324,28 @@ class EngineSteps:
         mask needs the host's state after every token)."""
         return self.async_scheduling and bool(decode) and all(r.matcher is None for r in decode)
 
-    def _launch(self, decode: list[Request]) -> InFlight:
-        """Dispatch one plain decode step of `decode` (whose pages cover the token) and leave it in flight."""
-        rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
-        groups, built, num_logprobs, key = self._microbatches(rows, 1)
+    def _launch(self, decode: list[Request], after: InFlight | None = None) -> InFlight:
+        """Dispatch one plain decode step of `decode` (whose pages cover its token) and leave it in flight. With
+        `after` (in flight for the same rows, not collected yet) the step is the one after it: its input tokens
+        are `after`'s sampled tokens on the device, and the RNG counters and kept rows count them."""
+        ahead = 0 if after is None else 1
+        rows = [(req, [0 if ahead else req.all_ids[-1]], req.num_computed + ahead) for req in decode]
+        groups, built, num_logprobs, key = self._microbatches(rows, 1, ahead=ahead)
+        if after is not None:
+            (batch, *rest), = built  # one micro-batch: async scheduling runs with the single-program Runner
+            tokens = after.results[0].tokens
+            built = [(batch.replace(tokens=self.next_token_program(tokens.shape[0])(tokens)), *rest)]
         shape_key = self._step_key("decode", key, None)
         t0 = time.perf_counter()
         results = self._dispatch(shape_key, self.runner.step, built, num_logprobs, phase="decode", media=None)
-        return InFlight(list(decode), results, groups, built, shape_key, t0)
+        return InFlight(list(decode), results, groups, shape_key, t0)
 
     def _chain(self, done: InFlight) -> InFlight | None:
-        """The step after `done` for the same rows, dispatched before `done` is collected (its input tokens are
-        `done`'s sampled tokens, on the device); None when the next step must be scheduled after collecting."""
+        """The step after `done` for the same rows, dispatched before `done` is collected; None when the next step
+        must be scheduled after collecting."""
         rows = done.rows
         if (self.waiting and self.free_slots) or len(self.running) != len(rows) or not self._async_decode(rows):
             return None
-        if len(done.built) != 1:
-            return None  # one micro-batch (Runner); the pipeline's micro-batches are not chained
         for req in rows:
             if req.status is not Status.RUNNING or not req.in_decode:
                 return None
@@ -352,25 +356,17 @@ class EngineSteps:
             return None  # check first: a failed attempt would leave some rows with pages they do not use yet
         for req in rows:
             self.scheduler.ensure_pages(req, req.num_computed + 2)
-        ahead = [(req, [0], req.num_computed + 1) for req in rows]  # token ids: placeholders for done's tokens
-        groups, built, num_logprobs, key = self._microbatches(ahead, 1, ahead=1)
-        (batch, sampling, steps, keep), = built
-        batch = batch.replace(tokens=self._next_tokens(done.results[0].tokens))
-        shape_key = self._step_key("decode", key, None)
-        t0 = time.perf_counter()
-        results = self._dispatch(shape_key, self.runner.step, [(batch, sampling, steps, keep)], num_logprobs,
-                                 phase="decode", media=None)
         self.stats["chained_steps"] += 1
-        return InFlight(list(rows), results, groups, [(batch, sampling, steps, keep)], shape_key, t0)
+        return self._launch(rows, after=done)
 
-    def _next_tokens(self, tokens: jax.Array) -> jax.Array:
-        """`next_tokens` of a step's sampled tokens (replicated, as every step gives them) through its compiled
-        program for their shape (the warm-up compiles them: serving/warmup.py; a missing one is compiled here, in
-        milliseconds)."""
-        program = self.next_token_programs.get(tokens.shape)
+    def next_token_program(self, rows: int) -> jax.stages.Compiled:
+        """The compiled `next_tokens` for a decode batch of `rows` (padded) rows, its input replicated as every
+        step's sampled tokens are; compiled once (the warm-up does it for every decode batch size)."""
+        program = self.next_token_programs.get(rows)
         if program is None:
-            program = self.next_token_programs[tokens.shape] = next_tokens.lower(tokens).compile()
-        return program(tokens)
+            spec = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=self.runner.replicated)
+            program = self.next_token_programs[rows] = next_tokens.lower(spec).compile()
+        return program
 
     def _collect(self, done: InFlight) -> list[Request]:
         """Wait for an in-flight step and append each still-running row's token (a row aborted meanwhile gets
@@ -388,5 +384,5 @@ class EngineSteps:
 @jax.jit
 def next_tokens(tokens: jax.Array) -> jax.Array:
     """(B,) sampled tokens -> (B, 1) int32 input tokens of the next decode step, on the device (a program per
-    decode batch size, held by the engine: `EngineSteps._next_tokens`)."""
+    decode batch size, held by the engine: `EngineSteps.next_token_program`)."""
     return tokens[:, None].astype(jnp.int32)

@@ -45,7 +45,6 @@ import numpy as np
 
 from gemma4_jax.serving.async_engine import score_prompt
 from gemma4_jax.serving.engine import Engine
-from gemma4_jax.serving.engine_steps import next_tokens
 from gemma4_jax.serving.kv_cache import TRASH_PAGE, bucket, pages_needed
 from gemma4_jax.serving.requests import FREE_GRAMMAR, Request, Status
 from gemma4_jax.serving.runner import Runner
@@ -329,40 +328,6 @@ def _lower_shape(engine: Engine, shape: WarmupShape) -> list:
     return lowered
 
 
-def _next_token_programs(engine: Engine, work: list) -> list:
-    """Work items for async scheduling's hand-off of a decode step's sampled tokens (B,) to the next step as its
-    (B, 1) inputs (engine_steps.next_tokens): one program per decode batch size, kept in the engine, which calls it
-    (EngineSteps._next_tokens). None without async scheduling."""
-    if not engine.async_scheduling:
-        return []
-    items, seen = [], set()
-    for shape, lowered, _ in work:
-        if shape.kind != "decode" or not lowered:
-            continue
-        tokens = getattr(lowered[0].out_info[0], "tokens", None)  # a split (grammar) step's first half has none
-        if tokens is None or tokens.shape in seen:
-            continue
-        seen.add(tokens.shape)
-        # Replicated over the mesh, as the step's sampled tokens are.
-        spec = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=engine.runner.replicated)
-        program = _KeepCompiled(engine.next_token_programs, tokens.shape, next_tokens.lower(spec))
-        items.append((WarmupShape("next_tokens", tokens.shape[0], 1, 0, 0, None, False, False), [program], None))
-    return items
-
-
-@dataclasses.dataclass
-class _KeepCompiled:
-    """A lowered program whose `compile()` also files the executable under `key` in `into` (the engine calls it
-    from there: EngineSteps._next_tokens)."""
-
-    into: dict
-    key: tuple
-    lowered: jax.stages.Lowered
-
-    def compile(self) -> None:
-        self.into[self.key] = self.lowered.compile()
-
-
 def _compile_in_parallel(engine: Engine, shapes: list[WarmupShape], threads: int, on_done) -> None:
     """Lower every step shape (Python tracing, one at a time), then compile them in `threads` threads (XLA's
     compile releases the GIL). The prompt-logprob forwards, which hold no engine state, run whole in the threads; the
@@ -377,7 +342,6 @@ def _compile_in_parallel(engine: Engine, shapes: list[WarmupShape], threads: int
             work.append((shape, None, None))
         else:
             work.append((shape, _lower_shape(engine, shape), _engine_inputs(engine, shape)[4]))
-    work.extend(_next_token_programs(engine, work))
     log.info("warm-up: %d programs lowered in %.1f s; compiling in %d threads", len(work),
              time.perf_counter() - t0, threads)
 
@@ -398,8 +362,7 @@ def _compile_in_parallel(engine: Engine, shapes: list[WarmupShape], threads: int
                 engine._shapes_seen.add(engine_key)
                 engine.stats["compiles"] += 1
                 engine.stats["compile_time_s"] += seconds
-            if shape.kind != "next_tokens":  # not a step shape of the plan
-                on_done(shape, seconds)
+            on_done(shape, seconds)
     for shape in shapes:
         if shape.kind == "draft":
             c0 = time.perf_counter()
@@ -523,6 +486,9 @@ def warm_up(engine: Engine, progress: bool = True, threads: int | None = None,
     finally:
         if bar is not None:
             bar.close()
+    if engine.async_scheduling:  # the hand-off of each decode batch size's sampled tokens to the next step
+        for rows in sorted({shape.key[0][0] for shape in shapes if shape.kind == "decode"}):
+            engine.next_token_program(rows)
     _warm_towers(engine, max_audio_seconds)
     seconds = time.perf_counter() - t_start
     report = WarmupReport(len(shapes), engine.stats["compiles"] - compiles_before, seconds)
