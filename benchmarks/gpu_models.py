@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     ap.add_argument("--profile-batches", type=_ints, default=[], help="decode batch sizes to profile (one call under "
                     "jax.profiler.trace after timing): the device's kernels by total time go into the result")
+    ap.add_argument("--profile-prefill", type=_ints, default=[], help="prefill lengths (of --prefill) to profile "
+                    "the same way")
     ap.add_argument("--profile-top", type=int, default=60, help="kernels kept per profile, by total time")
     ap.add_argument("--hlo-dir", default=None, help="write the optimized HLO of each profiled decode program here")
     args = ap.parse_args(argv)
@@ -477,6 +479,16 @@ def run(args) -> list[dict[str, Any]]:
             if args.matmul_tflops:
                 entry["x_compute_roofline"] = med / (flops / (args.matmul_tflops * 1e12))
             result["prefill"][str(n)] = entry
+            if n in args.profile_prefill:
+                try:
+                    result.setdefault("profile", {})[f"prefill_{n}"] = profile_call(call, 1, args.profile_top)
+                except Exception as e:  # noqa: BLE001 (a diagnostic, as the decode profiles)
+                    result.setdefault("profile", {})[f"prefill_{n}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                if args.hlo_dir:
+                    os.makedirs(args.hlo_dir, exist_ok=True)
+                    name = f"{args.preset}_{args.experts}_{v.name}_prefill_{n}.hlo.txt".replace("+", "_")
+                    with open(os.path.join(args.hlo_dir, name), "w") as f:
+                        f.write(exe.as_text())
             _say(args, f"{v.name} prefill {n}: {med * 1e3:.1f} ms")
         if args.workload:
             p, o = _ints(args.workload)

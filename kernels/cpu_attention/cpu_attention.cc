@@ -67,9 +67,31 @@ inline void axpy(float p, const float* x, float* y, int64_t n) {
 using gemma4_cpu::load16;
 #endif
 
+#if defined(__AVX512F__)
+// The sums of four 16-lane vectors, [sum(a0), sum(a1), sum(a2), sum(a3)], in one tree (14 instructions; four
+// separate horizontal sums take ~32 and end the key's logits in four serial chains).
+inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  // [a0 q0+q2, a0 q1+q3, a1 q0+q2, a1 q1+q3] and the same of a2, a3 (q: 128-bit quarters)
+  const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+  const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+  // quarter i: four partial sums of a_i
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
+  const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+  const __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));  // every lane of quarter i: sum(a_i)
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), w));
+}
+
+inline void store4(__m128 s, float* out, int64_t stride) {
+  _mm_store_ss(out, s);
+  _mm_store_ss(out + stride, _mm_permute_ps(s, 1));
+  _mm_store_ss(out + 2 * stride, _mm_permute_ps(s, 2));
+  _mm_store_ss(out + 3 * stride, _mm_permute_ps(s, 3));
+}
+#endif
+
 // Logits of `rows` consecutive query rows (qf, rows x n, float32) against one pool row k (n elements): out[r *
-// stride]. With AVX-512 (n a multiple of 16) four query rows at a time, each with its own accumulator: a dot ends
-// in a serial horizontal sum, and four of them hide each other's latency. Else widen, then a dot per row.
+// stride]. With AVX-512 (n a multiple of 16) four query rows at a time, each with its own accumulator, summed in
+// one tree. Else widen, then a dot per row.
 template <typename KT>
 inline void key_logits(const float* qf, int64_t rows, const KT* k, int64_t n, float* kbuf, float* out,
                        int64_t stride) {
@@ -86,10 +108,7 @@ inline void key_logits(const float* qf, int64_t rows, const KT* k, int64_t n, fl
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * n + i), kv, a2);
         a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * n + i), kv, a3);
       }
-      out[r * stride] = _mm512_reduce_add_ps(a0);
-      out[(r + 1) * stride] = _mm512_reduce_add_ps(a1);
-      out[(r + 2) * stride] = _mm512_reduce_add_ps(a2);
-      out[(r + 3) * stride] = _mm512_reduce_add_ps(a3);
+      store4(sum4(a0, a1, a2, a3), out + r * stride, stride);
     }
     if (r == rows) return;
   }
@@ -97,6 +116,35 @@ inline void key_logits(const float* qf, int64_t rows, const KT* k, int64_t n, fl
   widen(k, kbuf, n);
   for (; r < rows; ++r) out[r * stride] = dot(qf + r * n, kbuf, n);
 }
+
+#if defined(__AVX512BF16__)
+// key_logits for bfloat16 queries (qb, rows x n bfloat16 bits) and keys, n a multiple of 32: `vdpbf16ps` multiplies
+// 32 pairs per instruction straight from the bits (no widening; bfloat16 products are exact in float32, summed in
+// float32 as the reference's dot, in another order; inputs below float32's normal range count as 0).
+inline void key_logits_bf16(const uint16_t* qb, int64_t rows, const uint16_t* k, int64_t n, float* out,
+                            int64_t stride) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const uint16_t* q0 = qb + r * n;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < n; i += 32) {
+      const __m512bh kv = (__m512bh)_mm512_loadu_si512(k + i);
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(q0 + i), kv);
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(q0 + n + i), kv);
+      a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(q0 + 2 * n + i), kv);
+      a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(q0 + 3 * n + i), kv);
+    }
+    store4(sum4(a0, a1, a2, a3), out + r * stride, stride);
+  }
+  for (; r < rows; ++r) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 32) {
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qb + r * n + i), (__m512bh)_mm512_loadu_si512(k + i));
+    }
+    out[r * stride] = _mm512_reduce_add_ps(a);
+  }
+}
+#endif
 
 // acc (rows x n) = probs (rows x n_seen, row stride `stride`) @ the seen value rows (v + offsets[j], n elements
 // each). With AVX-512 (n a multiple of 64) the accumulators of up to 4 rows x 64 columns stay in registers across
@@ -145,6 +193,19 @@ inline void value_product(const float* probs, int64_t rows, int64_t stride, cons
   }
 }
 
+// One key row's logits against `rows` query rows: from the bfloat16 bits (qb) where `pairs` (bfloat16 queries
+// and keys, see attend), else from the widened queries (qf).
+template <typename KT>
+inline void row_logits(bool pairs, const float* qf, const uint16_t* qb, int64_t rows, const KT* k, int64_t n,
+                       float* kbuf, float* out, int64_t stride) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<KT, uint16_t>) {
+    if (pairs) return key_logits_bf16(qb, rows, k, n, out, stride);
+  }
+#endif
+  key_logits(qf, rows, k, n, kbuf, out, stride);
+}
+
 struct Shape {
   int64_t b, t, n, h, k, g;  // batch, query tokens, query heads, head dim, KV heads, query heads per KV head
   int64_t num_pages, page_size, pages_per_row, keys;  // keys = pages_per_row * page_size (the logical key axis S)
@@ -179,6 +240,7 @@ inline float exp_nonpositive(float x) {
 // Scratch of one thread, kept across tasks and calls (grown, never shrunk): no allocation per task.
 struct Scratch {
   std::vector<float> qf, acc, kv, logits;
+  std::vector<uint16_t> qb;  // bfloat16 queries as given (the `vdpbf16ps` logits)
   std::vector<int64_t> seen;  // pool offset of each seen key's row
 };
 
@@ -188,6 +250,7 @@ Scratch& scratch(int64_t rows, int64_t h, int64_t keys) {
     if (v.size() < n) v.resize(n);
   };
   grow(sc.qf, rows * h);
+  grow(sc.qb, rows * h);
   grow(sc.acc, rows * h);
   grow(sc.kv, h);
   grow(sc.logits, rows * keys);
@@ -206,6 +269,13 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
   Scratch& sc = scratch(rows, h, s.keys);
   float *qf = sc.qf.data(), *acc = sc.acc.data(), *kv = sc.kv.data(), *logits = sc.logits.data();
   int64_t* seen = sc.seen.data();
+  uint16_t* qb = sc.qb.data();
+  // bfloat16 queries and keys: logits by `vdpbf16ps` from the bits (key_logits_bf16)
+#if defined(__AVX512BF16__)
+  const bool pairs = std::is_same_v<QT, uint16_t> && std::is_same_v<KT, uint16_t> && h % 32 == 0;
+#else
+  const bool pairs = false;
+#endif
   int32_t lo = std::numeric_limits<int32_t>::max(), hi = -1;  // the tile's first and last query positions
   for (int64_t t = 0; t < tt; ++t) {
     const int32_t p = q_pos[b * s.t + t0 + t];
@@ -213,7 +283,14 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
     lo = std::min(lo, p);
     hi = std::max(hi, p);
     for (int64_t g = 0; g < s.g; ++g) {
-      widen(q + ((b * s.t + t0 + t) * s.n + kh * s.g + g) * h, qf + (t * s.g + g) * h, h);
+      const QT* src = q + ((b * s.t + t0 + t) * s.n + kh * s.g + g) * h;
+      if constexpr (std::is_same_v<QT, uint16_t>) {
+        if (pairs) {
+          std::memcpy(qb + (t * s.g + g) * h, src, h * sizeof(uint16_t));
+          continue;
+        }
+      }
+      widen(src, qf + (t * s.g + g) * h, h);
     }
   }
   auto store = [&](int64_t r) {
@@ -238,16 +315,20 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
     // Clamped as XLA clamps a gather's indices (the reference gathers), so no table entry reads outside the pool.
     const int64_t page = std::clamp<int64_t>(table[b * s.pages_per_row + pi], 0, s.num_pages - 1);
     const int64_t page_base = page * s.page_size;
+    // The next page is anywhere in the pool: its key rows of this head are fetched while this page computes, one
+    // row per key here (the loads of each key row were the call's largest stall; fetching a whole page at once
+    // stalled on the full miss queue). Not when it starts empty (past the row's length).
+    const char* next_keys = nullptr;
     if (pi + 1 < s.pages_per_row && key_pos[b * s.keys + (pi + 1) * s.page_size] >= 0) {
-      // The next page is anywhere in the pool: fetch its key rows of this head while this page computes (the
-      // loads of each key row were the call's largest stall); not when it starts empty (past the row's length).
       const int64_t next = std::clamp<int64_t>(table[b * s.pages_per_row + pi + 1], 0, s.num_pages - 1);
-      for (int64_t o = 0; o < s.page_size; ++o) {
-        const char* line = reinterpret_cast<const char*>(kp + (next * s.page_size + o) * row_stride + kh * h);
-        for (int64_t l = 0; l < static_cast<int64_t>(h * sizeof(KT)); l += 64) __builtin_prefetch(line + l);
-      }
+      next_keys = reinterpret_cast<const char*>(kp + next * s.page_size * row_stride + kh * h);
     }
+    const int64_t row_bytes = h * sizeof(KT);
     for (int64_t o = 0; o < s.page_size; ++o) {
+      if (next_keys != nullptr) {
+        const char* line = next_keys + o * row_stride * sizeof(KT);
+        for (int64_t l = 0; l < row_bytes; l += 64) __builtin_prefetch(line + l);
+      }
       const int64_t i = pi * s.page_size + o;
       const int32_t kpos = key_pos[b * s.keys + i];
       if (kpos < 0) continue;
@@ -266,20 +347,35 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
         if (s.window > 0) sees = sees && kpos > qp - s.window;
         float* dst = logits + t * s.g * stride + n_seen;
         if (sees) {
-          key_logits(qf + t * s.g * h, s.g, kp + offset, h, kv, dst, stride);
+          row_logits(pairs, qf + t * s.g * h, qb + t * s.g * h, s.g, kp + offset, h, kv, dst, stride);
         } else {
           for (int64_t g = 0; g < s.g; ++g) dst[g * stride] = neg_inf;
         }
         any = any || sees;
       }
-      if (any) seen[n_seen++] = offset;
+      if (any) {
+        // Its value row, read in pass 2: fetched now, a softmax and the rest of this pass ahead of its use.
+        const char* vline = reinterpret_cast<const char*>(vp + offset);
+        for (int64_t l = 0; l < row_bytes; l += 64) __builtin_prefetch(vline + l);
+        seen[n_seen++] = offset;
+      }
     }
   }
   // Softmax per query row over the seen keys; the probabilities rounded to the compute dtype as the reference's.
   for (int64_t r = 0; r < rows; ++r) {
     float* row = logits + r * stride;
     float peak = neg_inf;
+#if defined(__AVX512F__)
+    // max_ps(x, m) returns m when x is NaN: as std::max(peak, x) below, a NaN logit does not become the peak.
+    __m512 pk = _mm512_set1_ps(neg_inf);
+    for (int64_t j = 0; j < n_seen; j += 16) {
+      const __mmask16 keep = n_seen - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n_seen - j)) - 1);
+      pk = _mm512_mask_max_ps(pk, keep, _mm512_maskz_loadu_ps(keep, row + j), pk);
+    }
+    peak = _mm512_reduce_max_ps(pk);
+#else
     for (int64_t j = 0; j < n_seen; ++j) peak = std::max(peak, row[j]);
+#endif
     if (peak == neg_inf) {  // this query sees nothing (a padding query beside real ones)
       std::fill(row, row + n_seen, 0.f);
       continue;

@@ -40,6 +40,8 @@ def _case(rng, m, k, n, transposed, dtype):
     (200, 40, 65, False), (7, 2, 5, False), (9, 33, 70, False),
     (6, 64, 64, True), (9, 512, 300, True), (13, 40, 17, True), (64, 512, 1000, True), (97, 34, 130, True),
     (200, 64, 65, True),
+    # several tasks' worth of rows (cpu_matmul.cc task_rows: 384 rows at these K), the last one partial
+    (800, 64, 70, False), (800, 64, 70, True),
 ])
 def test_matches_reference(m, k, n, transposed, dtype):
     rng = np.random.default_rng(m * 1000 + n)
@@ -151,7 +153,8 @@ def test_activation_table_is_what_xla_computes():
 
 
 @pytest.mark.parametrize("m,k,n,transposed", [(64, 512, 2048, False), (9, 64, 100, False), (5, 32, 70, False),
-                                              (97, 96, 130, False), (13, 40, 17, True)])
+                                              (97, 96, 130, False), (13, 40, 17, True),
+                                              (400, 96, 130, False)])
 def test_gated_product_equals_the_separate_ops(m, k, n, transposed):
     """gelu_tanh(gate) * (x @ W) from the epilogue: the same bits as the model's separate ops (the product rounded
     to bfloat16, then XLA's elementwise graph), gates spread over the GELU's whole range, NaN and inf included."""
