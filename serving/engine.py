@@ -414,7 +414,7 @@ class Engine(EngineSteps):
             for i, (req, n) in enumerate(prefill):
                 self.scheduler.computed(req, n)
                 self.stats["prompt_tokens"] += n
-                if req.num_computed == len(req.all_ids):
+                if req.num_computed == req.num_tokens:
                     self._append(req, result, i)
                 touched.append(req)
         drafts = self._propose(decode) if decode and self.proposer is not None else None
@@ -433,7 +433,7 @@ class Engine(EngineSteps):
         elif decode and not prefill and self._async_decode(decode):
             self._inflight = self._launch(decode)  # its tokens come with the next call
         elif decode:
-            rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
+            rows = [(req, [req.last_id], req.num_computed) for req in decode]
             result = self._run(rows, 1, "decode")
             for i, req in enumerate(decode):
                 self.scheduler.computed(req, 1)
@@ -466,7 +466,7 @@ class Engine(EngineSteps):
         if req.matcher is not None and req.matcher.is_stopped():
             self._end(req, "stop")  # the grammar is complete and allows nothing more
             return
-        if len(req.output_ids) >= req.params.max_tokens or len(req.all_ids) >= self.max_model_len:
+        if len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
             self._end(req, "length")
 
     def _emit(self, req: Request, delta: str) -> bool:

@@ -76,7 +76,7 @@ class EngineSteps:
         """A constrained request's chunk that would end its prompt stops one token short: its first token is then
         sampled by a one-token (decode-shaped) constrained step, so no prefill program needs counts or a mask.
         Costs such a request one step of latency. Media prompts keep their chunks (an image stays in one)."""
-        ends_prompt = req.num_computed + num_tokens == len(req.all_ids)
+        ends_prompt = req.num_computed + num_tokens == req.num_tokens
         if num_tokens > 1 and ends_prompt and req.media is None and self._constrained(req):
             return num_tokens - 1
         return num_tokens
@@ -155,7 +155,7 @@ class EngineSteps:
         Returns (row groups, [(batch, sampling, steps, keep)], num_logprobs, shape key)."""
         m = self.runner.microbatches if num_tokens == 1 or verify else 1
         groups = [list(g) for g in np.array_split(np.arange(len(rows)), max(1, min(m, len(rows))))]
-        sampled = [req for req, ids, start in rows if verify or start + len(ids) == len(req.all_ids) + ahead]
+        sampled = [req for req, ids, start in rows if verify or start + len(ids) == req.num_tokens + ahead]
         penalties = any(self._uses_penalties(req.params) for req in sampled)
         grammar = any(req.matcher is not None for req in sampled)
         if num_logprobs is None:
@@ -226,7 +226,7 @@ class EngineSteps:
         return ("step", phase, key) if media is None else ("media", key, media.shape_key)
 
     def _run_multi(self, decode: list[Request], num_steps: int):
-        rows = [(req, [req.all_ids[-1]], req.num_computed) for req in decode]
+        rows = [(req, [req.last_id], req.num_computed) for req in decode]
         groups, built, num_logprobs, key = self._microbatches(rows, 1, lookahead=num_steps - 1)
         results = self._timed(("multi", num_steps, key), self.runner.multi, built, num_logprobs,
                               num_steps=num_steps)
@@ -243,7 +243,7 @@ class EngineSteps:
         k = self.speculative.num_speculative_tokens
         limits = []
         for req in decode:
-            left = min(req.params.max_tokens - len(req.output_ids), self.max_model_len - len(req.all_ids))
+            left = min(req.params.max_tokens - len(req.output_ids), self.max_model_len - req.num_tokens)
             limits.append(max(0, min(k, left - 1)))
         if not any(limits):
             return None
@@ -269,7 +269,7 @@ class EngineSteps:
     def _run_verify(self, decode: list[Request], drafts: list[list[int]]) -> None:
         """One verify step over the decode rows; each emits its accepted drafts plus one token, in order, through
         the same `_append` as plain decoding (stop tokens and strings, max_tokens, logprobs, routed experts)."""
-        rows = [(req, [req.all_ids[-1], *draft], req.num_computed) for req, draft in zip(decode, drafts, strict=True)]
+        rows = [(req, [req.last_id, *draft], req.num_computed) for req, draft in zip(decode, drafts, strict=True)]
         num_tokens = self.speculative.num_speculative_tokens + 1
         groups, built, num_logprobs, key = self._microbatches(rows, num_tokens, verify=True)
         results = self._timed(("verify", key), self.runner.verify, built, num_logprobs)
@@ -329,7 +329,7 @@ class EngineSteps:
         `after` (in flight for the same rows, not collected yet) the step is the one after it: its input tokens
         are `after`'s sampled tokens on the device, and the RNG counters and kept rows count them."""
         ahead = 0 if after is None else 1
-        rows = [(req, [0 if ahead else req.all_ids[-1]], req.num_computed + ahead) for req in decode]
+        rows = [(req, [0 if ahead else req.last_id], req.num_computed + ahead) for req in decode]
         groups, built, num_logprobs, key = self._microbatches(rows, 1, ahead=ahead)
         if after is not None:
             (batch, *rest), = built  # one micro-batch: async scheduling runs with the single-program Runner
@@ -350,7 +350,7 @@ class EngineSteps:
             if req.status is not Status.RUNNING or not req.in_decode:
                 return None
             # After `done` a row has one more token; this step adds another, within max_tokens and the model length.
-            if req.params.max_tokens - len(req.output_ids) < 2 or len(req.all_ids) + 2 > self.max_model_len:
+            if req.params.max_tokens - len(req.output_ids) < 2 or req.num_tokens + 2 > self.max_model_len:
                 return None
         if not self.blocks.fits([(r, r.num_computed + 2) for r in rows]):
             return None  # check first: a failed attempt would leave some rows with pages they do not use yet

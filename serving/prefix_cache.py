@@ -286,7 +286,7 @@ class KVBlocks:
         """A sequence without pages starts: find its longest cached prefix, share those pages and set num_computed
         to its length. runs: (R, 2) [start, end) of vision blocks that must be computed in one chunk (a hit never
         ends inside one). Returns the tokens hit. `count_query` once the sequence really starts; `release` if not."""
-        total, key = len(req.all_ids), req.prefix
+        total, key = req.num_tokens, req.prefix
         key.num_registered = 0
         if not self.caching:
             return 0
@@ -316,7 +316,7 @@ class KVBlocks:
 
     def count_query(self, req: Request) -> None:
         """Count an admitted sequence: its tokens were queried, num_computed of them hit (vLLM counts tokens)."""
-        self.queries += len(req.all_ids)
+        self.queries += req.num_tokens
         self.hits += req.num_computed
 
     def _usable(self, req: Request, num_full: int, runs: np.ndarray | None) -> int:

@@ -129,9 +129,20 @@ class Request:
 
     @property
     def all_ids(self) -> list[int]:
+        """Prompt and generated ids, as a new list (the hot paths use `num_tokens` / `last_id`, which copy nothing)."""
         return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """len(all_ids)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_id(self) -> int:
+        """all_ids[-1]."""
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def in_decode(self) -> bool:
         """Prompt (and any recomputed outputs) cached except the last generated token."""
-        return self.status is Status.RUNNING and bool(self.output_ids) and self.num_computed == len(self.all_ids) - 1
+        return self.status is Status.RUNNING and bool(self.output_ids) and self.num_computed == self.num_tokens - 1

@@ -99,7 +99,7 @@ class Scheduler:
     def schedule_prefill(self, budget: int) -> list[tuple[Request, int]]:
         chunks: list[tuple[Request, int]] = []
         # Partially prefilled running requests first (oldest first), then the queue in arrival order.
-        partial = [r for r in self.running if not r.in_decode and r.num_computed < len(r.all_ids)]
+        partial = [r for r in self.running if not r.in_decode and r.num_computed < r.num_tokens]
         candidates = sorted(partial, key=lambda r: r.arrival) + list(self.waiting)
         for req in candidates:
             if budget <= 0:
@@ -108,7 +108,7 @@ class Scheduler:
                 if not self.free_slots or len(chunks) >= self.max_num_seqs:
                     break  # FIFO: later arrivals do not overtake
                 self._admit(req)
-            size = min(len(req.all_ids) - req.num_computed, budget)
+            size = min(req.num_tokens - req.num_computed, budget)
             if req.media is not None:  # an image with bidirectional attention stays inside one chunk
                 size = media_chunks.clamp_chunk(req.media, req.num_computed, size)
             if size > 0 and not self.ensure_pages(req, req.num_computed + size):

@@ -388,7 +388,7 @@ class AssistantProposer:
         window = np.zeros((b, pw), np.int32)
         window_start = np.zeros((b,), np.int32)
         for i, req in enumerate(requests):
-            tokens[i], positions[i], slots[i] = req.all_ids[-1], req.num_computed, req.slot
+            tokens[i], positions[i], slots[i] = req.last_id, req.num_computed, req.slot
             n = min(len(req.pages), p)
             table[i, :n] = req.pages[:n]
             if layout.sliding_layers:

@@ -108,6 +108,7 @@ def build_rows(
     t = num_tokens if verify else token_bucket(num_tokens)
     p = page_bucket(max(pages_needed(start + len(ids) + lookahead, page) for _, ids, start in rows), page)
     pw = layout.window_width(t + lookahead, p)
+    n = len(rows)
     tokens = np.zeros((b, t), np.int32)
     positions = np.full((b, t), -1, np.int32)
     context = np.zeros((b,), np.int32)
@@ -118,20 +119,29 @@ def build_rows(
     last = np.zeros((b,), np.int32)
     steps = np.zeros((b,), np.int32)
     keep = np.zeros((b,), bool)
-    for i, (req, ids, start) in enumerate(rows):
-        tokens[i, : len(ids)] = ids
-        positions[i, : len(ids)] = np.arange(start, start + len(ids))
-        context[i] = start
-        slots[i] = req.slot
+    # The per-row columns as lists first, then one numpy assignment each: a batch-64 decode step built them with
+    # ~10 small numpy writes per row (~0.5 ms of host work per step, on a core the step's kernels share).
+    starts = [start for _, _, start in rows]
+    lens = [len(ids) for _, ids, _ in rows]
+    context[:n] = starts
+    slots[:n] = [req.slot for req, _, _ in rows]
+    last[:n] = [m - 1 for m in lens]
+    steps[:n] = [len(req.output_ids) + ahead for req, _, _ in rows]
+    keep[:n] = [verify or start + m == req.num_tokens + ahead for (req, _, start), m in zip(rows, lens)]
+    if all(m == 1 for m in lens):  # decode rows: one token each
+        tokens[:n, 0] = [ids[0] for _, ids, _ in rows]
+        positions[:n, 0] = starts
+    else:
+        for i, (_, ids, start) in enumerate(rows):
+            tokens[i, : len(ids)] = ids
+            positions[i, : len(ids)] = np.arange(start, start + len(ids))
+    for i, (req, _, start) in enumerate(rows):
         table[i, : len(req.pages)] = req.pages
         if layout.sliding_layers:
             first = layout.first_window_page(start)
             live = req.window_pages[first : first + pw]
             window[i, : len(live)] = live
             window_start[i] = first * page
-        last[i] = len(ids) - 1
-        steps[i] = len(req.output_ids) + ahead
-        keep[i] = verify or start + len(ids) == len(req.all_ids) + ahead
     params = [req.params for req, _, _ in rows]
     token_mask = None
     # Rows that sample a kept token this step follow their grammar; the rest (and padding) are free.
