@@ -17,7 +17,7 @@ def _packages() -> list[str]:
     return packages
 
 
-# The CPU attention kernel's C++ source is compiled on the user's machine at first use (kernels/cpu_attention).
+# The CPU kernels' C++ sources are compiled on the user's machine at first use (kernels/cpu_build.py).
 setup(packages=_packages(), package_dir={"gemma4_jax": "gemma4_jax", **MAPPED},
       package_data={"gemma4_jax.kernels": ["*.h"], "gemma4_jax.kernels.cpu_attention": ["*.cc"],
-                    "gemma4_jax.kernels.cpu_matmul": ["*.cc"]})
+                    "gemma4_jax.kernels.cpu_matmul": ["*.cc"], "gemma4_jax.kernels.cpu_sampler": ["*.cc"]})

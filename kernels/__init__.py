@@ -9,5 +9,6 @@ describes layouts, tiling and dispatch.
 - `paged_attention/`: decode and prefill attention over paged K/V pools and sliding-window rings, read in place.
 - `cpu_attention/`: the same attention on CPU as a C++ XLA FFI custom call (reference: paged_attention's).
 - `cpu_matmul/`: few-row weight products on CPU as a C++ custom call, for small-batch decode.
+- `cpu_sampler/`: the sampler's row reductions (max, first argmax, summed exponentials) on CPU as a C++ custom call.
 - `cpu_build.py`: compiles the C++ sources on first use (the machine's compiler, `-march=native`) and registers them.
 """

@@ -1,4 +1,4 @@
-"""Building and registering the CPU custom calls (kernels/cpu_attention, kernels/cpu_matmul).
+"""Building and registering the CPU custom calls (kernels/cpu_attention, kernels/cpu_matmul, kernels/cpu_sampler).
 
 Each kernel is one C++ source written against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), plus
 the shared cpu_ffi_common.h. It is compiled on first use with the machine's C++ compiler (`$CXX`, else g++, c++ or

@@ -7,7 +7,8 @@ padding rows are greedy and their tokens are ignored by the caller.
 
 Processing order (as vLLM): penalties -> temperature -> top-k -> top-p -> min-p -> inverse-CDF sampling. Greedy rows
 take the exact argmax of the penalised logits. Returned logprobs are those of the raw model logits (vLLM's default
-`raw_logprobs`), not of the processed distribution.
+`raw_logprobs`), not of the processed distribution. On a one-device CPU, a step without penalties or masks takes the
+row max, the argmax and the log normaliser from one C++ custom call (kernels/cpu_sampler) instead of XLA's passes.
 
 Randomness is per request: a request owns a PRNG key (`request_key`, from its seed or from a host RNG) and step `i`
 of its generation uses `fold_in(key, i)`. A seeded request therefore yields the same tokens whatever its batch
@@ -31,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from gemma4_jax.kernels import cpu_sampler
+from gemma4_jax.kernels.cpu_sampler.reference import first_max_index, reduce_max_or_nan, sum_exp
 from gemma4_jax.serving.structured import StructuredOutputs
 
 MAX_LOGPROBS = 20
@@ -380,10 +383,6 @@ def allowed_tokens(bitmask: jax.Array, vocab_size: int) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _max_or_nan(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.where((a >= b) | jnp.isnan(a), a, b)
-
-
 def row_max(x: jax.Array) -> jax.Array:
     """jnp.max(x, axis=-1, keepdims=True) for float x (NaN where a row holds one). On a one-device CPU it is
     `reduce_max_or_nan`, a reduction XLA does not hand to YNNPACK: there a row max over (64, 32768) logits became a
@@ -395,33 +394,42 @@ def row_max(x: jax.Array) -> jax.Array:
     return reduce_max_or_nan(x)
 
 
-def reduce_max_or_nan(x: jax.Array) -> jax.Array:
-    """jnp.max(x, axis=-1, keepdims=True) as a reduction with a combiner of its own that propagates NaN from either
-    side (the same values, ties of +-0 aside, which compare equal)."""
-    return jax.lax.reduce(x, jnp.asarray(-jnp.inf, x.dtype), _max_or_nan, (x.ndim - 1,))[..., None]
-
-
 def first_argmax(x: jax.Array) -> jax.Array:
     """jnp.argmax(x, axis=-1) as int32 (the first maximum; the first NaN where a row has one), as two plain
     reductions: the row's max, then the smallest index holding it. XLA:CPU runs argmax's paired (value, index)
     reduction as scalar code: over a (64, 32768) logits block 4.3 ms against 1.5 ms for the two reductions (in a
     ~52 ms batch-64 bench-100m bfloat16 decode step, argmax and the (B, V) log_softmax took 5.6 ms of thread time,
-    these two and `token_log_softmax` 3.3)."""
-    top = row_max(x)  # NaN where the row holds one (max propagates it)
-    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
-    hit = (x == top) | jnp.isnan(x)
-    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+    these two and `token_log_softmax` 3.3). `sample` takes the same answer from the CPU custom call where it can
+    (`cpu_logits_stats_available`)."""
+    return first_max_index(x, row_max(x))  # the max is NaN where the row holds one (max propagates it)
+
+
+def _token_logprob(logits: jax.Array, tokens: jax.Array, top: jax.Array, total: jax.Array) -> jax.Array:
+    """log_softmax(logits)[b, tokens[b]] from the row max top (B, 1) and total (B,) = sum(exp(logits - top)): the
+    same operations as jax.nn.log_softmax on the one entry per row (shifted by the row max, minus the log of the
+    summed exponentials)."""
+    # The shift of the one picked entry (the same subtraction as in the (B, V) shift, which is then never written)
+    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1) - top
+    return picked[:, 0] - jnp.log(total)
 
 
 def token_log_softmax(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """log_softmax(logits)[b, tokens[b]] for (B, V) float32 logits, without the (B, V) log_softmax: the same
-    operations as jax.nn.log_softmax on the one entry per row (shifted by the row max, minus the log of the summed
-    exponentials)."""
+    """log_softmax(logits)[b, tokens[b]] for (B, V) float32 logits, without the (B, V) log_softmax."""
     top = jax.lax.stop_gradient(row_max(logits))
-    log_total = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
-    # The shift of the one picked entry (the same subtraction as in the (B, V) shift, which is then never written)
-    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1) - top
-    return picked[:, 0] - log_total
+    return _token_logprob(logits, tokens, top, sum_exp(logits, top))
+
+
+def cpu_logits_stats_available() -> bool:
+    """Whether `sample` takes the row max, the greedy argmax and the log normaliser of unprocessed logits from the
+    CPU custom call (kernels/cpu_sampler): a one-device CPU (`row_max`'s condition: sharded logits stay with XLA's
+    partitioner) where the kernel is built (not with GEMMA4_JAX_CPU_KERNELS=0 or without a C++ compiler).
+
+    Why: XLA:CPU runs `first_argmax` and `token_log_softmax` as several passes over the (B, V) logits (the row max
+    twice, one of them a reduce-window, then the smallest index holding it, then the summed exponentials): ~1.8 ms
+    of a ~30 ms batch-64 bfloat16 decode step at V = 32768. The custom call reads each row once, and once more from
+    cache: jit(sample) on (64, 32768) greedy logits 1.1-1.3 ms against 3.9-7.0 ms, (1, 32768) 0.06-0.12 against
+    0.09-0.15 ms (a 2-vCPU EPYC, docs/kernels.md "cpu_sampler")."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and cpu_sampler.load() is None
 
 
 def sample(
@@ -456,7 +464,13 @@ def sample(
         )
     if batch.token_mask is not None:  # structured outputs: disallowed tokens can never be chosen
         penalised = jnp.where(allowed_tokens(batch.token_mask, vocab), penalised, -jnp.inf)
-    greedy_tokens = first_argmax(penalised)
+    # Unprocessed logits (penalised is logits): their row max, first argmax and summed exponentials from one custom
+    # call on a one-device CPU (`cpu_logits_stats_available`); the greedy tokens and the token logprob below are
+    # then the same numbers as `first_argmax` and `token_log_softmax` give.
+    stats = None
+    if output_counts is None and prompt_mask is None and batch.token_mask is None and cpu_logits_stats_available():
+        stats = cpu_sampler.logits_stats(logits)
+    greedy_tokens = first_argmax(penalised) if stats is None else stats.argmax
     is_greedy = batch.temperature < GREEDY_TEMPERATURE_EPS
 
     def random_tokens():
@@ -487,11 +501,14 @@ def sample(
             token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
             top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
         else:
-            # After the tokens, not beside them: on XLA:CPU the row max shared by the greedy argmax and the log
-            # normaliser, run as concurrent branches, took ~12 ms over (64, 32768) logits against ~2 ms in order
-            # (docs/benchmarks.md). The barrier only orders; the numbers are the same.
-            ordered_logits, ordered_tokens = jax.lax.optimization_barrier((logits, tokens))
-            token_logprobs = token_log_softmax(ordered_logits, ordered_tokens)
+            if stats is not None:
+                token_logprobs = _token_logprob(logits, tokens, stats.row_max, stats.sum_exp)
+            else:
+                # After the tokens, not beside them: on XLA:CPU the row max shared by the greedy argmax and the log
+                # normaliser, run as concurrent branches, took ~12 ms over (64, 32768) logits against ~2 ms in
+                # order (docs/benchmarks.md). The barrier only orders; the numbers are the same.
+                ordered_logits, ordered_tokens = jax.lax.optimization_barrier((logits, tokens))
+                token_logprobs = token_log_softmax(ordered_logits, ordered_tokens)
             top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
             top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
     return SampleResult(tokens, token_logprobs, top_logprobs, top_ids.astype(jnp.int32))

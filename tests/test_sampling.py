@@ -470,3 +470,83 @@ def test_token_log_softmax_is_log_softmax_at_the_token(row_max_kind):
     tokens = jnp.asarray([0, 299, 17, 150, 3], jnp.int32)
     want = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     np.testing.assert_array_equal(jax.jit(token_log_softmax)(logits, tokens), want)
+
+
+def _sample_both_ways(monkeypatch, logits, batch, output_counts=None, prompt_mask=None, num_logprobs=0):
+    """`sample` in jit on a pretended one-device CPU with the CPU custom call for its row reductions (kernel) and
+    without it (XLA's passes), each traced afresh; returns (kernel, xla) results and whether each program calls the
+    kernel."""
+    from gemma4_jax.serving import sampling
+
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    steps = zero_steps(logits.shape[0])
+    results, calls = [], []
+    for use_kernel in (True, False):
+        if not use_kernel:
+            monkeypatch.setattr(sampling, "cpu_logits_stats_available", lambda: False)
+        step = jax.jit(lambda *args: sample(*args, num_logprobs=num_logprobs))  # a new function: a new trace
+        args = (logits, batch, steps, output_counts, prompt_mask)
+        calls.append("gemma4_cpu_logits_stats" in step.lower(*args).as_text())
+        results.append(step(*args))
+    return results, calls
+
+
+def _kernel_or_skip():
+    from gemma4_jax.kernels import cpu_sampler
+
+    if jax.default_backend() != "cpu" or cpu_sampler.load() is not None:
+        pytest.skip(f"the CPU sampler kernel: {cpu_sampler.load()}")
+
+
+@pytest.mark.parametrize("rows", ["greedy", "sampled", "mixed"])
+@pytest.mark.parametrize("num_logprobs", [0, 3])
+def test_cpu_row_reductions_give_the_same_tokens_and_logprobs(monkeypatch, rows, num_logprobs):
+    """On a one-device CPU, unprocessed logits take their greedy argmax and token logprob from the CPU custom call
+    (kernels/cpu_sampler): the same tokens as XLA's passes, bit for bit, and logprobs within 1e-6, over rows with
+    ties, a NaN, all -inf, +inf and -inf entries (V not a multiple of 16)."""
+    _kernel_or_skip()
+    b, v = 12, 1000
+    logits = jax.random.normal(jax.random.key(7), (b, v), jnp.float32) * 3
+    logits = logits.at[0, [17, 900]].set(20.0)  # a tie: the first
+    logits = logits.at[1, [500, 40]].set(jnp.nan)  # NaN: the first one, logprob NaN
+    logits = logits.at[2].set(-jnp.inf)  # all -inf: token 0, logprob NaN
+    logits = logits.at[3, [3, 998]].set(jnp.inf)  # +inf: its first index, logprob NaN
+    logits = logits.at[4, ::3].set(-jnp.inf)  # -inf entries beside finite ones
+    logits = logits.at[5, 999].set(30.0)  # the last index
+    temperatures = {"greedy": [0.0] * b, "sampled": [1.0] * b, "mixed": [0.0, 1.0] * (b // 2)}[rows]
+    params = [SamplingParams(temperature=t, seed=100 + i) for i, t in enumerate(temperatures)]
+    (kernel, xla), calls = _sample_both_ways(monkeypatch, logits, make_batch(params), num_logprobs=num_logprobs)
+    assert calls == [True, False]
+    np.testing.assert_array_equal(kernel.tokens, xla.tokens)
+    np.testing.assert_array_equal(np.isnan(kernel.logprobs), np.isnan(xla.logprobs))
+    np.testing.assert_allclose(kernel.logprobs, xla.logprobs, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(kernel.top_ids, xla.top_ids)
+    np.testing.assert_array_equal(kernel.top_logprobs, xla.top_logprobs)
+    greedy = np.asarray(temperatures) == 0.0
+    np.testing.assert_array_equal(np.asarray(kernel.tokens)[greedy], np.asarray(jnp.argmax(logits, -1))[greedy])
+    if rows == "greedy":
+        np.testing.assert_array_equal(np.asarray(kernel.tokens)[:6], [17, 40, 0, 3, np.argmax(logits[4]), 999])
+    finite = np.isfinite(np.asarray(kernel.logprobs))
+    want = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), np.asarray(kernel.tokens)[:, None], -1)
+    np.testing.assert_allclose(np.asarray(kernel.logprobs)[finite], want[finite, 0], rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_row_reductions_only_for_unprocessed_logits(monkeypatch):
+    """Penalties or a token mask change the logits the greedy pick sees: those steps keep XLA's path (and the same
+    tokens as before); unprocessed logits on several devices too (they may be sharded)."""
+    _kernel_or_skip()
+    from gemma4_jax.serving.sampling import cpu_logits_stats_available
+
+    b, v = 4, 64
+    logits = jax.random.normal(jax.random.key(8), (b, v), jnp.float32)
+    batch = make_batch([SamplingParams(temperature=0.0, repetition_penalty=1.5)] * b)
+    counts = counts_from_tokens(jnp.argmax(logits, -1)[:, None], jnp.ones((b,), jnp.int32), v)
+    (kernel, xla), calls = _sample_both_ways(monkeypatch, logits, batch, output_counts=counts)
+    assert calls == [False, False]
+    np.testing.assert_array_equal(kernel.tokens, xla.tokens)
+    masked = dataclasses.replace(make_batch([SamplingParams(temperature=0.0)] * b),
+                                 token_mask=jnp.full((b, v // 32), 0x0F0F0F0F, jnp.int32))
+    _, calls = _sample_both_ways(monkeypatch, logits, masked)
+    assert calls == [False, False]
+    monkeypatch.setattr(jax, "device_count", lambda *a: 2)
+    assert not cpu_logits_stats_available()
