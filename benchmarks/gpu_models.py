@@ -78,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.preset, args.batches, args.context, args.prefill = "tiny", [1, 4], 40, [24, 64]
         args.decode_steps, args.repeats = 2, 2
         args.attention = ",".join("pallas-interpret" if a == "pallas" else a for a in args.attention.split(","))
+    for flag, asked, timed in (("--profile-batches", args.profile_batches, args.batches),
+                               ("--profile-prefill", args.profile_prefill, args.prefill)):
+        if set(asked) - set(timed):  # only timed shapes are profiled: refuse the rest rather than skip them
+            ap.error(f"{flag} {sorted(set(asked) - set(timed))} not among the timed sizes {timed}")
     return args
 
 
@@ -446,16 +450,7 @@ def run(args) -> list[dict[str, Any]]:
                 entry["x_roofline"] = step_s / floor
             result["decode"][str(b)] = entry
             if b in args.profile_batches:
-                try:
-                    result.setdefault("profile", {})[f"decode_b{b}"] = profile_call(call, args.decode_steps,
-                                                                                    args.profile_top)
-                except Exception as e:  # noqa: BLE001 (a profile is a diagnostic: the figures stand without it)
-                    result.setdefault("profile", {})[f"decode_b{b}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-                if args.hlo_dir:
-                    os.makedirs(args.hlo_dir, exist_ok=True)
-                    name = f"{args.preset}_{args.experts}_{v.name}_decode_b{b}.hlo.txt".replace("+", "_")
-                    with open(os.path.join(args.hlo_dir, name), "w") as f:
-                        f.write(exe.as_text())
+                _profile(args, result, f"decode_b{b}", call, args.decode_steps, exe, v.name)
             _say(args, f"{v.name} decode B={b}: {step_s * 1e3:.3f} ms/step, {b / step_s:.1f} tok/s"
                  + (f", {entry['x_roofline']:.2f}x roofline" if args.copy_gbps else ""))
         for n in args.prefill:
@@ -480,15 +475,7 @@ def run(args) -> list[dict[str, Any]]:
                 entry["x_compute_roofline"] = med / (flops / (args.matmul_tflops * 1e12))
             result["prefill"][str(n)] = entry
             if n in args.profile_prefill:
-                try:
-                    result.setdefault("profile", {})[f"prefill_{n}"] = profile_call(call, 1, args.profile_top)
-                except Exception as e:  # noqa: BLE001 (a diagnostic, as the decode profiles)
-                    result.setdefault("profile", {})[f"prefill_{n}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-                if args.hlo_dir:
-                    os.makedirs(args.hlo_dir, exist_ok=True)
-                    name = f"{args.preset}_{args.experts}_{v.name}_prefill_{n}.hlo.txt".replace("+", "_")
-                    with open(os.path.join(args.hlo_dir, name), "w") as f:
-                        f.write(exe.as_text())
+                _profile(args, result, f"prefill_{n}", call, 1, exe, v.name)
             _say(args, f"{v.name} prefill {n}: {med * 1e3:.1f} ms")
         if args.workload:
             p, o = _ints(args.workload)
@@ -504,6 +491,20 @@ def run(args) -> list[dict[str, Any]]:
         result["total_s"] = time.perf_counter() - t_start
         results.append(result)
     return results
+
+
+def _profile(args, result: dict, key: str, call, steps: int, exe, variant: str) -> None:
+    """result["profile"][key] = profile_call(call, ...) (or the error: a profile is a diagnostic, the figures stand
+    without it), and with --hlo-dir the program's optimized HLO beside it."""
+    try:
+        result.setdefault("profile", {})[key] = profile_call(call, steps, args.profile_top)
+    except Exception as e:  # noqa: BLE001
+        result.setdefault("profile", {})[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    if args.hlo_dir:
+        os.makedirs(args.hlo_dir, exist_ok=True)
+        name = f"{args.preset}_{args.experts}_{variant}_{key}.hlo.txt".replace("+", "_")
+        with open(os.path.join(args.hlo_dir, name), "w") as f:
+            f.write(exe.as_text())
 
 
 def profile_call(call, steps: int, top: int = 60) -> dict:

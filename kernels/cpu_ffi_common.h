@@ -40,6 +40,11 @@ inline void put(float* y, float v) { *y = v; }
 inline void put(uint16_t* y, float v) { *y = f32_to_bf16(v); }
 
 #if defined(__AVX512F__)
+// The first n of 16 lanes (none for n <= 0, all from 16 on): the mask of a vector loop's tail.
+inline __mmask16 first_bits16(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // 16 elements as float32: bfloat16 bits widened in registers.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 // 16 bfloat16 bits as float32 lanes.

@@ -38,6 +38,7 @@ using gemma4_cpu::parallel_for;
 using gemma4_cpu::to_f32;
 #if defined(__AVX512F__)
 using gemma4_cpu::exp16_nonpositive;
+using gemma4_cpu::first_bits16;
 using gemma4_cpu::round_bf16;
 #endif
 
@@ -78,7 +79,8 @@ inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
   const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
   const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
   const __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));  // every lane of quarter i: sum(a_i)
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), w));
+  const __m512i firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, w));
 }
 
 inline void store4(__m128 s, float* out, int64_t stride) {
@@ -369,7 +371,7 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
     // max_ps(x, m) returns m when x is NaN: as std::max(peak, x) below, a NaN logit does not become the peak.
     __m512 pk = _mm512_set1_ps(neg_inf);
     for (int64_t j = 0; j < n_seen; j += 16) {
-      const __mmask16 keep = n_seen - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n_seen - j)) - 1);
+      const __mmask16 keep = first_bits16(n_seen - j);
       pk = _mm512_mask_max_ps(pk, keep, _mm512_maskz_loadu_ps(keep, row + j), pk);
     }
     peak = _mm512_reduce_max_ps(pk);
@@ -385,7 +387,7 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
     const __m512 top = _mm512_set1_ps(peak);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n_seen; j += 16) {
-      const __mmask16 keep = n_seen - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n_seen - j)) - 1);
+      const __mmask16 keep = first_bits16(n_seen - j);
       const __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(keep, row + j), top);
       const __m512 w = _mm512_maskz_mov_ps(keep, exp16_nonpositive(shifted));  // lanes past n_seen: 0
       _mm512_mask_storeu_ps(row + j, keep, w);
@@ -393,7 +395,7 @@ void attend(const Shape& s, int64_t b, int64_t kh, int64_t t0, const QT* q, cons
     }
     const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
     for (int64_t j = 0; j < n_seen; j += 16) {
-      const __mmask16 keep = n_seen - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n_seen - j)) - 1);
+      const __mmask16 keep = first_bits16(n_seen - j);
       __m512 p = _mm512_div_ps(_mm512_maskz_loadu_ps(keep, row + j), total);
       if (s.bf16_compute) p = gemma4_cpu::widen_bf16(round_bf16(p));
       _mm512_mask_storeu_ps(row + j, keep, p);

@@ -29,6 +29,7 @@ namespace {
 using gemma4_cpu::parallel_for;
 #if defined(__AVX512F__)
 using gemma4_cpu::exp16_nonpositive;
+using gemma4_cpu::first_bits16;
 #endif
 
 struct RowStats {
@@ -45,9 +46,6 @@ inline RowStats nan_row(const float* x, int64_t index) {
 }
 
 #if defined(__AVX512F__)
-inline __mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1);
-}
 
 // Pass 1: the max and its first index. Each of the 4 x 16 lanes sees every 64th element and keeps its running max
 // and the index where it first rose to it (strictly greater replaces, so a tie keeps the earlier index); the row's
@@ -82,7 +80,7 @@ inline RowStats max_and_index(const float* x, int64_t v) {
     }
   }
   for (int u = 0; j < v; j += 16, u = (u + 1) % 4) {  // the last < 64 elements; lanes past V read -inf
-    const __mmask16 keep = first_lanes(v - j);
+    const __mmask16 keep = first_bits16(v - j);
     const __m512 a = _mm512_mask_loadu_ps(neg_inf, keep, x + j);
     const __mmask16 nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
     if (nan) return nan_row(x, j + __builtin_ctz(nan));
@@ -124,7 +122,7 @@ inline float sum_exp(const float* x, int64_t v, float top) {
     }
   }
   for (int u = 0; j < v; j += 16, ++u) {
-    const __mmask16 keep = first_lanes(v - j);
+    const __mmask16 keep = first_bits16(v - j);
     const __m512 a = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), keep, x + j);
     add_compensated(acc[u], lost[u], exp16_nonpositive(_mm512_sub_ps(a, shift)));
   }
