@@ -36,6 +36,7 @@ using gemma4_cpu::to_f32;
 #if defined(__AVX512F__)
 using gemma4_cpu::load16;
 using gemma4_cpu::exp16_in_range;
+using gemma4_cpu::first_bits16;
 using gemma4_cpu::round_bf16;
 using gemma4_cpu::widen_bf16;
 
@@ -139,9 +140,6 @@ constexpr int64_t k_steps(int64_t k_dim) {
 
 inline __mmask32 first_bits32(int64_t n) {
   return n >= 32 ? ~__mmask32{0} : n <= 0 ? __mmask32{0} : static_cast<__mmask32>((uint64_t{1} << n) - 1);
-}
-inline __mmask16 first_bits16(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << n) - 1);
 }
 
 // (K, N) weights, columns [n0, n0 + cols) -> packed[step * 4 + c] = columns n0 + 16c ... + 15 of that step (zeros
