@@ -39,7 +39,7 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -56,7 +56,7 @@ def library_path(source: Path) -> Path:
     key = hashlib.sha256()
     headers = [h.read_bytes() for h in sorted(HEADERS.glob("*.h"))]
     for part in (source.read_bytes(), *headers, jaxlib.__version__.encode(), " ".join(FLAGS).encode(),
-                 _cpu_flags().encode()):
+                 cpu_flags().encode()):
         key.update(part)
     folder = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gemma4_jax" / "kernels")
     return folder / f"{source.stem}-{key.hexdigest()[:16]}.so"

@@ -43,9 +43,18 @@ def activation_table(name: str) -> np.ndarray:
 MANY_ROWS = 4
 
 
+@functools.cache
+def packed_on_this_cpu(dtype) -> bool:
+    """Whether this CPU runs the packed panels in this dtype (the build is -march=native: cpu_matmul.cc compiles
+    them for AVX-512, and bfloat16 for AVX512-BF16); elsewhere a packed-only request (the epilogues) is refused by
+    the call at run time, so it must not be made."""
+    flags = cpu_build.cpu_flags().split()
+    return "avx512f" in flags and (jnp.dtype(dtype) == jnp.float32 or "avx512_bf16" in flags)
+
+
 def takes_packed(dtype, rows: int, k: int) -> bool:
     """Whether a product of `rows` rows and contraction K in this dtype runs in the packed panels."""
-    return rows > MANY_ROWS and (jnp.dtype(dtype) == jnp.float32 or k % 2 == 0)
+    return rows > MANY_ROWS and (jnp.dtype(dtype) == jnp.float32 or k % 2 == 0) and packed_on_this_cpu(dtype)
 
 
 def cpu_matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False, float32_out: bool = False,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from gemma4_jax import layers
-from gemma4_jax.kernels.cpu_matmul import cpu_matmul, load, matmul_reference
+from gemma4_jax.kernels.cpu_matmul import cpu_matmul, kernel, load, matmul_reference
 
 pytestmark = pytest.mark.skipif(load() is not None, reason=f"CPU matmul kernel unavailable: {load()}")
 
@@ -258,3 +258,20 @@ def test_weight_einsum_keeps_xla_under_a_mesh():
     with jax.set_mesh(mesh):
         assert _custom_calls(lambda x: layers.weight_einsum("...a,ab->...b", x, w), x) == 0
     assert _custom_calls(lambda x: layers.weight_einsum("...a,ab->...b", x, w), x) == 1
+
+
+def test_packed_requests_follow_the_cpu(monkeypatch):
+    """The packed panels (and so the epilogues: float32 logits, soft-cap, gate) are compiled for AVX-512 (bfloat16:
+    AVX512-BF16) only; on a CPU without them the call would refuse such a request at run time, so `takes_packed`
+    says no and the LM head stays with XLA."""
+    monkeypatch.setattr(kernel.cpu_build, "cpu_flags", lambda: "flags : fpu sse2 avx2 avx512f avx512bw")
+    kernel.packed_on_this_cpu.cache_clear()
+    try:
+        assert not kernel.takes_packed(jnp.bfloat16, 64, 512) and kernel.takes_packed(jnp.float32, 64, 512)
+        x, w = jnp.ones((8, 64), jnp.bfloat16), jnp.ones((32, 64), jnp.bfloat16)
+        assert layers.cpu_weight_matmul("...D,VD->...V", x, w, 1, logits_softcap=30.0) is None
+        monkeypatch.setattr(kernel.cpu_build, "cpu_flags", lambda: "flags : fpu sse2 avx2")
+        kernel.packed_on_this_cpu.cache_clear()
+        assert not kernel.takes_packed(jnp.float32, 64, 512)
+    finally:
+        kernel.packed_on_this_cpu.cache_clear()
