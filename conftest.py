@@ -13,6 +13,9 @@ os.environ.setdefault("GEMMA4_JAX_COMPILATION_CACHE", "off")
 # One process runs the whole suite: malloc keeps returning freed memory to the kernel there (serving/host_memory.py
 # is on in engines by default; tests/test_engine.py checks it in a process of its own).
 os.environ.setdefault("GEMMA4_JAX_KEEP_FREED_MEMORY", "0")
+# Nor are the engines' weights collapsed onto huge pages on a thread of their own (tests/test_host_memory.py and
+# tests/test_engine.py's host-memory test turn it on).
+os.environ.setdefault("GEMMA4_JAX_HUGE_PAGE_WEIGHTS", "0")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()

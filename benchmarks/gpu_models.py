@@ -128,6 +128,12 @@ def build(args):
     jax.block_until_ready(model.state)
     init_s = time.perf_counter() - t0
     _say(args, f"weights ready in {init_s:.1f} s")
+    if jax.default_backend() == "cpu":  # the host memory the engine's steps have (serving/host_memory.py)
+        from gemma4_jax.serving import host_memory
+
+        host_memory.keep_freed_memory()
+        huge = host_memory.weights_on_huge_pages(jax.tree.leaves(model.state), background=False)
+        _say(args, f"weights on huge pages: {huge!r}")
     attention = resolve_attention("xla", log_choice=lambda s: None)  # the pools' Runner; variants bring their own
     ps = args.page_size
     # Tables as the engine's step builder pads them (serving/step_builder.py): the full table to a power-of-two

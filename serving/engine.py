@@ -110,8 +110,11 @@ class Engine(EngineSteps):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
+        self.huge_pages = host_memory.HugePages(skipped="not a CPU backend")
         if jax.default_backend() == "cpu":
             host_memory.keep_freed_memory()  # no page faults on each step's temporaries (host_memory.py)
+            # Fewer page walks for the weights every step streams (host_memory.py).
+            self.huge_pages = host_memory.weights_on_huge_pages(jax.tree.leaves(model.state))
         self.attention = config.resolve_attention()
         cfg = model.config.text
         self.text_config = cfg
