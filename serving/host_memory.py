@@ -1,4 +1,5 @@
-"""Host memory of the CPU backend: keep freed memory in the process instead of returning it to the kernel.
+"""Host memory of the CPU backend: keep freed memory in the process instead of returning it to the kernel, and the
+weights on huge pages.
 
 XLA:CPU allocates each execution's temporaries as one block with the host's malloc. A decode step's block is
 larger than glibc's largest mmap threshold (32 MB: bench-100m's batch-64 step has 59 MB of temporaries, mostly the
@@ -18,10 +19,12 @@ GEMMA4_JAX_KEEP_FREED_MEMORY=0 leaves malloc alone (other platforms, or glibc mi
 `weights_on_huge_pages` asks Linux to back the model's weights with 2 MB pages (transparent huge pages). A
 batch-1 decode step streams every weight once; on 4 KB pages its ~100 products each walk the page tables for
 every 4 KB of weights, on 2 MB pages for every 2 MB. The weights are XLA buffers, allocated by malloc on
-4 KB pages (this machine's THP setting is "madvise": only advised ranges get huge pages), so after loading the
+4 KB pages (this machine's THP setting is "madvise": only advised ranges get huge pages), so when it starts the
 engine advises their ranges (MADV_HUGEPAGE) and collapses them in place (MADV_COLLAPSE, Linux 6.1+: a copy into
-huge pages, ~0.1 s per 100 MB; older kernels leave it to khugepaged). Measured on the 2-core bench machine
-(docs/benchmarks.md, "Weights on huge pages"): the bench-100m batch-1 step's products 5-10% faster.
+huge pages, 0.3-0.5 s for bench-100m's 205 MB, on a daemon thread; older kernels leave it to khugepaged).
+Measured on the 2-core bench machine (docs/benchmarks.md, "Weights on huge pages"): bench-100m's batch-1
+bfloat16 decode step 4-19% faster in 4 of 4 interleaved pairs, its products alone 2-11% in 3 of 3; the
+engine's whole batch-1 run within its noise (7 pairs, -5% to +13%).
 GEMMA4_JAX_HUGE_PAGE_WEIGHTS=0 leaves the weights on the pages they have.
 """
 
@@ -35,6 +38,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import jax
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +126,9 @@ def huge_page_ranges(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _cpu_buffer_spans(arrays) -> list[tuple[int, int]]:
     spans = []
     for array in arrays:
-        for shard in getattr(array, "addressable_shards", ()):
+        if not isinstance(array, jax.Array) or array.is_deleted():
+            continue
+        for shard in array.addressable_shards:
             data = shard.data
             if shard.device.platform != "cpu" or not data.nbytes:
                 continue

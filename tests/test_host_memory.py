@@ -58,7 +58,9 @@ def test_weights_are_collapsed_onto_huge_pages_and_keep_their_values(monkeypatch
     host = [rng.standard_normal((2048, 1024)).astype(np.float32) for _ in range(3)]  # 8 MB each
     arrays = [jnp.asarray(a) for a in host]
     jax.block_until_ready(arrays)
-    result = host_memory.weights_on_huge_pages([*arrays, "not an array"], background=False)
+    gone = jnp.ones((1024, 1024))
+    gone.delete()
+    result = host_memory.weights_on_huge_pages([*arrays, "not an array", gone], background=False)
     assert result.wait(0)
     assert not result.skipped
     assert result.weight_bytes == 3 * 8 * MB
