@@ -151,7 +151,7 @@ def _collapse(madvise, ranges: list[tuple[int, int]], result: HugePages) -> None
         # One call per 2 MB page (a range's call goes on past a page it cannot collapse but answers for the whole
         # range), and the refused pages asked again a second later: on this machine's kernel (6.18) a first pass
         # over a freshly advised model was refused (EINVAL) for ~40% of its pages, at once again as well, but a
-        # second later they were huge (khugepaged, woken by the advice, had taken them).
+        # second later they were huge (presumably khugepaged, woken by the advice, had taken them meanwhile).
         pages = [page for start, end in ranges for page in range(start, end, HUGE_PAGE)]
         for attempt in range(COLLAPSE_PASSES):
             if attempt:

@@ -41,7 +41,9 @@ def _kernel_version() -> tuple[int, int]:
 def _anon_huge_kb(address: int) -> int:
     """AnonHugePages of the mapping holding `address` (/proc/self/smaps)."""
     inside = False
-    for line in open(f"/proc/{os.getpid()}/smaps"):
+    with open(f"/proc/{os.getpid()}/smaps") as f:
+        lines = f.read().splitlines()
+    for line in lines:
         m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
         if m:
             inside = int(m.group(1), 16) <= address < int(m.group(2), 16)
