@@ -26,7 +26,7 @@ import jax
 
 SWITCH_ENV = "GEMMA4_JAX_CPU_KERNELS"
 CACHE_ENV = "GEMMA4_JAX_KERNEL_CACHE"
-# The headers every source includes (cpu_ffi_common.h): part of each build's hash.
+# The headers every source includes (cpu_ffi_common.h): part of each build's hash, with those beside the source.
 HEADERS = Path(__file__).parent
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 
@@ -54,7 +54,8 @@ def library_path(source: Path) -> Path:
     import jaxlib
 
     key = hashlib.sha256()
-    headers = [h.read_bytes() for h in sorted(HEADERS.glob("*.h"))]
+    # The shared headers and the kernel's own (kernels/cpu_matmul/few_rows.h).
+    headers = [h.read_bytes() for folder in (HEADERS, source.parent) for h in sorted(folder.glob("*.h"))]
     for part in (source.read_bytes(), *headers, jaxlib.__version__.encode(), " ".join(FLAGS).encode(),
                  cpu_flags().encode()):
         key.update(part)
