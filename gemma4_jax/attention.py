@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemma4_jax.config import LayerSpec, RopeSpec, TextConfig
-from gemma4_jax.layers import Linear, RMSNorm, rms_norm
+from gemma4_jax.layers import Linear, RMSNorm, fused_linears, rms_norm
 
 # Large finite negative: a fully masked row (a padding query) gives a uniform softmax instead of NaNs.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -118,19 +118,24 @@ class Attention(nnx.Module):
     def inv_freq(self) -> jax.Array:
         return rope_inv_freq(self.spec.rope, self.spec.head_dim)
 
-    def query(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: (B, T, D) -> rotated, normed queries (B, T, N, H)."""
-        q = self.q_norm(self.q_proj(x))
-        return apply_rope(q, positions, self.inv_freq())
-
-    def key_value(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x: (B, T, D) -> keys (rotated) and values, each (B, T, K, H). Not for KV-shared layers."""
-        k_raw = self.k_proj(x)
+    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x: (B, T, D) -> (rotated, normed queries (B, T, N, H), (keys (rotated), values), each (B, T, K, H)), the
+        keys and values None on KV-shared layers. On CPU a few-row step's projections are one call
+        (layers.fused_linears)."""
+        linears = [self.q_proj]
+        if not self.spec.is_kv_shared:
+            linears += [self.k_proj] if self.spec.k_eq_v else [self.k_proj, self.v_proj]
+        raw = fused_linears(linears, x) or [linear(x) for linear in linears]
+        inv_freq = self.inv_freq()
+        q = apply_rope(self.q_norm(raw[0]), positions, inv_freq)
+        if self.spec.is_kv_shared:
+            return q, None
+        k_raw = raw[1]
         # Keys as values: the value is the *raw* key projection, v-normed (unscaled RMSNorm), never rotated.
-        v_raw = k_raw if self.spec.k_eq_v else self.v_proj(x)
-        k = apply_rope(self.k_norm(k_raw), positions, self.inv_freq())
+        v_raw = k_raw if self.spec.k_eq_v else raw[2]
+        k = apply_rope(self.k_norm(k_raw), positions, inv_freq)
         v = rms_norm(v_raw, None, self.eps)
-        return k, v
+        return q, (k, v)
 
     def output(self, attn: jax.Array) -> jax.Array:
         """(B, T, N, H) -> (B, T, D)."""

@@ -86,12 +86,11 @@ class DecoderLayer(nnx.Module):
         residual = x
         h = self.input_layernorm(x)
         with jax.named_scope("attention"):
-            q = self.self_attn.query(h, positions)
-            if spec.is_kv_shared:
+            q, new_kv = self.self_attn.project(h, positions)
+            if new_kv is None:
                 kv = shared_kv[spec.kv_source_layer]
             else:
-                k, v = self.self_attn.key_value(h, positions)
-                kv = kv_store.update(spec.index, k, v, positions)
+                kv = kv_store.update(spec.index, *new_kv, positions)
                 if spec.kv_sharing == "store":
                     shared_kv[spec.index] = kv
             blocks = None

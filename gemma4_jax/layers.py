@@ -230,6 +230,62 @@ def gated_weight_einsum(spec: str, x: jax.Array, w: jax.Array, gate: jax.Array, 
     return cpu_weight_matmul(spec, x, w.astype(x.dtype), n_in, gate=gate)
 
 
+# Few-row products of several weights sharing one input (a layer's q/k/v, its MLP's gate and up) go to one CPU
+# custom call each (kernels/cpu_matmul/cpu_matmul_fused.cc): one parallel region instead of one per product, so
+# fewer barriers per step and both threads busy on the narrow K and V products (docs/benchmarks.md, "Fewer, larger
+# calls"). Read at trace time; benchmarks switch it off to time the separate calls.
+FUSE_FEW_ROW_PRODUCTS = True
+
+
+def _fusable_rows(linears: Sequence[Linear], x: jax.Array) -> int | None:
+    """The row count when `linears` can share one few-row CPU call on x, else None: all plain Linear of one
+    input axis, x float32 or bfloat16 with 1-4 rows, the CPU backend with no multi-device mesh, the kernel built."""
+    if not FUSE_FEW_ROW_PRODUCTS or jax.default_backend() != "cpu" or not linears:
+        return None
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        return None
+    for linear in linears:
+        if type(linear) is not Linear or len(linear.in_shape) != 1 or linear.in_shape[0] != x.shape[-1]:
+            return None
+    rows = math.prod(x.shape[:-1])
+    if not 1 <= rows <= cpu_matmul.MANY_ROWS or not cpu_matmul_takes(x.dtype, rows, x.shape[-1], False):
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return None
+    return rows if cpu_matmul.load() is None else None
+
+
+def _kernel_2d(linear: Linear, dtype) -> jax.Array:
+    """A one-input Linear's kernel as (D, prod(out_shape)) in dtype (as `weight_einsum` casts it)."""
+    return linear.kernel[...].astype(dtype).reshape(linear.in_shape[0], -1)
+
+
+def fused_linears(linears: Sequence[Linear], x: jax.Array) -> list[jax.Array] | None:
+    """[linear(x) for linear in linears] from one CPU call (the same bits as the separate products) when
+    `_fusable_rows` allows it, else None. x: (..., D); each result (..., *out_shape)."""
+    rows = _fusable_rows(linears, x)
+    if rows is None:
+        return None
+    flat = x.reshape(rows, x.shape[-1])
+    ys = cpu_matmul.cpu_matmul_multi(flat, [_kernel_2d(lin, x.dtype) for lin in linears])
+    return [y.reshape(*x.shape[:-1], *lin.out_shape) for lin, y in zip(linears, ys)]
+
+
+def fused_gate_up(gate_proj: Linear, up_proj: Linear, x: jax.Array, act: str) -> jax.Array | None:
+    """act(gate_proj(x)) * up_proj(x) from one CPU call (the same bits as the separate ops) when `_fusable_rows`
+    allows it, x is bfloat16 and act is GELU-tanh (the activation is a table of its bfloat16 values); else None.
+    In float32 the two products still share one call (`fused_linears`) and XLA applies the activation."""
+    if ACTIVATIONS.get(act) is not gelu_tanh or x.dtype != jnp.bfloat16:
+        return None
+    rows = _fusable_rows((gate_proj, up_proj), x)
+    if rows is None or gate_proj.out_shape != up_proj.out_shape:
+        return None
+    d = x.shape[-1]
+    y = cpu_matmul.cpu_matmul_gate_up(x.reshape(rows, d), _kernel_2d(gate_proj, x.dtype), _kernel_2d(up_proj, x.dtype))
+    return y.reshape(*x.shape[:-1], *up_proj.out_shape)
+
+
 class QuantLinear(nnx.Module):
     """A Linear whose weight stays packed (quant.py formats), in the checkpoint's (out, in) layout.
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemma4_jax.layers import Linear, activation
+from gemma4_jax.layers import Linear, activation, fused_gate_up, fused_linears
 
 
 class MLP(nnx.Module):
@@ -21,9 +21,16 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         with jax.named_scope("mlp"):
-            gate = self.gate_proj(x)
-            # On CPU the activation can ride in the up projection's epilogue (layers.gated_weight_einsum).
-            hidden = self.up_proj.gated(x, gate, self.act_name) if isinstance(self.up_proj, Linear) else None
+            # On CPU, few rows: both products and the bfloat16 activation in one call (layers.fused_gate_up), or
+            # both products in one call; more rows: the activation in the up projection's epilogue
+            # (layers.gated_weight_einsum).
+            hidden = fused_gate_up(self.gate_proj, self.up_proj, x, self.act_name)
             if hidden is None:
-                hidden = self.act(gate) * self.up_proj(x)
+                pair = fused_linears((self.gate_proj, self.up_proj), x)
+                if pair is not None:
+                    return self.down_proj(self.act(pair[0]) * pair[1])
+                gate = self.gate_proj(x)
+                hidden = self.up_proj.gated(x, gate, self.act_name) if isinstance(self.up_proj, Linear) else None
+                if hidden is None:
+                    hidden = self.act(gate) * self.up_proj(x)
             return self.down_proj(hidden)

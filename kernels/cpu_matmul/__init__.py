@@ -1,10 +1,13 @@
 """CPU weight products: an XLA FFI custom call (cpu_matmul.cc), built on first use (kernels/cpu_build.py), that
 streams each weight once per step for few rows and runs packed panels of bfloat16 pairs for many (with the LM
-head's float32 soft-capped epilogue). reference.py is what it must equal; test_cpu_matmul.py compares the two.
+head's float32 soft-capped epilogue), and few-row products of several weights sharing one input in one call
+(cpu_matmul_fused.cc: q/k/v, gate/up). reference.py is what it must equal; test_cpu_matmul.py compares the two.
 `gemma4_jax.layers.weight_einsum` and `logits_einsum` route products to it on CPU.
 """
 
-from gemma4_jax.kernels.cpu_matmul.kernel import MANY_ROWS, cpu_matmul, load, takes_packed
+from gemma4_jax.kernels.cpu_matmul.kernel import (MANY_ROWS, cpu_matmul, cpu_matmul_gate_up, cpu_matmul_multi, load,
+                                                  takes_packed)
 from gemma4_jax.kernels.cpu_matmul.reference import matmul_reference
 
-__all__ = ["MANY_ROWS", "cpu_matmul", "load", "matmul_reference", "takes_packed"]
+__all__ = ["MANY_ROWS", "cpu_matmul", "cpu_matmul_gate_up", "cpu_matmul_multi", "load", "matmul_reference",
+           "takes_packed"]

@@ -39,6 +39,7 @@ using gemma4_cpu::load16;
 using gemma4_cpu::exp16_in_range;
 using gemma4_cpu::first_bits16;
 using gemma4_cpu::round_bf16;
+using gemma4_cpu::gated_bf16;
 using gemma4_cpu::widen_bf16;
 #endif
 using gemma4_cpu::few_row_columns;
@@ -199,17 +200,6 @@ struct Out {
   const uint16_t* gate = nullptr;   // bfloat16 (M, N)
   const uint16_t* table = nullptr;  // the activation of every bfloat16 value, by bits (65536 + 1 entries)
 };
-
-// act(gate) * u for bfloat16: the activation of a bfloat16 value is a bfloat16 value, so it is looked up (a table
-// of all 65536 that XLA itself computed, kernel.py) with one 16-lane gather, then multiplied by u, the product's
-// rounded value, and rounded once more, as XLA's elementwise graph does. The table has one entry past the end so
-// that the 32-bit gather of the last one stays inside it.
-inline __m512 gated_bf16(const uint16_t* table, __m256i gate_bits, __m512 u) {
-  const __m512i index = _mm512_cvtepu16_epi32(gate_bits);
-  const __m512i words = _mm512_i32gather_epi32(index, reinterpret_cast<const int*>(table), 2);
-  const __m512 act = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));  // the low half, moved up
-  return _mm512_mul_ps(act, u);
-}
 
 inline void store_out(const Out& out, int64_t offset, __mmask16 keep, __m512 acc) {
   if (out.gate != nullptr) {
@@ -392,8 +382,7 @@ void matmul(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim, con
   std::vector<float> xf(m_dim * k_dim);  // the few activation rows, widened once
   for (int64_t i = 0; i < m_dim * k_dim; ++i) xf[i] = to_f32(x[i]);
   const float* xs = xf.data();
-  const int64_t tasks = (n_dim + kTaskColumns - 1) / kTaskColumns;
-  parallel_for(pool, tasks, [=](int64_t task) {
+  parallel_for(pool, (n_dim + kTaskColumns - 1) / kTaskColumns, [=](int64_t task) {
     const int64_t n0 = task * kTaskColumns;
     few_row_columns(x, xs, m_dim, k_dim, w, n_dim, transposed, n0, std::min(n_dim, n0 + kTaskColumns), y);
   });

@@ -92,20 +92,21 @@ void kn_block_bf16_pairs(const uint16_t* x, int64_t k_dim, const uint16_t* w, in
 #endif
 
 #if defined(__AVX512BF16__)
-// (K, N) bfloat16 weights, one activation row, columns [n0, n0 + 256): each weight row's 32-column vectors go to
+// (K, N) bfloat16 weights, one activation row, columns [n0, n0 + 32 * C) (C = 8: 256): each weight row's 32-column vectors go to
 // vdpbf16ps twice as they are loaded, once against the pair (x_k, 0) (the even columns) and once against (0, x_k)
 // (the odd ones): no widening, half the instructions of load16 + FMA per weight, which lets more weight loads be in
 // flight. One of each pair's products is 0 * w, so every accumulation is acc + x_k * w_kn rounded once, as an FMA
 // (denormals flushed, as in the pair blocks above).
+template <int C>
 void kn_row_bf16(const uint16_t* x, int64_t k_dim, const uint16_t* w, int64_t n_dim, int64_t n0, uint16_t* y) {
-  __m512 even[8], odd[8];
-  for (int c = 0; c < 8; ++c) even[c] = odd[c] = _mm512_setzero_ps();
+  __m512 even[C], odd[C];
+  for (int c = 0; c < C; ++c) even[c] = odd[c] = _mm512_setzero_ps();
   const uint16_t* row = w + n0;
   for (int64_t k = 0; k < k_dim; ++k, row += n_dim) {
     const uint32_t bits = x[k];
     const __m512bh xe = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
     const __m512bh xo = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits << 16));
-    for (int c = 0; c < 8; ++c) {
+    for (int c = 0; c < C; ++c) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + 32 * c);
       even[c] = _mm512_dpbf16_ps(even[c], wv, xe);
       odd[c] = _mm512_dpbf16_ps(odd[c], wv, xo);
@@ -113,7 +114,7 @@ void kn_row_bf16(const uint16_t* x, int64_t k_dim, const uint16_t* w, int64_t n_
   }
   const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  for (int c = 0; c < 8; ++c) {
+  for (int c = 0; c < C; ++c) {
     store16(y + n0 + 32 * c, _mm512_permutex2var_ps(even[c], first, odd[c]));
     store16(y + n0 + 32 * c + 16, _mm512_permutex2var_ps(even[c], second, odd[c]));
   }
@@ -176,9 +177,24 @@ void plain_columns(const float* xf, int64_t m_dim, int64_t k_dim, const T* w, in
   }
 }
 
-// Column blocks per task: wide enough that a task streams long contiguous runs of each weight row, narrow enough
-// that every thread gets several.
+// Column blocks per task: wide enough that a task streams long contiguous runs of each weight row (512 bytes in
+// bfloat16), narrow enough that every thread gets several on most products. Narrower tasks where a call has few
+// (128 or 64 columns, so that a 128-column K or V product would not leave a thread idle) ran a bench-100m batch-1
+// bfloat16 step slower in every interleaved pair (6.1-7.4 ms against 5.5-6.9, docs/benchmarks.md).
 constexpr int64_t kTaskColumns = 256;
+
+#if defined(__AVX512F__)
+// act(gate) * u for bfloat16: the activation of a bfloat16 value is a bfloat16 value, so it is looked up (a table
+// of all 65536 that XLA itself computed, kernel.py) with one 16-lane gather, then multiplied by u, the product's
+// rounded value, and rounded once more, as XLA's elementwise graph does. The table has one entry past the end so
+// that the 32-bit gather of the last one stays inside it.
+inline __m512 gated_bf16(const uint16_t* table, __m256i gate_bits, __m512 u) {
+  const __m512i index = _mm512_cvtepu16_epi32(gate_bits);
+  const __m512i words = _mm512_i32gather_epi32(index, reinterpret_cast<const int*>(table), 2);
+  const __m512 act = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));  // the low half, moved up
+  return _mm512_mul_ps(act, u);
+}
+#endif
 
 // Columns [n0, n1) of y (M, N) = x (M, K) @ W for M <= 4: W (K, N), or transposed (N, K); xs: x widened to
 // float32. Every column is the same sum in the same order whichever range it falls in (the blocks differ in how
@@ -190,14 +206,18 @@ void few_row_columns(const T* x, const float* xs, int64_t m_dim, int64_t k_dim, 
 #if defined(__AVX512F__)
   if (!transposed) {
     // Register blocks of 16 accumulators (rows x 16-column vectors): one row over 256 columns (each weight row
-    // read as one 512-byte run in bfloat16), two over 128, four over 64; then narrower edges.
+    // read as one 512-byte run in bfloat16), two over 128, four over 64; then narrower edges (one row: 128 and 64
+    // wide first: a 128-column K or V product).
     if (m_dim == 1) {
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, uint16_t>) {
-        for (; n + 256 <= n1; n += 256) kn_row_bf16(x, k_dim, w, n_dim, n, y);
+        for (; n + 256 <= n1; n += 256) kn_row_bf16<8>(x, k_dim, w, n_dim, n, y);
+        for (; n + 128 <= n1; n += 128) kn_row_bf16<4>(x, k_dim, w, n_dim, n, y);
+        for (; n + 64 <= n1; n += 64) kn_row_bf16<2>(x, k_dim, w, n_dim, n, y);
       }
 #endif
       for (; n + 256 <= n1; n += 256) kn_block<1, 16>(xs, k_dim, w, n_dim, 0, n, y);
+      for (; n + 128 <= n1; n += 128) kn_block<1, 8>(xs, k_dim, w, n_dim, 0, n, y);
     } else if (m_dim < 4) {
       for (; n + 128 <= n1; n += 128) {
         int64_t m = 0;

@@ -14,14 +14,20 @@ from gemma4_jax.kernels import cpu_build
 SOURCE = Path(__file__).with_name("cpu_matmul.cc")
 TARGET = "gemma4_cpu_matmul"
 GATED_TARGET = "gemma4_cpu_matmul_gated"
+# Few-row products of several weights sharing one input, one call each (cpu_matmul_fused.cc).
+FUSED_SOURCE = Path(__file__).with_name("cpu_matmul_fused.cc")
+MULTI_TARGET = "gemma4_cpu_matmul_multi"
+GATE_UP_TARGET = "gemma4_cpu_matmul_gate_up"
 # Activations the gated product applies to its gate.
 GATE_ACTIVATIONS = {"gelu_tanh": lambda v: jax.nn.gelu(v, approximate=True)}
 
 
 def load() -> str | None:
     """Build and register the custom calls once per process: None when ready, else why they are not."""
-    return cpu_build.load(SOURCE, "Gemma4CpuMatmul", TARGET) or cpu_build.load(
-        SOURCE, "Gemma4CpuMatmulGated", GATED_TARGET)
+    return (cpu_build.load(SOURCE, "Gemma4CpuMatmul", TARGET)
+            or cpu_build.load(SOURCE, "Gemma4CpuMatmulGated", GATED_TARGET)
+            or cpu_build.load(FUSED_SOURCE, "Gemma4CpuMatmulMulti", MULTI_TARGET)
+            or cpu_build.load(FUSED_SOURCE, "Gemma4CpuMatmulGateUp", GATE_UP_TARGET))
 
 
 @functools.cache
@@ -98,3 +104,50 @@ def cpu_matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False, float32_
     out = jnp.float32 if float32_out or softcap is not None else x.dtype
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), out))
     return call(x, w, transposed=np.int64(bool(transposed)), softcap=np.float32(softcap or 0.0))
+
+
+def _check_few_rows(x: jax.Array, weights, what: str) -> None:
+    if x.ndim != 2 or not 1 <= x.shape[0] <= MANY_ROWS:
+        raise ValueError(f"{what} takes x (M, K) with 1 to {MANY_ROWS} rows, got {x.shape}")
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"{what} takes float32 or bfloat16, got {x.dtype}")
+    if not weights:
+        raise ValueError(f"{what} needs at least one weight")
+    for w in weights:
+        if w.ndim != 2 or w.shape[0] != x.shape[1] or w.dtype != x.dtype:
+            raise ValueError(f"{what}: each weight must be (K, N) = ({x.shape[1]}, N) {x.dtype}, got {w.shape} "
+                             f"{w.dtype}")
+
+
+def cpu_matmul_multi(x: jax.Array, weights) -> list[jax.Array]:
+    """[x @ w for w in weights] from one call: x (M, K) with M <= MANY_ROWS, each w (K, N_i) of x's dtype (float32
+    or bfloat16) -> (M, N_i) each, bit for bit `cpu_matmul(x, w)`. One parallel region over every product's
+    columns: a layer's q/k/v projections without a barrier between them (cpu_matmul_fused.cc).
+    Raises ValueError for shapes or dtypes it does not take, RuntimeError when the kernel could not be built."""
+    weights = list(weights)
+    _check_few_rows(x, weights, "cpu_matmul_multi")
+    reason = load()
+    if reason is not None:
+        raise RuntimeError(reason)
+    shapes = [jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype) for w in weights]
+    return list(jax.ffi.ffi_call(MULTI_TARGET, shapes)(x, *weights))
+
+
+def cpu_matmul_gate_up(x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                       activation: str = "gelu_tanh") -> jax.Array:
+    """act(x @ w_gate) * (x @ w_up) from one call, bfloat16: x (M, K) with M <= MANY_ROWS, both weights (K, N) ->
+    (M, N). Each product rounded to bfloat16 as `cpu_matmul` returns it, act looked up in `activation_table`: the
+    bits of the MLP's separate products and elementwise graph (cpu_matmul_fused.cc).
+    Raises ValueError for shapes or dtypes it does not take, RuntimeError when the kernel could not be built."""
+    _check_few_rows(x, [w_gate, w_up], "cpu_matmul_gate_up")
+    if x.dtype != jnp.bfloat16:
+        raise ValueError(f"cpu_matmul_gate_up is bfloat16 only, got {x.dtype}")
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"gate and up weights must have one shape, got {w_gate.shape} and {w_up.shape}")
+    if activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(GATE_ACTIVATIONS)}, got {activation!r}")
+    reason = load()
+    if reason is not None:
+        raise RuntimeError(reason)
+    call = jax.ffi.ffi_call(GATE_UP_TARGET, jax.ShapeDtypeStruct((x.shape[0], w_gate.shape[1]), x.dtype))
+    return call(x, w_gate, w_up, jnp.asarray(activation_table(activation)))

@@ -189,19 +189,25 @@ def test_gated_product_refuses_what_it_does_not_take():
 
 
 def test_mlp_puts_the_gate_in_the_up_projection_on_cpu():
-    """The MLP (bfloat16, more than 4 rows) runs act(gate) * up as one gated call and no tanh in XLA, with the
-    same output as the separate ops; float32 and few rows keep XLA's activation."""
+    """The MLP (bfloat16, more than 4 rows) runs act(gate) * up as one gated call and no tanh in XLA; at 1-4 rows
+    both products and the activation are one gate/up call (bfloat16) or the products one call (float32, XLA's
+    activation); float32 from 5 rows keeps XLA's activation on separate products. Same output as the separate ops."""
     from flax import nnx
 
     from gemma4_jax.mlp import MLP
 
-    for rows, dtype, fused in ((16, jnp.bfloat16, True), (3, jnp.bfloat16, False), (16, jnp.float32, False)):
+    for rows, dtype, target, tanh in ((16, jnp.bfloat16, "gemma4_cpu_matmul_gated", False),
+                                      (3, jnp.bfloat16, "gemma4_cpu_matmul_gate_up", False),
+                                      (3, jnp.float32, "gemma4_cpu_matmul_multi", True),
+                                      (16, jnp.float32, None, True)):
         mlp = MLP(64, 96, "gelu_pytorch_tanh", dtype=dtype, rngs=nnx.Rngs(3))
         x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, 1, 64)), dtype)
         graph, state = nnx.split(mlp)
         run = jax.jit(lambda state, x, graph=graph: nnx.merge(graph, state)(x))
         text = run.lower(state, x).as_text()
-        assert ("gemma4_cpu_matmul_gated" in text) == fused and ("stablehlo.tanh" in text) != fused, (rows, dtype)
+        for name in ("gemma4_cpu_matmul_gated", "gemma4_cpu_matmul_gate_up", "gemma4_cpu_matmul_multi"):
+            assert (name in text) == (name == target), (rows, dtype, name)
+        assert ("stablehlo.tanh" in text) == tanh, (rows, dtype)
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         want = mlp.down_proj(jax.nn.gelu(gate, approximate=True) * up)
         got, want = np.asarray(run(state, x), np.float32), np.asarray(want, np.float32)
