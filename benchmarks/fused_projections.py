@@ -80,7 +80,7 @@ def run_dtype(args, dtype: str) -> list[dict]:
         programs = {fuse: _lower(runner_lib, model, runner, box["cache"], inputs, attention, fuse)
                     for fuse in (False, True)}
 
-        def call(exe):
+        def call(exe, inputs=inputs):
             toks, box["cache"], _ = exe(state, box["cache"], None, *inputs)
             jax.block_until_ready(toks.tokens)
             return toks.tokens

@@ -84,7 +84,10 @@ CPU_MATMUL_ODD_K_MAX_ROWS = (8, 4)
 
 
 def cpu_matmul_takes(dtype, rows: int, k: int, transposed: bool) -> bool:
-    """Whether the CPU custom call takes a product of `rows` rows and contraction K in this dtype."""
+    """Whether the CPU custom call takes a product of `rows` rows and contraction K in this dtype (none on a CPU
+    without AVX-512, where it has only plain loops)."""
+    if not cpu_matmul.vectors_on_this_cpu():
+        return False
     dtype = jnp.dtype(dtype)
     if dtype == jnp.bfloat16 and k % 2:
         return rows <= CPU_MATMUL_ODD_K_MAX_ROWS[transposed]

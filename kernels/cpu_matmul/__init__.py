@@ -5,9 +5,16 @@ head's float32 soft-capped epilogue), and few-row products of several weights sh
 `gemma4_jax.layers.weight_einsum` and `logits_einsum` route products to it on CPU.
 """
 
-from gemma4_jax.kernels.cpu_matmul.kernel import (MANY_ROWS, cpu_matmul, cpu_matmul_gate_up, cpu_matmul_multi, load,
-                                                  takes_packed)
+from gemma4_jax.kernels.cpu_matmul.kernel import (
+           MANY_ROWS,
+           cpu_matmul,
+           cpu_matmul_gate_up,
+           cpu_matmul_multi,
+           load,
+           takes_packed,
+           vectors_on_this_cpu,
+)
 from gemma4_jax.kernels.cpu_matmul.reference import matmul_reference
 
 __all__ = ["MANY_ROWS", "cpu_matmul", "cpu_matmul_gate_up", "cpu_matmul_multi", "load", "matmul_reference",
-           "takes_packed"]
+           "takes_packed", "vectors_on_this_cpu"]

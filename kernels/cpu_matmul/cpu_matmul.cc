@@ -401,6 +401,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int6
   if (w.element_type() != t) return ffi::Error::InvalidArgument("x and W must share one dtype");
   if (y->element_type() != t || softcap != 0.f) {
     // A float32 y of bfloat16 operands and the soft-cap: the packed panels' epilogue only.
+#if defined(__AVX512F__)  // (without it there are no packed panels: refused below)
     if (softcap >= 0.f && y->element_type() == ffi::DataType::F32) {
       Out out{nullptr, static_cast<float*>(y->untyped_data()), softcap, t == ffi::DataType::BF16};
       if (t == ffi::DataType::BF16 && takes_packed<uint16_t>(m_dim, k_dim)) {
@@ -414,6 +415,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int6
         return ffi::Error::Success();
       }
     }
+#endif
     return ffi::Error::InvalidArgument(
         "a float32 result of bfloat16 operands or a soft-cap needs more than 4 rows (bfloat16: an even K and "
         "AVX512-BF16; float32: AVX-512) and a float32 y");

@@ -50,6 +50,13 @@ MANY_ROWS = 4
 
 
 @functools.cache
+def vectors_on_this_cpu() -> bool:
+    """Whether this CPU runs the kernels' vector blocks at all (AVX-512; the build is -march=native). Without it the
+    calls still work, through plain loops slower than XLA's own products, so the model routes nothing to them."""
+    return "avx512f" in cpu_build.cpu_flags().split()
+
+
+@functools.cache
 def packed_on_this_cpu(dtype) -> bool:
     """Whether this CPU runs the packed panels in this dtype (the build is -march=native: cpu_matmul.cc compiles
     them for AVX-512, and bfloat16 for AVX512-BF16); elsewhere a packed-only request (the epilogues) is refused by

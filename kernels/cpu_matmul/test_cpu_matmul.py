@@ -269,15 +269,22 @@ def test_weight_einsum_keeps_xla_under_a_mesh():
 def test_packed_requests_follow_the_cpu(monkeypatch):
     """The packed panels (and so the epilogues: float32 logits, soft-cap, gate) are compiled for AVX-512 (bfloat16:
     AVX512-BF16) only; on a CPU without them the call would refuse such a request at run time, so `takes_packed`
-    says no and the LM head stays with XLA."""
+    says no and the LM head stays with XLA. Without AVX-512 no product goes to the kernel."""
     monkeypatch.setattr(kernel.cpu_build, "cpu_flags", lambda: "flags : fpu sse2 avx2 avx512f avx512bw")
     kernel.packed_on_this_cpu.cache_clear()
     try:
         assert not kernel.takes_packed(jnp.bfloat16, 64, 512) and kernel.takes_packed(jnp.float32, 64, 512)
         x, w = jnp.ones((8, 64), jnp.bfloat16), jnp.ones((32, 64), jnp.bfloat16)
         assert layers.cpu_weight_matmul("...D,VD->...V", x, w, 1, logits_softcap=30.0) is None
+        assert layers.cpu_matmul_takes(jnp.bfloat16, 1, 64, False)
+        # No AVX-512 at all: the calls would run plain loops, slower than XLA, so no product goes to them.
         monkeypatch.setattr(kernel.cpu_build, "cpu_flags", lambda: "flags : fpu sse2 avx2")
         kernel.packed_on_this_cpu.cache_clear()
+        kernel.vectors_on_this_cpu.cache_clear()
         assert not kernel.takes_packed(jnp.float32, 64, 512)
+        assert not any(layers.cpu_matmul_takes(dtype, rows, 64, False) for dtype in (jnp.float32, jnp.bfloat16)
+                       for rows in (1, 4, 64))
+        assert _custom_calls(lambda x: layers.weight_einsum("...a,ab->...b", x, w.T), x[:1]) == 0
     finally:
         kernel.packed_on_this_cpu.cache_clear()
+        kernel.vectors_on_this_cpu.cache_clear()
