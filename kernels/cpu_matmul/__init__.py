@@ -6,13 +6,13 @@ head's float32 soft-capped epilogue), and few-row products of several weights sh
 """
 
 from gemma4_jax.kernels.cpu_matmul.kernel import (
-           MANY_ROWS,
-           cpu_matmul,
-           cpu_matmul_gate_up,
-           cpu_matmul_multi,
-           load,
-           takes_packed,
-           vectors_on_this_cpu,
+    MANY_ROWS,
+    cpu_matmul,
+    cpu_matmul_gate_up,
+    cpu_matmul_multi,
+    load,
+    takes_packed,
+    vectors_on_this_cpu,
 )
 from gemma4_jax.kernels.cpu_matmul.reference import matmul_reference
 
