@@ -14,7 +14,7 @@ from gemma4_jax.kernels.cpu_matmul.kernel import (
     takes_packed,
     vectors_on_this_cpu,
 )
-from gemma4_jax.kernels.cpu_matmul.reference import matmul_reference
+from gemma4_jax.kernels.cpu_matmul.reference import gate_up_reference, matmul_reference, multi_reference
 
-__all__ = ["MANY_ROWS", "cpu_matmul", "cpu_matmul_gate_up", "cpu_matmul_multi", "load", "matmul_reference",
-           "takes_packed", "vectors_on_this_cpu"]
+__all__ = ["MANY_ROWS", "cpu_matmul", "cpu_matmul_gate_up", "cpu_matmul_multi", "gate_up_reference", "load",
+           "matmul_reference", "multi_reference", "takes_packed", "vectors_on_this_cpu"]

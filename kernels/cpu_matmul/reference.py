@@ -26,3 +26,14 @@ def matmul_reference(x: jax.Array, w: jax.Array, *, transposed: bool = False, fl
     if softcap is not None:
         y = jnp.tanh(y / softcap) * softcap
     return y
+
+
+def multi_reference(x: jax.Array, weights) -> list[jax.Array]:
+    """What cpu_matmul_multi must equal: [matmul_reference(x, w) for w in weights], each w (K, N_i)."""
+    return [matmul_reference(x, w) for w in weights]
+
+
+def gate_up_reference(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
+    """What cpu_matmul_gate_up must equal: gelu_tanh(x @ w_gate) * (x @ w_up), each product rounded to x's dtype
+    first (the model's MLP: act(gate_proj(x)) * up_proj(x))."""
+    return matmul_reference(x, w_up, gate=matmul_reference(x, w_gate))
