@@ -94,6 +94,15 @@ def cpu_matmul_takes(dtype, rows: int, k: int, transposed: bool) -> bool:
     return any(lo <= rows and (hi is None or rows <= hi) for lo, hi in CPU_MATMUL_ROWS.get(dtype, ()))
 
 
+def _on_one_cpu() -> bool:
+    """Whether a program traced now runs on the CPU backend with no multi-device mesh (a custom call under a mesh
+    would get its sharded weights gathered whole)."""
+    if jax.default_backend() != "cpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
+
+
 def cpu_weight_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int,
                       logits_softcap: float | None = None, gate: jax.Array | None = None) -> jax.Array | None:
     """`weight_einsum` through the CPU custom call when it applies (read at trace time): the CPU backend, a
@@ -106,10 +115,7 @@ def cpu_weight_matmul(spec: str, x: jax.Array, w: jax.Array, n_in: int,
     lead = x.shape[: x.ndim - n_in]
     rows = math.prod(lead)
     k = math.prod(x.shape[x.ndim - n_in :])
-    if jax.default_backend() != "cpu":
-        return None
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
+    if not _on_one_cpu():
         return None
     inputs, out = spec.replace(" ", "").split("->")
     x_spec, w_spec = inputs.split(",")
@@ -243,7 +249,7 @@ FUSE_FEW_ROW_PRODUCTS = True
 def _fusable_rows(linears: Sequence[Linear], x: jax.Array) -> int | None:
     """The row count when `linears` can share one few-row CPU call on x, else None: all plain Linear of one
     input axis, x float32 or bfloat16 with 1-4 rows, the CPU backend with no multi-device mesh, the kernel built."""
-    if not FUSE_FEW_ROW_PRODUCTS or jax.default_backend() != "cpu" or not linears:
+    if not FUSE_FEW_ROW_PRODUCTS or not linears or not _on_one_cpu():
         return None
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         return None
@@ -252,9 +258,6 @@ def _fusable_rows(linears: Sequence[Linear], x: jax.Array) -> int | None:
             return None
     rows = math.prod(x.shape[:-1])
     if not 1 <= rows <= cpu_matmul.MANY_ROWS or not cpu_matmul_takes(x.dtype, rows, x.shape[-1], False):
-        return None
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
         return None
     return rows if cpu_matmul.load() is None else None
 

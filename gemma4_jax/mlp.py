@@ -21,16 +21,18 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         with jax.named_scope("mlp"):
-            # On CPU, few rows: both products and the bfloat16 activation in one call (layers.fused_gate_up), or
-            # both products in one call; more rows: the activation in the up projection's epilogue
-            # (layers.gated_weight_einsum).
-            hidden = fused_gate_up(self.gate_proj, self.up_proj, x, self.act_name)
-            if hidden is None:
-                pair = fused_linears((self.gate_proj, self.up_proj), x)
-                if pair is not None:
-                    return self.down_proj(self.act(pair[0]) * pair[1])
-                gate = self.gate_proj(x)
-                hidden = self.up_proj.gated(x, gate, self.act_name) if isinstance(self.up_proj, Linear) else None
-                if hidden is None:
-                    hidden = self.act(gate) * self.up_proj(x)
-            return self.down_proj(hidden)
+            return self.down_proj(self._hidden(x))
+
+    def _hidden(self, x: jax.Array) -> jax.Array:
+        """act(gate_proj(x)) * up_proj(x), (..., F). On CPU, few rows: both products and the bfloat16 activation in
+        one call (layers.fused_gate_up), else both products in one call; more rows: the activation in the up
+        projection's epilogue (layers.gated_weight_einsum)."""
+        hidden = fused_gate_up(self.gate_proj, self.up_proj, x, self.act_name)
+        if hidden is not None:
+            return hidden
+        pair = fused_linears((self.gate_proj, self.up_proj), x)
+        if pair is not None:
+            return self.act(pair[0]) * pair[1]
+        gate = self.gate_proj(x)
+        hidden = self.up_proj.gated(x, gate, self.act_name) if isinstance(self.up_proj, Linear) else None
+        return hidden if hidden is not None else self.act(gate) * self.up_proj(x)

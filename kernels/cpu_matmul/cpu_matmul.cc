@@ -379,8 +379,7 @@ void matmul(ffi::ThreadPool& pool, const T* x, int64_t m_dim, int64_t k_dim, con
     return gemm_packed(pool, x, m_dim, k_dim, w, n_dim, transposed, out);
 #endif
   }
-  std::vector<float> xf(m_dim * k_dim);  // the few activation rows, widened once
-  for (int64_t i = 0; i < m_dim * k_dim; ++i) xf[i] = to_f32(x[i]);
+  const std::vector<float> xf = gemma4_cpu::widened(x, m_dim * k_dim);
   const float* xs = xf.data();
   parallel_for(pool, (n_dim + kTaskColumns - 1) / kTaskColumns, [=](int64_t task) {
     const int64_t n0 = task * kTaskColumns;

@@ -27,6 +27,7 @@ using gemma4_cpu::few_row_columns;
 using gemma4_cpu::kTaskColumns;
 using gemma4_cpu::parallel_for;
 using gemma4_cpu::to_f32;
+using gemma4_cpu::widened;
 
 constexpr int64_t kMaxRows = 4;
 
@@ -35,13 +36,6 @@ struct Product {
   int64_t n;
   void* y;
 };
-
-template <typename T>
-std::vector<float> widened(const T* x, int64_t count) {
-  std::vector<float> xf(count);
-  for (int64_t i = 0; i < count; ++i) xf[i] = to_f32(x[i]);
-  return xf;
-}
 
 // y_i = x @ W_i for every product, in one parallel region over all their column tasks.
 template <typename T>

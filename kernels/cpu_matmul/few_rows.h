@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../cpu_ffi_common.h"
 
@@ -195,6 +196,14 @@ inline __m512 gated_bf16(const uint16_t* table, __m256i gate_bits, __m512 u) {
   return _mm512_mul_ps(act, u);
 }
 #endif
+
+// The few activation rows widened to float32 once per call (the float32 blocks' operand).
+template <typename T>
+std::vector<float> widened(const T* x, int64_t count) {
+  std::vector<float> xf(count);
+  for (int64_t i = 0; i < count; ++i) xf[i] = to_f32(x[i]);
+  return xf;
+}
 
 // Columns [n0, n1) of y (M, N) = x (M, K) @ W for M <= 4: W (K, N), or transposed (N, K); xs: x widened to
 // float32. Every column is the same sum in the same order whichever range it falls in (the blocks differ in how

@@ -30,6 +30,18 @@ def load() -> str | None:
             or cpu_build.load(FUSED_SOURCE, "Gemma4CpuMatmulGateUp", GATE_UP_TARGET))
 
 
+def _ready() -> None:
+    """Raise RuntimeError with the reason when the kernels could not be built."""
+    reason = load()
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+def _check_activation(name: str, what: str) -> None:
+    if name not in GATE_ACTIVATIONS:
+        raise ValueError(f"{what} must be one of {sorted(GATE_ACTIVATIONS)}, got {name!r}")
+
+
 @functools.cache
 def activation_table(name: str) -> np.ndarray:
     """(65537,) uint16: the bfloat16 bits of GATE_ACTIVATIONS[name](v) for every bfloat16 v, indexed by v's bits,
@@ -99,11 +111,8 @@ def cpu_matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False, float32_
             raise ValueError(f"a gated product is bfloat16 only, got {x.dtype}")
         if gate.shape != (x.shape[0], n) or gate.dtype != x.dtype:
             raise ValueError(f"gate must be ({x.shape[0]}, {n}) {x.dtype}, got {gate.shape} {gate.dtype}")
-        if gate_activation not in GATE_ACTIVATIONS:
-            raise ValueError(f"gate_activation must be one of {sorted(GATE_ACTIVATIONS)}, got {gate_activation!r}")
-    reason = load()
-    if reason is not None:
-        raise RuntimeError(reason)
+        _check_activation(gate_activation, "gate_activation")
+    _ready()
     if gate is not None:
         call = jax.ffi.ffi_call(GATED_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))
         table = jnp.asarray(activation_table(gate_activation))
@@ -133,9 +142,7 @@ def cpu_matmul_multi(x: jax.Array, weights) -> list[jax.Array]:
     Raises ValueError for shapes or dtypes it does not take, RuntimeError when the kernel could not be built."""
     weights = list(weights)
     _check_few_rows(x, weights, "cpu_matmul_multi")
-    reason = load()
-    if reason is not None:
-        raise RuntimeError(reason)
+    _ready()
     shapes = [jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype) for w in weights]
     return list(jax.ffi.ffi_call(MULTI_TARGET, shapes)(x, *weights))
 
@@ -151,10 +158,7 @@ def cpu_matmul_gate_up(x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
         raise ValueError(f"cpu_matmul_gate_up is bfloat16 only, got {x.dtype}")
     if w_gate.shape != w_up.shape:
         raise ValueError(f"gate and up weights must have one shape, got {w_gate.shape} and {w_up.shape}")
-    if activation not in GATE_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(GATE_ACTIVATIONS)}, got {activation!r}")
-    reason = load()
-    if reason is not None:
-        raise RuntimeError(reason)
+    _check_activation(activation, "activation")
+    _ready()
     call = jax.ffi.ffi_call(GATE_UP_TARGET, jax.ShapeDtypeStruct((x.shape[0], w_gate.shape[1]), x.dtype))
     return call(x, w_gate, w_up, jnp.asarray(activation_table(activation)))
