@@ -8,7 +8,7 @@ demo:
 	gemma4-jax generate
 
 test:
-	python -m pytest -q -m "not slow"
+	python -m pytest -q -m "not slow" -n 2 --dist worksteal
 
 test-all:
 	python -m pytest -q

@@ -1,13 +1,12 @@
 """Every notebook in notebooks/ runs top to bottom in a real Jupyter kernel (nbclient, kernel `python3`), as a user
 running "Restart & Run All" would: a cell that raises fails the test, naming the cell and its traceback.
 
-Each notebook gets its own kernel process, started in notebooks/ with this process's environment (so the
-simulated 8-device CPU mesh of the root conftest.py is already in XLA_FLAGS; 04_sharding.ipynb also sets it
-itself) plus `--xla_backend_optimization_level=0`: the tiny models run in microseconds, while XLA's LLVM backend
-spends most of every compile optimising code that runs a handful of times (an init program compiles in ~3 s
-instead of ~10 s), and compiling is most of what these notebooks do on a CPU. The numerics are the model's and
-are tested elsewhere; here a cell passes when it runs and its own assertions hold. The committed notebooks are
-not rewritten: outputs stay as they were saved.
+Each notebook gets its own kernel process, started in notebooks/ with this process's environment: the root
+conftest.py's XLA_FLAGS (the simulated 8-device CPU mesh, which 04_sharding.ipynb also sets itself, and
+`--xla_backend_optimization_level=0`: the tiny models run in microseconds, while XLA's LLVM backend spends most of
+every compile optimising code that runs a handful of times, and compiling is most of what these notebooks do).
+The numerics are the model's and are tested elsewhere; here a cell passes when it runs and its own assertions
+hold. The committed notebooks are not rewritten: outputs stay as they were saved.
 
 Cells tagged `teardown` (the server notebook's "stop the server" cell) run even when an earlier cell failed, so
 no server process outlives its test.
@@ -40,8 +39,8 @@ def test_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path: pathlib.Path, monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip())
+def test_notebook_runs(path: pathlib.Path):
+    assert "--xla_backend_optimization_level=0" in os.environ["XLA_FLAGS"]  # set by the root conftest.py
     nb = nbformat.read(path, as_version=4)
     cells = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     assert cells, f"{path.name} has no code cells"
