@@ -71,7 +71,7 @@ def test_bench_rejects_model_and_preset(tmp_path):
 
 @pytest.mark.slow
 def test_bench_hf_baseline(tmp_path):
-    results = _run(tmp_path, "--concurrency", "4", "--hf-baseline", "--hf-batch-sizes", "1,2")
+    results = _run(tmp_path, "--concurrency", "4", "--hf-baseline", "--hf-batch-sizes", "1,2", "--dtype", "float32")
     assert [r["batch_size"] for r in results["hf"]] == [1, 2]
     for r in results["hf"]:
         assert r["output_tokens"] == 4 * 4 and r["output_tok_s"] > 0
